@@ -1,0 +1,82 @@
+"""Backends: the little code that knows how to run one kind of decoder stack.
+
+The core decides *what* to run (which tokens, which mask, which cache, which positions);
+a backend knows *how* a model family takes those (keyword names, cache objects, mask
+format). Integrations register backends by name; a recipe picks one with ``backend:``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type["Backend"]] = {}
+
+
+def register_backend(name: str):
+    """Class decorator: make a backend available to recipes as ``backend: <name>``."""
+
+    def deco(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_backend(name: str) -> "Backend":
+    if name not in _REGISTRY:
+        importlib.import_module("flashar_adapt.integrations")  # registers the shipped backends
+    if name not in _REGISTRY:
+        from .recipe import RecipeError, _did_you_mean
+
+        raise RecipeError("backend", f"unknown backend {name!r}{_did_you_mean(name, _REGISTRY)}; "
+                          f"known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def list_backends() -> list[str]:
+    importlib.import_module("flashar_adapt.integrations")
+    return sorted(_REGISTRY)
+
+
+class Backend:
+    """Interface every backend implements. ``ctx`` is the PatchContext of the model."""
+
+    name = "base"
+
+    def validate(self, ctx) -> None:
+        """Extra checks against the real model; raise RecipeError naming the key."""
+
+    def max_positions(self, ctx) -> int | None:
+        """Longest sequence the model's position scheme supports, or None for unbounded."""
+        return None
+
+    def run(self, ctx, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Run the decoder stack on ``embeds`` [B, T, d].
+
+        positions [B, T]: position ids (raster order, left padding removed); slots [T]:
+        sequence indices of the new tokens; key_slots [S]: sequence index of every key the
+        attention will see after this call, in cache order (cached keys, then the new
+        ones); allowed [B, T, S]: True where a query may attend a key. ``cache`` is what
+        new_cache returned, or None for a single uncached pass. Returns the final,
+        normalised hidden states [B, T, d]. The decoder layers must be called through
+        their ``__call__`` so the branch hook sees their inputs."""
+        raise NotImplementedError
+
+    def new_cache(self, ctx, batch: int, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def new_branch_cache(self, ctx, batch: int, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def prepare_branch_layers(self, layers: list[nn.Module]) -> None:
+        """Fix up deep-copied layers (cache indices) so they run beside the originals."""
+
+    def branch_call(self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict,
+                    cache: Any) -> torch.Tensor:
+        """Call one branch layer with the inputs captured from the backbone's branch layer."""
+        raise NotImplementedError

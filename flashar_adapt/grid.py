@@ -1,0 +1,139 @@
+"""Grid geometry: where each image cell sits in the raster sequence, which anti-diagonal it
+belongs to, the proximity mask, and the two-way decoding schedule.
+
+The raster sequence is ``prefix`` (condition + forced meta tokens, ``P`` slots) followed by
+``H`` rows of ``W`` codes, each row optionally closed by a forced end-of-line token. An
+end-of-line token of row ``i`` is treated as cell ``(i, W)``: it lives on anti-diagonal
+``i + W``, so it enters the cache together with that diagonal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    prefix_len: int  # P: condition + meta tokens, all before the first code
+    height: int
+    width: int
+    eol: bool
+
+    @property
+    def row_len(self) -> int:
+        return self.width + int(self.eol)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.height * self.row_len
+
+    @property
+    def num_steps_two_way(self) -> int:
+        return self.height + self.width - 1
+
+    @property
+    def num_steps_raster(self) -> int:
+        return self.height * self.width
+
+    def slot(self, i: int, j: int) -> int:
+        return self.prefix_len + i * self.row_len + j
+
+    @cached_property
+    def cell_slots(self) -> torch.Tensor:
+        """[H, W] slot of every code."""
+        i = torch.arange(self.height)[:, None]
+        j = torch.arange(self.width)[None, :]
+        return self.prefix_len + i * self.row_len + j
+
+    @cached_property
+    def eol_slots(self) -> torch.Tensor:
+        """[H] slot of every end-of-line token (empty without end-of-line)."""
+        if not self.eol:
+            return torch.zeros(0, dtype=torch.long)
+        return self.prefix_len + torch.arange(self.height) * self.row_len + self.width
+
+    @cached_property
+    def slot_diagonal(self) -> torch.Tensor:
+        """[L] anti-diagonal of every slot; -1 for prefix slots."""
+        d = torch.full((self.seq_len,), -1, dtype=torch.long)
+        r = torch.arange(self.height * self.row_len)
+        d[self.prefix_len:] = r // self.row_len + r % self.row_len
+        return d
+
+    def attention(self, mode: str) -> torch.Tensor:
+        """[L, L] bool, True where query (row) may attend key (column).
+
+        raster: causal. two_way: the proximity mask; the prefix stays causal, an image
+        token on diagonal t sees the whole prefix and every image token on diagonals <= t.
+        """
+        L = self.seq_len
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        if mode == "raster":
+            return causal
+        d = self.slot_diagonal
+        img = d >= 0
+        prox = (d[None, :] <= d[:, None]) & img[None, :] & img[:, None]
+        return torch.where(img[:, None], prox | ~img[None, :], causal)
+
+    # --------------------------------------------------------- teacher-forcing sources
+    def sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every cell: slot whose backbone state predicts it horizontally, slot whose
+        branch state predicts it vertically, and whether each is used. All [H, W]."""
+        cs = self.cell_slots
+        h_src = cs - 1  # raster predecessor (left cell, end-of-line, or last prefix slot)
+        v_src = cs - self.row_len  # upper cell
+        has_h = torch.zeros(self.height, self.width, dtype=torch.bool)
+        has_h[0, :] = True
+        has_h[:, 1:] = True
+        has_v = torch.zeros_like(has_h)
+        has_v[1:, :] = True
+        return h_src, v_src.clamp(min=0), has_h, has_v
+
+    # --------------------------------------------------------- two-way schedule
+    @cached_property
+    def diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cells (rows i, cols j) of each anti-diagonal 0..H+W-2, ordered by row."""
+        out = []
+        for t in range(self.height + self.width - 1):
+            i = torch.arange(max(0, t - self.width + 1), min(self.height - 1, t) + 1)
+            out.append((i, t - i))
+        return out
+
+    def fed_slots(self, t: int) -> torch.Tensor:
+        """Slots fed at two-way step t: the codes of diagonal t and the end-of-line tokens on it."""
+        i, j = self.diagonals[t]
+        slots = self.prefix_len + i * self.row_len + j
+        if self.eol:
+            r = t - self.width
+            if 0 <= r < self.height:
+                slots = torch.cat([slots, torch.tensor([self.prefix_len + r * self.row_len + self.width])])
+        return slots
+
+    @cached_property
+    def step_plan(self) -> list["StepPlan"]:
+        """For each step t >= 1: where in the inputs fed at step t-1 the horizontal and
+        vertical sources of diagonal t's cells are."""
+        plans = []
+        for t in range(1, self.height + self.width - 1):
+            prev = self.fed_slots(t - 1).tolist()
+            where = {s: k for k, s in enumerate(prev)}
+            i, j = self.diagonals[t]
+            h_idx, v_idx = [], []
+            for a, b in zip(i.tolist(), j.tolist()):
+                h_idx.append(where.get(self.slot(a, b - 1), 0) if b > 0 else 0)
+                v_idx.append(where.get(self.slot(a - 1, b), 0) if a > 0 else 0)
+            plans.append(StepPlan(
+                h_idx=torch.tensor(h_idx), v_idx=torch.tensor(v_idx),
+                has_h=(i == 0) | (j > 0), has_v=i > 0,
+            ))
+        return plans
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    h_idx: torch.Tensor
+    v_idx: torch.Tensor
+    has_h: torch.Tensor
+    has_v: torch.Tensor

@@ -1,0 +1,245 @@
+"""patch() and unpatch(): attach FlashAR to a loaded model in place, and take it off again."""
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, get_backend
+from .grid import Layout
+from .heads import FlashARModules, FusionGate, ImageHead
+from .recipe import Recipe, RecipeError, _did_you_mean, load_recipe
+
+
+@dataclass
+class PatchContext:
+    """What patch() resolved from the recipe; kept on ``model.flashar.ctx``."""
+
+    recipe: Recipe
+    backend: Backend
+    model: Any = field(repr=False)
+    decoder: nn.Module = field(repr=False)
+    layers: nn.ModuleList = field(repr=False)
+    norm: nn.Module = field(repr=False)
+    head: nn.Module = field(repr=False)
+    embed: nn.Module = field(repr=False)
+    image_embed: list = field(repr=False)
+    cond_embed: nn.Module | None = field(repr=False)
+    uncond_features: torch.Tensor | None = field(repr=False)
+    branch_index: int
+    dim: int
+    vocab_size: int | None
+    hook: Any = field(default=None, repr=False)
+    capturing: bool = False
+    captured: tuple | None = field(default=None, repr=False)
+    had_generate: bool = False
+    old_generate: Any = field(default=None, repr=False)
+
+    @property
+    def flashar(self) -> FlashARModules:
+        return self.model.flashar
+
+    def layout(self, prefix_len: int, grid: tuple[int, int]) -> Layout:
+        return Layout(prefix_len, grid[0], grid[1], self.recipe.eol)
+
+    def meta_ids(self, grid: tuple[int, int]) -> list[int]:
+        """Forced tokens between the condition and the first code, for this grid."""
+        im = self.recipe.image
+        out: list[int] = []
+        for item in im.before:
+            if item in ("{H}", "{W}"):
+                value = grid[0] if item == "{H}" else grid[1]
+                out += [im.digit_ids[int(c)] for c in str(value)]
+            else:
+                out.append(int(item))
+        return out
+
+
+def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:
+    """Follow a dotted attribute path ("model.layers", "layers.3") from ``root``."""
+    if path == "":
+        return root
+    obj = root
+    walked = []
+    for part in path.split("."):
+        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
+            idx = int(part)
+            if idx >= len(obj):
+                raise RecipeError(key, f"path {path!r}: index {idx} is out of range at {'.'.join(walked) or '<model>'} "
+                                       f"({len(obj)} entries)", source)
+            obj = obj[idx]
+        else:
+            if not hasattr(obj, part):
+                names = list(getattr(obj, "_modules", {})) + list(getattr(obj, "_parameters", {})) \
+                    + list(getattr(obj, "_buffers", {}))
+                raise RecipeError(key, f"path {path!r}: {'.'.join(walked) or '<model>'} ({type(obj).__name__}) "
+                                       f"has no attribute {part!r}{_did_you_mean(part, names)}", source)
+            obj = getattr(obj, part)
+        walked.append(part)
+    return obj
+
+
+def _module(root, path, key, src, kinds=(nn.Module,)):
+    obj = resolve(root, path, key, src)
+    if not isinstance(obj, kinds):
+        raise RecipeError(key, f"path {path!r} is a {type(obj).__name__}, expected "
+                               f"{' or '.join(k.__name__ for k in kinds)}", src)
+    return obj
+
+
+def _check_ids(ids, key, vocab, src):
+    if vocab is None:
+        return
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab:
+            name = key if len(ids) == 1 else f"{key}[{i}]"
+            raise RecipeError(name, f"token id {t} is outside the vocabulary ({vocab} entries)", src)
+
+
+def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
+    src = recipe.source
+    m = recipe.modules
+    backend = get_backend(recipe.backend)
+    layers = _module(model, m.layers, "modules.layers", src, (nn.ModuleList, nn.Sequential))
+    norm = _module(model, m.norm, "modules.norm", src)
+    head = _module(model, m.head, "modules.head", src)
+    embed = _module(model, m.embed, "modules.embed", src)
+    decoder = _module(model, m.decoder, "modules.decoder", src)
+    image_embed = [_module(model, p, f"modules.image_embed[{i}]", src) for i, p in enumerate(m.image_embed)]
+    vocab = embed.num_embeddings if isinstance(embed, nn.Embedding) else None
+    dim = embed.embedding_dim if isinstance(embed, nn.Embedding) else None
+    if dim is None:
+        dim = next(p for p in norm.parameters()).shape[-1]
+
+    im = recipe.image
+    K = im.codebook_size
+    id_key = "image.codebook_size" if im.visual_token_offset == 0 else "image.visual_token_offset"
+    if not image_embed and vocab is not None and im.visual_token_offset + K > vocab:
+        raise RecipeError(id_key, f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} are outside the "
+                          f"vocabulary of {m.embed!r} ({vocab} entries)", src)
+    if isinstance(head, nn.Linear):
+        if head.out_features != K and im.visual_token_offset + K > head.out_features:
+            raise RecipeError(id_key,
+                              f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} do not fit the "
+                              f"head {m.head!r} ({head.out_features} outputs)", src)
+    _check_ids([x for x in im.before if isinstance(x, int)], "image.before", vocab, src)
+    _check_ids(list(im.digit_ids), "image.digit_ids", vocab, src)
+    if im.eol_token is not None:
+        _check_ids([im.eol_token], "image.eol_token", vocab, src)
+
+    c = recipe.condition
+    cond_embed = None
+    uncond_features = None
+    if c.kind == "class":
+        cond_embed = _module(model, c.embedding, "condition.embedding", src)
+        rows = getattr(cond_embed, "num_embeddings", None)
+        if rows is not None:
+            if c.num_classes > rows:
+                raise RecipeError("condition.num_classes", f"{c.num_classes} classes but {c.embedding!r} has {rows} rows", src)
+            if c.null_class is not None and c.null_class >= rows:
+                raise RecipeError("condition.null_class", f"class {c.null_class} is outside {c.embedding!r} ({rows} rows)", src)
+    elif c.kind == "features":
+        cond_embed = _module(model, c.embedding, "condition.embedding", src)
+        if c.uncond == "param":
+            uncond_features = resolve(model, c.uncond_features, "condition.uncond_features", src)
+            if not isinstance(uncond_features, torch.Tensor):
+                raise RecipeError("condition.uncond_features", f"path {c.uncond_features!r} is not a tensor", src)
+    else:
+        if c.embedding:
+            cond_embed = _module(model, c.embedding, "condition.embedding", src)
+        if c.pad_id is not None:
+            _check_ids([c.pad_id], "condition.pad_id", vocab, src)
+        _check_ids(list(c.uncond_ids), "condition.uncond_ids", vocab, src)
+
+    n = len(layers)
+    b = recipe.flashar.branch_layer
+    b = n + b if b < 0 else b
+    k = recipe.flashar.branch_depth
+    if not 0 <= b < n:
+        raise RecipeError("flashar.branch_layer", f"{recipe.flashar.branch_layer} is out of range for "
+                                                  f"{n} decoder layers (use -{n}..{n - 1})", src)
+    if b + k > n:
+        raise RecipeError("flashar.branch_depth", f"{k} layers from layer {b} run past the last of {n} layers", src)
+
+    ctx = PatchContext(recipe=recipe, backend=backend, model=model, decoder=decoder, layers=layers, norm=norm,
+                       head=head, embed=embed, image_embed=image_embed, cond_embed=cond_embed,
+                       uncond_features=uncond_features, branch_index=b, dim=dim, vocab_size=vocab)
+    backend.validate(ctx)
+    limit = backend.max_positions(ctx)
+    if limit is not None:
+        prefix = len(ctx.meta_ids(im.grid)) + (c.prefix_len or 1)
+        need = ctx.layout(prefix, im.grid).seq_len
+        if need > limit:
+            raise RecipeError("image.grid", f"{list(im.grid)} needs {need} positions (prefix included) but the model "
+                                            f"supports {limit}", src)
+    return ctx
+
+
+def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: float | None = None,
+          **overrides) -> nn.Module:
+    """Turn ``model`` into a FlashAR two-way generator, in place; returns ``model``.
+
+    ``overrides`` replace recipe keys (``branch_layer=-4``, ``branch_depth=2``,
+    ``"image.grid"=(24, 24)``, ...). ``fixed_gate`` replaces the learned gate by a constant
+    mixing weight (0.5 = the NAR-style average, for ablations)."""
+    if getattr(model, "flashar", None) is not None and isinstance(model.flashar, FlashARModules):
+        raise RuntimeError("model is already patched with FlashAR; call flashar_adapt.unpatch(model) first")
+    if recipe is None:
+        raise RecipeError("<recipe>", "no recipe given; pass a registry name, a YAML path or a Recipe")
+    recipe = load_recipe(recipe)
+    if overrides:
+        recipe = recipe.replace(**overrides)
+    ctx = _build_context(model, recipe)
+
+    b, k = ctx.branch_index, recipe.flashar.branch_depth
+    branch = [copy.deepcopy(ctx.layers[i]) for i in range(b, b + k)]
+    ctx.backend.prepare_branch_layers(branch)
+    ref = next(ctx.norm.parameters(), None)
+    if ref is None:
+        ref = next(ctx.head.parameters())
+    gate = FusionGate(ctx.dim, recipe.flashar.gate_hidden, device=ref.device, dtype=ref.dtype)
+    head = ImageHead(ctx.head, 0 if ctx.image_embed else recipe.image.visual_token_offset, recipe.image.codebook_size)
+    mods = FlashARModules(branch, copy.deepcopy(ctx.norm), head, gate, fixed_gate=fixed_gate)
+    for p in mods.parameters():
+        p.requires_grad_(True)
+
+    def capture(module, args, kwargs):
+        if ctx.capturing:
+            ctx.captured = (args, kwargs)
+
+    ctx.hook = ctx.layers[b].register_forward_pre_hook(capture, with_kwargs=True)
+    mods.ctx = ctx
+    model.add_module("flashar", mods)
+    ctx.had_generate = "generate" in model.__dict__
+    ctx.old_generate = model.__dict__.get("generate")
+    from .decoding import generate
+
+    model.generate = types.MethodType(generate, model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove everything patch() added; the model is the original again, bit for bit."""
+    mods = getattr(model, "flashar", None)
+    if not isinstance(mods, FlashARModules):
+        raise RuntimeError("model is not patched with FlashAR")
+    ctx = mods.ctx
+    ctx.hook.remove()
+    del model._modules["flashar"]
+    if ctx.had_generate:
+        model.generate = ctx.old_generate
+    else:
+        model.__dict__.pop("generate", None)
+    mods.ctx = None
+    return model
+
+
+def context(model: nn.Module) -> PatchContext:
+    mods = getattr(model, "flashar", None)
+    if not isinstance(mods, FlashARModules) or mods.ctx is None:
+        raise RuntimeError("model is not patched with FlashAR; call flashar_adapt.patch(model, recipe) first")
+    return mods.ctx

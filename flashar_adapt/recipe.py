@@ -1,0 +1,353 @@
+"""Recipes: the YAML data that says where a model keeps what FlashAR needs.
+
+A recipe is pure data. It is checked twice: once on load (types, required and unknown
+keys) and once against the real model in ``patch`` (paths resolve, layer indices and
+token ids are in range, the grid fits the model's positions). Every failure is a
+``RecipeError`` that names the YAML key, so a typo costs seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed or does not fit the model. ``key`` is the dotted YAML key."""
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}")
+
+
+@dataclass(frozen=True)
+class Modules:
+    layers: str
+    norm: str
+    head: str
+    embed: str
+    decoder: str = ""
+    image_embed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Condition:
+    kind: str  # "class" | "tokens" | "features"
+    embedding: str | None = None
+    num_classes: int | None = None
+    null_class: int | None = None
+    prefix_len: int | None = None
+    pad_id: int | None = None
+    uncond: str = "none"  # tokens: "pad_inner" | "ids" | "none"; class: "null_class"; features: "param"
+    uncond_ids: tuple[int, ...] = ()
+    uncond_features: str | None = None
+
+
+@dataclass(frozen=True)
+class Image:
+    codebook_size: int
+    grid: tuple[int, int]
+    visual_token_offset: int = 0
+    variable_grid: bool = False
+    before: tuple[Any, ...] = ()
+    digit_ids: tuple[int, ...] = ()
+    eol_token: int | None = None
+
+
+@dataclass(frozen=True)
+class FlashAR:
+    branch_layer: int = -1
+    branch_depth: int = 1
+    gate_hidden: int | None = None
+
+
+@dataclass(frozen=True)
+class LoRA:
+    targets: tuple[str, ...] = ()
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    backend: str
+    modules: Modules
+    condition: Condition
+    image: Image
+    flashar: FlashAR = field(default_factory=FlashAR)
+    lora: LoRA = field(default_factory=LoRA)
+    description: str = ""
+    match: dict = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def eol(self) -> bool:
+        return self.image.eol_token is not None
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return _plain(out)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> "Recipe":
+        """Return a copy with dotted keys (``"flashar.branch_layer"``) or shortcuts
+        (``branch_layer``, ``branch_depth``, ``gate_hidden``, ``grid``) overridden."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            dotted = _SHORTCUTS.get(key, key)
+            node = data
+            parts = dotted.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise RecipeError(dotted, "is not a recipe key", self.source)
+                node = node[part]
+            if parts[-1] not in node:
+                raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(parts[-1], node), self.source)
+            node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+        return recipe_from_dict(data, source=self.source)
+
+
+_SHORTCUTS = {
+    "branch_layer": "flashar.branch_layer",
+    "branch_depth": "flashar.branch_depth",
+    "gate_hidden": "flashar.gate_hidden",
+    "grid": "image.grid",
+}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------- schema and validation
+
+_SECTIONS: dict[str, tuple[type, set[str]]] = {
+    "modules": (Modules, {"layers", "norm", "head", "embed"}),
+    "condition": (Condition, {"kind"}),
+    "image": (Image, {"codebook_size", "grid"}),
+    "flashar": (FlashAR, set()),
+    "lora": (LoRA, set()),
+}
+_TOP_REQUIRED = {"name", "backend", "modules", "condition", "image"}
+_TOP_KEYS = _TOP_REQUIRED | {"description", "flashar", "lora", "match"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _expect(cond: bool, key: str, msg: str, src: str | None) -> None:
+    if not cond:
+        raise RecipeError(key, msg, src)
+
+
+def _int(data: dict, section: str, name: str, src, *, minimum: int | None = None, optional=False):
+    key = f"{section}.{name}"
+    v = data.get(name)
+    if v is None:
+        _expect(optional, key, "is required", src)
+        return None
+    _expect(_is_int(v), key, f"must be an integer, got {v!r}", src)
+    if minimum is not None:
+        _expect(v >= minimum, key, f"must be >= {minimum}, got {v}", src)
+    return v
+
+
+def _str(data: dict, section: str, name: str, src, *, optional=False):
+    key = f"{section}.{name}"
+    v = data.get(name)
+    if v is None:
+        _expect(optional, key, "is required", src)
+        return None
+    _expect(isinstance(v, str), key, f"must be a string, got {v!r}", src)
+    return v
+
+
+def _int_list(data: dict, section: str, name: str, src, *, length: int | None = None) -> tuple[int, ...]:
+    key = f"{section}.{name}"
+    v = data.get(name, [])
+    _expect(isinstance(v, (list, tuple)), key, f"must be a list of integers, got {v!r}", src)
+    for i, x in enumerate(v):
+        _expect(_is_int(x) and x >= 0, f"{key}[{i}]", f"must be a non-negative integer, got {x!r}", src)
+    if length is not None:
+        _expect(len(v) == length, key, f"must have {length} entries, got {len(v)}", src)
+    return tuple(v)
+
+
+def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
+    """Validate a parsed YAML mapping and build a ``Recipe``."""
+    src = source
+    _expect(isinstance(data, dict), "<root>", f"a recipe must be a mapping, got {type(data).__name__}", src)
+    for k in data:
+        _expect(k in _TOP_KEYS, str(k), "unknown key" + _did_you_mean(str(k), _TOP_KEYS), src)
+    for k in sorted(_TOP_REQUIRED):
+        _expect(k in data, k, "is required", src)
+    for sec in _SECTIONS:
+        if sec in data:
+            _expect(isinstance(data[sec], dict), sec, f"must be a mapping, got {data[sec]!r}", src)
+    for sec, (cls, required) in _SECTIONS.items():
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        for k in data.get(sec, {}) or {}:
+            _expect(k in allowed, f"{sec}.{k}", "unknown key" + _did_you_mean(str(k), allowed), src)
+        for k in sorted(required):
+            _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
+
+    name = data["name"]
+    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {name!r}", src)
+    backend = data["backend"]
+    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {backend!r}", src)
+    desc = data.get("description", "")
+    _expect(isinstance(desc, str), "description", "must be a string", src)
+    match = data.get("match", {}) or {}
+    _expect(isinstance(match, dict), "match", f"must be a mapping, got {match!r}", src)
+
+    m = data["modules"]
+    ie = m.get("image_embed", [])
+    if isinstance(ie, str):
+        ie = [ie]
+    _expect(isinstance(ie, list) and all(isinstance(x, str) for x in ie), "modules.image_embed",
+            f"must be a module path or a list of them, got {ie!r}", src)
+    modules = Modules(
+        layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
+        head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
+        decoder=_str(m, "modules", "decoder", src, optional=True) or "", image_embed=tuple(ie),
+    )
+
+    c = data["condition"]
+    kind = c.get("kind")
+    _expect(kind in ("class", "tokens", "features"), "condition.kind",
+            f"must be one of 'class', 'tokens', 'features', got {kind!r}", src)
+    uncond_default = {"class": "null_class", "tokens": "none", "features": "none"}[kind]
+    uncond = c.get("uncond", uncond_default)
+    allowed_uncond = {"class": ("null_class", "none"), "tokens": ("pad_inner", "ids", "none"),
+                      "features": ("param", "none")}[kind]
+    _expect(uncond in allowed_uncond, "condition.uncond",
+            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {uncond!r}", src)
+    cond = Condition(
+        kind=kind,
+        embedding=_str(c, "condition", "embedding", src, optional=kind == "tokens"),
+        num_classes=_int(c, "condition", "num_classes", src, minimum=1, optional=kind != "class"),
+        null_class=_int(c, "condition", "null_class", src, minimum=0, optional=not (kind == "class" and uncond == "null_class")),
+        prefix_len=_int(c, "condition", "prefix_len", src, minimum=1, optional=kind == "tokens"),
+        pad_id=_int(c, "condition", "pad_id", src, minimum=0, optional=not (kind == "tokens" and uncond == "pad_inner")),
+        uncond=uncond,
+        uncond_ids=_int_list(c, "condition", "uncond_ids", src),
+        uncond_features=_str(c, "condition", "uncond_features", src, optional=not (kind == "features" and uncond == "param")),
+    )
+    if kind == "tokens" and uncond == "ids":
+        _expect(len(cond.uncond_ids) > 0, "condition.uncond_ids", "is required when condition.uncond is 'ids'", src)
+    if kind == "class" and cond.null_class is not None:
+        _expect(cond.null_class <= cond.num_classes, "condition.null_class",
+                f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}", src)
+
+    im = data["image"]
+    codebook = _int(im, "image", "codebook_size", src, minimum=2)
+    grid = im.get("grid")
+    _expect(isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid),
+            "image.grid", f"must be [H, W] with positive integers, got {grid!r}", src)
+    before = im.get("before", []) or []
+    _expect(isinstance(before, list), "image.before", f"must be a list, got {before!r}", src)
+    for i, item in enumerate(before):
+        ok = (_is_int(item) and item >= 0) or item in ("{H}", "{W}")
+        _expect(ok, f"image.before[{i}]", f"must be a token id or '{{H}}' / '{{W}}', got {item!r}", src)
+    digits = _int_list(im, "image", "digit_ids", src)
+    if any(item in ("{H}", "{W}") for item in before):
+        _expect(len(digits) == 10, "image.digit_ids", "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
+    variable = im.get("variable_grid", False)
+    _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {variable!r}", src)
+    image = Image(
+        codebook_size=codebook, grid=(int(grid[0]), int(grid[1])),
+        visual_token_offset=_int(im, "image", "visual_token_offset", src, minimum=0, optional=True) or 0,
+        variable_grid=variable, before=tuple(before), digit_ids=digits,
+        eol_token=_int(im, "image", "eol_token", src, minimum=0, optional=True),
+    )
+
+    f = data.get("flashar", {}) or {}
+    flash = FlashAR(
+        branch_layer=_int(f, "flashar", "branch_layer", src, optional=True) if "branch_layer" in f else -1,
+        branch_depth=_int(f, "flashar", "branch_depth", src, minimum=1, optional=True) or 1,
+        gate_hidden=_int(f, "flashar", "gate_hidden", src, minimum=1, optional=True),
+    )
+    lo = data.get("lora", {}) or {}
+    targets = lo.get("targets", [])
+    _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
+            f"must be a list of module-name patterns, got {targets!r}", src)
+    _expect("all-linear" not in targets, "lora.targets",
+            "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
+    dropout = lo.get("dropout", 0.0)
+    _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {dropout!r}", src)
+    lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
+                alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
+    return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
+                  lora=lora, description=desc, match=match, source=source)
+
+
+# ---------------------------------------------------------------- registry
+
+def _search_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
+    dirs = [Path(p) for p in (extra or [])]
+    env = os.environ.get(ENV_RECIPE_PATH, "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(Path(str(resources.files("flashar_adapt.recipes"))))
+    return dirs
+
+
+def list_recipes(extra_dirs: list[str | os.PathLike] | None = None) -> list[str]:
+    """Names of every recipe on the search path (user folders first, then the shipped ones)."""
+    names: list[str] = []
+    for d in _search_dirs(extra_dirs):
+        if d.is_dir():
+            for p in sorted(d.glob("*.yaml")):
+                if p.stem not in names:
+                    names.append(p.stem)
+    return names
+
+
+def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str | os.PathLike] | None = None) -> Recipe:
+    """Load a recipe by registry name or from a YAML file path."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise RecipeError("<file>", f"recipe file {str(p)!r} does not exist")
+        return _load_file(p)
+    for d in _search_dirs(extra_dirs):
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return _load_file(cand)
+    names = list_recipes(extra_dirs)
+    raise RecipeError("<name>", f"no recipe named {str(name_or_path)!r}{_did_you_mean(str(name_or_path), names)}; "
+                      f"known: {', '.join(names)}")
+
+
+def _load_file(path: Path) -> Recipe:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError("<yaml>", f"not valid YAML: {e}", str(path)) from None
+    return recipe_from_dict(data, source=str(path))

@@ -1,0 +1,79 @@
+"""Backend for transformers decoder stacks (Llama-style, Emu3, Janus, Chameleon, ...).
+
+Runs the recipe's ``modules.decoder`` (the text model, e.g. ``model.text_model``) with
+``inputs_embeds``, an additive 4D float mask (a bool 4D mask is silently wrong under eager
+attention) and explicit ``position_ids``. The vertical branch reuses the keyword arguments
+the decoder passed its branch layer (rotary embeddings, mask) with its own cache.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from flashar_adapt.backends import Backend, register_backend
+from flashar_adapt.recipe import RecipeError
+
+# transformers 5.x renames past_key_values -> cache; accept both so one backend covers both.
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+
+
+def _cache_kwarg(fn) -> str:
+    params = inspect.signature(fn).parameters
+    for k in _CACHE_KEYS:
+        if k in params:
+            return k
+    return "past_key_values"
+
+
+def _dynamic_cache(config=None):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+@register_backend("transformers")
+class TransformersBackend(Backend):
+    def validate(self, ctx) -> None:
+        if not hasattr(ctx.decoder, "forward") or "inputs_embeds" not in inspect.signature(ctx.decoder.forward).parameters:
+            raise RecipeError("modules.decoder", f"{type(ctx.decoder).__name__}.forward takes no inputs_embeds; point "
+                                                 "modules.decoder at the text decoder (e.g. 'model' or 'model.text_model')",
+                              ctx.recipe.source)
+        self.cache_key = _cache_kwarg(ctx.decoder.forward)
+
+    def max_positions(self, ctx):
+        cfg = getattr(ctx.decoder, "config", None)
+        return getattr(cfg, "max_position_embeddings", None)
+
+    def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        kwargs = {getattr(self, "cache_key", "cache"): cache}
+        out = ctx.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          use_cache=cache is not None, **kwargs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def new_cache(self, ctx, batch, max_len):
+        return _dynamic_cache(getattr(ctx.decoder, "config", None))
+
+    def new_branch_cache(self, ctx, batch, max_len):
+        return _dynamic_cache()
+
+    def prepare_branch_layers(self, layers):
+        # Branch layers index their own cache from 0.
+        for new_idx, layer in enumerate(layers):
+            for mod in layer.modules():
+                if isinstance(getattr(mod, "layer_idx", None), int):
+                    mod.layer_idx = new_idx
+
+    def branch_call(self, layer, hidden, args, kwargs, cache):
+        kw = dict(kwargs)
+        for k in _CACHE_KEYS:
+            if k in kw:
+                kw[k] = cache
+        if args:
+            out = layer(hidden, *args[1:], **kw)
+        else:
+            kw["hidden_states"] = hidden
+            out = layer(**kw)
+        return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML), installed as the data package ``flashar_adapt.recipes``."""

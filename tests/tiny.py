@@ -1,0 +1,116 @@
+"""Tiny random models of each supported family, with matching recipes, for CPU tests."""
+from __future__ import annotations
+
+import torch
+
+import flashar_adapt as fa
+from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    """Give every weight (the gate's zero-initialised layer included) a random value so that
+    greedy decoding has no ties and every head and the gate matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def llamagen(grid: int = 4, n_layer: int = 5, dim: int = 32, n_head: int = 4, vocab: int = 48, classes: int = 10,
+             seed: int = 0, model_type: str = "c2i", cls_token_num: int = 1, n_kv_head: int | None = None):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, multiple_of=16, vocab_size=vocab,
+                     num_classes=classes, block_size=grid * grid, cls_token_num=cls_token_num, token_dropout_p=0.0,
+                     resid_dropout_p=0.0, ffn_dropout_p=0.0, caption_dim=24, model_type=model_type)
+    model = Transformer(args).eval()
+    randomize(model, seed)
+    return model
+
+
+def llamagen_recipe(grid: int = 4, vocab: int = 48, classes: int = 10, **over) -> fa.Recipe:
+    r = fa.load_recipe("llamagen-c2i-b")
+    return r.replace(**{"image.codebook_size": vocab, "condition.num_classes": classes,
+                        "condition.null_class": classes, "image.grid": [grid, grid], **over})
+
+
+def llamagen_t2i(grid: int = 4, seed: int = 0, prefix: int = 5):
+    return llamagen(grid=grid, seed=seed, model_type="t2i", cls_token_num=prefix)
+
+
+def llamagen_t2i_recipe(grid: int = 4, vocab: int = 48, prefix: int = 5, **over) -> fa.Recipe:
+    r = fa.load_recipe("llamagen-t2i-xl")
+    return r.replace(**{"image.codebook_size": vocab, "condition.prefix_len": prefix, "image.grid": [grid, grid], **over})
+
+
+def hf_llama(vocab: int = 160, n_layer: int = 5, dim: int = 32, seed: int = 0, max_pos: int = 512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=64, num_hidden_layers=n_layer,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    randomize(model, seed)
+    return model
+
+
+def hf_llama_recipe(codebook: int = 40, offset: int = 100, eol: int | None = None, before=(), grid=(4, 4), **over):
+    r = fa.load_recipe("llama-image-ar")
+    return r.replace(**{"image.codebook_size": codebook, "image.visual_token_offset": offset, "image.eol_token": eol,
+                        "image.before": list(before), "image.grid": list(grid), "condition.prefix_len": 16,
+                        "condition.pad_id": 0, **over})
+
+
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def emu3(seed: int = 0):
+    """Emu3ForConditionalGeneration with the real vocabulary size (so the shipped recipe's ids fit)."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vq = dict(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
+    cfg = Emu3Config(vq_config=vq, text_config=dict(vocab_size=184622, **_TINY_TEXT),
+                     vocabulary_map={"<image>": 151855})
+    model = Emu3ForConditionalGeneration(cfg).eval()
+    randomize(model.model.text_model, seed)
+    randomize(model.lm_head, seed + 1)
+    return model
+
+
+def janus(seed: int = 0):
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vq = dict(embed_dim=4, num_embeddings=16384, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, projection_dim=32, image_token_embed_dim=32, num_patches=4)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16, projection_dim=32)
+    text = dict(model_type="llama", vocab_size=102400, **_TINY_TEXT)
+    cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq)
+    model = JanusForConditionalGeneration(cfg).eval()
+    for mod in (model.model.language_model, model.model.generation_embeddings, model.model.generation_aligner,
+                model.model.generation_head):
+        randomize(mod, seed)
+    return model
+
+
+def chameleon(seed: int = 0):
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vq = dict(embed_dim=4, num_embeddings=8192, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, resolution=32)
+    cfg = ChameleonConfig(vocab_size=8200, vq_config=vq, vocabulary_map={"<image>": 8199, "IMGIMGBS": 4},
+                          **_TINY_TEXT)
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    randomize(model.model.layers, seed)
+    randomize(model.model.embed_tokens, seed + 1)
+    randomize(model.model.norm, seed + 2)
+    randomize(model.lm_head, seed + 3)
+    return model
