@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -85,12 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=4)
     s.add_argument("--tiny", action="store_true", help="use a small random model instead of the shipped one")
     s.set_defaults(fn=lambda a: _cmd_tiny_demo(a) if a.tiny else _cmd_demo(a))
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        mod.add_cli(sub)
     return p
 
 
-_EXTRA_COMMANDS: list = []
+# Modules that add their own subcommands through ``add_cli(subparsers)``; each sets
+# ``fn`` on its parser. Kept apart so each feature owns its command.
+_COMMAND_MODULES = ["flashar_adapt.doctor", "flashar_adapt.training", "flashar_adapt.export"]
 
 
 def main(argv: list[str] | None = None) -> int:
