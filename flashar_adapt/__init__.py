@@ -2,6 +2,7 @@
 parallel generator (H+W-1 decoding steps instead of H*W) with one call."""
 from .backends import Backend, list_backends, register_backend
 from .decoding import generate, logits, sample, score, teacher_forward
+from .export import export_merged, load_adapted
 from .grid import Layout
 from .heads import FlashARModules, FusionGate, ImageHead
 from .patching import context, patch, unpatch
@@ -9,8 +10,16 @@ from .recipe import Recipe, RecipeError, list_recipes, load_recipe, recipe_from_
 
 __version__ = "0.1.0"
 
+
+def train(config, progress: bool = True):
+    """Two-stage post-training from a YAML config (see flashar_adapt.training); needs accelerate."""
+    from .training import train as _train
+
+    return _train(config, progress=progress)
+
+
 __all__ = [
     "Backend", "FlashARModules", "FusionGate", "ImageHead", "Layout", "Recipe", "RecipeError",
-    "context", "generate", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
+    "context", "export_merged", "generate", "load_adapted", "train", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
     "recipe_from_dict", "register_backend", "sample", "score", "teacher_forward", "unpatch",
 ]

@@ -80,3 +80,13 @@ class Backend:
                     cache: Any) -> torch.Tensor:
         """Call one branch layer with the inputs captured from the backbone's branch layer."""
         raise NotImplementedError
+
+    # Model files, in the family's own layout (used by training configs and export).
+    def save_model(self, model: nn.Module, out_dir) -> dict:
+        """Write the (unpatched view of the) backbone to ``out_dir``; return a JSON-able spec."""
+        raise NotImplementedError(f"backend {self.name!r} cannot save models")
+
+    def load_model(self, spec: dict, root=None) -> nn.Module:
+        """Build a model from a spec (a training config's ``model:`` section, or what
+        save_model returned, with paths relative to ``root``). Never unpickles code."""
+        raise NotImplementedError(f"backend {self.name!r} cannot load models")

@@ -48,8 +48,9 @@ def _embed_codes(ctx: PatchContext, codes: torch.Tensor) -> torch.Tensor:
     return ctx.embed(codes + ctx.recipe.image.visual_token_offset)
 
 
-def check_cond(ctx: PatchContext, cond, cond_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate a condition batch before any compute; return (cond, mask) on the model's device."""
+def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a condition batch before any compute; return (cond, mask) on the model's device.
+    ``allow_null`` admits the null class (training with condition dropout, unconditional scoring)."""
     c = ctx.recipe.condition
     dev = _device(ctx)
     if not isinstance(cond, torch.Tensor):
@@ -59,8 +60,9 @@ def check_cond(ctx: PatchContext, cond, cond_mask=None) -> tuple[torch.Tensor, t
             raise ValueError(f"cond must be a LongTensor [B] of class ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
         if cond.numel() == 0:
             raise ValueError("cond is empty: pass at least one class id")
-        if int(cond.min()) < 0 or int(cond.max()) >= c.num_classes:
-            raise ValueError(f"class ids must be in [0, {c.num_classes}), got min {int(cond.min())} max {int(cond.max())}")
+        top = c.null_class + 1 if allow_null and c.null_class is not None else c.num_classes
+        if int(cond.min()) < 0 or int(cond.max()) >= top:
+            raise ValueError(f"class ids must be in [0, {top}), got min {int(cond.min())} max {int(cond.max())}")
     elif c.kind == "tokens":
         if cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 2:
             raise ValueError(f"cond must be a LongTensor [B, T] of prompt token ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
@@ -243,7 +245,7 @@ def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", con
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ctx = context(model)
-    cond, cond_mask = check_cond(ctx, cond, cond_mask)
+    cond, cond_mask = check_cond(ctx, cond, cond_mask, allow_null=True)
     codes = codes.to(cond.device)
     if codes.dim() != 3 or codes.shape[0] != cond.shape[0]:
         raise ValueError(f"codes must be [B, H, W] with B = {cond.shape[0]}, got {tuple(codes.shape)}")

@@ -77,3 +77,28 @@ class TransformersBackend(Backend):
             kw["hidden_states"] = hidden
             out = layer(**kw)
         return out[0] if isinstance(out, tuple) else out
+
+    def save_model(self, model, out_dir):
+        mods = model._modules.pop("flashar", None)  # the backbone alone, in save_pretrained layout
+        try:
+            model.save_pretrained(str(out_dir), safe_serialization=True)
+        finally:
+            if mods is not None:
+                model._modules["flashar"] = mods
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return {"path": ".", "class": type(model).__name__, "dtype": dtype}
+
+    def load_model(self, spec, root=None):
+        """spec: {path: save_pretrained directory, class: optional class name (defaults to the
+        config's architectures[0]), dtype}. Local files only."""
+        import transformers
+        from pathlib import Path
+
+        path = Path(root or ".") / spec["path"]
+        cls_name = spec.get("class")
+        if not cls_name:
+            cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            cls_name = (cfg.architectures or ["AutoModelForCausalLM"])[0]
+        cls = getattr(transformers, cls_name)
+        kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
+        return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kw).eval()

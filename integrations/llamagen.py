@@ -8,6 +8,7 @@ we reproduce that rather than "fix" it, because the checkpoints were trained wit
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -335,12 +336,9 @@ def extract_state_dict(obj) -> dict:
 def load_checkpoint(model: Transformer, path: str | os.PathLike, strict: bool = True) -> Transformer:
     """Load an official LlamaGen checkpoint (.pt/.pth via torch.load(weights_only=True), or .safetensors)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    sd = _read_state_dict(path)
     own = model.state_dict()
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
@@ -399,6 +397,49 @@ class LlamaGenBackend(Backend):
 
     def branch_call(self, layer, hidden, args, kwargs, cache):
         return layer(hidden, *args[1:], **kwargs)
+
+    def save_model(self, model, out_dir):
+        out_dir = Path(out_dir)
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("flashar.")}
+        torch.save({"model": sd}, out_dir / "llamagen.pt")  # the official {"model": ...} layout
+        args = {f.name: getattr(model.config, f.name) for f in fields(ModelArgs)}
+        (out_dir / "model_args.json").write_text(json.dumps(args, indent=1))
+        dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+        return {"checkpoint": "llamagen.pt", "model_args": "model_args.json", "dtype": dtype}
+
+    def load_model(self, spec, root=None):
+        """spec: {checkpoint: path (.pt/.pth/.safetensors), model_args: json path | config: {...} |
+        gpt_model: "GPT-B" (+ config overrides), dtype}. Without any config the sizes are
+        inferred from the weights."""
+        root = Path(root or ".")
+        ckpt = spec.get("checkpoint")
+        cfg = dict(spec.get("config") or {})
+        if spec.get("model_args"):
+            cfg = {**json.loads((root / spec["model_args"]).read_text()), **cfg}
+        if ckpt is None:
+            if not cfg and not spec.get("gpt_model"):
+                raise ValueError("model spec needs 'checkpoint' or a 'config'/'gpt_model' to build from")
+            model = GPT_models[spec["gpt_model"]](**cfg) if spec.get("gpt_model") else Transformer(ModelArgs(**cfg))
+        else:
+            path = root / ckpt
+            if spec.get("gpt_model"):
+                model = GPT_models[spec["gpt_model"]](**cfg)
+            elif cfg:
+                model = Transformer(ModelArgs(**cfg))
+            else:
+                model = Transformer(config_from_state_dict(_read_state_dict(path)))
+            load_checkpoint(model, path)
+        if spec.get("dtype"):
+            model = model.to(getattr(torch, spec["dtype"]))
+        return model.eval()
+
+
+def _read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def config_from_state_dict(sd: dict, **overrides) -> ModelArgs:

@@ -20,13 +20,14 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
 
 
 def llamagen(grid: int = 4, n_layer: int = 5, dim: int = 32, n_head: int = 4, vocab: int = 48, classes: int = 10,
-             seed: int = 0, model_type: str = "c2i", cls_token_num: int = 1, n_kv_head: int | None = None):
+             seed: int = 0, model_type: str = "c2i", cls_token_num: int = 1, n_kv_head: int | None = None,
+             std: float = 0.3):
     torch.manual_seed(seed)
     args = ModelArgs(dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, multiple_of=16, vocab_size=vocab,
                      num_classes=classes, block_size=grid * grid, cls_token_num=cls_token_num, token_dropout_p=0.0,
                      resid_dropout_p=0.0, ffn_dropout_p=0.0, caption_dim=24, model_type=model_type)
     model = Transformer(args).eval()
-    randomize(model, seed)
+    randomize(model, seed, std)
     return model
 
 
@@ -45,7 +46,7 @@ def llamagen_t2i_recipe(grid: int = 4, vocab: int = 48, prefix: int = 5, **over)
     return r.replace(**{"image.codebook_size": vocab, "condition.prefix_len": prefix, "image.grid": [grid, grid], **over})
 
 
-def hf_llama(vocab: int = 160, n_layer: int = 5, dim: int = 32, seed: int = 0, max_pos: int = 512):
+def hf_llama(vocab: int = 160, n_layer: int = 5, dim: int = 32, seed: int = 0, max_pos: int = 512, std: float = 0.3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -53,7 +54,7 @@ def hf_llama(vocab: int = 160, n_layer: int = 5, dim: int = 32, seed: int = 0, m
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
                       tie_word_embeddings=False, attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).eval()
-    randomize(model, seed)
+    randomize(model, seed, std)
     return model
 
 

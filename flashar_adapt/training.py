@@ -1,0 +1,546 @@
+"""Two-stage FlashAR post-training on accelerate: one YAML config, resumable, atomic.
+
+Stage 1 freezes the backbone (and so the horizontal head) and trains the vertical branch
+and the gate. Stage 2 fine-tunes jointly: the decoder in full at ``backbone_lr_scale`` x
+the head learning rate, or LoRA adapters on the recipe's target modules; the branch and
+gate keep training in full. Loss (both stages)::
+
+    CE(fused) + w_v * CE(vertical alone) + w_kd * T^2 * KL(raster teacher || vertical)
+
+The teacher is the raster model's own next-token distribution for the same target token:
+the frozen backbone in stage 1, the backbone with LoRA switched off in LoRA stage 2 (the
+original model exactly), and the current backbone without gradient in full stage 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .backends import get_backend
+from .data import ShardDataset, atomic_write_bytes
+from .decoding import teacher_forward
+from .patching import context, patch
+from .recipe import _did_you_mean, load_recipe
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad config, non-finite loss, checkpoint mismatch)."""
+
+
+@dataclass
+class StageConfig:
+    steps: int = 0
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    backbone_lr_scale: float = 0.2  # stage 2, full fine-tuning
+    lora: bool = False  # stage 2: LoRA on the recipe's targets instead of full fine-tuning
+    lora_lr_scale: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    model: dict
+    recipe: str
+    data: str
+    out_dir: str
+    recipe_overrides: dict = field(default_factory=dict)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=100))
+    stage2: StageConfig = field(default_factory=StageConfig)
+    batch_size: int = 8  # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    w_v: float = 0.05
+    w_kd: float = 0.2
+    kd_temperature: float = 2.0
+    cond_dropout: float = 0.1  # class conditions replaced by the null class, to keep CFG working
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    fixed_gate: float | None = None  # ablation: constant mixing weight instead of the learned gate
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    cpu: bool = False
+    source: str = ""
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise TrainingError(f"{path}: training config not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise TrainingError(f"{path}: not valid YAML: {e}") from None
+        cfg = cls.from_dict(data, source=str(path))
+        base = path.parent
+        for attr in ("data", "out_dir"):
+            v = getattr(cfg, attr)
+            if v and not os.path.isabs(v):
+                setattr(cfg, attr, str((base / v).resolve()))
+        for key in ("checkpoint", "path"):
+            v = cfg.model.get(key)
+            if v and not os.path.isabs(v):
+                cfg.model[key] = str((base / v).resolve())
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise TrainingError(f"{source}: a training config must be a mapping")
+        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        for k in data:
+            if k not in names:
+                raise TrainingError(f"{source}: unknown key {k!r}{_did_you_mean(str(k), names)}")
+        for k in ("model", "recipe", "data", "out_dir"):
+            if k not in data:
+                raise TrainingError(f"{source}: missing key {k!r}")
+        if not isinstance(data["model"], dict) or "backend" not in data["model"]:
+            raise TrainingError(f"{source}: model must be a mapping with a 'backend' key (and how to load it)")
+        kw = dict(data)
+        snames = {f.name for f in dataclasses.fields(StageConfig)}
+        for st in ("stage1", "stage2"):
+            if st in kw:
+                sd = kw[st] or {}
+                for k in sd:
+                    if k not in snames:
+                        raise TrainingError(f"{source}: unknown key {st}.{k}{_did_you_mean(str(k), snames)}")
+                kw[st] = StageConfig(**sd)
+        if "betas" in kw:
+            kw["betas"] = tuple(kw["betas"])
+        cfg = cls(**kw, source=source)
+        if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+            raise TrainingError(f"{source}: mixed_precision must be no, bf16 or fp16")
+        if cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise TrainingError(f"{source}: batch_size and grad_accum must be >= 1")
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        d["betas"] = list(d["betas"])
+        return d
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """Load the base model, patch it, and (for a resumed stage-2 LoRA run) add adapters."""
+    spec = dict(cfg.model)
+    backend = get_backend(spec.pop("backend"))
+    model = backend.load_model(spec)
+    recipe = load_recipe(cfg.recipe)
+    if cfg.recipe_overrides:
+        recipe = recipe.replace(**cfg.recipe_overrides)
+    patch(model, recipe, fixed_gate=cfg.fixed_gate)
+    return model
+
+
+def backbone_parameters(model) -> list[nn.Parameter]:
+    """The parameters the decoder path uses (layers, norm, heads, embeddings): what stage 2
+    unfreezes. Other towers (VQ model, vision encoder) stay frozen."""
+    ctx = context(model)
+    seen, out = set(), []
+    mods = [ctx.layers, ctx.norm, ctx.head, ctx.embed, *ctx.image_embed]
+    if ctx.cond_embed is not None:
+        mods.append(ctx.cond_embed)
+    for m in mods:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: float | None = None) -> int:
+    """Inject peft LoRA adapters on the recipe's target modules (decoder layers only)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    ctx = context(model)
+    lo = ctx.recipe.lora
+    if not lo.targets:
+        raise TrainingError(f"recipe {ctx.recipe.name!r} names no lora.targets; add them or use full fine-tuning")
+    pattern = "|".join(f"(?:{t})" for t in lo.targets)
+    cfg = LoraConfig(r=r or lo.r, lora_alpha=alpha or lo.alpha, lora_dropout=lo.dropout if dropout is None else dropout,
+                     target_modules=pattern, bias="none")
+    flashar = model._modules.pop("flashar")  # the branch is trained in full, never wrapped
+    try:
+        inject_adapter_in_model(cfg, model)
+    finally:
+        model._modules["flashar"] = flashar
+    n = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
+    if n == 0:
+        raise TrainingError(f"lora.targets {list(lo.targets)} matched no module of the model")
+    return n
+
+
+def lora_parameters(model) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+class _LoraOff:
+    """Context manager: LoRA layers compute the base model exactly."""
+
+    def __init__(self, model):
+        try:
+            from peft.tuners.lora import LoraLayer
+        except ImportError:
+            LoraLayer = ()  # noqa: N806
+        self.layers = [m for m in model.modules() if LoraLayer and isinstance(m, LoraLayer)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enable_adapters(True)
+
+
+class FlashARLoss(nn.Module):
+    """Wraps the patched model so accelerate/DDP see one forward that returns the losses."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, stage: int):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.stage = stage
+
+    def forward(self, cond, codes, cond_mask=None):
+        cfg = self.cfg
+        out = teacher_forward(self.model, cond, codes, "two_way", cond_mask)
+        K = out.fused.shape[-1]
+        ce = F.cross_entropy(out.fused.reshape(-1, K), codes.reshape(-1))
+        has_v = torch.zeros(codes.shape[1:], dtype=torch.bool, device=codes.device)
+        has_v[1:] = True
+        lv = out.vertical[:, has_v]  # [B, n, K]
+        tv = codes[:, has_v]
+        ce_v = F.cross_entropy(lv.reshape(-1, K), tv.reshape(-1)) if lv.numel() else ce.new_zeros(())
+        kd = ce.new_zeros(())
+        if cfg.w_kd > 0 and lv.numel():
+            with torch.no_grad(), _LoraOff(self.model) if self.stage == 2 else _Null():
+                teach = teacher_forward(self.model, cond, codes, "raster", cond_mask).fused[:, has_v]
+            T = cfg.kd_temperature
+            p_t = F.log_softmax(teach.float() / T, -1)
+            p_s = F.log_softmax(lv.float() / T, -1)
+            kd = F.kl_div(p_s.reshape(-1, K), p_t.reshape(-1, K), log_target=True, reduction="batchmean") * T * T
+        loss = ce + cfg.w_v * ce_v + cfg.w_kd * kd
+        gate = out.gate[:, 1:, 1:].mean() if out.gate is not None and out.gate[:, 1:, 1:].numel() else ce.new_zeros(())
+        return {"loss": loss, "ce_fused": ce.detach(), "ce_vertical": ce_v.detach(), "kd": kd.detach(),
+                "gate": gate.detach()}
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- optimisation
+
+def _schedule(st: StageConfig):
+    def f(step: int) -> float:
+        if st.warmup_steps and step < st.warmup_steps:
+            return (step + 1) / st.warmup_steps
+        span = max(1, st.steps - st.warmup_steps)
+        prog = min(1.0, (step - st.warmup_steps) / span)
+        return st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+    return f
+
+
+def _param_groups(model, cfg: TrainConfig, stage: int):
+    flash = [p for n, p in model.flashar.named_parameters()
+             if not (model.flashar.fixed_gate is not None and n.startswith("gate."))]  # unused when fixed
+    st = cfg.stage1 if stage == 1 else cfg.stage2
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in flash:
+        p.requires_grad_(True)
+    groups = [{"params": flash, "lr": st.lr, "name": "flashar"}]
+    if stage == 2:
+        if st.lora:
+            lp = lora_parameters(model)
+            for p in lp:
+                p.requires_grad_(True)
+            groups.append({"params": lp, "lr": st.lr * st.lora_lr_scale, "name": "lora"})
+        else:
+            bp = backbone_parameters(model)
+            for p in bp:
+                p.requires_grad_(True)
+            groups.append({"params": bp, "lr": st.lr * st.backbone_lr_scale, "name": "backbone"})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return groups
+
+
+def _trainable_state(model) -> dict:
+    """Everything training may have changed: FlashAR modules, LoRA weights, and (stage 2
+    full) the decoder-path parameters. Names are the model's own."""
+    keep = {id(p) for p in model.parameters() if p.requires_grad}
+    keep |= {id(p) for p in model.flashar.parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in keep}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+CKPT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: written to a temp file in the same folder, fsynced, renamed over the old one.
+    Any failure (disk full, kill) leaves the previous checkpoint as it was."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    if os.environ.get("FLASHAR_TEST_KILL_IN_SAVE") == str(state["global_step"]):
+        # test hook: die with half the bytes written to the temp file
+        tmp = path.with_name(f".{path.name}.partial.tmp")
+        tmp.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainingError(f"{path}: checkpoint is unreadable ({e}); move it away to restart from scratch") from None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(_tuplify(s["python"]))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------- the loop
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    if mp == "fp16" and cpu:
+        raise TrainingError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
+        # accelerate keeps one process-wide state; a second in-process run (notebooks, tests)
+        # with another precision needs it cleared (private API, no public reset exists).
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum)
+
+
+def _stage_of(step: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(stage, step within stage) of a global step."""
+    if step < cfg.stage1.steps:
+        return 1, step
+    return 2, step - cfg.stage1.steps
+
+
+def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Module:
+    """Run (or resume) both stages; returns the trained, patched model (unwrapped)."""
+    if not isinstance(cfg, TrainConfig):
+        cfg = TrainConfig.load(cfg)
+    acc = _accelerator(cfg)
+    out = Path(cfg.out_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    data = ShardDataset(cfg.data)
+    torch.manual_seed(cfg.seed)  # the gate's first layer is randomly initialised
+    model = build_model(cfg)
+    ctx = context(model)
+    if tuple(data.grid) != tuple(ctx.recipe.image.grid) and not ctx.recipe.image.variable_grid:
+        raise TrainingError(f"data grid {list(data.grid)} differs from the recipe's {list(ctx.recipe.image.grid)}")
+    if data.codebook_size != ctx.recipe.image.codebook_size:
+        raise TrainingError(f"data codebook {data.codebook_size} differs from the recipe's {ctx.recipe.image.codebook_size}")
+    total = cfg.stage1.steps + cfg.stage2.steps
+    world = acc.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise TrainingError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world * cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+
+    ckpt_path = out / CKPT
+    state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if state is not None and state.get("recipe") != ctx.recipe.name:
+        raise TrainingError(f"{ckpt_path} was written for recipe {state.get('recipe')!r}, not {ctx.recipe.name!r}")
+    step = state["global_step"] if state else 0
+    if step >= total:
+        _load_trainable(model, state, cfg)
+        return model
+    log_path = out / "metrics.jsonl"
+    if acc.is_main_process:
+        _truncate_log(log_path, step)
+        for stale in out.glob(f".{CKPT}.*tmp"):  # left by a process killed mid-write
+            stale.unlink()
+
+    stage = None
+    loss_mod = opt = sched = None
+    it = None
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="flashar train", dynamic_ncols=True)
+    while step < total:
+        st_idx, _ = _stage_of(step, cfg)
+        if st_idx != stage:
+            stage = st_idx
+            st = cfg.stage1 if stage == 1 else cfg.stage2
+            model = acc.unwrap_model(loss_mod).model if loss_mod is not None else model
+            # A stage that starts fresh seeds from the config, so a run resumed at the stage
+            # boundary initialises LoRA exactly as an uninterrupted one.
+            torch.manual_seed(cfg.seed + 1000 * stage)
+            random.seed(cfg.seed + 1000 * stage)
+            if stage == 2 and st.lora and not lora_parameters(model):
+                add_lora(model)
+            if cfg.gradient_checkpointing and stage == 2 and hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable()
+            model.train()
+            groups = _param_groups(model, cfg, stage)
+            opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(st), last_epoch=-1)
+            if state is not None and state["stage"] == stage:
+                _load_trainable(model, state, cfg)
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                _set_rng_state(state["rng"])
+            elif state is not None:  # resumed at a stage boundary: weights only
+                _load_trainable(model, state, cfg)
+            state = None
+            loss_mod = FlashARLoss(model, cfg, stage)
+            # The scheduler is stepped by hand: accelerate's wrapper would step it once per
+            # process, making the schedule depend on the number of processes.
+            loss_mod, opt = acc.prepare(loss_mod, opt)
+            it = data.global_batches(cfg.batch_size, cfg.seed, start_step=step)
+        _, idx = next(it)
+        t0 = time.perf_counter()
+        metrics = {}
+        for a in range(cfg.grad_accum):
+            sl = idx[(a * world + acc.process_index) * micro:(a * world + acc.process_index + 1) * micro]
+            batch = data.get(sl)
+            cond = _drop_cond(ctx, batch.cond, cfg, step, (a * world + acc.process_index) * micro)
+            with acc.accumulate(loss_mod):
+                with acc.autocast():
+                    res = loss_mod(cond.to(acc.device), batch.codes.to(acc.device),
+                                   None if batch.cond_mask is None else batch.cond_mask.to(acc.device))
+                loss = res["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint "
+                                        f"({ckpt_path}) is intact; lower the learning rate or check the data.")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.grad_clip:
+                    acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                opt.step()
+                if acc.sync_gradients:
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
+            for k, v in res.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        metrics = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in metrics.items()}
+        step += 1
+        if acc.is_main_process:
+            rec = {"step": step, "stage": stage, "processes": world, **{k: round(v, 6) for k, v in metrics.items()},
+                   "lr": opt.param_groups[0]["lr"], "sec": round(time.perf_counter() - t0, 4)}
+            if step % cfg.log_every == 0 or step == total:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(stage=stage, fused=f"{metrics['ce_fused']:.3f}", vert=f"{metrics['ce_vertical']:.3f}",
+                                kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}")
+        kill = os.environ.get("FLASHAR_TEST_KILL_AT_STEP")
+        if kill and int(kill) == step:  # test hook: die after an optimizer step, before its checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
+            inner = acc.unwrap_model(loss_mod).model
+            if acc.is_main_process:
+                save_checkpoint(ckpt_path, {
+                    "global_step": step, "stage": _stage_of(step - 1, cfg)[0],
+                    "recipe": ctx.recipe.name, "trainable": _trainable_state(inner),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                    "lora": bool(lora_parameters(inner)), "config": cfg.to_dict(),
+                })
+            acc.wait_for_everyone()
+    if bar is not None:
+        bar.close()
+    model = acc.unwrap_model(loss_mod).model
+    model.eval()
+    return model
+
+
+def _drop_cond(ctx, cond, cfg: TrainConfig, step: int, start: int):
+    """Replace some class conditions by the null class (CFG needs a trained unconditional
+    path). The draw depends only on (seed, step, position in the global batch), so resume
+    and any number of processes see the same drops."""
+    c = ctx.recipe.condition
+    if cfg.cond_dropout <= 0 or c.kind != "class" or c.null_class is None:
+        return cond
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    u = torch.rand(cfg.batch_size, generator=g)[start:start + cond.shape[0]]
+    return torch.where(u < cfg.cond_dropout, torch.full_like(cond, c.null_class), cond)
+
+
+def _load_trainable(model, state, cfg) -> None:
+    if state.get("lora") and not lora_parameters(model):
+        add_lora(model)
+    params = dict(model.named_parameters())
+    missing = [k for k in state["trainable"] if k not in params]
+    if missing:
+        raise TrainingError(f"checkpoint has weights this model lacks: {missing[:3]} (another recipe or config?)")
+    with torch.no_grad():
+        for k, v in state["trainable"].items():
+            if params[k].shape != v.shape:
+                raise TrainingError(f"checkpoint weight {k} has shape {tuple(v.shape)}, model {tuple(params[k].shape)}")
+            params[k].copy_(v)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop metrics written after the checkpoint we resume from (they will be re-done)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+
+
+def build_model_from_run(cfg: TrainConfig) -> nn.Module:
+    """The trained model of a run folder: base model, patched, with the last checkpoint loaded."""
+    model = build_model(cfg)
+    path = Path(cfg.out_dir) / CKPT
+    if not path.is_file():
+        raise TrainingError(f"{path}: no checkpoint yet; run `flashar-adapt train --config ...` first")
+    _load_trainable(model, load_checkpoint(path), cfg)
+    return model.eval()
+
+
+def add_cli(sub) -> None:
+    s = sub.add_parser("train", help="two-stage FlashAR post-training (resumes from the last checkpoint)")
+    s.add_argument("--config", required=True, help="training config YAML")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=lambda a: (train(a.config, progress=not a.no_progress), 0)[1])

@@ -1,0 +1,231 @@
+"""Post-training: data shards, the two stages, resume after SIGKILL, 2 processes, NaN stop."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashar_adapt as fa
+import tiny
+from flashar_adapt.data import DataError, ShardDataset, ShardWriter
+from flashar_adapt.training import TrainConfig, TrainingError, build_model, load_checkpoint, train
+from train_helpers import llamagen_run, structured_codes
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli(cfg: Path, extra_env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               "29533", "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
+    return subprocess.run(cmd, env={**ENV, **(extra_env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def _ckpt_weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoint.pt")["trainable"]
+
+
+# ---------------------------------------------------------------- data
+
+def test_shards_round_trip_and_order(tmp_path):
+    codes, cls = structured_codes(50, 4, 48)
+    w = ShardWriter(tmp_path, (4, 4), 48, "class", shard_size=16)
+    w.add(codes[:30], cls[:30])
+    w.add(codes[30:], cls[30:])
+    w.close()
+    ds = ShardDataset(tmp_path)
+    assert len(ds) == 50 and ds.grid == (4, 4) and len(ds.manifest["shards"]) == 4
+    order = ds.order(epoch=0, seed=1)
+    assert sorted(order.tolist()) == list(range(50))
+    assert torch.equal(order, ds.order(epoch=0, seed=1)) and not torch.equal(order, ds.order(epoch=1, seed=1))
+    b = ds.get(order[:7])
+    assert torch.equal(b.codes, codes[order[:7]]) and torch.equal(b.cond, cls[order[:7]])
+    batches = ds.global_batches(8, seed=1)
+    seen = [next(batches) for _ in range(7)]
+    assert [s for s, _ in seen] == list(range(7))  # 6 full batches an epoch, then epoch 1
+    resumed = ds.global_batches(8, seed=1, start_step=5)
+    assert all(torch.equal(next(resumed)[1], seen[k][1]) for k in (5, 6))
+
+
+def test_prompt_shards(tmp_path):
+    w = ShardWriter(tmp_path, (2, 2), 10, "tokens", max_prompt_len=5)
+    w.add(torch.zeros(3, 2, 2, dtype=torch.long), torch.tensor([[1, 2], [3, 4], [0, 5]]), torch.tensor([2, 2, 1]))
+    w.close()
+    b = ShardDataset(tmp_path).get(torch.tensor([2, 0]))
+    assert b.cond.shape == (2, 5)
+    assert b.cond_mask.tolist() == [[False] * 4 + [True], [False] * 3 + [True] * 2]
+    assert b.cond[1, -2:].tolist() == [1, 2]
+
+
+def test_bad_shards_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="outside the codebook|lie in"):
+        ShardWriter(tmp_path / "a", (2, 2), 4, "class").add(torch.full((1, 2, 2), 4), torch.tensor([0]))
+    with pytest.raises(DataError, match="no manifest"):
+        ShardDataset(tmp_path / "nothing")
+    w = ShardWriter(tmp_path / "b", (2, 2), 4, "class", shard_size=2)
+    w.add(torch.zeros(4, 2, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    w.close()
+    shard = tmp_path / "b" / "shard-00001.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"codes": torch.full((2, 2, 2), 9, dtype=torch.int16), "cond": torch.zeros(2, dtype=torch.int64)}, str(shard))
+    ds = ShardDataset(tmp_path / "b")
+    ds.get(torch.tensor([0]))
+    with pytest.raises(DataError, match="outside the codebook"):
+        ds.get(torch.tensor([3]))
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(DataError, match="truncated"):
+        ShardDataset(tmp_path / "b").get(torch.tensor([3]))
+    shard.unlink()
+    with pytest.raises(DataError, match="missing"):
+        ShardDataset(tmp_path / "b").get(torch.tensor([3]))
+
+
+# ---------------------------------------------------------------- stages
+
+def test_stage1_trains_branch_and_gate_only(tmp_path):
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=30, stage2=0))
+    base = build_model(cfg)
+    model = train(cfg, progress=False)
+    ctx = model.flashar.ctx
+    for (n, p), (_, q) in zip(ctx.layers.named_parameters(), base.flashar.ctx.layers.named_parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(model.output.weight, base.output.weight)
+    assert not torch.equal(model.flashar.gate.net[2].weight, base.flashar.gate.net[2].weight)
+    assert not torch.equal(model.flashar.branch_layers[0].attention.wqkv.weight,
+                           base.flashar.branch_layers[0].attention.wqkv.weight)
+    m = _metrics(tmp_path / "run")
+    assert len(m) == 30 and all(r["stage"] == 1 for r in m)
+    first = sum(r["ce_fused"] for r in m[:5]) / 5
+    last = sum(r["ce_fused"] for r in m[-5:]) / 5
+    assert last < first - 0.3, (first, last)  # the branch learns the vertical structure
+    assert abs(m[-1]["gate"] - 0.5) > 1e-4
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stage2_full_and_lora(tmp_path, lora):
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=3, stage2=4, lora=lora))
+    base = build_model(cfg)
+    model = train(cfg, progress=False)
+    names = [n for n, _ in model.named_parameters()]
+    if lora:
+        assert any("lora_A" in n for n in names)
+        wqkv = model.layers[0].attention.wqkv
+        assert torch.equal(wqkv.base_layer.weight, base.layers[0].attention.wqkv.weight)  # base frozen
+        assert not torch.equal(wqkv.lora_B["default"].weight, torch.zeros_like(wqkv.lora_B["default"].weight))
+        assert not any("lora_" in n for n in names if n.startswith("flashar."))  # the branch stays plain
+    else:
+        moved = [torch.equal(p, q) for p, q in zip(model.layers.parameters(), base.layers.parameters())]
+        assert not any(moved)
+        groups = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["param_groups"]
+        assert [g["initial_lr"] for g in groups] == pytest.approx([3e-3, 3e-3 * 0.2])
+
+
+# ---------------------------------------------------------------- faults
+
+def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path):
+    ref_cfg = llamagen_run(tmp_path / "ref", stage1=5, stage2=4, lora=True)
+    assert _cli(ref_cfg).returncode == 0  # same process setup (threads) as the killed runs
+    ref = _ckpt_weights(tmp_path / "ref" / "run")
+    cfg = llamagen_run(tmp_path / "kill", stage1=5, stage2=4, lora=True)
+    # after an optimizer step (before its checkpoint), in the middle of writing a checkpoint,
+    # right at the stage boundary, and during stage 2
+    for env in ({"FLASHAR_TEST_KILL_AT_STEP": "2"}, {"FLASHAR_TEST_KILL_IN_SAVE": "3"},
+                {"FLASHAR_TEST_KILL_AT_STEP": "5"}, {"FLASHAR_TEST_KILL_AT_STEP": "8"}):
+        r = _cli(cfg, env)
+        assert r.returncode == -9, r.stderr[-2000:]
+        ck = tmp_path / "kill" / "run" / "checkpoint.pt"
+        if ck.exists():
+            load_checkpoint(ck)  # what is there is always whole
+    r = _cli(cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list((tmp_path / "kill" / "run").glob(".*tmp"))  # stale partial writes cleaned up
+    got = _ckpt_weights(tmp_path / "kill" / "run")
+    assert got.keys() == ref.keys()
+    diff = {k: (got[k] - ref[k]).abs().max().item() for k in ref}
+    assert all(v == 0 for v in diff.values()), {k: v for k, v in diff.items() if v}
+    steps = [m["step"] for m in _metrics(tmp_path / "kill" / "run")]
+    assert steps == list(range(1, 10))  # the log has each step once, resumes included
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=2, stage2=0))
+    train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    from flashar_adapt import training
+
+    real = training.FlashARLoss.forward
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(training.FlashARLoss, "forward", poisoned)
+    cfg.stage1.steps = 6
+    with pytest.raises(TrainingError, match="loss is nan at step 2") as e:
+        train(cfg, progress=False)
+    assert "intact" in str(e.value)
+    assert ckpt.read_bytes() == before
+
+
+def test_checkpoint_from_another_recipe_is_refused(tmp_path):
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=3, stage2=0))
+    train(cfg, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state["recipe"] = "emu3-gen"
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    cfg.stage1.steps = 5
+    with pytest.raises(TrainingError, match="emu3-gen"):
+        train(cfg, progress=False)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(TrainingError, match="did you mean 'batch_size'"):
+        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
+                               "batch_sise": 3})
+    with pytest.raises(TrainingError, match="stage2.lr_scale"):
+        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
+                               "stage2": {"lr_scale": 1}})
+    with pytest.raises(TrainingError, match="missing key 'data'"):
+        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "out_dir": "o"})
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 CPU processes (gloo) at the same global batch follow the 1-process loss trajectory.
+    Each process sees half of every global batch and DDP averages the gradients, so the only
+    difference is float summation order: losses agree to ~1e-5 relative."""
+    one = llamagen_run(tmp_path / "one", stage1=4, stage2=3)
+    two = llamagen_run(tmp_path / "two", stage1=4, stage2=3)
+    r1, r2 = _cli(one), _cli(two, nproc=2)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m1, m2 = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
+    assert [m["processes"] for m in m2] == [2] * 7 and [m["processes"] for m in m1] == [1] * 7
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    w1, w2 = _ckpt_weights(tmp_path / "one" / "run"), _ckpt_weights(tmp_path / "two" / "run")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=2, stage2=1, mixed_precision="bf16"))
+    train(cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in _metrics(tmp_path / "run"))
+    cfg.mixed_precision = "fp16"
+    with pytest.raises(TrainingError, match="GPU"):
+        train(cfg, progress=False)
