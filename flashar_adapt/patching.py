@@ -35,6 +35,7 @@ class PatchContext:
     vocab_size: int | None
     hook: Any = field(default=None, repr=False)
     capturing: bool = False
+    gradient_checkpointing: bool = False  # backends that run their own layer loop honour it
     captured: tuple | None = field(default=None, repr=False)
     had_generate: bool = False
     old_generate: Any = field(default=None, repr=False)

@@ -420,9 +420,11 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
             random.seed(cfg.seed + 1000 * stage)
             if stage == 2 and st.lora and not lora_parameters(model):
                 add_lora(model)
-            if cfg.gradient_checkpointing and stage == 2 and hasattr(model, "gradient_checkpointing_enable"):
-                model.gradient_checkpointing_enable()
             model.train()
+            if cfg.gradient_checkpointing and stage == 2:  # stage 1 keeps no backbone activations
+                context(model).gradient_checkpointing = True
+                if hasattr(model, "gradient_checkpointing_enable"):
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             groups = _param_groups(model, cfg, stage)
             opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(st), last_epoch=-1)

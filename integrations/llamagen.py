@@ -377,8 +377,14 @@ class LlamaGenBackend(Backend):
             mask = torch.zeros(B, 1, T, cache, dtype=torch.bool, device=embeds.device)
             mask[:, 0, :, key_slots] = allowed
             start = slots
-        for layer in ctx.layers:
-            h = layer(h, freqs, start, mask)
+        if ctx.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for layer in ctx.layers:
+                h = checkpoint(layer, h, freqs, start, mask, use_reentrant=False)
+        else:
+            for layer in ctx.layers:
+                h = layer(h, freqs, start, mask)
         return ctx.norm(h)
 
     def new_cache(self, ctx, batch, max_len):

@@ -229,3 +229,19 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
     cfg.mixed_precision = "fp16"
     with pytest.raises(TrainingError, match="GPU"):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llamagen", "transformers"])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, family):
+    from train_helpers import hf_run
+
+    make = llamagen_run if family == "llamagen" else hf_run
+    plain = train(TrainConfig.load(make(tmp_path / "a", stage1=1, stage2=2)), progress=False)
+    ck = TrainConfig.load(make(tmp_path / "b", stage1=1, stage2=2))
+    ck.gradient_checkpointing = True
+    model = train(ck, progress=False)
+    assert model.flashar.ctx.gradient_checkpointing
+    la, lb = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
+    assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], rel=1e-5)
+    for (n, p), (_, q) in zip(plain.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
