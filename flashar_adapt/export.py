@@ -60,6 +60,8 @@ def export_merged(model: torch.nn.Module, out_dir) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     merged = merge_lora(model)
+    for stale in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         (tmp / "backbone").mkdir()
