@@ -65,10 +65,8 @@ def _cmd_tiny_demo(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    try:
-        from .demo import main as demo_main  # the Fashion-MNIST demo, when its assets ship
-    except ImportError:
-        return _cmd_tiny_demo(args)
+    from .fmnist import main as demo_main
+
     return demo_main.run(args)
 
 
@@ -85,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", type=int, default=16)
     s.add_argument("--batch", type=int, default=4)
     s.add_argument("--tiny", action="store_true", help="use a small random model instead of the shipped one")
+    from .fmnist.main import add_arguments
+
+    add_arguments(s)
     s.set_defaults(fn=lambda a: _cmd_tiny_demo(a) if a.tiny else _cmd_demo(a))
     for name in _COMMAND_MODULES:
         try:

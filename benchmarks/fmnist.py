@@ -1,0 +1,141 @@
+"""The paper's Table 1 in miniature, on Fashion-MNIST (not a test; run by hand).
+
+    python benchmarks/fmnist.py [--samples 5000] [--work runs/fmnist]
+
+Rows, all measured in this run on this machine: the raster base, FlashAR, the ablations
+(fixed 0.5 average instead of the gate, branch at the last layer, stage 1 only, LoRA in
+stage 2) and the training-free ZipAR-style peer at two windows. Columns: exact test NLL in
+bits per token under each model's own factorisation (10k test images), Frechet distance to
+the test set in a classifier's feature space and sample accuracy (same CFG for all),
+serial steps, batch-1 latency, batch-64 throughput, and speedups over raster measured side
+by side. Writes benchmarks/results/fmnist.{json,md,png}. Ablation models come from
+``python -m flashar_adapt.fmnist.build variants`` (trained on the spot if missing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from flashar_adapt import export_merged  # noqa: E402
+from flashar_adapt.fmnist import ASSETS  # noqa: E402
+from flashar_adapt.fmnist.build import VARIANTS, build_variants, post_config, tokenize  # noqa: E402
+from flashar_adapt.fmnist.evaluate import (Judge, decoder, load_base, load_flashar, nll_bits,  # noqa: E402
+                                           sample_codes, speed, steps_of)
+from flashar_adapt.training import TrainConfig, build_model_from_run  # noqa: E402
+
+LABELS = {
+    "raster": "raster base (original decoding)",
+    "flashar": "FlashAR (2 stages, gate, branch at L-2)",
+    "nar_avg": "ablation: fixed 0.5 average (NAR-style)",
+    "last_layer": "ablation: branch at the last layer",
+    "stage1_only": "ablation: stage 1 only",
+    "lora": "ablation: LoRA in stage 2",
+    "zipar1": "ZipAR-style peer, window 1",
+    "zipar2": "ZipAR-style peer, window 2",
+}
+
+
+def variant_model(work: Path, name: str):
+    cfg = TrainConfig.load(post_config(work, name, **VARIANTS[name]))
+    model = build_model_from_run(cfg)
+    if name == "lora":  # merged, as users ship it
+        out = export_merged(model, work / "exports" / name)
+        return load_flashar(out)
+    return model.float().eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "fmnist")
+    ap.add_argument("--samples", type=int, default=5000)
+    ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--nll-images", type=int, default=10_000)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    missing = [n for n in VARIANTS if not (a.work / "runs" / n / "checkpoint.pt").is_file()]
+    if missing:
+        build_variants(ASSETS, a.work, only=missing)
+    base = load_base()
+    models = {"raster": (base, "raster"), "flashar": (load_flashar(), "two_way")}
+    for name in VARIANTS:
+        models[name] = (variant_model(a.work, name), "two_way")
+    models["zipar1"] = (base, "zipar1")
+    models["zipar2"] = (base, "zipar2")
+
+    codes = tokenize(ASSETS, a.work)
+    test_codes, test_labels = codes["test"][: a.nll_images], codes["test_labels"][: a.nll_images]
+    judge = Judge()
+    from tqdm.auto import tqdm
+
+    rows = {}
+    for name, (model, mode) in tqdm(models.items(), desc="quality"):
+        nll_mode = "raster" if mode.startswith("zipar") else mode  # ZipAR keeps the raster model's likelihood
+        nll = nll_bits(model, test_codes, test_labels, nll_mode)
+        c, y = sample_codes(decoder(model, mode, a.cfg), a.samples, batch=500, seed=1, progress=name)
+        rows[name] = {"label": LABELS[name], "mode": mode, "steps": steps_of(mode), "nll_bits": nll, **judge(c, y)}
+
+    sp = speed({k: decoder(m, mode, a.cfg) for k, (m, mode) in models.items()}, big_batch=64, repeat=a.repeat)
+    for k in rows:
+        rows[k].update(sp[k])
+        rows[k]["latency_speedup"] = sp["raster"]["latency_s"] / sp[k]["latency_s"]
+        rows[k]["throughput_speedup"] = sp[k]["throughput"] / sp["raster"]["throughput"]
+        rows[k]["step_ratio"] = rows["raster"]["steps"] / rows[k]["steps"]
+
+    info = json.loads((ASSETS / "info.json").read_text()) if (ASSETS / "info.json").is_file() else {}
+    result = {"machine": platform.platform(), "torch_threads": torch.get_num_threads(), "cfg_scale": a.cfg,
+              "samples_per_row": a.samples, "nll_test_images": len(test_codes), "assets": info, "rows": rows,
+              "seconds": round(time.time() - t_start, 1)}
+    (a.out / "fmnist.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (a.out / "fmnist.md").write_text(md)
+    plot(result, a.out / "fmnist.png")
+    print(md)
+    return 0
+
+
+def markdown(r: dict) -> str:
+    head = ("| model | steps | NLL bits/token | Frechet dist. | sample acc. | batch-1 latency | batch-64 img/s "
+            "| latency speedup | throughput speedup |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {v['label']} | {v['steps']} | {v['nll_bits']:.4f} | {v['frechet']:.3f} | {v['accuracy']:.3f} | "
+             f"{v['latency_s'] * 1000:.0f} ms | {v['throughput']:.1f} | {v['latency_speedup']:.2f}x | "
+             f"{v['throughput_speedup']:.2f}x |" for v in r["rows"].values()]
+    cls = r["assets"].get("classifier", {}).get("test_accuracy")
+    return (f"Fashion-MNIST, 14x14 codes, CFG {r['cfg_scale']}, {r['samples_per_row']} samples per row, NLL on "
+            f"{r['nll_test_images']} test images; classifier test accuracy {cls}; {r['machine']}, "
+            f"{r['torch_threads']} torch threads.\n\n" + head + "\n".join(lines) + "\n")
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, v in r["rows"].items():
+        ax.scatter(v["latency_speedup"], v["frechet"], s=40)
+        ax.annotate(k, (v["latency_speedup"], v["frechet"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("batch-1 latency speedup over raster (measured)")
+    ax.set_ylabel("Frechet distance to test set (lower is better)")
+    ax.set_title("Fashion-MNIST: quality vs speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

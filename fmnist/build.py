@@ -1,0 +1,227 @@
+"""Rebuild the shipped Fashion-MNIST assets, one documented command each (all resumable):
+
+    python -m flashar_adapt.fmnist.build tokenizer     # k-means VQ, reports test PSNR
+    python -m flashar_adapt.fmnist.build classifier    # feature network for the Frechet distance
+    python -m flashar_adapt.fmnist.build base          # raster base model, from scratch
+    python -m flashar_adapt.fmnist.build flashar       # two-stage post-training of the base
+    python -m flashar_adapt.fmnist.build variants      # the benchmark's ablations (not shipped)
+
+Assets go to ``--assets`` (default: the package's assets folder); scratch to ``--work``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import ASSETS
+from .data import load_fmnist
+from .tokenizer import PatchVQ, psnr
+
+# Post-training budget: stage 1 and stage 2 steps at a global batch of 64 images.
+STAGE1_STEPS = 60
+STAGE2_STEPS = 60
+POST_BATCH = 64
+
+
+def tokenize(assets: Path, work: Path) -> dict:
+    """Codes of both splits, cached in the work folder."""
+    cache = work / "codes.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    vq = PatchVQ.load(assets / "tokenizer.safetensors")
+    x, y = load_fmnist("train")
+    xt, yt = load_fmnist("test")
+    out = {"train": vq.encode(x).short(), "train_labels": y, "test": vq.encode(xt).short(), "test_labels": yt}
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cache)
+    return out
+
+
+def build_tokenizer(assets: Path, work: Path) -> None:
+    x, _ = load_fmnist("train")
+    xt, _ = load_fmnist("test")
+    vq = PatchVQ.fit(x, K=256, iters=25)
+    vq.save(assets / "tokenizer.safetensors")
+    p = psnr(vq.decode(vq.encode(xt)), xt.float() / 255)
+    _update_info(assets, tokenizer={"kind": "k-means VQ, 2x2 patches", "grid": [14, 14], "codebook_size": 256,
+                                    "test_psnr_db": round(p, 2)})
+    print(f"tokenizer: test-set reconstruction PSNR {p:.2f} dB")
+
+
+def build_classifier(assets: Path, work: Path) -> None:
+    from .classifier import train_classifier
+
+    x, y = load_fmnist("train")
+    xt, yt = load_fmnist("test")
+    acc = train_classifier(x, y, xt, yt, assets / "classifier.safetensors")
+    _update_info(assets, classifier={"test_accuracy": round(acc, 4)})
+    print(f"classifier: test accuracy {acc:.4f}")
+
+
+def build_base(assets: Path, work: Path, steps: int) -> None:
+    from .base import train_base
+
+    c = tokenize(assets, work)
+    g = torch.Generator().manual_seed(0)
+    sub = torch.randperm(10_000, generator=g)[:2000]  # fixed test subset for the learning curve
+    state = train_base(c["train"].long(), c["train_labels"], c["test"][sub].long(), c["test_labels"][sub],
+                       work / "base", steps=steps)
+    for name in ("base.safetensors", "base_config.json", "base_train_log.jsonl"):
+        shutil.copy(work / "base" / name, assets / name)
+    _update_info(assets, base={"steps": state["step"], "best_step": state["best_step"],
+                               "best_test_bits_per_token_2k": round(state["best"], 4),
+                               "images_seen": state["step"] * 64})
+    print(f"base: best test NLL {state['best']:.4f} bits/token at step {state['best_step']}")
+
+
+def write_shards(assets: Path, work: Path) -> Path:
+    from flashar_adapt.data import ShardWriter
+
+    out = work / "shards"
+    if (out / "manifest.json").is_file():
+        return out
+    c = tokenize(assets, work)
+    w = ShardWriter(out, (14, 14), 256, "class", recipe="fmnist-c2i", shard_size=10_000)
+    w.add(c["train"].long(), c["train_labels"])
+    w.close()
+    return out
+
+
+def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STEPS, lora=False, fixed_gate=None,
+                branch_layer=None, base: Path | None = None) -> Path:
+    """A training config for one variant; written to work/<name>.yaml."""
+    import yaml
+
+    cfg = {"model": {"backend": "llamagen", "checkpoint": str((base or ASSETS) / "base.safetensors"),
+                     "model_args": None, "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
+                     "dtype": "float32"},
+           "recipe": "fmnist-c2i", "data": str(work / "shards"), "out_dir": str(work / "runs" / name),
+           "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 5},
+           "stage2": {"steps": stage2, "lr": 3e-4, "warmup_steps": 5, "lora": lora, "lora_lr_scale": 3.0},
+           "batch_size": POST_BATCH, "save_every": 20, "seed": 0, "cpu": True}
+    cfg["model"].pop("model_args")
+    if fixed_gate is not None:
+        cfg["fixed_gate"] = fixed_gate
+    if branch_layer is not None:
+        cfg["recipe_overrides"] = {"flashar.branch_layer": branch_layer}
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _stage1(work: Path) -> Path:
+    """Stage 1 of the main recipe, trained once and shared by the runs that differ only in
+    stage 2 (resuming at the stage boundary is exact, so this equals training each alone)."""
+    from flashar_adapt import train
+
+    run = work / "runs" / "flashar_stage1"
+    if not (run / "checkpoint.pt").is_file():
+        train(post_config(work, "flashar_stage1", stage2=0))
+    return run
+
+
+def _from_stage1(work: Path, name: str) -> None:
+    run = work / "runs" / name
+    if not run.exists():
+        shutil.copytree(_stage1(work), run)
+
+
+def build_flashar(assets: Path, work: Path) -> None:
+    from flashar_adapt import export_merged, train
+
+    write_shards(assets, work)
+    _from_stage1(work, "flashar")
+    model = train(post_config(work, "flashar"))
+    export_merged(model, work / "flashar_export")
+    _ship_export(work / "flashar_export", assets / "flashar")
+    imgs = (STAGE1_STEPS + STAGE2_STEPS) * POST_BATCH
+    _update_info(assets, flashar={"stage1_steps": STAGE1_STEPS, "stage2_steps": STAGE2_STEPS, "batch": POST_BATCH,
+                                  "images_seen": imgs})
+    print(f"flashar: post-trained on {imgs} images")
+
+
+def _ship_export(src: Path, dst: Path) -> None:
+    """Ship the export with the backbone in fp16 safetensors (half the size of the .pt)."""
+    from flashar_adapt.data import atomic_save_safetensors
+    from flashar_adapt.integrations.llamagen import _read_state_dict
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    sd = _read_state_dict(tmp / "backbone" / "llamagen.pt")
+    atomic_save_safetensors({k: v.half() for k, v in sd.items()}, tmp / "backbone" / "llamagen.safetensors")
+    (tmp / "backbone" / "llamagen.pt").unlink()
+    cfg = json.loads((tmp / "flashar_config.json").read_text())
+    cfg["backbone"]["checkpoint"] = "llamagen.safetensors"
+    cfg["backbone"]["dtype"] = "float32"  # stored in fp16, computed in fp32 on CPU
+    (tmp / "flashar_config.json").write_text(json.dumps(cfg, indent=1))
+    from safetensors.torch import load_file, save_file
+
+    fl = load_file(str(tmp / "flashar.safetensors"))
+    save_file({k: v.half() for k, v in fl.items()}, str(tmp / "flashar.safetensors"))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+VARIANTS = {
+    # name: (post_config kwargs, shares stage 1 with "flashar")
+    "stage1_only": dict(stage2=0),
+    "lora": dict(lora=True),
+    "nar_avg": dict(fixed_gate=0.5),
+    "last_layer": dict(branch_layer=-1),
+}
+
+
+def build_variants(assets: Path, work: Path, only: list[str] | None = None) -> None:
+    """Ablation runs for the benchmark. stage1_only and lora resume from the main run's
+    stage-1 checkpoint (same stage 1, different stage 2); the others train both stages."""
+    from flashar_adapt.training import train
+
+    write_shards(assets, work)
+    for name, kw in VARIANTS.items():
+        if only and name not in only:
+            continue
+        if name in ("stage1_only", "lora"):
+            _from_stage1(work, name)
+        train(post_config(work, name, **kw))
+
+
+def _update_info(assets: Path, **sections) -> None:
+    p = assets / "info.json"
+    info = json.loads(p.read_text()) if p.is_file() else {}
+    info.update(sections)
+    p.write_text(json.dumps(info, indent=1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flashar_adapt.fmnist.build")
+    ap.add_argument("what", choices=["tokenizer", "classifier", "base", "flashar", "variants"])
+    ap.add_argument("--assets", type=Path, default=ASSETS)
+    ap.add_argument("--work", type=Path, default=Path("runs/fmnist"))
+    ap.add_argument("--steps", type=int, default=1400, help="base model: maximum training steps")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--only", nargs="*", default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.assets.mkdir(parents=True, exist_ok=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.what == "tokenizer":
+        build_tokenizer(a.assets, a.work)
+    elif a.what == "classifier":
+        build_classifier(a.assets, a.work)
+    elif a.what == "base":
+        build_base(a.assets, a.work, a.steps)
+    elif a.what == "flashar":
+        build_flashar(a.assets, a.work)
+    else:
+        build_variants(a.assets, a.work, a.only)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
