@@ -12,7 +12,8 @@ def _cmd_recipes(args) -> int:
 
     for name in list_recipes(args.recipe_dir):
         r = load_recipe(name, args.recipe_dir)
-        print(f"{name:20s} {r.backend:12s} {r.description.strip().splitlines()[0] if r.description else ''}")
+        desc = " ".join(r.description.split())
+        print(f"{name:20s} {r.backend:12s} {desc[:70] + ('...' if len(desc) > 70 else '')}")
     return 0
 
 

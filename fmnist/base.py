@@ -52,6 +52,7 @@ def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tens
                args: ModelArgs | None = None, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = args or base_args()
+    (out / "base_config.json").write_text(json.dumps(asdict(args), indent=1))  # weights are useless without it
     torch.manual_seed(seed)
     model = Transformer(args)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
@@ -115,5 +116,4 @@ def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tens
             atomic_write_bytes(ck, buf.getvalue())
     if bar is not None:
         bar.close()
-    (out / "base_config.json").write_text(json.dumps(asdict(args), indent=1))
     return state

@@ -22,9 +22,9 @@ from .data import load_fmnist
 from .tokenizer import PatchVQ, psnr
 
 # Post-training budget: stage 1 and stage 2 steps at a global batch of 64 images.
-STAGE1_STEPS = 60
-STAGE2_STEPS = 60
-POST_BATCH = 64
+STAGE1_STEPS = 40
+STAGE2_STEPS = 39
+POST_BATCH = 32
 
 
 def tokenize(assets: Path, work: Path) -> dict:
@@ -96,13 +96,14 @@ def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STE
     """A training config for one variant; written to work/<name>.yaml."""
     import yaml
 
+    work = work.resolve()  # the config's relative paths would resolve against its own folder
     cfg = {"model": {"backend": "llamagen", "checkpoint": str((base or ASSETS) / "base.safetensors"),
                      "model_args": None, "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
                      "dtype": "float32"},
            "recipe": "fmnist-c2i", "data": str(work / "shards"), "out_dir": str(work / "runs" / name),
            "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 5},
            "stage2": {"steps": stage2, "lr": 3e-4, "warmup_steps": 5, "lora": lora, "lora_lr_scale": 3.0},
-           "batch_size": POST_BATCH, "save_every": 20, "seed": 0, "cpu": True}
+           "batch_size": POST_BATCH, "save_every": 10, "seed": 0, "cpu": True}
     cfg["model"].pop("model_args")
     if fixed_gate is not None:
         cfg["fixed_gate"] = fixed_gate

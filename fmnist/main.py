@@ -101,7 +101,7 @@ def add_arguments(p) -> None:
     p.add_argument("--retrain", action="store_true", help="re-run the post-training from the shipped base")
     p.add_argument("--out", default="out/demo", help="where the PNG (and any re-trained model) go")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--samples", type=int, default=1000, help="samples per model for the quick quality numbers")
+    p.add_argument("--samples", type=int, default=500, help="samples per model for the quick quality numbers")
     p.add_argument("--nll-images", type=int, default=1000, help="test images for the quick NLL")
-    p.add_argument("--repeat", type=int, default=3, help="timing repeats (best of)")
+    p.add_argument("--repeat", type=int, default=2, help="timing repeats (best of)")
 
