@@ -61,8 +61,11 @@ class Backend:
         positions [B, T]: position ids (raster order, left padding removed); slots [T]:
         sequence indices of the new tokens; key_slots [S]: sequence index of every key the
         attention will see after this call, in cache order (cached keys, then the new
-        ones); allowed [B, T, S]: True where a query may attend a key. ``cache`` is what
-        new_cache returned, or None for a single uncached pass. Returns the final,
+        ones); allowed [B, T, S], or [B, 1, S] when every query sees the same keys: True where
+        a query may attend a key. ``cache`` is what new_cache returned, or None for a single
+        uncached pass. With a cache, the keys are the cached ones followed by the new ones:
+        a backend with static caches may fill entries in this order (entries [S-T, S) now)
+        and attend entries [0, S), so it never needs a scatter or a mask over unused entries. Returns the final,
         normalised hidden states [B, T, d]. The decoder layers must be called through
         their ``__call__`` so the branch hook sees their inputs."""
         raise NotImplementedError

@@ -360,52 +360,131 @@ def _scale_at(cfg_scale: float, schedule: str, step: int, n_steps: int) -> float
 
 # ---------------------------------------------------------------- generation
 
-class _Decoder:
-    """State shared by one generate() call: caches, the key list and the position offsets."""
+# Decoding speed: everything that depends only on the layout (cache order of the keys, fed
+# slots, source indices, sampled cells) is precomputed once per layout and device, the KV
+# caches are static and filled in feeding order, so a step's keys are always a prefix of
+# the cache and its mask a slice of one row per sequence; the loops allocate no masks and
+# make no host-device sync beyond sampling.
 
-    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, branch: bool):
+def _index(idx: list[int], dev) -> torch.Tensor | slice:
+    """A contiguous index list as a slice (a view when indexing), otherwise a tensor."""
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx, dtype=torch.long, device=dev)
+
+
+@dataclass(frozen=True)
+class _TwoWayStep:
+    start: int  # cache length before feeding (keys order[:start] are cached)
+    stop: int  # cache length after feeding
+    cells: torch.Tensor  # [T] flat cell index (into codes [B, H*W]) of each fed token; eol -> 0
+    eol: torch.Tensor | None  # [T] bool where the fed token is an end-of-line token, None if none is
+    h_idx: torch.Tensor | slice  # where in the fed tokens the horizontal source of each new cell is
+    v_idx: torch.Tensor | slice
+    has_h: torch.Tensor
+    has_v: torch.Tensor
+    out: torch.Tensor | slice  # flat index of the cells sampled at this step
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    order: torch.Tensor  # [L] slot of every cache entry, in feeding order
+    steps: tuple
+
+
+_SCHEDULES: dict = {}
+
+
+def _schedule(layout: Layout, mode: str, dev) -> _Schedule:
+    """Per-layout precomputation, cached (a handful of layouts per process)."""
+    key = (layout, mode, str(dev))
+    s = _SCHEDULES.get(key)
+    if s is None:
+        if len(_SCHEDULES) > 32:
+            _SCHEDULES.clear()
+        s = _SCHEDULES[key] = (_two_way_schedule if mode == "two_way" else _raster_schedule)(layout, dev)
+    return s
+
+
+def _two_way_schedule(layout: Layout, dev) -> _Schedule:
+    P, W, rl = layout.prefix_len, layout.width, layout.row_len
+    order = list(range(P))
+    steps = []
+    n = layout.num_steps_two_way
+    for t in range(n):
+        i, j = layout.diagonals[t]
+        out = _index((i * W + j).tolist(), dev)
+        if t == 0:
+            one = torch.ones(1, dtype=torch.bool, device=dev)
+            steps.append(_TwoWayStep(P, P, None, None, slice(0, 1), slice(0, 1), one, ~one, out))
+            continue
+        fed = layout.fed_slots(t - 1).tolist()
+        rel = [s - P for s in fed]
+        eol = [r % rl == W for r in rel]
+        cells = [(r // rl) * W + min(r % rl, W - 1) for r in rel]
+        plan = layout.step_plan[t - 1]
+        start = len(order)
+        order += fed
+        steps.append(_TwoWayStep(
+            start, len(order), torch.tensor(cells, device=dev),
+            torch.tensor(eol, device=dev) if any(eol) else None,
+            _index(plan.h_idx.tolist(), dev), _index(plan.v_idx.tolist(), dev),
+            plan.has_h.to(dev), plan.has_v.to(dev), out))
+    return _Schedule(torch.tensor(order, dtype=torch.long, device=dev), tuple(steps))
+
+
+def _raster_schedule(layout: Layout, dev) -> _Schedule:
+    # Raster feeding order is the sequence order: the cache holds slot s at entry s.
+    return _Schedule(torch.arange(layout.seq_len, device=dev), ())
+
+
+class _Decoder:
+    """State of one generate() call: static caches (allocated once, here), the cache order of
+    the keys, the per-sequence key validity row and the position ids of every slot."""
+
+    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, branch: bool, order: torch.Tensor):
         self.ctx, self.layout, self.branch = ctx, layout, branch
         Bt = pre.embeds.shape[0]
-        self.n_pad = pre.n_pad
-        self.dtype = pre.embeds.dtype
-        self.cache = ctx.backend.new_cache(ctx, Bt, layout.seq_len)
-        self.bcache = ctx.backend.new_branch_cache(ctx, Bt, layout.seq_len) if branch else None
         dev = pre.embeds.device
-        P = pre.length
-        slots = torch.arange(P, device=dev)
-        self.key_slots = slots
-        self.key_valid = pre.valid
+        self.dtype = pre.embeds.dtype
+        L, P = layout.seq_len, pre.length
+        self.cache = ctx.backend.new_cache(ctx, Bt, L)
+        self.bcache = ctx.backend.new_branch_cache(ctx, Bt, L) if branch else None
+        self.order = order  # key_slots of a step = order[:stop]
+        self.positions = _positions(order, pre.n_pad)  # [Bt, L], in cache order
+        # One row per sequence: every image key is visible once cached, prefix keys unless padding.
+        self.key_valid = torch.ones(Bt, 1, L, dtype=torch.bool, device=dev)
+        self.key_valid[:, 0, :P] = pre.valid
+        slots = order[:P]
         allowed = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None] & pre.valid[:, None, :]
         allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        self.last = self._run(pre.embeds, slots, allowed)
+        self.last = _forward(ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache, self.bcache,
+                             branch)
 
-    def _run(self, embeds, slots, allowed):
-        return _forward(self.ctx, embeds, _positions(slots, self.n_pad), slots, self.key_slots, allowed,
-                        self.cache, self.bcache, self.branch)
-
-    def feed(self, embeds: torch.Tensor, slots: torch.Tensor, causal: bool = False):
-        """Append tokens at ``slots``; they see every cached key and each other (one
-        anti-diagonal), or, with ``causal``, only the earlier of each other (raster)."""
-        Bt, T = embeds.shape[:2]
-        self.key_slots = torch.cat([self.key_slots, slots])
-        self.key_valid = torch.cat([self.key_valid, torch.ones(Bt, T, dtype=torch.bool, device=embeds.device)], 1)
-        allowed = self.key_valid[:, None, :].expand(Bt, T, -1)
-        if causal and T > 1:
-            allowed = allowed.clone()
-            allowed[:, :, -T:] &= torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
-        return self._run(embeds.to(self.dtype), slots, allowed)
+    def feed(self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False):
+        """Append the tokens at cache entries [start, stop); they see every cached key and
+        each other (one anti-diagonal), or, with ``causal``, only the earlier of each other."""
+        allowed = self.key_valid[:, :, :stop]  # [Bt, 1, S]: the same row for every query
+        if causal and stop - start > 1:
+            T = stop - start
+            allowed = allowed.expand(-1, T, -1).clone()
+            allowed[:, :, start:] &= torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+        return _forward(self.ctx, embeds.to(self.dtype), self.positions[:, start:stop], self.order[start:stop],
+                        self.order[:stop], allowed, self.cache, self.bcache, self.branch)
 
 
-def _step_embeds(ctx: PatchContext, layout: Layout, codes: torch.Tensor, slots: torch.Tensor, Bt: int) -> torch.Tensor:
-    """Embeddings of the tokens at ``slots`` (codes or forced end-of-line), for the doubled batch."""
-    rel = slots - layout.prefix_len
-    i, j = rel // layout.row_len, rel % layout.row_len
-    is_eol = j == layout.width
-    c = codes[:, i, j.clamp(max=layout.width - 1)]  # [B, T]
-    e = _embed_codes(ctx, c)
-    if bool(is_eol.any()):
-        eol = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=codes.device)).to(e.dtype)
-        e = torch.where(is_eol[None, :, None], eol.view(1, 1, -1), e)
+def _eol_embed(ctx: PatchContext, layout: Layout, dev) -> torch.Tensor | None:
+    if not layout.eol:
+        return None
+    return _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=dev)).view(1, 1, -1)
+
+
+def _embed_fed(ctx: PatchContext, codes: torch.Tensor, cells, eol: torch.Tensor | None, eol_emb, Bt: int):
+    """Embeddings of fed tokens: codes at flat ``cells`` of ``codes`` [B, H*W], or the forced
+    end-of-line token where ``eol``; doubled for CFG."""
+    e = _embed_codes(ctx, codes[:, cells])
+    if eol is not None:
+        e = torch.where(eol[None, :, None], eol_emb.to(e.dtype), e)
     if Bt != e.shape[0]:
         e = torch.cat([e, e])
     return e
@@ -441,51 +520,46 @@ def _generate_two_way(ctx, B, pre, layout, cfg_scale, schedule, temperature, top
     H, W = layout.height, layout.width
     dev = pre.embeds.device
     Bt = pre.embeds.shape[0]
-    codes = torch.zeros(B, H, W, dtype=torch.long, device=dev)
-    dec = _Decoder(ctx, pre, layout, branch=True)
+    sched = _schedule(layout, "two_way", dev)
+    codes = torch.zeros(B, H * W, dtype=torch.long, device=dev)
+    dec = _Decoder(ctx, pre, layout, True, sched.order)
+    eol_emb = _eol_embed(ctx, layout, dev)
     hh, hv = dec.last
     hh, hv = hh[:, -1:], hv[:, -1:]
     n = layout.num_steps_two_way
-    true = torch.ones(1, dtype=torch.bool, device=dev)
     fuse = ctx.flashar.fuse
     head = lambda x: _horizontal(ctx, x)  # noqa: E731
-    for t in range(n):
-        if t == 0:
-            lg = fuse(hh, hv, true, ~true, head).fused
-        else:
-            plan = ctx_plan(layout, t, dev)
-            hh, hv = dec.feed(_step_embeds(ctx, layout, codes, layout.fed_slots(t - 1).to(dev), Bt),
-                              layout.fed_slots(t - 1).to(dev))
-            lg = fuse(hh[:, plan.h_idx], hv[:, plan.v_idx], plan.has_h, plan.has_v, head).fused
+    for t, st in enumerate(sched.steps):
+        if t > 0:
+            hh, hv = dec.feed(_embed_fed(ctx, codes, st.cells, st.eol, eol_emb, Bt), st.start, st.stop)
+        lg = fuse(hh[:, st.h_idx], hv[:, st.v_idx], st.has_h, st.has_v, head).fused
         lg = _guide(lg, B, _scale_at(cfg_scale, schedule, t, n))
-        i, j = layout.diagonals[t]
-        tok = sample(lg.reshape(-1, lg.shape[-1]), temperature, top_k, top_p, generator).view(B, -1)
-        codes[:, i.to(dev), j.to(dev)] = tok
-    return codes
-
-
-def ctx_plan(layout: Layout, t: int, dev):
-    p = layout.step_plan[t - 1]
-    return type(p)(p.h_idx.to(dev), p.v_idx.to(dev), p.has_h.to(dev), p.has_v.to(dev))
+        tok = sample(lg.reshape(-1, lg.shape[-1]), temperature, top_k, top_p, generator)
+        codes[:, st.out] = tok.view(B, -1)
+    return codes.view(B, H, W)
 
 
 def _generate_raster(ctx, B, pre, layout, cfg_scale, schedule, temperature, top_k, top_p, generator):
     H, W = layout.height, layout.width
     dev = pre.embeds.device
     Bt = pre.embeds.shape[0]
-    codes = torch.zeros(B, H, W, dtype=torch.long, device=dev)
-    dec = _Decoder(ctx, pre, layout, branch=False)
+    P, rl = layout.prefix_len, layout.row_len
+    sched = _schedule(layout, "raster", dev)
+    codes = torch.zeros(B, H * W, dtype=torch.long, device=dev)
+    dec = _Decoder(ctx, pre, layout, False, sched.order)
+    eol_emb = _eol_embed(ctx, layout, dev)
     h = dec.last[0][:, -1:]
     n = H * W
     for r in range(n):
         if r > 0:
             pi, pj = divmod(r - 1, W)
-            slots = [layout.slot(pi, pj)]
-            if layout.eol and pj == W - 1:
-                slots.append(layout.slot(pi, W))
-            slots = torch.tensor(slots, device=dev)
-            h = dec.feed(_step_embeds(ctx, layout, codes, slots, Bt), slots, causal=True)[0][:, -1:]
+            start = P + pi * rl + pj
+            e = _embed_codes(ctx, codes[:, r - 1:r])
+            if layout.eol and pj == W - 1:  # the row's end-of-line token enters with its last code
+                e = torch.cat([e, eol_emb.to(e.dtype).expand(e.shape[0], 1, -1)], 1)
+            if Bt != B:
+                e = torch.cat([e, e])
+            h = dec.feed(e, start, start + e.shape[1], causal=True)[0][:, -1:]
         lg = _guide(_horizontal(ctx, h).float(), B, _scale_at(cfg_scale, schedule, r, n))
-        i, j = divmod(r, W)
-        codes[:, i, j] = sample(lg[:, 0], temperature, top_k, top_p, generator)
-    return codes
+        codes[:, r] = sample(lg[:, 0], temperature, top_k, top_p, generator)
+    return codes.view(B, H, W)

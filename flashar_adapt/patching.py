@@ -55,6 +55,12 @@ class PatchContext:
             if item in ("{H}", "{W}"):
                 value = grid[0] if item == "{H}" else grid[1]
                 out += [im.digit_ids[int(c)] for c in str(value)]
+            elif item in ("{size_H}", "{size_W}"):
+                value = grid[0] if item == "{size_H}" else grid[1]
+                if value % im.size_token_divisor:
+                    raise ValueError(f"grid {list(grid)} is not a multiple of image.size_token_divisor "
+                                     f"({im.size_token_divisor}) of recipe {self.recipe.name!r}")
+                out.append(im.size_token_offset + value // im.size_token_divisor)
             else:
                 out.append(int(item))
         return out
@@ -131,6 +137,9 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     _check_ids(list(im.digit_ids), "image.digit_ids", vocab, src)
     if im.eol_token is not None:
         _check_ids([im.eol_token], "image.eol_token", vocab, src)
+    if im.size_token_offset is not None:
+        for g in im.grid:
+            _check_ids([im.size_token_offset + g // im.size_token_divisor], "image.size_token_offset", vocab, src)
 
     c = recipe.condition
     cond_embed = None
@@ -190,7 +199,9 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
     if getattr(model, "flashar", None) is not None and isinstance(model.flashar, FlashARModules):
         raise RuntimeError("model is already patched with FlashAR; call flashar_adapt.unpatch(model) first")
     if recipe is None:
-        raise RecipeError("<recipe>", "no recipe given; pass a registry name, a YAML path or a Recipe")
+        from .matching import match_recipe
+
+        recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"
     recipe = load_recipe(recipe)
     if overrides:
         recipe = recipe.replace(**overrides)

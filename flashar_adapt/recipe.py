@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
+ENTRY_POINT_GROUP = "flashar_adapt.recipes"
 
 
 class RecipeError(ValueError):
@@ -62,6 +63,8 @@ class Image:
     before: tuple[Any, ...] = ()
     digit_ids: tuple[int, ...] = ()
     eol_token: int | None = None
+    size_token_offset: int | None = None  # "{size_H}" / "{size_W}" in before = this + H (or W) // size_token_divisor
+    size_token_divisor: int = 1
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,11 @@ _SECTIONS: dict[str, tuple[type, set[str]]] = {
 }
 _TOP_REQUIRED = {"name", "backend", "modules", "condition", "image"}
 _TOP_KEYS = _TOP_REQUIRED | {"description", "flashar", "lora", "match"}
+
+
+# Placeholders allowed in image.before: "{H}"/"{W}" spell the number with image.digit_ids;
+# "{size_H}"/"{size_W}" are one token, image.size_token_offset + H (or W) // image.size_token_divisor.
+_GRID_ITEMS = ("{H}", "{W}", "{size_H}", "{size_W}")
 
 
 def _is_int(v: Any) -> bool:
@@ -272,11 +280,20 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     before = im.get("before", []) or []
     _expect(isinstance(before, list), "image.before", f"must be a list, got {before!r}", src)
     for i, item in enumerate(before):
-        ok = (_is_int(item) and item >= 0) or item in ("{H}", "{W}")
-        _expect(ok, f"image.before[{i}]", f"must be a token id or '{{H}}' / '{{W}}', got {item!r}", src)
+        ok = (_is_int(item) and item >= 0) or item in _GRID_ITEMS
+        _expect(ok, f"image.before[{i}]", f"must be a token id or one of {', '.join(repr(g) for g in _GRID_ITEMS)}, "
+                                          f"got {item!r}", src)
     digits = _int_list(im, "image", "digit_ids", src)
     if any(item in ("{H}", "{W}") for item in before):
         _expect(len(digits) == 10, "image.digit_ids", "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
+    size_offset = _int(im, "image", "size_token_offset", src, minimum=0, optional=True)
+    size_div = _int(im, "image", "size_token_divisor", src, minimum=1, optional=True) or 1
+    if any(item in ("{size_H}", "{size_W}") for item in before):
+        _expect(size_offset is not None, "image.size_token_offset",
+                "is required when image.before uses {size_H} or {size_W}", src)
+    if size_div > 1:
+        _expect(all(g % size_div == 0 for g in grid), "image.grid",
+                f"{list(grid)} must be divisible by image.size_token_divisor ({size_div})", src)
     variable = im.get("variable_grid", False)
     _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {variable!r}", src)
     image = Image(
@@ -284,6 +301,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         visual_token_offset=_int(im, "image", "visual_token_offset", src, minimum=0, optional=True) or 0,
         variable_grid=variable, before=tuple(before), digit_ids=digits,
         eol_token=_int(im, "image", "eol_token", src, minimum=0, optional=True),
+        size_token_offset=size_offset, size_token_divisor=size_div,
     )
 
     f = data.get("flashar", {}) or {}
@@ -312,8 +330,29 @@ def _search_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
     dirs = [Path(p) for p in (extra or [])]
     env = os.environ.get(ENV_RECIPE_PATH, "")
     dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += _entry_point_dirs()
     dirs.append(Path(str(resources.files("flashar_adapt.recipes"))))
     return dirs
+
+
+def _entry_point_dirs() -> list[Path]:
+    """Recipe folders that installed packages register under the entry-point group
+    ``flashar_adapt.recipes``: each entry point resolves to a folder path (str / PathLike /
+    importlib Traversable) or to a callable returning one. A broken entry point is skipped
+    with a warning, never fatal: one bad plugin must not hide every other recipe."""
+    import warnings
+    from importlib.metadata import entry_points
+
+    out: list[Path] = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, (str, os.PathLike)):
+                obj = obj()
+            out.append(Path(str(obj)))
+        except Exception as e:  # noqa: BLE001 - a plugin's failure is reported, not raised
+            warnings.warn(f"recipe entry point {ep.name!r} ({ep.value}) failed: {e}", stacklevel=2)
+    return out
 
 
 def list_recipes(extra_dirs: list[str | os.PathLike] | None = None) -> list[str]:

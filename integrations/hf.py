@@ -46,7 +46,10 @@ class TransformersBackend(Backend):
         return getattr(cfg, "max_position_embeddings", None)
 
     def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        # allowed is [B, T, S] or [B, 1, S] (one row for every query); the model gets a full
+        # additive [B, 1, T, S] mask (a bool 4D mask is silently wrong under eager attention).
+        B, T, S = allowed.shape[0], embeds.shape[1], allowed.shape[-1]
+        mask = torch.zeros((B, T, S), dtype=embeds.dtype, device=embeds.device)
         mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
         kwargs = {getattr(self, "cache_key", "cache"): cache}
         out = ctx.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
@@ -71,8 +74,13 @@ class TransformersBackend(Backend):
         for k in _CACHE_KEYS:
             if k in kw:
                 kw[k] = cache
+        rest = list(args[1:])
+        if rest:
+            # some decoders (GPT-2) pass the cache positionally: swap it by parameter name too
+            names = [n for n in inspect.signature(layer.forward).parameters][1:1 + len(rest)]
+            rest = [cache if n in _CACHE_KEYS else a for n, a in zip(names, rest)] + rest[len(names):]
         if args:
-            out = layer(hidden, *args[1:], **kw)
+            out = layer(hidden, *rest, **kw)
         else:
             kw["hidden_states"] = hidden
             out = layer(**kw)
@@ -102,3 +110,41 @@ class TransformersBackend(Backend):
         cls = getattr(transformers, cls_name)
         kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
         return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kw).eval()
+
+
+# ---------------------------------------------------------------- discovery (inspect / check)
+
+def _sniff(path) -> dict | None:
+    """A save_pretrained folder (config.json + weights) -> a load spec."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return None
+    return {"path": str(path.resolve())}
+
+
+def _load_sniffed(spec: dict, overrides: dict | None = None):
+    """Local files only: the config's architectures class if transformers has it, else
+    AutoModelForCausalLM, else AutoModel."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    path = Path(spec["path"])
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    names = [a for a in archs if hasattr(transformers, a)] + ["AutoModelForCausalLM", "AutoModel"]
+    err = None
+    for name in names:
+        try:
+            model = getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **(overrides or {}))
+            return model.eval()
+        except (ValueError, KeyError, OSError) as e:  # this Auto class does not know the config
+            err = e
+    raise ValueError(f"{path}: transformers could not load this folder ({err})")
+
+
+TransformersBackend.sniff = staticmethod(_sniff)
+TransformersBackend.load_sniffed = staticmethod(_load_sniffed)
+TransformersBackend.sniff_priority = 10  # generic: family-specific backends get the first look

@@ -143,9 +143,17 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos, k_val, v_val):
-        self.k_cache[: k_val.shape[0], :, input_pos] = k_val
-        self.v_cache[: v_val.shape[0], :, input_pos] = v_val
-        return self.k_cache[: k_val.shape[0]], self.v_cache[: v_val.shape[0]]
+        """``input_pos``: slot indices (the original, slot-indexed use: returns the whole
+        cache), or a ``slice(start, stop)`` of cache entries filled in feeding order
+        (flashar decoding: returns entries [0, stop), views, nothing allocated)."""
+        B = k_val.shape[0]
+        if isinstance(input_pos, slice):
+            self.k_cache[:B, :, input_pos] = k_val
+            self.v_cache[:B, :, input_pos] = v_val
+            return self.k_cache[:B, :, : input_pos.stop], self.v_cache[:B, :, : input_pos.stop]
+        self.k_cache[:B, :, input_pos] = k_val
+        self.v_cache[:B, :, input_pos] = v_val
+        return self.k_cache[:B], self.v_cache[:B]
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -181,8 +189,9 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if self.n_head != self.n_kv_head:  # repeat_interleave(1) would copy the whole cache
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.dim)))
@@ -367,16 +376,20 @@ class LlamaGenBackend(Backend):
         return ctx.model.freqs_cis.shape[0]
 
     def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
+        # With a cache, entries are filled in feeding order (key_slots order): the new tokens
+        # go to entries [S - T, S) and attend entries [0, S), so the mask is ``allowed``
+        # itself (a view) and attention never reads past the filled part of the cache.
         model = ctx.model
-        freqs = model.freqs_cis.to(embeds.device)[slots]
         h = model.tok_dropout(embeds)
         if cache is None:
+            freqs = model.freqs_cis.to(embeds.device)[slots]
             mask, start = allowed[:, None], None
         else:
-            B, T, _ = allowed.shape
-            mask = torch.zeros(B, 1, T, cache, dtype=torch.bool, device=embeds.device)
-            mask[:, 0, :, key_slots] = allowed
-            start = slots
+            freqs = cache.freqs(embeds.device)[slots]
+            S, T = key_slots.shape[0], embeds.shape[1]
+            if S > cache.max_len:
+                raise ValueError(f"{S} keys do not fit the cache ({cache.max_len} entries)")
+            mask, start = allowed[:, None], slice(S - T, S)
         if ctx.gradient_checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -388,14 +401,10 @@ class LlamaGenBackend(Backend):
         return ctx.norm(h)
 
     def new_cache(self, ctx, batch, max_len):
-        dtype = ctx.model.tok_embeddings.weight.dtype
-        setup_kv_caches(ctx.layers, batch, max_len, ctx.model.config, dtype)
-        return max_len
+        return _Cache(ctx.model, _ensure_caches(ctx.layers, batch, max_len, ctx.model), max_len)
 
     def new_branch_cache(self, ctx, batch, max_len):
-        dtype = ctx.model.tok_embeddings.weight.dtype
-        setup_kv_caches(ctx.flashar.branch_layers, batch, max_len, ctx.model.config, dtype)
-        return max_len
+        return _Cache(ctx.model, _ensure_caches(ctx.flashar.branch_layers, batch, max_len, ctx.model), max_len)
 
     def prepare_branch_layers(self, layers):
         for layer in layers:
@@ -440,6 +449,38 @@ class LlamaGenBackend(Backend):
         return model.eval()
 
 
+class _Cache:
+    """What new_cache returns: the static per-layer caches live on the attention modules;
+    this records their length and keeps the rotary table on the decoding device."""
+
+    def __init__(self, model, allocated: bool, max_len: int):
+        self.model, self.allocated, self.max_len = model, allocated, max_len
+        self._freqs = None
+
+    def freqs(self, device):
+        f = self._freqs
+        if f is None or f.device != device:
+            f = self._freqs = self.model.freqs_cis.to(device)
+        return f
+
+
+def _ensure_caches(layers, batch: int, max_len: int, model) -> bool:
+    """Static caches of at least [batch, max_len] on every layer; reuses the ones already
+    there when they are big enough (nothing past the filled entries is ever read). Returns
+    whether new buffers were allocated."""
+    dtype = model.tok_embeddings.weight.dtype
+    for layer in layers:
+        c = layer.attention.kv_cache
+        w = layer.attention.wqkv.weight
+        if not (isinstance(c, KVCache) and c.k_cache.dtype == dtype and c.k_cache.device == w.device
+                and c.k_cache.shape[0] >= batch and c.k_cache.shape[2] >= max_len):
+            break
+    else:
+        return False
+    setup_kv_caches(layers, batch, max_len, model.config, dtype)
+    return True
+
+
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -459,3 +500,64 @@ def config_from_state_dict(sd: dict, **overrides) -> ModelArgs:
     kw.update(overrides)
     valid = {f.name for f in fields(ModelArgs)}
     return ModelArgs(**{k: v for k, v in kw.items() if k in valid})
+
+
+# ---------------------------------------------------------------- discovery (inspect / check)
+
+# (n_layer, dim) -> n_head of the official GPT sizes; weights do not record the head count.
+_HEADS = {(12, 768): 12, (24, 1024): 16, (36, 1280): 20, (48, 1536): 24, (48, 2560): 40, (24, 3200): 32, (32, 4096): 32}
+
+
+def infer_model_args(sd: dict, **overrides) -> ModelArgs:
+    """Every ModelArgs field the weights determine: sizes, c2i/t2i, caption tokens, FFN rounding,
+    GQA heads. ``n_head`` comes from the official size table (else ``dim // 64``) unless given;
+    ``block_size`` (grid^2) defaults to 256 (16x16), also overridable."""
+    kw = {f: getattr(config_from_state_dict(sd), f) for f in ("dim", "n_layer", "vocab_size", "model_type", "num_classes")}
+    dim, n_layer = kw["dim"], kw["n_layer"]
+    if "cls_embedding.uncond_embedding" in sd:
+        tokens, channels = sd["cls_embedding.uncond_embedding"].shape
+        kw.update(model_type="t2i", cls_token_num=tokens, caption_dim=channels)
+    n_head = overrides.get("n_head") or _HEADS.get((n_layer, dim)) or max(1, dim // 64)
+    kw["n_head"] = n_head
+    qkv = sd["layers.0.attention.wqkv.weight"].shape[0]
+    head_dim = dim // n_head
+    kw["n_kv_head"] = (qkv // head_dim - n_head) // 2
+    hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
+    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if find_multiple(int(2 * (4 * dim) / 3), m) == hidden:
+            kw["multiple_of"] = m
+            break
+    kw.update(overrides)
+    return ModelArgs(**kw)
+
+
+def _sniff(path) -> dict | None:
+    path = Path(path)
+    if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):
+        return None
+    try:
+        sd = _read_state_dict(path)
+    except Exception:  # noqa: BLE001 - not a LlamaGen file
+        return None
+    if "tok_embeddings.weight" not in sd or "layers.0.attention.wqkv.weight" not in sd:
+        return None
+    return {"checkpoint": str(path.resolve())}
+
+
+def _load_sniffed(spec: dict, overrides: dict | None = None) -> Transformer:
+    path = Path(spec["checkpoint"])
+    sd = _read_state_dict(path)
+    args = infer_model_args(sd, **(overrides or {}))
+    return load_checkpoint(Transformer(args), path).eval()
+
+
+def _reference_logits(ctx, cond, codes) -> torch.Tensor:
+    """The model's own (naive, causal) forward: next-code logits [B, H, W, K]."""
+    B, H, W = codes.shape
+    logits, _ = ctx.model(codes.reshape(B, -1)[:, :-1], cond)
+    return logits.view(B, H, W, -1)[..., : ctx.recipe.image.codebook_size]
+
+
+LlamaGenBackend.sniff = staticmethod(_sniff)
+LlamaGenBackend.load_sniffed = staticmethod(_load_sniffed)
+LlamaGenBackend.reference_logits = staticmethod(_reference_logits)

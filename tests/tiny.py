@@ -115,3 +115,92 @@ def chameleon(seed: int = 0):
     randomize(model.model.norm, seed + 2)
     randomize(model.lm_head, seed + 3)
     return model
+
+
+# ---------------------------------------------------------------- model zoo / recipe doctor (tests/test_zoo.py,
+# tests/test_doctor.py)
+
+def gpt2(seed: int = 0, vocab: int = 200, n_positions: int = 128, attn: str = "sdpa"):
+    """A transformers architecture no shipped recipe covers (transformer.h / ln_f / wte, learned
+    absolute positions, Conv1D projections, the cache passed to blocks positionally)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=32, n_layer=4, n_head=4, bos_token_id=0,
+                     eos_token_id=0, attn_implementation=attn)
+    model = GPT2LMHeadModel(cfg).eval()
+    randomize(model, seed)
+    return model
+
+
+EMU3P5_VOCAB = 151854 + 131072  # first visual id + codebook size (the recipe's ids must fit)
+
+
+def emu3p5_official_config(**over) -> dict:
+    """A tiny config.json in the official Emu3.5 layout (keys of Emu3Config in baaivision/Emu3.5)."""
+    cfg = dict(architectures=["Emu3ForCausalLM"], model_type="Emu3",
+               auto_map={"AutoConfig": "configuration_emu3.Emu3Config", "AutoModelForCausalLM": "modeling_emu3.Emu3ForCausalLM"},
+               vocab_size=EMU3P5_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=8, hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-5,
+               rope_theta=1000000.0, rope_scaling=None, attention_dropout=0.1, pretraining_tp=1, tie_word_embeddings=False,
+               pad_token_id=151643, bos_token_id=151849, eos_token_id=151850, img_token_id=151851, boi_token_id=151852,
+               eoi_token_id=151853, eol_token_id=151846, eof_token_id=151847, image_area=518400, torch_dtype="float32")
+    cfg.update(over)
+    return cfg
+
+
+def emu3p5_state_dict(cfg: dict, seed: int = 0) -> dict:
+    """Random weights keyed exactly like the official Emu3ForCausalLM state dict."""
+    g = torch.Generator().manual_seed(seed)
+    d, hd, nh, nkv, ff, V = (cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                             cfg["intermediate_size"], cfg["vocab_size"])
+
+    def w(*shape, norm=False):
+        return (1.0 + 0.1 * torch.randn(shape, generator=g)) if norm else 0.3 * torch.randn(shape, generator=g)
+
+    sd = {"model.embed_tokens.weight": w(V, d), "model.norm.weight": w(d, norm=True), "lm_head.weight": w(V, d)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": w(d, norm=True), p + "post_attention_layernorm.weight": w(d, norm=True),
+                   p + "self_attn.q_proj.weight": w(nh * hd, d), p + "self_attn.k_proj.weight": w(nkv * hd, d),
+                   p + "self_attn.v_proj.weight": w(nkv * hd, d), p + "self_attn.o_proj.weight": w(d, nh * hd),
+                   p + "self_attn.q_norm.weight": w(hd, norm=True), p + "self_attn.k_norm.weight": w(hd, norm=True),
+                   p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d), p + "mlp.down_proj.weight": w(d, ff)})
+    return sd
+
+
+def write_emu3p5_official(out_dir, cfg: dict, sd: dict) -> None:
+    """The official checkpoint layout, written by hand: config.json, two safetensors shards and
+    model.safetensors.index.json (as from_pretrained / the BAAI release expect)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted(sd)
+    half = len(keys) // 2
+    weight_map = {}
+    for n, part in enumerate((keys[:half], keys[half:]), 1):
+        name = f"model-{n:05d}-of-00002.safetensors"
+        save_file({k: sd[k].contiguous() for k in part}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def lumina_mgpt(seed: int = 0):
+    """Chameleon architecture with Lumina-mGPT's extra ids in range (size tokens 8804 + n, new line 8803)."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vq = dict(embed_dim=4, num_embeddings=8192, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, resolution=32)
+    cfg = ChameleonConfig(vocab_size=8840, vq_config=vq, vocabulary_map={"<image>": 8199, "IMGIMGBS": 4}, **_TINY_TEXT)
+    model = ChameleonForConditionalGeneration(cfg).eval()
+    randomize(model.model.layers, seed)
+    randomize(model.model.embed_tokens, seed + 1)
+    randomize(model.model.norm, seed + 2)
+    randomize(model.lm_head, seed + 3)
+    return model

@@ -1,0 +1,373 @@
+"""The recipe doctor: ``check(model, recipe)`` verifies a recipe on the real model.
+
+1. patch: the recipe fits the model (paths, ids, positions) -- else the RecipeError's key.
+2. raster: the patched raster logits equal the model's own next-token logits for the same
+   sequence (prompt, forced meta tokens, codes at their vocabulary ids, end-of-line tokens).
+   The reference is, in order: the backend's own reference forward (if it has one); the
+   model's forward on input ids sliced to the visual ids; and, when that forward alters
+   image logits (some models mask them), the family-agnostic rule "apply the recipe's head
+   to the decoder's last_hidden_state" run with the decoder's *own* default causal mask
+   and positions.
+3. two-way: greedy two-way decoding equals teacher forcing (argmax of fa.logits == codes).
+4. steps: the two-way decoder calls the first decoder layer H+W-1 times.
+
+Also available as ``flashar-adapt check MODEL RECIPE`` and, with ``inspect``, from the CLI.
+"""
+from __future__ import annotations
+
+import inspect as _inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .recipe import Recipe, RecipeError, load_recipe
+
+PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
+
+
+@dataclass
+class Item:
+    name: str
+    status: str
+    detail: str
+    key: str | None = None
+
+    def __str__(self) -> str:
+        key = f"  [recipe key: {self.key}]" if self.key and self.status == FAIL else ""
+        return f"{self.status.upper():4s}  {self.name:10s} {self.detail}{key}"
+
+
+@dataclass
+class Report:
+    recipe: str | None
+    model_class: str
+    grid: tuple[int, int] | None = None
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(i.status != FAIL for i in self.items) and any(i.status == PASS for i in self.items)
+
+    @property
+    def failed_keys(self) -> list[str]:
+        return [i.key for i in self.items if i.status == FAIL and i.key]
+
+    def item(self, name: str) -> Item:
+        return next(i for i in self.items if i.name == name)
+
+    def add(self, *a, **k) -> Item:
+        it = Item(*a, **k)
+        self.items.append(it)
+        return it
+
+    def __str__(self) -> str:
+        head = f"recipe {self.recipe or '?'} on {self.model_class}" + (f", grid {list(self.grid)}" if self.grid else "")
+        lines = [head] + [str(i) for i in self.items]
+        lines.append("RESULT: " + ("pass" if self.ok else "FAIL" + (f" (check {', '.join(dict.fromkeys(self.failed_keys))})"
+                                                                   if self.failed_keys else "")))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- inputs
+
+def _sample_inputs(ctx, grid, batch: int = 2, seed: int = 0):
+    c = ctx.recipe.condition
+    g = torch.Generator().manual_seed(seed)
+    if c.kind == "class":
+        cond = torch.arange(batch) % c.num_classes
+    elif c.kind == "features":
+        lin = next((m for m in ctx.cond_embed.modules() if isinstance(m, nn.Linear)), None)
+        if lin is None:
+            raise ValueError("cannot tell the condition feature size; pass cond=")
+        cond = torch.randn(batch, c.prefix_len, lin.in_features, generator=g)
+    else:
+        top = min(ctx.vocab_size or 1000, 1000)
+        cond = torch.randint(1, top, (batch, min(4, c.prefix_len)), generator=g)
+    codes = torch.randint(0, ctx.recipe.image.codebook_size, (batch, *grid), generator=g)
+    return cond, codes
+
+
+def _default_grid(recipe: Recipe) -> tuple[int, int]:
+    H, W = recipe.image.grid
+    if not recipe.image.variable_grid:
+        return H, W
+    d = recipe.image.size_token_divisor
+    return (max(d, min(H, 3 * d) // d * d), max(d, min(W, 4 * d) // d * d))
+
+
+# ---------------------------------------------------------------- references
+
+def _image_ids(ctx, codes):
+    """Codes at their vocabulary ids, rows closed by the end-of-line token: [B, H * row_len]."""
+    im = ctx.recipe.image
+    ids = codes + im.visual_token_offset
+    if im.eol_token is not None:
+        ids = torch.cat([ids, torch.full((*codes.shape[:2], 1), im.eol_token, dtype=ids.dtype, device=ids.device)], 2)
+    return ids.flatten(1)
+
+
+def _pred_index(ctx, prefix_len, grid):
+    """Sequence index whose output predicts each cell: [H * W]."""
+    lay = ctx.layout(prefix_len, grid)
+    return (lay.cell_slots - 1).flatten()
+
+
+def _visual_slice(ctx, full):
+    im = ctx.recipe.image
+    if full.shape[-1] == im.codebook_size:
+        return full
+    return full[..., im.visual_token_offset: im.visual_token_offset + im.codebook_size]
+
+
+def _hidden_rule(ctx, cond, codes, grid):
+    """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
+    from .decoding import _embed_codes, _embed_ids, _prefix
+
+    pre = _prefix(ctx, cond, None, grid, uncond=False)
+    img = _embed_codes(ctx, codes).to(pre.embeds.dtype)
+    B = codes.shape[0]
+    if ctx.recipe.image.eol_token is not None:
+        e = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device)).to(img.dtype)
+        img = torch.cat([img, e.view(1, 1, 1, -1).expand(B, codes.shape[1], 1, -1)], 2)
+    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)
+    out = ctx.decoder(inputs_embeds=embeds, use_cache=False)
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    idx = _pred_index(ctx, pre.length, grid)
+    lg = _visual_slice(ctx, ctx.head(h[:, idx]))
+    return lg.view(B, *grid, -1).float()
+
+
+def _own_forward(ctx, cond, codes, grid):
+    """The model's own forward on input ids, full vocabulary at the predicting positions."""
+    meta = torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1)
+    seq = torch.cat([cond, meta, _image_ids(ctx, codes)], 1)
+    out = ctx.model(input_ids=seq, use_cache=False)
+    lg = out.logits if hasattr(out, "logits") else out[0]
+    idx = _pred_index(ctx, cond.shape[1] + meta.shape[1], grid)
+    return lg[:, idx].float().view(cond.shape[0], *grid, -1)
+
+
+def _find_offset(ours, full, tol):
+    """Where in the full vocabulary do our codebook logits sit? (None if nowhere)"""
+    a = ours.reshape(-1, ours.shape[-1])[0]
+    f = full.reshape(-1, full.shape[-1])[0]
+    K = a.shape[0]
+    for o in torch.nonzero((f[: f.shape[0] - K + 1] - a[0]).abs() <= tol).flatten().tolist()[:64]:
+        if torch.allclose(f[o:o + K], a, atol=tol, rtol=0):
+            return o
+    return None
+
+
+def _check_raster(ctx, model, rep, cond, codes, grid, atol):
+    from .decoding import logits
+
+    ours = logits(model, cond, codes, mode="raster").float()
+    own_ref = getattr(ctx.backend, "reference_logits", None)
+    if own_ref is not None:
+        with torch.no_grad():
+            ref = own_ref(ctx, cond, codes).float()
+        d = (ours - ref).abs().max().item()
+        if d <= atol:
+            return rep.add("raster", PASS, f"patched raster logits equal the model's own forward (max diff {d:.2e})")
+        return rep.add("raster", FAIL, f"patched raster logits differ from the model's own forward by {d:.3g}",
+                       key="modules.layers")
+    hidden_ok = None
+    if hasattr(ctx.decoder, "forward") and "inputs_embeds" in _inspect.signature(ctx.decoder.forward).parameters:
+        with torch.no_grad():
+            hid = _hidden_rule(ctx, cond, codes, grid)
+        hidden_d = (ours - hid).abs().max().item()
+        hidden_ok = hidden_d <= atol
+    full = None
+    if ctx.recipe.condition.kind == "tokens" and not ctx.image_embed:
+        try:
+            with torch.no_grad():
+                full = _own_forward(ctx, cond, codes, grid)
+        except Exception as e:  # noqa: BLE001 - a forward that does not take input_ids: rely on the hidden rule
+            rep.add("forward", SKIP, f"model(input_ids=...) failed ({type(e).__name__}: {e}); using the hidden-state rule")
+    if full is not None:
+        own = _visual_slice(ctx, full)
+        d = (ours - own).abs().max().item()
+        if d <= atol:
+            return rep.add("raster", PASS, f"patched raster logits equal the model's own forward sliced to the visual ids "
+                                           f"(max diff {d:.2e})")
+        masked = ~torch.isfinite(own) | (own < -1e30)  # some forwards mask image logits (set them to -inf / min)
+        rest = (ours - own)[~masked].abs().max().item() if (~masked).any() else 0.0
+        if masked.any() and rest <= atol and hidden_ok is not False:
+            how = f"equal head(last_hidden_state) (max diff {hidden_d:.2e})" if hidden_ok else "were not compared"
+            return rep.add("raster", PASS, f"the model's forward masks {masked.float().mean().item():.0%} of the image "
+                                           f"logits; the unmasked ones equal ours and all of ours {how}")
+        if hidden_ok is False:
+            return rep.add("raster", FAIL, f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
+                                           "the decoder run by the backend is not the model's decoder",
+                           key="modules.decoder")
+        o = _find_offset(ours, full, atol)
+        if o is not None and o != ctx.recipe.image.visual_token_offset:
+            return rep.add("raster", FAIL, f"codebook logits found at vocabulary offset {o}, recipe says "
+                                           f"{ctx.recipe.image.visual_token_offset}", key="image.visual_token_offset")
+        return rep.add("raster", FAIL, f"patched raster logits differ from the model's own forward by {d:.3g} while the "
+                                       "decoder's hidden states agree: the recipe's head is not the one the model uses",
+                       key="modules.head")
+    if hidden_ok is None:
+        return rep.add("raster", SKIP, "no reference: the backend has no reference forward and the decoder takes no "
+                                       "inputs_embeds")
+    if hidden_ok:
+        return rep.add("raster", PASS, f"patched raster logits equal head(last_hidden_state) (max diff {hidden_d:.2e})")
+    return rep.add("raster", FAIL, f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}",
+                   key="modules.decoder")
+
+
+def _check_layout_hints(ctx, rep, cond, codes, grid):
+    """On a trained model the own forward should predict visual ids inside rows and the
+    end-of-line token at row ends. Informational only (random test models fail it)."""
+    if ctx.recipe.condition.kind != "tokens" or ctx.image_embed:
+        return
+    try:
+        with torch.no_grad():
+            full = _own_forward(ctx, cond, codes, grid)
+    except Exception:  # noqa: BLE001
+        return
+    im = ctx.recipe.image
+    arg = full.argmax(-1)
+    visual = ((arg >= im.visual_token_offset) & (arg < im.visual_token_offset + im.codebook_size)).float().mean().item()
+    msg = f"own forward predicts a visual id at {visual:.0%} of image positions"
+    if im.eol_token is not None:
+        meta = len(ctx.meta_ids(grid))
+        lay = ctx.layout(cond.shape[1] + meta, grid)
+        seq = torch.cat([cond, torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1),
+                         _image_ids(ctx, codes)], 1)
+        with torch.no_grad():
+            out = ctx.model(input_ids=seq, use_cache=False)
+        lg = out.logits if hasattr(out, "logits") else out[0]
+        eol_hit = (lg[:, lay.eol_slots - 1].argmax(-1) == im.eol_token).float().mean().item()
+        msg += f", the end-of-line token at {eol_hit:.0%} of row ends"
+    rep.add("layout", INFO, msg + " (near 100% on a trained model; else check image.visual_token_offset / "
+                                  "image.before / image.eol_token)")
+
+
+# ---------------------------------------------------------------- check
+
+def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, cond=None, atol: float = 1e-4,
+          **overrides) -> Report:
+    """Verify ``recipe`` on ``model`` (patched here and unpatched afterwards; an already
+    patched model is checked as it is). Returns a Report; ``report.ok`` is the verdict."""
+    from .decoding import logits
+    from .patching import context, patch, unpatch
+
+    already = getattr(model, "flashar", None) is not None
+    name = None
+    if grid is not None and not already:
+        overrides.setdefault("grid", [int(x) for x in grid])  # check (and patch) at this grid
+    if not already:
+        try:
+            if recipe is not None:
+                recipe = load_recipe(recipe)
+                name = recipe.name
+            patch(model, recipe, **overrides)
+        except RecipeError as e:
+            rep = Report(name, type(model).__name__)
+            rep.add("patch", FAIL, str(e), key=e.key)
+            return rep
+    ctx = context(model)
+    rep = Report(ctx.recipe.name, type(model).__name__)
+    rep.add("patch", PASS, "recipe fits the model (paths, layer indices, token ids, positions)"
+            if not already else "model was already patched; checking it as it is")
+    try:
+        g = tuple(int(x) for x in grid) if grid is not None else _default_grid(ctx.recipe)
+        rep.grid = g
+        s_cond, codes = _sample_inputs(ctx, g)
+        if cond is not None:
+            s_cond = torch.as_tensor(cond)
+            codes = codes[:1].expand(s_cond.shape[0], -1, -1).clone()
+        dev = next(ctx.layers.parameters()).device
+        s_cond, codes = s_cond.to(dev), codes.to(dev)
+        was_training = model.training
+        model.eval()
+        try:
+            _check_raster(ctx, model, rep, s_cond, codes, g, atol)
+            _check_layout_hints(ctx, rep, s_cond, codes, g)
+            calls = []
+            hook = ctx.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+            try:
+                gen = model.generate(s_cond, top_k=1, grid=g)
+            finally:
+                hook.remove()
+            tf = logits(model, s_cond, gen).argmax(-1)
+            same = (tf == gen).float().mean().item()
+            rep.add("two_way", PASS if same == 1.0 else FAIL,
+                    f"greedy two-way decoding equals teacher forcing at {same:.1%} of cells",
+                    key=None if same == 1.0 else "backend")
+            want = g[0] + g[1] - 1
+            rep.add("steps", PASS if len(calls) == want else FAIL,
+                    f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid (H+W-1 = {want}, raster {g[0] * g[1]})",
+                    key=None if len(calls) == want else "modules.layers")
+        finally:
+            model.train(was_training)
+    except RecipeError as e:
+        rep.add("run", FAIL, str(e), key=e.key)
+    except Exception as e:  # noqa: BLE001 - report, do not crash the doctor
+        rep.add("run", FAIL, f"{type(e).__name__}: {e}", key="backend")
+    finally:
+        if not already:
+            unpatch(model)
+    return rep
+
+
+# ---------------------------------------------------------------- CLI
+
+def _overrides(pairs) -> dict:
+    import yaml
+
+    out = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {p!r}")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def _cmd_inspect(args) -> int:
+    from .inspection import inspect_model
+
+    ins = inspect_model(args.model, overrides=_overrides(args.set))
+    print(ins)
+    print()
+    text = ins.draft_yaml()
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+        print(f"draft recipe written to {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .inspection import load_model
+
+    model, _ = load_model(args.model, _overrides(args.set))
+    recipe = None if args.recipe in (None, "auto") else load_recipe(args.recipe, args.recipe_dir)
+    grid = tuple(args.grid) if args.grid else None
+    rep = check(model, recipe, grid=grid, atol=args.atol)
+    print(rep)
+    return 0 if rep.ok else 1
+
+
+def add_cli(sub) -> None:
+    s = sub.add_parser("inspect", help="show a model's decoder layers, heads, norms, embeddings and draft a recipe")
+    s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
+    s.add_argument("--out", help="write the draft recipe YAML here")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
+    s.set_defaults(fn=_cmd_inspect)
+    s = sub.add_parser("check", help="verify a recipe on the real model (raster equality, two-way = teacher forcing, "
+                                     "H+W-1 steps)")
+    s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
+    s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
+    s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
+    s.add_argument("--atol", type=float, default=1e-4)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
+    s.set_defaults(fn=_cmd_check)

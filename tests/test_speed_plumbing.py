@@ -1,0 +1,109 @@
+"""Decoding plumbing that speed depends on (behaviour only; nothing here is timed):
+caches are allocated once per generate() call, static LlamaGen caches are reused, the
+per-layout schedule is computed once, and steps pass masks that are views of one row."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashar_adapt as fa
+from flashar_adapt import decoding
+import tiny
+
+
+def _llamagen():
+    m = tiny.llamagen(grid=4)
+    fa.patch(m, tiny.llamagen_recipe(grid=4))
+    tiny.randomize(m.flashar, seed=11)
+    return m, torch.tensor([3, 7])
+
+
+def _hf():
+    m = tiny.hf_llama()
+    fa.patch(m, tiny.hf_llama_recipe(eol=99, before=[97, 98], grid=(3, 5)))
+    tiny.randomize(m.flashar, seed=11)
+    return m, torch.tensor([[0, 0, 5, 6, 7], [1, 8, 9, 10, 11]])
+
+
+class _Spy:
+    def __init__(self, backend, names):
+        self.backend, self.calls, self.saved = backend, {n: [] for n in names}, {}
+        for n in names:
+            orig = getattr(backend, n)
+            self.saved[n] = orig
+
+            def wrap(*a, _n=n, _orig=orig, **k):
+                self.calls[_n].append((a, k))
+                return _orig(*a, **k)
+
+            setattr(backend, n, wrap)
+
+    def close(self):
+        for n in self.saved:
+            delattr(self.backend, n)
+
+
+@pytest.mark.parametrize("make", [_llamagen, _hf])
+@pytest.mark.parametrize("mode,cfg", [("two_way", 1.0), ("raster", 1.0), ("two_way", 2.0)])
+def test_caches_allocated_once_per_call(make, mode, cfg):
+    model, cond = make()
+    backend = model.flashar.ctx.backend
+    if cfg != 1.0 and not decoding.has_uncond(model.flashar.ctx):
+        pytest.skip("no unconditional prefix")
+    spy = _Spy(backend, ["new_cache", "new_branch_cache", "run"])
+    try:
+        model.generate(cond, mode=mode, top_k=1, cfg_scale=cfg)
+    finally:
+        spy.close()
+    assert len(spy.calls["new_cache"]) == 1
+    assert len(spy.calls["new_branch_cache"]) == (1 if mode == "two_way" else 0)
+    H, W = model.flashar.ctx.recipe.image.grid
+    runs = spy.calls["run"]
+    assert len(runs) == (H + W - 1 if mode == "two_way" else H * W)
+    # every step after the prefill passes a mask that is a view of the decoder's one key row
+    # per sequence (no per-step mask building), except raster steps that feed an end-of-line
+    steps = [a for a, _ in runs[1:]]
+    one_row = [a[5] for a in steps if a[5].shape[1] == 1]
+    assert len(one_row) >= len(steps) - H
+    assert len({m.untyped_storage().data_ptr() for m in one_row}) == 1
+    for a in steps:  # key_slots: a prefix of one preallocated cache order
+        assert a[4].untyped_storage().data_ptr() == steps[0][4].untyped_storage().data_ptr()
+        assert a[5].shape[-1] == a[4].shape[0]
+
+
+def test_llamagen_static_caches_are_reused_and_fill_in_order():
+    model, cond = _llamagen()
+    model.generate(cond, top_k=1)
+    layers = list(model.flashar.ctx.layers) + list(model.flashar.branch_layers)
+    first = [layer.attention.kv_cache for layer in layers]
+    assert all(c is not None for c in first)
+    ptrs = [c.k_cache.data_ptr() for c in first]
+    model.generate(cond[:1], top_k=1)  # smaller batch: the same buffers
+    model.generate(cond, mode="raster", top_k=1)
+    assert [layer.attention.kv_cache.k_cache.data_ptr() for layer in layers] == ptrs
+    model.generate(torch.tensor([1, 2, 3]), top_k=1)  # bigger batch: new buffers
+    assert [layer.attention.kv_cache.k_cache.data_ptr() for layer in layers] != ptrs
+
+
+def test_schedule_is_computed_once_per_layout():
+    model, cond = _llamagen()
+    decoding._SCHEDULES.clear()
+    model.generate(cond, top_k=1)
+    assert len(decoding._SCHEDULES) == 1
+    (sched,) = decoding._SCHEDULES.values()
+    model.generate(cond, top_k=1)
+    assert list(decoding._SCHEDULES.values()) == [sched]
+    H, W = model.flashar.ctx.recipe.image.grid
+    # cache order: the prefix, then the anti-diagonals one after another, every slot once
+    L = sched.order.shape[0]
+    assert sorted(sched.order.tolist()) == list(range(L))
+    assert len(sched.steps) == H + W - 1
+
+
+def test_two_way_equals_teacher_forcing_after_cache_reuse():
+    """Reused (stale) cache entries are never read: greedy decoding stays exact."""
+    model, cond = _llamagen()
+    model.generate(torch.tensor([1, 2, 3, 4]), top_k=0, generator=torch.Generator().manual_seed(0))
+    for mode in ("two_way", "raster"):
+        codes = model.generate(cond, mode=mode, top_k=1)
+        assert torch.equal(fa.logits(model, cond, codes, mode=mode).argmax(-1), codes)
