@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import time
 
 
 def _cmd_recipes(args) -> int:
@@ -24,45 +23,10 @@ def _cmd_show(args) -> int:
     return 0
 
 
-def _timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _cmd_tiny_demo(args) -> int:
-    """Patch a small random LlamaGen-architecture model and decode both ways."""
-    import torch
+    from .fmnist.main import tiny_demo
 
-    from . import load_recipe, logits, patch
-    from .integrations.llamagen import ModelArgs, Transformer
-
-    torch.manual_seed(0)
-    g = args.grid
-    model = Transformer(ModelArgs(dim=256, n_layer=8, n_head=8, vocab_size=1024, num_classes=10, block_size=g * g,
-                                  token_dropout_p=0, resid_dropout_p=0, ffn_dropout_p=0)).eval()
-    torch.nn.init.normal_(model.output.weight, std=0.02)
-    recipe = load_recipe("llamagen-c2i-b").replace(**{"image.codebook_size": 1024, "condition.num_classes": 10,
-                                                      "condition.null_class": 10, "image.grid": [g, g]})
-    patch(model, recipe)
-    cond = torch.arange(args.batch) % 10
-    H, W = recipe.image.grid
-    print(f"random LlamaGen-architecture model: 8 layers, dim 256, grid {H}x{W}, batch {args.batch}, CFG 4.0")
-    out = {}
-    for mode in ("raster", "two_way"):
-        model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1)  # warm-up
-        out[mode] = _timed(lambda: model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1), repeat=2)
-    codes = model.generate(cond, mode="two_way", top_k=1)
-    exact = bool((logits(model, cond, codes).argmax(-1) == codes).all())
-    steps = {"raster": H * W, "two_way": H + W - 1}
-    for mode in ("raster", "two_way"):
-        print(f"  {mode:8s} steps {steps[mode]:5d}   time {out[mode] * 1000:8.1f} ms")
-    print(f"  step ratio {steps['raster'] / steps['two_way']:.2f}x, measured speedup {out['raster'] / out['two_way']:.2f}x")
-    print(f"  greedy two-way decoding equals teacher forcing: {exact}")
-    return 0
+    return tiny_demo(args)
 
 
 def _cmd_demo(args) -> int:
