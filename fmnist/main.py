@@ -8,7 +8,6 @@ quality numbers (NLL, Frechet distance, sample accuracy).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -105,21 +104,14 @@ def add_arguments(p) -> None:
     p.add_argument("--repeat", type=int, default=2, help="timing repeats (best of)")
 
 
-def _timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def tiny_demo(args) -> int:
     """Patch a small random LlamaGen-architecture model and decode both ways."""
     import torch
 
     from flashar_adapt import load_recipe, logits, patch
     from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
+
+    from .evaluate import timed
 
     torch.manual_seed(0)
     g = args.grid
@@ -134,8 +126,7 @@ def tiny_demo(args) -> int:
     print(f"random LlamaGen-architecture model: 8 layers, dim 256, grid {H}x{W}, batch {args.batch}, CFG 4.0")
     out = {}
     for mode in ("raster", "two_way"):
-        model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1)  # warm-up
-        out[mode] = _timed(lambda: model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1), repeat=2)
+        out[mode] = timed(lambda: model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1), repeat=2)  # warms up once
     codes = model.generate(cond, mode="two_way", top_k=1)
     exact = bool((logits(model, cond, codes).argmax(-1) == codes).all())
     steps = {"raster": H * W, "two_way": H + W - 1}
