@@ -84,6 +84,17 @@ class Backend:
         """Call one branch layer with the inputs captured from the backbone's branch layer."""
         raise NotImplementedError
 
+    def run_with_branch(self, ctx, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                        key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any,
+                        branch_cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optional decoding fast path: the backbone and the vertical branch in one pass.
+
+        Return (final normed hidden [B, T, d], un-normed branch output [B, T, d]), or None to
+        use the generic path (``run`` with the capture hook, then ``branch_call``). Called
+        only while decoding with caches, under ``torch.inference_mode``; it must compute
+        the same function as the generic path."""
+        return None
+
     # Model files, in the family's own layout (used by training configs and export).
     def save_model(self, model: nn.Module, out_dir) -> dict:
         """Write the (unpatched view of the) backbone to ``out_dir``; return a JSON-able spec."""

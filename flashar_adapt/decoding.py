@@ -205,6 +205,10 @@ def _horizontal(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
 def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, cache, branch_cache, branch: bool):
     """Backbone forward; with ``branch`` also the vertical branch from the captured inputs
     of the branch layer. Returns (final normed hidden, normed branch hidden or None)."""
+    if branch and cache is not None:
+        fast = ctx.backend.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache)
+        if fast is not None:
+            return fast[0], ctx.flashar.branch_norm(fast[1])
     ctx.capturing = branch
     ctx.captured = None
     try:

@@ -404,7 +404,30 @@ class LlamaGenBackend(Backend):
         return _Cache(ctx.model, _ensure_caches(ctx.layers, batch, max_len, ctx.model), max_len)
 
     def new_branch_cache(self, ctx, batch, max_len):
-        return _Cache(ctx.model, _ensure_caches(ctx.flashar.branch_layers, batch, max_len, ctx.model), max_len)
+        branch = ctx.flashar.branch_layers
+        if _DualBlock.eligible(ctx.layers[ctx.branch_index], branch):
+            cache = _Cache(ctx.model, False, max_len)
+            cache.pair = _DualBlock(ctx.layers[ctx.branch_index], branch[0], batch, max_len)
+            return cache
+        return _Cache(ctx.model, _ensure_caches(branch, batch, max_len, ctx.model), max_len)
+
+    def run_with_branch(self, ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache):
+        pair = getattr(branch_cache, "pair", None)
+        if pair is None or torch.is_grad_enabled():
+            return None
+        h = ctx.model.tok_dropout(embeds)
+        freqs = cache.freqs(embeds.device)[slots]
+        S, T = key_slots.shape[0], embeds.shape[1]
+        if S > cache.max_len:
+            raise ValueError(f"{S} keys do not fit the cache ({cache.max_len} entries)")
+        mask, start = allowed[:, None], slice(S - T, S)
+        x = None
+        for i, layer in enumerate(ctx.layers):
+            if i == ctx.branch_index:
+                h, x = pair(h, freqs, start, mask)
+            else:
+                h = layer(h, freqs, start, mask)
+        return ctx.norm(h), x
 
     def prepare_branch_layers(self, layers):
         for layer in layers:
@@ -449,6 +472,75 @@ class LlamaGenBackend(Backend):
         return model.eval()
 
 
+class _DualBlock:
+    """The backbone block at the branch index and its vertical-branch copy, run as one.
+
+    Both read the same input, so every projection becomes one batched matmul over the two
+    stacked weights and the attention one call over both caches. At small decoding batches
+    each op costs mostly its fixed overhead, so this makes the branch nearly free instead of
+    one more block per step. Same arithmetic as the two separate calls; built per generate()
+    call (the weights are stacked once, the joint cache holds exactly this batch)."""
+
+    def __init__(self, a: "TransformerBlock", b: "TransformerBlock", batch: int, max_len: int):
+        def stack(get):
+            return torch.stack([get(a).detach(), get(b).detach()])
+
+        self.eps = (a.attention_norm.eps, a.ffn_norm.eps)
+        self.attn_norm = stack(lambda m: m.attention_norm.weight)[:, None]  # [2, 1, D]
+        self.ffn_norm = stack(lambda m: m.ffn_norm.weight)[:, None]
+        self.wqkv = stack(lambda m: m.attention.wqkv.weight).transpose(1, 2)  # [2, D, (H+2Hkv)hd]
+        self.wo = stack(lambda m: m.attention.wo.weight).transpose(1, 2)
+        self.w1 = stack(lambda m: m.feed_forward.w1.weight).transpose(1, 2)
+        self.w3 = stack(lambda m: m.feed_forward.w3.weight).transpose(1, 2)
+        self.w2 = stack(lambda m: m.feed_forward.w2.weight).transpose(1, 2)
+        att = a.attention
+        self.dim, self.n_head, self.n_kv, self.hd = att.dim, att.n_head, att.n_kv_head, att.head_dim
+        w = att.wqkv.weight
+        shape = (2 * batch, self.n_kv, max_len, self.hd)  # [backbone rows; branch rows]
+        self.k = torch.empty(shape, dtype=w.dtype, device=w.device)
+        self.v = torch.empty(shape, dtype=w.dtype, device=w.device)
+
+    @staticmethod
+    def eligible(a, branch) -> bool:
+        """Only plain (eval-mode, unwrapped) LlamaGen blocks: LoRA wrappers, hooks or
+        dropout take the generic path."""
+        if torch.is_grad_enabled() or len(branch) != 1:
+            return False
+        mods = []
+        for blk in (a, branch[0]):
+            if type(blk) is not TransformerBlock or blk.training or blk._forward_hooks:
+                return False
+            att, ff = blk.attention, blk.feed_forward
+            mods += [att.wqkv, att.wo, ff.w1, ff.w2, ff.w3]
+        return all(type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
+                   for m in mods)
+
+    @staticmethod
+    def _norm(x, w, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+    def __call__(self, x, freqs, start: slice, mask):
+        B, T, D = x.shape
+        N, H, Hkv, hd = B * T, self.n_head, self.n_kv, self.hd
+        x = x.reshape(1, N, D)
+        qkv = torch.bmm(self._norm(x, self.attn_norm, self.eps[0]), self.wqkv)  # [2, N, .]
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = apply_rotary_emb(q.reshape(2 * B, T, H, hd), freqs).transpose(1, 2)
+        k = apply_rotary_emb(k.reshape(2 * B, T, Hkv, hd), freqs).transpose(1, 2)
+        self.k[:, :, start] = k
+        self.v[:, :, start] = v.reshape(2 * B, T, Hkv, hd).transpose(1, 2)
+        keys, vals = self.k[:, :, : start.stop], self.v[:, :, : start.stop]
+        if H != Hkv:
+            keys = keys.repeat_interleave(H // Hkv, dim=1)
+            vals = vals.repeat_interleave(H // Hkv, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask.repeat(2, 1, 1, 1))
+        h = x + torch.bmm(out.transpose(1, 2).reshape(2, N, D), self.wo)
+        n = self._norm(h, self.ffn_norm, self.eps[1])
+        h = h + torch.bmm(F.silu(torch.bmm(n, self.w1)) * torch.bmm(n, self.w3), self.w2)
+        return h[0].view(B, T, D), h[1].view(B, T, D)
+
+
 class _Cache:
     """What new_cache returns: the static per-layer caches live on the attention modules;
     this records their length and keeps the rotary table on the decoding device."""
@@ -456,6 +548,7 @@ class _Cache:
     def __init__(self, model, allocated: bool, max_len: int):
         self.model, self.allocated, self.max_len = model, allocated, max_len
         self._freqs = None
+        self.pair: _DualBlock | None = None  # branch caches only: the fused branch block
 
     def freqs(self, device):
         f = self._freqs

@@ -33,8 +33,9 @@ class _Spy:
             self.saved[n] = orig
 
             def wrap(*a, _n=n, _orig=orig, **k):
-                self.calls[_n].append((a, k))
-                return _orig(*a, **k)
+                out = _orig(*a, **k)
+                self.calls[_n].append((a, k, out))
+                return out
 
             setattr(backend, n, wrap)
 
@@ -50,7 +51,7 @@ def test_caches_allocated_once_per_call(make, mode, cfg):
     backend = model.flashar.ctx.backend
     if cfg != 1.0 and not decoding.has_uncond(model.flashar.ctx):
         pytest.skip("no unconditional prefix")
-    spy = _Spy(backend, ["new_cache", "new_branch_cache", "run"])
+    spy = _Spy(backend, ["new_cache", "new_branch_cache", "run", "run_with_branch"])
     try:
         model.generate(cond, mode=mode, top_k=1, cfg_scale=cfg)
     finally:
@@ -58,11 +59,14 @@ def test_caches_allocated_once_per_call(make, mode, cfg):
     assert len(spy.calls["new_cache"]) == 1
     assert len(spy.calls["new_branch_cache"]) == (1 if mode == "two_way" else 0)
     H, W = model.flashar.ctx.recipe.image.grid
-    runs = spy.calls["run"]
+    # a backbone forward is either the backend's fused backbone+branch pass or a plain run
+    fused = [c for c in spy.calls["run_with_branch"] if c[2] is not None]
+    assert not (fused and spy.calls["run"])
+    runs = fused or spy.calls["run"]
     assert len(runs) == (H + W - 1 if mode == "two_way" else H * W)
     # every step after the prefill passes a mask that is a view of the decoder's one key row
     # per sequence (no per-step mask building), except raster steps that feed an end-of-line
-    steps = [a for a, _ in runs[1:]]
+    steps = [a for a, _, _ in runs[1:]]
     one_row = [a[5] for a in steps if a[5].shape[1] == 1]
     assert len(one_row) >= len(steps) - H
     assert len({m.untyped_storage().data_ptr() for m in one_row}) == 1
@@ -74,7 +78,8 @@ def test_caches_allocated_once_per_call(make, mode, cfg):
 def test_llamagen_static_caches_are_reused_and_fill_in_order():
     model, cond = _llamagen()
     model.generate(cond, top_k=1)
-    layers = list(model.flashar.ctx.layers) + list(model.flashar.branch_layers)
+    # (the branch copy runs fused with its backbone block, on a joint cache made per call)
+    layers = list(model.flashar.ctx.layers)
     first = [layer.attention.kv_cache for layer in layers]
     assert all(c is not None for c in first)
     ptrs = [c.k_cache.data_ptr() for c in first]
@@ -107,3 +112,70 @@ def test_two_way_equals_teacher_forcing_after_cache_reuse():
     for mode in ("two_way", "raster"):
         codes = model.generate(cond, mode=mode, top_k=1)
         assert torch.equal(fa.logits(model, cond, codes, mode=mode).argmax(-1), codes)
+
+
+def _fast_path_calls(model):
+    """Count the decoding steps that ran the LlamaGen fused backbone+branch block."""
+    from flashar_adapt.integrations import llamagen
+
+    calls = []
+    orig = llamagen._DualBlock.__call__
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    llamagen._DualBlock.__call__ = spy
+    return calls, lambda: setattr(llamagen._DualBlock, "__call__", orig)
+
+
+@pytest.mark.parametrize("n_kv_head,cfg,batch", [(None, 1.0, 1), (None, 3.0, 3), (2, 3.0, 2)])
+def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head, cfg, batch):
+    """The LlamaGen fast path (backbone block + branch copy as one batched block) must give
+    the same logits at every step as the generic hook path, and be the path actually taken."""
+    from flashar_adapt.integrations import llamagen
+
+    m = tiny.llamagen(grid=4, n_kv_head=n_kv_head)
+    fa.patch(m, tiny.llamagen_recipe(grid=4))
+    tiny.randomize(m.flashar, seed=5)
+    cond = torch.arange(batch) % 10
+    steps = []
+    orig_fuse = m.flashar.fuse
+
+    def record(*a, **k):
+        out = orig_fuse(*a, **k)
+        steps.append(out.fused.clone())
+        return out
+
+    monkeypatch.setattr(m.flashar, "fuse", record)
+    calls, restore = _fast_path_calls(m)
+    try:
+        fast = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
+    finally:
+        restore()
+    fast_steps, steps[:] = list(steps), []
+    assert len(calls) == 7  # prefill + one per fed anti-diagonal on a 4x4 grid
+    monkeypatch.setattr(llamagen._DualBlock, "eligible", staticmethod(lambda *a: False))
+    slow = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast, slow)
+    for a, b in zip(fast_steps, steps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers():
+    from flashar_adapt.integrations import llamagen
+
+    m = tiny.llamagen(grid=4)
+    fa.patch(m, tiny.llamagen_recipe(grid=4))
+    ctx = fa.decoding.context(m)
+    a, branch = ctx.layers[ctx.branch_index], ctx.flashar.branch_layers
+    with torch.inference_mode():
+        assert llamagen._DualBlock.eligible(a, branch)
+        assert not llamagen._DualBlock.eligible(a, list(branch) * 2)  # branch_depth 2
+        branch[0].train()
+        assert not llamagen._DualBlock.eligible(a, branch)
+        branch[0].eval()
+        h = branch[0].feed_forward.w1.register_forward_hook(lambda *x: None)  # e.g. an adapter's hook
+        assert not llamagen._DualBlock.eligible(a, branch)
+        h.remove()
+    assert not llamagen._DualBlock.eligible(a, branch)  # autograd on: training uses the generic path
