@@ -376,20 +376,8 @@ class LlamaGenBackend(Backend):
         return ctx.model.freqs_cis.shape[0]
 
     def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
-        # With a cache, entries are filled in feeding order (key_slots order): the new tokens
-        # go to entries [S - T, S) and attend entries [0, S), so the mask is ``allowed``
-        # itself (a view) and attention never reads past the filled part of the cache.
-        model = ctx.model
-        h = model.tok_dropout(embeds)
-        if cache is None:
-            freqs = model.freqs_cis.to(embeds.device)[slots]
-            mask, start = allowed[:, None], None
-        else:
-            freqs = cache.freqs(embeds.device)[slots]
-            S, T = key_slots.shape[0], embeds.shape[1]
-            if S > cache.max_len:
-                raise ValueError(f"{S} keys do not fit the cache ({cache.max_len} entries)")
-            mask, start = allowed[:, None], slice(S - T, S)
+        h = ctx.model.tok_dropout(embeds)
+        freqs, start, mask = _step_inputs(ctx, embeds, slots, key_slots, allowed, cache)
         if ctx.gradient_checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -416,11 +404,7 @@ class LlamaGenBackend(Backend):
         if pair is None or torch.is_grad_enabled():
             return None
         h = ctx.model.tok_dropout(embeds)
-        freqs = cache.freqs(embeds.device)[slots]
-        S, T = key_slots.shape[0], embeds.shape[1]
-        if S > cache.max_len:
-            raise ValueError(f"{S} keys do not fit the cache ({cache.max_len} entries)")
-        mask, start = allowed[:, None], slice(S - T, S)
+        freqs, start, mask = _step_inputs(ctx, embeds, slots, key_slots, allowed, cache)
         x = None
         for i, layer in enumerate(ctx.layers):
             if i == ctx.branch_index:
@@ -470,6 +454,20 @@ class LlamaGenBackend(Backend):
         if spec.get("dtype"):
             model = model.to(getattr(torch, spec["dtype"]))
         return model.eval()
+
+
+def _step_inputs(ctx, embeds, slots, key_slots, allowed, cache):
+    """Rotary rows, cache entries to fill and the attention mask of one backend call.
+
+    With a cache, entries are filled in feeding order (key_slots order): the new tokens go
+    to entries [S - T, S) and attend entries [0, S), so the mask is ``allowed`` itself (a
+    view) and attention never reads past the filled part of the cache."""
+    if cache is None:
+        return ctx.model.freqs_cis.to(embeds.device)[slots], None, allowed[:, None]
+    S, T = key_slots.shape[0], embeds.shape[1]
+    if S > cache.max_len:
+        raise ValueError(f"{S} keys do not fit the cache ({cache.max_len} entries)")
+    return cache.freqs(embeds.device)[slots], slice(S - T, S), allowed[:, None]
 
 
 class _DualBlock:

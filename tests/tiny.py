@@ -101,13 +101,13 @@ def janus(seed: int = 0):
     return model
 
 
-def chameleon(seed: int = 0):
+def chameleon(seed: int = 0, vocab_size: int = 8200):
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     torch.manual_seed(seed)
     vq = dict(embed_dim=4, num_embeddings=8192, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
               num_res_blocks=1, resolution=32)
-    cfg = ChameleonConfig(vocab_size=8200, vq_config=vq, vocabulary_map={"<image>": 8199, "IMGIMGBS": 4},
+    cfg = ChameleonConfig(vocab_size=vocab_size, vq_config=vq, vocabulary_map={"<image>": 8199, "IMGIMGBS": 4},
                           **_TINY_TEXT)
     model = ChameleonForConditionalGeneration(cfg).eval()
     randomize(model.model.layers, seed)
@@ -192,15 +192,4 @@ def write_emu3p5_official(out_dir, cfg: dict, sd: dict) -> None:
 
 def lumina_mgpt(seed: int = 0):
     """Chameleon architecture with Lumina-mGPT's extra ids in range (size tokens 8804 + n, new line 8803)."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vq = dict(embed_dim=4, num_embeddings=8192, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
-              num_res_blocks=1, resolution=32)
-    cfg = ChameleonConfig(vocab_size=8840, vq_config=vq, vocabulary_map={"<image>": 8199, "IMGIMGBS": 4}, **_TINY_TEXT)
-    model = ChameleonForConditionalGeneration(cfg).eval()
-    randomize(model.model.layers, seed)
-    randomize(model.model.embed_tokens, seed + 1)
-    randomize(model.model.norm, seed + 2)
-    randomize(model.lm_head, seed + 3)
-    return model
+    return chameleon(seed, vocab_size=8840)
