@@ -6,10 +6,16 @@ the head learning rate, or LoRA adapters on the recipe's target modules; the bra
 gate keep training in full. Loss (both stages)::
 
     CE(fused) + w_v * CE(vertical alone) + w_kd * T^2 * KL(raster teacher || vertical)
+              + w_kd_fused * Tf^2 * KL(raster teacher || fused)
 
 The teacher is the raster model's own next-token distribution for the same target token:
 the frozen backbone in stage 1, the backbone with LoRA switched off in LoRA stage 2 (the
-original model exactly), and the current backbone without gradient in full stage 2.
+original model exactly), and in full stage 2 the current backbone without gradient, or,
+when ``w_kd_fused`` > 0, a frozen copy of the original model (a second copy in memory).
+The fused term is off by default (the paper's loss); with few post-training images it is
+the cheapest way to a better two-way model: the teacher's soft distribution carries far
+more signal per token than the one-hot target, and the KL minimiser given the two-way
+context is the teacher's own distribution averaged over the context the student lacks.
 """
 from __future__ import annotations
 
@@ -68,6 +74,8 @@ class TrainConfig:
     w_v: float = 0.05
     w_kd: float = 0.2
     kd_temperature: float = 2.0
+    w_kd_fused: float = 0.0  # distil the fused prediction too (both stages); see the module docstring
+    kd_fused_temperature: float = 1.0
     cond_dropout: float = 0.1  # class conditions replaced by the null class, to keep CFG working
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -126,6 +134,12 @@ class TrainConfig:
         cfg = cls(**kw, source=source)
         if cfg.mixed_precision not in ("no", "bf16", "fp16"):
             raise TrainingError(f"{source}: mixed_precision must be no, bf16 or fp16")
+        for k in ("w_v", "w_kd", "w_kd_fused"):
+            if not (isinstance(getattr(cfg, k), (int, float)) and getattr(cfg, k) >= 0):
+                raise TrainingError(f"{source}: {k} must be a number >= 0, got {getattr(cfg, k)!r}")
+        for k in ("kd_temperature", "kd_fused_temperature"):
+            if not (isinstance(getattr(cfg, k), (int, float)) and getattr(cfg, k) > 0):
+                raise TrainingError(f"{source}: {k} must be a number > 0, got {getattr(cfg, k)!r}")
         if cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise TrainingError(f"{source}: batch_size and grad_accum must be >= 1")
         return cfg
@@ -215,11 +229,20 @@ class _LoraOff:
 class FlashARLoss(nn.Module):
     """Wraps the patched model so accelerate/DDP see one forward that returns the losses."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, stage: int):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, stage: int, teacher: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.stage = stage
+        # Kept out of the module tree so that DDP, the optimizer and checkpoints never see it.
+        self.__dict__["teacher"] = teacher
+
+    def _teacher_logits(self, cond, codes, cond_mask):
+        with torch.no_grad():
+            if self.teacher is not None:
+                return teacher_forward(self.teacher, cond, codes, "raster", cond_mask).fused
+            with _LoraOff(self.model) if self.stage == 2 else _Null():
+                return teacher_forward(self.model, cond, codes, "raster", cond_mask).fused
 
     def forward(self, cond, codes, cond_mask=None):
         cfg = self.cfg
@@ -232,17 +255,28 @@ class FlashARLoss(nn.Module):
         tv = codes[:, has_v]
         ce_v = F.cross_entropy(lv.reshape(-1, K), tv.reshape(-1)) if lv.numel() else ce.new_zeros(())
         kd = ce.new_zeros(())
-        if cfg.w_kd > 0 and lv.numel():
-            with torch.no_grad(), _LoraOff(self.model) if self.stage == 2 else _Null():
-                teach = teacher_forward(self.model, cond, codes, "raster", cond_mask).fused[:, has_v]
-            T = cfg.kd_temperature
-            p_t = F.log_softmax(teach.float() / T, -1)
-            p_s = F.log_softmax(lv.float() / T, -1)
-            kd = F.kl_div(p_s.reshape(-1, K), p_t.reshape(-1, K), log_target=True, reduction="batchmean") * T * T
-        loss = ce + cfg.w_v * ce_v + cfg.w_kd * kd
+        kd_f = ce.new_zeros(())
+        if (cfg.w_kd > 0 and lv.numel()) or cfg.w_kd_fused > 0:
+            teach = self._teacher_logits(cond, codes, cond_mask).float()
+            if cfg.w_kd > 0 and lv.numel():
+                kd = _kd(lv, teach[:, has_v], cfg.kd_temperature)
+            if cfg.w_kd_fused > 0:
+                kd_f = _kd(out.fused, teach, cfg.kd_fused_temperature)
+        loss = ce + cfg.w_v * ce_v + cfg.w_kd * kd + cfg.w_kd_fused * kd_f
         gate = out.gate[:, 1:, 1:].mean() if out.gate is not None and out.gate[:, 1:, 1:].numel() else ce.new_zeros(())
-        return {"loss": loss, "ce_fused": ce.detach(), "ce_vertical": ce_v.detach(), "kd": kd.detach(),
-                "gate": gate.detach()}
+        res = {"loss": loss, "ce_fused": ce.detach(), "ce_vertical": ce_v.detach(), "kd": kd.detach(),
+               "gate": gate.detach()}
+        if cfg.w_kd_fused > 0:
+            res["kd_fused"] = kd_f.detach()
+        return res
+
+
+def _kd(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) per token, over the last dimension."""
+    K = student.shape[-1]
+    p_t = F.log_softmax(teacher / T, -1).reshape(-1, K)
+    p_s = F.log_softmax(student.float() / T, -1).reshape(-1, K)
+    return F.kl_div(p_s, p_t, log_target=True, reduction="batchmean") * T * T
 
 
 class _Null:
@@ -401,7 +435,7 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
             stale.unlink()
 
     stage = None
-    loss_mod = opt = sched = None
+    loss_mod = opt = sched = teacher = None
     it = None
     bar = None
     if progress and acc.is_main_process:
@@ -436,7 +470,9 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
             elif state is not None:  # resumed at a stage boundary: weights only
                 _load_trainable(model, state, cfg)
             state = None
-            loss_mod = FlashARLoss(model, cfg, stage)
+            if teacher is None and stage == 2 and cfg.w_kd_fused > 0 and not st.lora:
+                teacher = _frozen_teacher(cfg, acc.device)
+            loss_mod = FlashARLoss(model, cfg, stage, teacher if stage == 2 else None)
             # The scheduler is stepped by hand: accelerate's wrapper would step it once per
             # process, making the schedule depend on the number of processes.
             loss_mod, opt = acc.prepare(loss_mod, opt)
@@ -476,7 +512,8 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stage=stage, fused=f"{metrics['ce_fused']:.3f}", vert=f"{metrics['ce_vertical']:.3f}",
-                                kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}")
+                                kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}",
+                                **({"kd_fused": f"{metrics['kd_fused']:.3f}"} if "kd_fused" in metrics else {}))
         kill = os.environ.get("FLASHAR_TEST_KILL_AT_STEP")
         if kill and int(kill) == step:  # test hook: die after an optimizer step, before its checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
@@ -495,6 +532,15 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
     model = acc.unwrap_model(loss_mod).model
     model.eval()
     return model
+
+
+def _frozen_teacher(cfg: TrainConfig, device) -> nn.Module:
+    """The original model, loaded again from the config (so a resumed run gets the same
+    teacher), for distillation while full fine-tuning changes the trained copy."""
+    t = build_model(cfg).to(device).eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
 
 
 def _drop_cond(ctx, cond, cfg: TrainConfig, step: int, start: int):

@@ -132,6 +132,63 @@ def test_stage2_full_and_lora(tmp_path, lora):
         assert [g["initial_lr"] for g in groups] == pytest.approx([3e-3, 3e-3 * 0.2])
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypatch):
+    """w_kd_fused adds T^2 KL(original raster model || fused) to the loss, in both stages;
+    in full stage 2 the teacher is a frozen copy of the original that never moves and never
+    reaches the optimizer or the checkpoint."""
+    from flashar_adapt.decoding import teacher_forward
+    from flashar_adapt.training import FlashARLoss, _frozen_teacher, _kd
+
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=2, stage2=3, lora=lora, w_kd_fused=1.0,
+                                        kd_fused_temperature=1.5))
+    base = build_model(cfg).eval()
+    seen = []
+    real_init = FlashARLoss.__init__
+
+    def spy(self, model, cfg, stage, teacher=None):
+        seen.append((stage, teacher is not None))
+        real_init(self, model, cfg, stage, teacher)
+
+    monkeypatch.setattr(FlashARLoss, "__init__", spy)
+    model = train(cfg, progress=False)
+    assert seen == [(1, False), (2, not lora)]  # LoRA's teacher is the model with adapters off
+    m = _metrics(tmp_path / "run")
+    assert all(r["kd_fused"] > 0 for r in m)
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert len(ck["optimizer"]["param_groups"]) == 2  # branch+gate and backbone/LoRA: no teacher
+    assert not any(k.startswith("teacher") for k in ck["trainable"])
+
+    codes, cls = structured_codes(4, 4, 48)
+    teacher = None if lora else _frozen_teacher(cfg, "cpu")
+    loss = FlashARLoss(model, cfg, 2, teacher)
+    assert "teacher" not in dict(loss.named_modules()) and all(
+        not n.startswith("teacher") for n, _ in loss.named_parameters())
+    with torch.no_grad():
+        got = loss(cls, codes)["kd_fused"]
+        fused = teacher_forward(model, cls, codes, "two_way").fused
+        want_t = teacher_forward(base, cls, codes, "raster").fused  # the original model, not the trained one
+        moved = teacher_forward(model, cls, codes, "raster").fused
+    assert not torch.allclose(want_t, moved, atol=1e-4)  # stage 2 did move the raster model
+    torch.testing.assert_close(got, _kd(fused, want_t, 1.5), rtol=1e-5, atol=1e-6)
+    by_hand = (want_t / 1.5).softmax(-1) * ((want_t / 1.5).log_softmax(-1) - (fused / 1.5).log_softmax(-1))
+    torch.testing.assert_close(got, by_hand.sum(-1).mean() * 1.5 ** 2, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_distillation_resumes_exactly(tmp_path):
+    """The full-stage-2 teacher is rebuilt from the config on resume, so a run killed in
+    stage 2 ends with the weights of an uninterrupted one."""
+    ref = llamagen_run(tmp_path / "ref", stage1=2, stage2=4, w_kd_fused=1.0)
+    assert _cli(ref).returncode == 0
+    cfg = llamagen_run(tmp_path / "kill", stage1=2, stage2=4, w_kd_fused=1.0)
+    r = _cli(cfg, {"FLASHAR_TEST_KILL_AT_STEP": "5"})  # after the stage-2 checkpoint at step 3
+    assert r.returncode == -9, r.stderr[-2000:]
+    r = _cli(cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _ckpt_weights(tmp_path / "ref" / "run"), _ckpt_weights(tmp_path / "kill" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---------------------------------------------------------------- faults
 
 def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path):
@@ -199,6 +256,12 @@ def test_config_errors(tmp_path):
     with pytest.raises(TrainingError, match="stage2.lr_scale"):
         TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
                                "stage2": {"lr_scale": 1}})
+    with pytest.raises(TrainingError, match="kd_fused_temperature must be a number > 0"):
+        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
+                               "kd_fused_temperature": 0})
+    with pytest.raises(TrainingError, match="w_kd_fused must be a number >= 0"):
+        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
+                               "w_kd_fused": -1})
     with pytest.raises(TrainingError, match="missing key 'data'"):
         TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "out_dir": "o"})
 
