@@ -4,7 +4,7 @@
 
 Rows, all measured in this run on this machine: the raster base, FlashAR, the ablations
 (fixed 0.5 average instead of the gate, branch at the last layer, stage 1 only, full
-fine-tuning instead of LoRA in stage 2) and the training-free ZipAR-style peer at two windows. Columns: exact test NLL in
+fine-tuning instead of LoRA in stage 2, the paper's loss without fused distillation) and the training-free ZipAR-style peer at two windows. Columns: exact test NLL in
 bits per token under each model's own factorisation (10k test images), Frechet distance to
 the test set in a classifier's feature space and sample accuracy (same CFG for all),
 serial steps, batch-1 latency, batch-64 throughput, and speedups over raster measured side
@@ -39,6 +39,7 @@ LABELS = {
     "last_layer": "ablation: branch at the last layer",
     "stage1_only": "ablation: stage 1 only",
     "full_ft": "ablation: full fine-tuning in stage 2",
+    "paper_loss": "ablation: paper's loss (no fused distillation)",
     "zipar1": "ZipAR-style peer, window 1",
     "zipar2": "ZipAR-style peer, window 2",
 }

@@ -108,7 +108,7 @@ def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STE
                      "dtype": "float32"},
            "recipe": "fmnist-c2i", "data": str(work / "shards"), "out_dir": str(work / "runs" / name),
            "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 10},
-           "stage2": {"steps": stage2, "lr": 3e-4, "warmup_steps": 10, "lora": lora, "lora_lr_scale": 3.0},
+           "stage2": {"steps": stage2, "lr": 1e-3, "warmup_steps": 10, "lora": lora, "lora_lr_scale": 3.0},
            "w_kd_fused": w_kd_fused, "batch_size": POST_BATCH, "save_every": 10, "seed": 0, "cpu": True}
     cfg["model"].pop("model_args")
     if fixed_gate is not None:
@@ -183,6 +183,7 @@ VARIANTS = {
     "full_ft": dict(lora=False),  # the paper's stage 2: full fine-tuning instead of LoRA
     "nar_avg": dict(fixed_gate=0.5),
     "last_layer": dict(branch_layer=-1),
+    "paper_loss": dict(w_kd_fused=0.0),  # the paper's loss: no distillation of the fused prediction
 }
 
 
