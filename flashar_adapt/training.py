@@ -12,10 +12,10 @@ The teacher is the raster model's own next-token distribution for the same targe
 the frozen backbone in stage 1, the backbone with LoRA switched off in LoRA stage 2 (the
 original model exactly), and in full stage 2 the current backbone without gradient, or,
 when ``w_kd_fused`` > 0, a frozen copy of the original model (a second copy in memory).
-The fused term is off by default (the paper's loss); with few post-training images it is
-the cheapest way to a better two-way model: the teacher's soft distribution carries far
-more signal per token than the one-hot target, and the KL minimiser given the two-way
-context is the teacher's own distribution averaged over the context the student lacks.
+The fused term is off by default (the paper's loss). It helps when post-training sees few
+images: the teacher's soft distribution carries more signal per token than the one-hot
+target, and the KL minimiser given the two-way context is the teacher's own distribution
+averaged over the context the student lacks.
 """
 from __future__ import annotations
 
@@ -472,7 +472,7 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
             state = None
             if teacher is None and stage == 2 and cfg.w_kd_fused > 0 and not st.lora:
                 teacher = _frozen_teacher(cfg, acc.device)
-            loss_mod = FlashARLoss(model, cfg, stage, teacher if stage == 2 else None)
+            loss_mod = FlashARLoss(model, cfg, stage, teacher)  # stages run 1 then 2: None in stage 1
             # The scheduler is stepped by hand: accelerate's wrapper would step it once per
             # process, making the schedule depend on the number of processes.
             loss_mod, opt = acc.prepare(loss_mod, opt)
