@@ -3,6 +3,7 @@
     python benchmarks/decode_speed.py                  # CPU, small random LlamaGen models (minutes)
     python benchmarks/decode_speed.py --quick          # CPU, fewer grids, batches and repeats
     python benchmarks/decode_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, 16x16 and 32x32
+    python benchmarks/decode_speed.py --hf             # also the transformers backend: static vs DynamicCache
 
 Random-weight models of the LlamaGen architecture (integrations/llamagen.py), patched with
 the shipped LlamaGen recipe. Both modes run the same code (static caches, the same sampling,
@@ -44,6 +45,9 @@ CPU_MODELS = {
 GPU_MODELS = {
     "llamagen-B": (12, 768, 12, 16384, -4, (16, 32)),  # GPT-B: 256x256 and 512x512 images
 }
+# transformers backend (--hf): a random LlamaForCausalLM with the llama-image-ar recipe, the
+# same shape as "small"; (n_layer, dim, n_head, codebook, branch_layer, grids)
+HF_MODEL = ("hf-llama-small", (8, 256, 8, 4096, -4, (16, 32)))
 
 
 def build(n_layer, dim, n_head, vocab, branch_layer, grid, device, dtype, seed=0):
@@ -155,6 +159,30 @@ def matmul_growth(dim: int, rows_raster: int, rows_two_way: int, device, dtype, 
 
 
 @torch.inference_mode()
+def forward_growth(model, cfg_scale: float, device, reps: int = 100) -> float:
+    """Time of one bare backbone forward (no branch, no head, no sampling) on an average
+    anti-diagonal's tokens over one on a single token, both appended to a half-filled static
+    cache. Where this is well above 1 the machine is compute bound at this size: if both
+    steps were that bare forward alone, decoding would reach 1 / growth of the ideal step
+    ratio, and the branch, heads and sampling only add to the two-way step."""
+    ctx = model.flashar.ctx
+    grid = ctx.recipe.image.grid
+    cond = torch.zeros(1, dtype=torch.long, device=device)
+    pre = D._build_prefix(ctx, cond, None, grid, cfg_scale != 1.0)
+    layout = ctx.layout(pre.length, grid)
+    dec = D._Decoder(ctx, pre, layout, False, D._schedule(layout, "two_way", pre.embeds.device).order)
+    H, W = layout.height, layout.width
+    start = layout.prefix_len + H * W // 2
+    out = []
+    for T in (1, round(H * W / (H + W - 1))):
+        e = torch.randn(pre.embeds.shape[0], T, pre.embeds.shape[2], device=device, dtype=pre.embeds.dtype)
+        for _ in range(10):
+            dec.feed(e, start, start + T)
+        out.append(statistics.median(timed(lambda: dec.feed(e, start, start + T), device) for _ in range(reps)))
+    return out[1] / out[0]
+
+
+@torch.inference_mode()
 def two_way_steps(model, cond, use_branch: bool, cfg_scale: float):
     """The two-way decoding loop with or without the vertical branch (without it every cell
     takes the horizontal head's logits; the schedule and the backbone work are the same).
@@ -202,6 +230,7 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
            "branch_layer": branch_layer, "cfg": a.cfg, "ideal_step_ratio": steps_raster / steps_two}
     Bt = 2 if a.cfg != 1.0 else 1
     row["matmul_growth_b1"] = matmul_growth(dim, Bt, round(Bt * H * W / steps_two), device, dtype)
+    row["forward_growth_b1"] = forward_growth(model, a.cfg, device)
     # warm-up runs: count backbone forwards and read the static caches' size (fresh, batch 1)
     drop_caches(model)
     row["forwards"], mem = {}, {}
@@ -253,6 +282,59 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
     return row
 
 
+def build_hf(n_layer, dim, n_head, codebook, branch_layer, grid, device, dtype, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    offset = 256  # text ids below the image codes
+    cfg = LlamaConfig(vocab_size=offset + codebook, hidden_size=dim, intermediate_size=find_ffn(dim),
+                      num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+                      max_position_embeddings=grid * grid + 64, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    recipe = fa.load_recipe("llama-image-ar").replace(**{
+        "image.codebook_size": codebook, "image.visual_token_offset": offset, "image.grid": [grid, grid],
+        "condition.prefix_len": 16, "flashar.branch_layer": branch_layer})
+    fa.patch(model, recipe)
+    return model.to(device=device, dtype=dtype)
+
+
+def find_ffn(dim: int) -> int:
+    return 32 * ((int(2 * 4 * dim / 3) + 31) // 32)
+
+
+def bench_hf(grid, a, device, dtype, log) -> dict:
+    """transformers backend, batch 1: both modes with the static feed-order cache (the
+    default) and with transformers' DynamicCache, all four timed interleaved."""
+    from flashar_adapt.integrations import hf
+
+    name, spec = HF_MODEL
+    model = build_hf(*spec[:5], grid, device, dtype)
+    cond = torch.tensor([[1, 5, 6, 7]], device=device)
+    kw = dict(top_k=0, temperature=1.0, cfg_scale=a.cfg)
+    static = hf._full_attention_only
+
+    def gen(mode, use_static):
+        def run():
+            hf._full_attention_only = static if use_static else (lambda config: False)
+            try:
+                model.generate(cond, mode=mode, **kw)
+            finally:
+                hf._full_attention_only = static
+        return run
+
+    fns = {f"{m}_{c}": gen(m, c == "static") for m in ("raster", "two_way") for c in ("static", "dynamic")}
+    t = run_pair(fns, a.repeats, device)
+    H = W = grid
+    row = {"model": name, "layers": spec[0], "dim": spec[1], "vocab": spec[3], "grid": f"{H}x{W}", "cfg": a.cfg,
+           "ideal_step_ratio": H * W / (H + W - 1), "latency_b1_s": t,
+           "speedup_static": t["raster_static"] / t["two_way_static"],
+           "speedup_dynamic": t["raster_dynamic"] / t["two_way_dynamic"]}
+    log(f"{name} {H}x{W} b1: static cache raster {t['raster_static']*1e3:.0f} ms / two-way "
+        f"{t['two_way_static']*1e3:.0f} ms; DynamicCache {t['raster_dynamic']*1e3:.0f} / {t['two_way_dynamic']*1e3:.0f} ms")
+    del model
+    return row
+
+
 def markdown(res: dict) -> str:
     a = res["args"]
     out = [f"# Decoding speed: two-way vs raster ({res['device']}, {a['dtype']}, threads {res['threads']})", "",
@@ -263,19 +345,23 @@ def markdown(res: dict) -> str:
            f"[d -> 3d] matmul on the rows of an average anti-diagonal / on one token's rows: near 1, a step costs the "
            f"same whatever it feeds (latency bound, the ideal is reachable); near the row count, the machine is "
            f"compute bound and both modes do the same total work, so the speedup can only come from per-step overhead. "
+           f"Forward growth = one bare backbone forward (no branch, head or sampling) on an average anti-diagonal's "
+           f"tokens / one on a single token, half-way through the image; 1 / forward growth (in brackets) is the fraction "
+           f"of the ideal a decoder would reach if both steps were that bare forward alone. "
            f"Branch +FLOPs: parameters of the branch layers, vertical head and gate over the backbone's (per token); "
            f"branch +time: two-way decoding with vs without the branch, measured.", "",
            "| model | grid | forwards raster / two-way | ideal | speedup b1 | of ideal | step cost b1 | matmul growth | "
+           "forward growth (bound) | "
            + " | ".join(f"thr. speedup b{b}" for b in a["batches"]) + " | branch +FLOPs est. | branch +time meas. | "
            "KV cache b1 raster / two-way |",
-           "|---|---|---|---|---|---|---|---|" + "---|" * len(a["batches"]) + "---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|" + "---|" * len(a["batches"]) + "---|---|---|"]
     for r in res["rows"]:
         thr = [f"{r['throughput'][b]['speedup']:.2f}x" if b in r["throughput"] else "-" for b in a["batches"]]
         m = r["memory"]
         out.append(f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | "
                    f"{r['forwards']['raster']} / {r['forwards']['two_way']} | {r['ideal_step_ratio']:.2f}x | "
                    f"{r['speedup_b1']:.2f}x | {r['fraction_of_ideal_b1']:.2f} | {r['step_cost_ratio_b1']:.2f} | "
-                   f"{r['matmul_growth_b1']:.2f} | "
+                   f"{r['matmul_growth_b1']:.2f} | {r['forward_growth_b1']:.2f} ({1 / r['forward_growth_b1']:.2f}) | "
                    + " | ".join(thr) + f" | {100 * r['branch']['added_flops_fraction']:.0f}% | "
                    f"{100 * r['branch']['measured_added_fraction']:.0f}% | "
                    f"{m['raster']['kv_cache_bytes_b1'] / 2**20:.1f} / {m['two_way']['kv_cache_bytes_b1'] / 2**20:.1f} MiB |")
@@ -285,6 +371,18 @@ def markdown(res: dict) -> str:
             m = r["memory"]
             out.append(f"- {r['model']} {r['grid']}: raster {m['raster']['peak_bytes_above_weights'] / 2**20:.0f} MiB, "
                        f"two-way {m['two_way']['peak_bytes_above_weights'] / 2**20:.0f} MiB")
+    if res.get("hf_rows"):
+        out += ["", "transformers backend (random LlamaForCausalLM, llama-image-ar recipe), batch-1 latency with the "
+                "static feed-order cache (default) and with transformers' DynamicCache, timed interleaved:", "",
+                "| model | grid | raster static / dynamic | two-way static / dynamic | speedup static | speedup dynamic "
+                "| of ideal (static) |", "|---|---|---|---|---|---|---|"]
+        for r in res["hf_rows"]:
+            t = r["latency_b1_s"]
+            out.append(f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | "
+                       f"{t['raster_static'] * 1e3:.0f} / {t['raster_dynamic'] * 1e3:.0f} ms | "
+                       f"{t['two_way_static'] * 1e3:.0f} / {t['two_way_dynamic'] * 1e3:.0f} ms | "
+                       f"{r['speedup_static']:.2f}x | {r['speedup_dynamic']:.2f}x | "
+                       f"{r['speedup_static'] / r['ideal_step_ratio']:.2f} |")
     out += ["", "Throughput (images/s, this machine):", "",
             "| model | grid | batch | raster | two-way |", "|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -334,6 +432,8 @@ def main(argv=None):
     p.add_argument("--all-batches", action="store_true", help="CPU: throughput on every grid, not the smallest only")
     p.add_argument("--compile", action="store_true", help="torch.compile attention and MLP of every layer")
     p.add_argument("--quick", action="store_true", help="16x16 (and 14x14) only, fewer batches and repeats")
+    p.add_argument("--hf", action="store_true",
+                   help="also time the transformers backend (static feed-order cache vs DynamicCache)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default=None, help="suffix of the output files (default: device)")
     a = p.parse_args(argv)
@@ -364,11 +464,17 @@ def main(argv=None):
     for name, spec, g in bar:
         bar.set_postfix_str(f"{name} {g}x{g}")
         rows.append(bench_grid(name, spec, g, a, device, dtype, bar.write))
+    hf_rows = []
+    if a.hf:
+        hf_grids = [g for g in HF_MODEL[1][5] if g <= 16] if a.quick else HF_MODEL[1][5]
+        for g in tqdm(hf_grids, desc="transformers backend", unit="grid"):
+            hf_rows.append(bench_hf(g, a, device, dtype, tqdm.write))
     tag = a.tag or (device.type if not a.quick else f"{device.type}_quick")
     res = {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
            "argv": list(argv if argv is not None else sys.argv[1:]),
-           "args": {"dtype": a.dtype, "cfg": a.cfg, "compile": a.compile, "repeats": a.repeats, "batches": a.batches}, "rows": rows}
+           "args": {"dtype": a.dtype, "cfg": a.cfg, "compile": a.compile, "repeats": a.repeats, "batches": a.batches}, "rows": rows,
+           "hf_rows": hf_rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"decode_speed_{tag}"

@@ -4,9 +4,16 @@ Runs the recipe's ``modules.decoder`` (the text model, e.g. ``model.text_model``
 ``inputs_embeds``, an additive 4D float mask (a bool 4D mask is silently wrong under eager
 attention) and explicit ``position_ids``. The vertical branch reuses the keyword arguments
 the decoder passed its branch layer (rotary embeddings, mask) with its own cache.
+
+Decoding uses ``FeedOrderCache``: static per-layer buffers allocated once per generate()
+call and filled in feeding order, so a step attends exactly the filled entries (views, no
+``torch.cat`` growth, no attention over unused entries) and its additive mask is a view of
+one preallocated row. transformers' own ``StaticCache`` would make every step attend all
+``max_cache_len`` entries behind a mask, which costs more than it saves at these sizes.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -32,6 +39,85 @@ def _dynamic_cache(config=None):
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
+def _full_attention_only(config) -> bool:
+    """Whether every layer is plain full attention (no sliding window, chunks, shared KV or
+    linear attention): the layouts FeedOrderCache can hold; anything else keeps DynamicCache."""
+    if config is None:
+        return True
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except Exception:  # noqa: BLE001 - an unusual config: stay on the generic cache
+        return False
+    return all(t == "full_attention" for t in types)
+
+
+@functools.cache
+def _feed_order_cache_class():
+    """FeedOrderCache, defined on first use so that importing this module does not import
+    transformers."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class FeedOrderLayer(CacheLayerMixin):
+        """One layer's static K/V buffers [B, heads, max_len, head_dim], allocated at the
+        first update (the prefill) and filled in feeding order; update returns views of the
+        filled entries."""
+
+        is_compileable = False
+        is_sliding = False
+
+        def __init__(self, max_len: int):
+            super().__init__()
+            self.max_len, self.length = max_len, 0
+
+        def lazy_initialization(self, key_states, value_states):
+            B, h, _, dk = key_states.shape
+            self.keys = key_states.new_empty((B, h, self.max_len, dk))
+            self.values = value_states.new_empty((B, value_states.shape[1], self.max_len, value_states.shape[-1]))
+            self.device = key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, stop = self.length, self.length + key_states.shape[-2]
+            if stop > self.max_len:
+                raise ValueError(f"{stop} keys do not fit the cache ({self.max_len} entries)")
+            self.keys[:, :, start:stop] = key_states
+            self.values[:, :, start:stop] = value_states
+            self.length = stop
+            return self.keys[:, :, :stop], self.values[:, :, :stop]
+
+        def get_mask_sizes(self, query_length):
+            return self.length + query_length, 0
+
+        def get_seq_length(self):
+            return self.length
+
+        def get_max_length(self):
+            return self.max_len
+
+        def reset(self):
+            self.length = 0
+
+    class FeedOrderCache(Cache):
+        """Static caches for one generate() call, filled in the decoder's feeding order."""
+
+        feed_order = True
+
+        def __init__(self, n_layers: int, max_len: int):
+            super().__init__(layers=[FeedOrderLayer(max_len) for _ in range(n_layers)])
+            self.max_len = max_len
+            self.key_row = None  # (additive [B, 1, 1, max_len] row, entries converted): see _mask_row
+
+    return FeedOrderCache
+
+
+def _feed_order_cache(n_layers: int, max_len: int):
+    return _feed_order_cache_class()(n_layers, max_len)
+
+
 @register_backend("transformers")
 class TransformersBackend(Backend):
     def validate(self, ctx) -> None:
@@ -49,17 +135,25 @@ class TransformersBackend(Backend):
         # allowed is [B, T, S] or [B, 1, S] (one row for every query); the model gets a full
         # additive [B, 1, T, S] mask (a bool 4D mask is silently wrong under eager attention).
         B, T, S = allowed.shape[0], embeds.shape[1], allowed.shape[-1]
-        mask = torch.zeros((B, T, S), dtype=embeds.dtype, device=embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+        if allowed.shape[1] == 1 and getattr(cache, "feed_order", False):
+            mask = _mask_row(cache, allowed, embeds.dtype)[:, :, :, :S].expand(-1, -1, T, -1)
+        else:
+            mask = torch.zeros((B, T, S), dtype=embeds.dtype, device=embeds.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
         kwargs = {getattr(self, "cache_key", "cache"): cache}
         out = ctx.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                           use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def new_cache(self, ctx, batch, max_len):
-        return _dynamic_cache(getattr(ctx.decoder, "config", None))
+        config = getattr(ctx.decoder, "config", None)
+        if _full_attention_only(config):
+            return _feed_order_cache(len(ctx.layers), max_len)
+        return _dynamic_cache(config)
 
     def new_branch_cache(self, ctx, batch, max_len):
+        if _full_attention_only(getattr(ctx.decoder, "config", None)):
+            return _feed_order_cache(len(ctx.flashar.branch_layers), max_len)
         return _dynamic_cache()
 
     def prepare_branch_layers(self, layers):
@@ -110,6 +204,22 @@ class TransformersBackend(Backend):
         cls = getattr(transformers, cls_name)
         kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
         return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kw).eval()
+
+
+def _mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """The additive [B, 1, 1, max_len] key row of a FeedOrderCache, converted from the bool
+    rows the decoder passes as keys arrive. Within one generate() call a key's validity never
+    changes once cached, so each step converts only the entries it has not seen yet."""
+    row, done = cache.key_row or (None, 0)
+    B, S = allowed.shape[0], allowed.shape[-1]
+    if row is None or row.dtype != dtype or row.shape[0] != B:
+        row, done = torch.empty((B, 1, 1, cache.max_len), dtype=dtype, device=allowed.device), 0
+    if S > done:
+        new = allowed[:, :, done:S]
+        row[:, 0, :, done:S] = torch.zeros_like(new, dtype=dtype).masked_fill_(~new, torch.finfo(dtype).min)
+        done = S
+    cache.key_row = (row, done)
+    return row
 
 
 # ---------------------------------------------------------------- discovery (inspect / check)

@@ -179,3 +179,82 @@ def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers()
         assert not llamagen._DualBlock.eligible(a, branch)
         h.remove()
     assert not llamagen._DualBlock.eligible(a, branch)  # autograd on: training uses the generic path
+
+
+# ---------------------------------------------------------------- transformers backend
+
+def _hf_family(name):
+    import test_core
+
+    model, recipe, cond, mask = test_core.FAMILIES[name]()
+    fa.patch(model, recipe)
+    tiny.randomize(model.flashar, seed=11)
+    return model, cond, mask
+
+
+@pytest.mark.parametrize("name", ["llama", "emu3", "janus", "chameleon"])
+@pytest.mark.parametrize("mode,cfg", [("two_way", 1.0), ("raster", 1.0), ("two_way", 3.0)])
+def test_transformers_caches_are_static_and_filled_in_feeding_order(name, mode, cfg):
+    """Each layer's K/V buffers are allocated once (at the prefill), never grow or move, and
+    every step attends exactly the entries filled so far; the mask is a view of one row."""
+    model, cond, mask = _hf_family(name)
+    if cfg != 1.0 and not decoding.has_uncond(model.flashar.ctx):
+        pytest.skip("no unconditional prefix")
+    backend = model.flashar.ctx.backend
+    spy = _Spy(backend, ["new_cache", "new_branch_cache"])
+    seen = []  # per step: (cache, buffer addresses, filled length) after the step
+    orig_run = backend.run
+
+    def run(ctx, embeds, positions, slots, key_slots, allowed, cache):
+        out = orig_run(ctx, embeds, positions, slots, key_slots, allowed, cache)
+        seen.append((cache, [(lay.keys.data_ptr(), lay.values.data_ptr()) for lay in cache.layers],
+                     [lay.length for lay in cache.layers], key_slots.shape[0]))
+        return out
+
+    masks = []
+    hook = model.flashar.ctx.decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+    backend.run = run
+    try:
+        codes = model.generate(cond, mode=mode, cfg_scale=cfg, top_k=1, cond_mask=mask)
+    finally:
+        del backend.run
+        hook.remove()
+        spy.close()
+    H = model.flashar.ctx.recipe.image.grid[0]
+    # steps after the prefill: views of one additive key row (raster end-of-line steps excepted)
+    ptrs = [m.untyped_storage().data_ptr() for m in masks[1:]]
+    assert max(ptrs.count(p) for p in ptrs) >= len(ptrs) - H
+    caches = [c[2] for c in spy.calls["new_cache"] + spy.calls["new_branch_cache"]]
+    assert caches and all(getattr(c, "feed_order", False) for c in caches)
+    backbone = caches[0]
+    assert {id(s[0]) for s in seen} == {id(backbone)}
+    assert all(s[1] == seen[0][1] for s in seen)  # no reallocation, no torch.cat growth
+    assert all(s[2] == [s[3]] * len(backbone.layers) for s in seen)  # filled = keys attended
+    L = model.flashar.ctx.layout(seen[0][3], model.flashar.ctx.recipe.image.grid).seq_len
+    assert all(lay.keys.shape[2] == backbone.max_len >= L - 1 for lay in backbone.layers)
+    if mode == "two_way":  # the branch's own cache follows the backbone's, entry for entry
+        assert [lay.length for lay in caches[1].layers] == [seen[-1][3]] * len(caches[1].layers)
+    # and decoding is still exact
+    lg = fa.logits(model, cond, codes, mode=mode, cond_mask=mask, cfg_scale=cfg)
+    assert torch.equal(lg.argmax(-1), codes)
+
+
+def test_transformers_keeps_dynamic_cache_for_windowed_attention(monkeypatch):
+    """Sliding-window / hybrid configs keep transformers' DynamicCache (exact, just slower)."""
+    from transformers import DynamicCache, LlamaConfig, MistralConfig
+
+    from flashar_adapt.integrations import hf
+
+    assert hf._full_attention_only(LlamaConfig())
+    assert not hf._full_attention_only(MistralConfig(sliding_window=8))
+    model, cond, mask = _hf_family("llama")
+    monkeypatch.setattr(hf, "_full_attention_only", lambda config: False)
+    backend = model.flashar.ctx.backend
+    spy = _Spy(backend, ["new_cache", "new_branch_cache"])
+    try:
+        codes = model.generate(cond, top_k=1, cond_mask=mask)
+    finally:
+        spy.close()
+    assert all(isinstance(c[2], DynamicCache) for c in spy.calls["new_cache"] + spy.calls["new_branch_cache"])
+    assert torch.equal(fa.logits(model, cond, codes, cond_mask=mask).argmax(-1), codes)
