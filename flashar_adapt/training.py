@@ -457,7 +457,9 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
             model.train()
             if cfg.gradient_checkpointing and stage == 2:  # stage 1 keeps no backbone activations
                 context(model).gradient_checkpointing = True
-                if hasattr(model, "gradient_checkpointing_enable"):
+                if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                elif hasattr(model, "gradient_checkpointing_enable"):
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             groups = _param_groups(model, cfg, stage)
             opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -109,7 +109,7 @@ def _feed_order_cache_class():
         def __init__(self, n_layers: int, max_len: int):
             super().__init__(layers=[FeedOrderLayer(max_len) for _ in range(n_layers)])
             self.max_len = max_len
-            self.key_row = None  # (additive [B, 1, 1, max_len] row, entries converted): see _mask_row
+            self.key_row = None  # (additive row, entries converted, source storage): see _mask_row
 
     return FeedOrderCache
 
@@ -208,17 +208,21 @@ class TransformersBackend(Backend):
 
 def _mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
     """The additive [B, 1, 1, max_len] key row of a FeedOrderCache, converted from the bool
-    rows the decoder passes as keys arrive. Within one generate() call a key's validity never
-    changes once cached, so each step converts only the entries it has not seen yet."""
-    row, done = cache.key_row or (None, 0)
+    rows the decoder passes as keys arrive. The decoder's rows are slices of one key-validity
+    row per generate() call, so while they come from the same storage each step converts only
+    the entries it has not seen yet; a row from anywhere else is converted whole."""
+    row, done, src = cache.key_row or (None, 0, None)
     B, S = allowed.shape[0], allowed.shape[-1]
     if row is None or row.dtype != dtype or row.shape[0] != B:
         row, done = torch.empty((B, 1, 1, cache.max_len), dtype=dtype, device=allowed.device), 0
+    # src (kept alive here) pins the storage, so an equal address is the same, unchanged row
+    if src is None or allowed.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+        done = 0
     if S > done:
         new = allowed[:, :, done:S]
         row[:, 0, :, done:S] = torch.zeros_like(new, dtype=dtype).masked_fill_(~new, torch.finfo(dtype).min)
         done = S
-    cache.key_row = (row, done)
+    cache.key_row = (row, done, allowed)
     return row
 
 

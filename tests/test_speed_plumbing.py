@@ -258,3 +258,17 @@ def test_transformers_keeps_dynamic_cache_for_windowed_attention(monkeypatch):
         spy.close()
     assert all(isinstance(c[2], DynamicCache) for c in spy.calls["new_cache"] + spy.calls["new_branch_cache"])
     assert torch.equal(fa.logits(model, cond, codes, cond_mask=mask).argmax(-1), codes)
+
+
+def test_transformers_mask_row_follows_a_changed_key_row():
+    """The additive row is converted incrementally only while the bool rows come from the
+    decoder's one key row; a row from another tensor (e.g. a peer decoder) is converted whole."""
+    from flashar_adapt.integrations import hf
+
+    cache = hf._feed_order_cache(1, 6)
+    keys = torch.tensor([[[False, True, True, True, True, True]]])
+    neg = torch.finfo(torch.float32).min
+    assert hf._mask_row(cache, keys[:, :, :3], torch.float32)[0, 0, 0, :3].tolist() == [neg, 0, 0]
+    assert hf._mask_row(cache, keys[:, :, :5], torch.float32)[0, 0, 0, :5].tolist() == [neg, 0, 0, 0, 0]
+    other = torch.tensor([[[True, True, False, True, True]]])
+    assert hf._mask_row(cache, other, torch.float32)[0, 0, 0, :5].tolist() == [0, 0, neg, 0, 0]

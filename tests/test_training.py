@@ -304,6 +304,8 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, family):
     ck.gradient_checkpointing = True
     model = train(ck, progress=False)
     assert model.flashar.ctx.gradient_checkpointing
+    if family != "llamagen":  # the transformers layers checkpoint too (their own switch)
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     la, lb = _metrics(tmp_path / "a" / "run"), _metrics(tmp_path / "b" / "run")
     assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], rel=1e-5)
     for (n, p), (_, q) in zip(plain.named_parameters(), model.named_parameters()):
