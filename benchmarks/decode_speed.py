@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import flashar_adapt as fa  # noqa: E402
 from flashar_adapt import decoding as D  # noqa: E402
-from flashar_adapt.integrations.llamagen import ModelArgs, Transformer  # noqa: E402
+from flashar_adapt.integrations.llamagen import ModelArgs, Transformer, find_multiple  # noqa: E402
 
 # name: (n_layer, dim, n_head, vocab, branch_layer, grids)
 CPU_MODELS = {
@@ -158,6 +158,17 @@ def matmul_growth(dim: int, rows_raster: int, rows_two_way: int, device, dtype, 
     return out[1] / out[0]
 
 
+def two_way_decoder(model, cond, use_branch: bool, cfg_scale: float):
+    """A two-way decoder state after the prefill, as generate() builds it:
+    (prefix, layout, schedule, decoder)."""
+    ctx = model.flashar.ctx
+    grid = ctx.recipe.image.grid
+    pre = D._build_prefix(ctx, cond.to(D._device(ctx)), None, grid, cfg_scale != 1.0)
+    layout = ctx.layout(pre.length, grid)
+    sched = D._schedule(layout, "two_way", pre.embeds.device)
+    return pre, layout, sched, D._Decoder(ctx, pre, layout, use_branch, sched.order)
+
+
 @torch.inference_mode()
 def forward_growth(model, cfg_scale: float, device, reps: int = 100) -> float:
     """Time of one bare backbone forward (no branch, no head, no sampling) on an average
@@ -165,12 +176,7 @@ def forward_growth(model, cfg_scale: float, device, reps: int = 100) -> float:
     cache. Where this is well above 1 the machine is compute bound at this size: if both
     steps were that bare forward alone, decoding would reach 1 / growth of the ideal step
     ratio, and the branch, heads and sampling only add to the two-way step."""
-    ctx = model.flashar.ctx
-    grid = ctx.recipe.image.grid
-    cond = torch.zeros(1, dtype=torch.long, device=device)
-    pre = D._build_prefix(ctx, cond, None, grid, cfg_scale != 1.0)
-    layout = ctx.layout(pre.length, grid)
-    dec = D._Decoder(ctx, pre, layout, False, D._schedule(layout, "two_way", pre.embeds.device).order)
+    pre, layout, _, dec = two_way_decoder(model, torch.zeros(1, dtype=torch.long, device=device), False, cfg_scale)
     H, W = layout.height, layout.width
     start = layout.prefix_len + H * W // 2
     out = []
@@ -189,14 +195,9 @@ def two_way_steps(model, cond, use_branch: bool, cfg_scale: float):
     Used to measure what the branch adds to a step; returns the codes."""
     ctx = model.flashar.ctx
     B = cond.shape[0]
-    grid = ctx.recipe.image.grid
-    pre = D._build_prefix(ctx, cond.to(D._device(ctx)), None, grid, cfg_scale != 1.0)
-    layout = ctx.layout(pre.length, grid)
-    dev = pre.embeds.device
+    pre, layout, sched, dec = two_way_decoder(model, cond, use_branch, cfg_scale)
     Bt = pre.embeds.shape[0]
-    sched = D._schedule(layout, "two_way", dev)
-    codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
-    dec = D._Decoder(ctx, pre, layout, use_branch, sched.order)
+    codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=pre.embeds.device)
     hh, hv = dec.last
     hh = hh[:, -1:]
     hv = hv[:, -1:] if use_branch else None
@@ -287,7 +288,7 @@ def build_hf(n_layer, dim, n_head, codebook, branch_layer, grid, device, dtype, 
 
     torch.manual_seed(seed)
     offset = 256  # text ids below the image codes
-    cfg = LlamaConfig(vocab_size=offset + codebook, hidden_size=dim, intermediate_size=find_ffn(dim),
+    cfg = LlamaConfig(vocab_size=offset + codebook, hidden_size=dim, intermediate_size=find_multiple(int(2 * 4 * dim / 3), 32),
                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
                       max_position_embeddings=grid * grid + 64, tie_word_embeddings=False, attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).eval()
@@ -296,10 +297,6 @@ def build_hf(n_layer, dim, n_head, codebook, branch_layer, grid, device, dtype, 
         "condition.prefix_len": 16, "flashar.branch_layer": branch_layer})
     fa.patch(model, recipe)
     return model.to(device=device, dtype=dtype)
-
-
-def find_ffn(dim: int) -> int:
-    return 32 * ((int(2 * 4 * dim / 3) + 31) // 32)
 
 
 def bench_hf(grid, a, device, dtype, log) -> dict:

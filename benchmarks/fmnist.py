@@ -5,8 +5,9 @@
 Rows, all measured in this run on this machine: the raster base, FlashAR, the ablations
 (fixed 0.5 average instead of the gate, branch at the last layer, stage 1 only, full
 fine-tuning instead of LoRA in stage 2, the paper's loss without fused distillation) and
-the training-free ZipAR-style peer at two windows. Columns: exact test NLL in bits per token under each model's own factorisation (10k test images), Frechet distance to
-the test set in a classifier's feature space and sample accuracy (same CFG for all),
+the training-free ZipAR-style peer at two windows. Columns: exact test NLL in bits per
+token under each model's own factorisation (10k test images), Frechet distance to the test
+set in a classifier's feature space and sample accuracy (same CFG for all),
 serial steps, batch-1 latency, batch-64 throughput, and speedups over raster measured side
 by side. Writes benchmarks/results/fmnist.{json,md,png}. Ablation models come from
 ``python -m flashar_adapt.fmnist.build variants`` (trained on the spot if missing).

@@ -212,9 +212,9 @@ def _mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
     row per generate() call, so while they come from the same storage each step converts only
     the entries it has not seen yet; a row from anywhere else is converted whole."""
     row, done, src = cache.key_row or (None, 0, None)
-    B, S = allowed.shape[0], allowed.shape[-1]
-    if row is None or row.dtype != dtype or row.shape[0] != B:
-        row, done = torch.empty((B, 1, 1, cache.max_len), dtype=dtype, device=allowed.device), 0
+    S = allowed.shape[-1]
+    if row is None:  # batch and dtype are fixed for the cache's one generate() call
+        row = torch.empty((allowed.shape[0], 1, 1, cache.max_len), dtype=dtype, device=allowed.device)
     # src (kept alive here) pins the storage, so an equal address is the same, unchanged row
     if src is None or allowed.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
         done = 0
