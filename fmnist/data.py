@@ -35,6 +35,12 @@ def _read_idx(path: Path, magic: int, ndim: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*dims)
 
 
+def dataset_files(root: Path | None = None) -> list[Path]:
+    """The four idx files the default expects under ``root``."""
+    root = Path(root or DEFAULT_DIR)
+    return [root / name for pair in _FILES.values() for name in pair]
+
+
 def load_fmnist(split: str, root: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of the 'train' (60k) or 'test' (10k) split."""
     if split not in _FILES:

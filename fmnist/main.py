@@ -7,7 +7,10 @@ quality numbers (NLL, Frechet distance, sample accuracy).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,15 +19,45 @@ from . import ASSETS
 from .data import CLASS_NAMES
 
 
+def missing_inputs(args) -> str | None:
+    """What the demo cannot run without, as one line naming the fix; None when all is there.
+    Checked before any long work, so a fresh machine fails in a second, not after the timings."""
+    from .data import DEFAULT_DIR, dataset_files
+
+    absent = [p for p in dataset_files(DEFAULT_DIR) if not p.is_file()]
+    if absent:
+        return (f"Fashion-MNIST is missing ({absent[0]} not found): run `apt-get install -y dataset-fashion-mnist` "
+                "as root (scripts/demo.sh does this), or set FMNIST_DIR to a folder holding the idx files")
+    if args.retrain:
+        for mod in ("accelerate", "peft", "transformers"):
+            if importlib.util.find_spec(mod) is None:
+                return (f"--retrain needs the training extras ({mod} is not installed): "
+                        "run `pip install -c constraints.txt -e '.[train]'` (scripts/demo.sh does this)")
+    for bad in ("samples", "nll_images", "repeat"):
+        if getattr(args, bad) < 1:
+            return f"--{bad.replace('_', '-')} must be at least 1, got {getattr(args, bad)}"
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the output folder {out}: {e.strerror}"
+    if not os.access(out, os.W_OK):
+        return f"the output folder {out} is not writable"
+    return None
+
+
 def run(args) -> int:
     from .evaluate import (Judge, decoder, image_grid, load_base, load_flashar, nll_bits, sample_codes,
                            save_side_by_side, speed, steps_of)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if not (ASSETS / "flashar" / "flashar_config.json").is_file():
         print(f"the shipped Fashion-MNIST assets are missing under {ASSETS}; running the tiny random-model demo")
         return tiny_demo(args)
+    problem = missing_inputs(args)
+    if problem:
+        print(f"flashar-adapt demo: {problem}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
     base = load_base()
     if args.retrain:
         from flashar_adapt import export_merged, train

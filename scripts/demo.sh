@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: builds its own venv from nothing, installs the project, runs the demo.
+# Installs what every demo option needs (--retrain trains, so the training extras too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/setup.sh
 VENV="${VENV:-.venv-demo}"
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q -c constraints.txt torch==2.13.0
-"$VENV/bin/pip" install -q -c constraints.txt -e ".[plots]"
+ensure_fashion_mnist
+make_venv "$VENV" "plots,train"
 exec "$VENV/bin/flashar-adapt" demo "$@"

@@ -11,6 +11,7 @@ import torch
 import flashar_adapt as fa
 from flashar_adapt.export import ExportError, load_flashar_weights
 from flashar_adapt.training import TrainConfig, train
+from numerics import assert_same_math
 from train_helpers import hf_run, llamagen_run
 
 
@@ -26,6 +27,7 @@ def _inputs(model):
     return cond, mask, codes
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["llamagen", "transformers"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_export_and_reload_are_identical(tmp_path, family, lora):
@@ -54,7 +56,8 @@ def test_export_and_reload_are_identical(tmp_path, family, lora):
             assert not any("flashar" in k or "lora" in k for k in f.keys())
     again = fa.load_adapted(out)
     for m in ("two_way", "raster"):
-        assert (fa.logits(again, cond, codes, mode=m, cond_mask=mask) - before[m]).abs().max() <= 1e-5
+        # merging LoRA into the weights sums W + BA once instead of per call: same math, other order
+        assert_same_math(fa.logits(again, cond, codes, mode=m, cond_mask=mask), before[m], layers=5, width=96)
         assert torch.equal(again.generate(cond, mode=m, top_k=1, cond_mask=mask), gen[m])
 
 

@@ -9,6 +9,7 @@ import torch
 import flashar_adapt as fa
 from flashar_adapt import decoding
 import tiny
+from numerics import assert_same_math
 
 
 def _llamagen():
@@ -129,6 +130,7 @@ def _fast_path_calls(model):
     return calls, lambda: setattr(llamagen._DualBlock, "__call__", orig)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("n_kv_head,cfg,batch", [(None, 1.0, 1), (None, 3.0, 3), (2, 3.0, 2)])
 def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head, cfg, batch):
     """The LlamaGen fast path (backbone block + branch copy as one batched block) must give
@@ -157,9 +159,11 @@ def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head,
     assert len(calls) == 7  # prefill + one per fed anti-diagonal on a 4x4 grid
     monkeypatch.setattr(llamagen._DualBlock, "eligible", staticmethod(lambda *a: False))
     slow = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
+    # Sampled codes match exactly: the two paths' probabilities differ by float32 round-off, so
+    # a draw flips only if it lands within ~1e-6 of a bin edge (odds ~1e-4 over these 48 draws).
     assert torch.equal(fast, slow)
-    for a, b in zip(fast_steps, steps, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_steps, steps, strict=True):  # the batched block sums in another order
+        assert_same_math(a, b, layers=5, width=96)
 
 
 def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers():
