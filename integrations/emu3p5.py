@@ -91,6 +91,26 @@ def grid_for_aspect_ratio(aspect_ratio: str) -> tuple[int, int]:
     return ASPECT_RATIOS[aspect_ratio]
 
 
+def image_token_ids(model, codes: torch.Tensor) -> torch.Tensor:
+    """The image as upstream writes it, for ``codes`` [B, H, W] from a patched model's
+    ``generate``: the recipe's forced tokens (BOI "H*W" IMG), the rows at their vocabulary ids
+    closed by end-of-line, the last row by ``image.last_row_end`` (EOI): [B, n]. Decoding
+    this with the Emu3.5 tokenizer gives the string upstream's ``multimodal_decode`` parses."""
+    from flashar_adapt.patching import context
+
+    ctx = context(model)
+    im = ctx.recipe.image
+    B, H, W = codes.shape
+    ids = codes.long() + im.visual_token_offset
+    if im.eol_token is not None:
+        ids = torch.cat([ids, ids.new_full((B, H, 1), im.eol_token)], 2)
+    ids = ids.flatten(1)
+    if im.eol_token is not None and im.last_row_end is not None:
+        ids[:, -1] = im.last_row_end
+    meta = ids.new_tensor(ctx.meta_ids((H, W))).expand(B, -1)
+    return torch.cat([meta, ids], 1)
+
+
 def _drop_output(module, args, output):
     """Forward hook: the official residual dropout on a sub-block's output (identity in eval)."""
     if isinstance(output, tuple):

@@ -82,7 +82,8 @@ def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor, dropout=None) -> to
         a = drop(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + causal, -1)) @ v
         x = x + drop(a.transpose(1, 2).reshape(1, T, nh * hd) @ p("self_attn.o_proj").T)
         h = rms(x, p("post_attention_layernorm"))
-        x = x + drop((torch.nn.functional.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T)
+        m = torch.nn.functional.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)
+        x = x + drop(m @ p("mlp.down_proj").T)
     return rms(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
 
 
@@ -180,7 +181,6 @@ def test_layout_without_last_eol_is_the_full_layout_minus_its_last_slot(P, H, W)
     assert sorted(fed.tolist()) == list(range(P, L))  # every image slot fed exactly once
     for a, b in zip(cut.step_plan, full.step_plan):
         assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
-    assert Layout(P, H, W, False, eol_last=False) == Layout(P, H, W, False, eol_last=False)
     assert Layout(P, H, W, False, eol_last=False).seq_len == P + H * W  # no end-of-line at all: nothing to drop
 
 
@@ -218,6 +218,7 @@ def test_two_way_and_raster_follow_upstreams_sequence(patched, H, W, T, seed):
     # same decoder, same inputs at the same positions; only the mask form differs (additive 4D vs causal)
     assert (raster - own[cell_slots - 1, BOV:]).abs().max() <= 1e-4
     assert patched.flashar.ctx.layout(P, (H, W)).seq_len == len(seq) - 1  # the layout stops at the last code
+    assert emu3p5.image_token_ids(patched, codes)[0].tolist() == seq[len(prompt):]  # what upstream decodes
 
 
 def test_recipe_field_last_row_end():
