@@ -126,7 +126,7 @@ def _drop_embeddings(module, args, kwargs):
     if embeds is None:
         ids = kwargs.pop("input_ids", None)
         if ids is None and args:
-            ids, args = args[0], args[1:]
+            ids, args = args[0], (None, *args[1:])  # keep the other positional arguments in place
         if ids is None:
             return None
         embeds = module.embed_tokens(ids)

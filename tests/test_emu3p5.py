@@ -201,14 +201,16 @@ def patched(tmp_path_factory):
     return model
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(H=st.integers(1, 4), W=st.integers(1, 4), T=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_two_way_and_raster_follow_upstreams_sequence(patched, H, W, T, seed):
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(H=st.integers(1, 4), W=st.integers(1, 4), T=st.integers(1, 3), cfg=st.sampled_from([1.0, 5.0]),
+       seed=st.integers(0, 2**16))
+def test_two_way_and_raster_follow_upstreams_sequence(patched, H, W, T, cfg, seed):
     g = torch.Generator().manual_seed(seed)
     prompt = [BOS] + torch.randint(30, 3000, (T,), generator=g).tolist() + [BSS]
-    cond = torch.tensor([prompt])
-    codes = patched.generate(cond, grid=(H, W), top_k=1)
-    assert torch.equal(fa.logits(patched, cond, codes).argmax(-1), codes)  # greedy two-way == teacher forcing
+    cond = torch.tensor([prompt])  # with CFG: shorter than the 16-id unconditional prompt, so left-padded
+    codes = patched.generate(cond, grid=(H, W), top_k=1, cfg_scale=cfg)
+    # greedy two-way == teacher forcing
+    assert torch.equal(fa.logits(patched, cond, codes, cfg_scale=cfg).argmax(-1), codes)
     seq = _upstream_sequence(prompt, codes[0])
     with torch.no_grad():
         own = patched(input_ids=torch.tensor([seq])).logits[0]
@@ -269,6 +271,11 @@ def test_dropout_in_train_mode_is_the_official_one(tmp_path, monkeypatch):
         ref = reference_logits(cfg, sd, ids, dropout=lambda x: theirs(x, 0.3))
     assert ours.calls == theirs.calls == 1 + 3 * cfg["num_hidden_layers"]
     assert (got - ref).abs().max() <= 1e-4  # same masks at the same places; fp32 summation order only
+    again = _Masks()
+    monkeypatch.setattr(torch.nn.functional, "dropout", again)
+    with torch.no_grad():
+        positional = model.model(ids).last_hidden_state  # input_ids passed positionally: dropped the same way
+    assert again.calls == ours.calls and (model.lm_head(positional) - got).abs().max() == 0
 
 
 def test_dropout_reaches_the_branch_and_stops_in_eval(tmp_path, monkeypatch):
