@@ -59,7 +59,7 @@ class Layout:
 
     @cached_property
     def eol_slots(self) -> torch.Tensor:
-        """[H] slot of every end-of-line token (empty without end-of-line)."""
+        """[n_eol] slot of every end-of-line token (H, H - 1 without the last row's, or none)."""
         return self.prefix_len + torch.arange(self.n_eol) * self.row_len + self.width
 
     @cached_property

@@ -49,10 +49,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from flashar_adapt.backends import register_backend
+from flashar_adapt.patching import context
 
 from .hf import TransformersBackend
 
@@ -96,8 +97,6 @@ def image_token_ids(model, codes: torch.Tensor) -> torch.Tensor:
     ``generate``: the recipe's forced tokens (BOI "H*W" IMG), the rows at their vocabulary ids
     closed by end-of-line, the last row by ``image.last_row_end`` (EOI): [B, n]. Decoding
     this with the Emu3.5 tokenizer gives the string upstream's ``multimodal_decode`` parses."""
-    from flashar_adapt.patching import context
-
     ctx = context(model)
     im = ctx.recipe.image
     B, H, W = codes.shape
