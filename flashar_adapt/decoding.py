@@ -266,7 +266,8 @@ def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", con
     if layout.eol:
         e = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device))
         img = torch.cat([img, e.to(img.dtype).view(1, 1, 1, -1).expand(B, H, 1, -1)], 2)
-    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)
+    # [:seq_len]: a layout without an end-of-line after the last row (eol_last=False) drops it
+    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :layout.seq_len]
     L = layout.seq_len
     dev = embeds.device
     slots = torch.arange(L, device=dev)

@@ -99,11 +99,14 @@ def _default_grid(recipe: Recipe) -> tuple[int, int]:
 # ---------------------------------------------------------------- references
 
 def _image_ids(ctx, codes):
-    """Codes at their vocabulary ids, rows closed by the end-of-line token: [B, H * row_len]."""
+    """Codes at their vocabulary ids, rows closed by the end-of-line token, the last row by
+    ``image.last_row_end`` where the recipe has one: [B, H * row_len]."""
     im = ctx.recipe.image
     ids = codes + im.visual_token_offset
     if im.eol_token is not None:
         ids = torch.cat([ids, torch.full((*codes.shape[:2], 1), im.eol_token, dtype=ids.dtype, device=ids.device)], 2)
+        if im.last_row_end is not None:
+            ids[:, -1, -1] = im.last_row_end
     return ids.flatten(1)
 
 
@@ -131,6 +134,7 @@ def _hidden_rule(ctx, cond, codes, grid):
         e = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device)).to(img.dtype)
         img = torch.cat([img, e.view(1, 1, 1, -1).expand(B, codes.shape[1], 1, -1)], 2)
     embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)
+    embeds = embeds[:, :ctx.layout(pre.length, grid).seq_len]  # no end-of-line after the last row if eol_last=False
     out = ctx.decoder(inputs_embeds=embeds, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     idx = _pred_index(ctx, pre.length, grid)
@@ -239,8 +243,12 @@ def _check_layout_hints(ctx, rep, cond, codes, grid):
         with torch.no_grad():
             out = ctx.model(input_ids=seq, use_cache=False)
         lg = out.logits if hasattr(out, "logits") else out[0]
-        eol_hit = (lg[:, lay.eol_slots - 1].argmax(-1) == im.eol_token).float().mean().item()
-        msg += f", the end-of-line token at {eol_hit:.0%} of row ends"
+        ends = lay.cell_slots[:, -1]  # the output at each row's last code predicts the row's end token
+        want = torch.full((lay.height,), im.eol_token, device=lg.device)
+        if im.last_row_end is not None:
+            want[-1] = im.last_row_end
+        eol_hit = (lg[:, ends.to(lg.device)].argmax(-1) == want).float().mean().item()
+        msg += f", the row-end token at {eol_hit:.0%} of row ends"
     rep.add("layout", INFO, msg + " (near 100% on a trained model; else check image.visual_token_offset / "
                                   "image.before / image.eol_token)")
 

@@ -5,6 +5,10 @@ The raster sequence is ``prefix`` (condition + forced meta tokens, ``P`` slots) 
 ``H`` rows of ``W`` codes, each row optionally closed by a forced end-of-line token. An
 end-of-line token of row ``i`` is treated as cell ``(i, W)``: it lives on anti-diagonal
 ``i + W``, so it enters the cache together with that diagonal.
+
+With ``eol_last=False`` the last row has no end-of-line token: the sequence ends with the
+last code (models such as Emu3.5 follow it with an end-of-image token instead, which no code
+ever attends to, so it is not a slot of the layout).
 """
 from __future__ import annotations
 
@@ -20,14 +24,20 @@ class Layout:
     height: int
     width: int
     eol: bool
+    eol_last: bool = True  # with eol: whether the last row is closed by an end-of-line token too
 
     @property
     def row_len(self) -> int:
         return self.width + int(self.eol)
 
     @property
+    def n_eol(self) -> int:
+        """Number of end-of-line tokens in the sequence."""
+        return (self.height - int(not self.eol_last)) if self.eol else 0
+
+    @property
     def seq_len(self) -> int:
-        return self.prefix_len + self.height * self.row_len
+        return self.prefix_len + self.height * self.width + self.n_eol
 
     @property
     def num_steps_two_way(self) -> int:
@@ -49,16 +59,14 @@ class Layout:
 
     @cached_property
     def eol_slots(self) -> torch.Tensor:
-        """[H] slot of every end-of-line token (empty without end-of-line)."""
-        if not self.eol:
-            return torch.zeros(0, dtype=torch.long)
-        return self.prefix_len + torch.arange(self.height) * self.row_len + self.width
+        """[n_eol] slot of every end-of-line token (H, H - 1 without the last row's, or none)."""
+        return self.prefix_len + torch.arange(self.n_eol) * self.row_len + self.width
 
     @cached_property
     def slot_diagonal(self) -> torch.Tensor:
         """[L] anti-diagonal of every slot; -1 for prefix slots."""
         d = torch.full((self.seq_len,), -1, dtype=torch.long)
-        r = torch.arange(self.height * self.row_len)
+        r = torch.arange(self.seq_len - self.prefix_len)
         d[self.prefix_len:] = r // self.row_len + r % self.row_len
         return d
 
@@ -107,7 +115,7 @@ class Layout:
         slots = self.prefix_len + i * self.row_len + j
         if self.eol:
             r = t - self.width
-            if 0 <= r < self.height:
+            if 0 <= r < self.n_eol:
                 slots = torch.cat([slots, torch.tensor([self.prefix_len + r * self.row_len + self.width])])
         return slots
 

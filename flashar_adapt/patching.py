@@ -45,7 +45,7 @@ class PatchContext:
         return self.model.flashar
 
     def layout(self, prefix_len: int, grid: tuple[int, int]) -> Layout:
-        return Layout(prefix_len, grid[0], grid[1], self.recipe.eol)
+        return Layout(prefix_len, grid[0], grid[1], self.recipe.eol, self.recipe.eol_last)
 
     def meta_ids(self, grid: tuple[int, int]) -> list[int]:
         """Forced tokens between the condition and the first code, for this grid."""
@@ -137,6 +137,8 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     _check_ids(list(im.digit_ids), "image.digit_ids", vocab, src)
     if im.eol_token is not None:
         _check_ids([im.eol_token], "image.eol_token", vocab, src)
+    if im.last_row_end is not None:
+        _check_ids([im.last_row_end], "image.last_row_end", vocab, src)
     if im.size_token_offset is not None:
         for g in im.grid:
             _check_ids([im.size_token_offset + g // im.size_token_divisor], "image.size_token_offset", vocab, src)

@@ -65,6 +65,7 @@ class Image:
     eol_token: int | None = None
     size_token_offset: int | None = None  # "{size_H}" / "{size_W}" in before = this + H (or W) // size_token_divisor
     size_token_divisor: int = 1
+    last_row_end: int | None = None  # id after the last code in place of the last row's eol_token (end-of-image)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ class Recipe:
     @property
     def eol(self) -> bool:
         return self.image.eol_token is not None
+
+    @property
+    def eol_last(self) -> bool:
+        """Whether the last row is closed by ``image.eol_token`` too (not by ``image.last_row_end``)."""
+        return self.image.last_row_end is None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -296,12 +302,16 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
                 f"{list(grid)} must be divisible by image.size_token_divisor ({size_div})", src)
     variable = im.get("variable_grid", False)
     _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {variable!r}", src)
+    if im.get("last_row_end") is not None:
+        _expect(im.get("eol_token") is not None, "image.last_row_end",
+                "takes the place of the last row's image.eol_token, so it needs image.eol_token", src)
     image = Image(
         codebook_size=codebook, grid=(int(grid[0]), int(grid[1])),
         visual_token_offset=_int(im, "image", "visual_token_offset", src, minimum=0, optional=True) or 0,
         variable_grid=variable, before=tuple(before), digit_ids=digits,
         eol_token=_int(im, "image", "eol_token", src, minimum=0, optional=True),
         size_token_offset=size_offset, size_token_divisor=size_div,
+        last_row_end=_int(im, "image", "last_row_end", src, minimum=0, optional=True),
     )
 
     f = data.get("flashar", {}) or {}

@@ -24,7 +24,18 @@ the official ones. Only the config differs: the official ``config.json`` (model_
 ``Emu3``, ``architectures: [Emu3ForCausalLM]``, an ``auto_map`` to the remote code) is read
 here and mapped onto a ``Qwen3Config``; the image token ids it carries (``img_token_id``,
 ``boi_token_id``, ``eoi_token_id``, ``eol_token_id``, ...) stay on the config so recipes can
-match on them. Dropout in the official layers is inactive in eval mode and has no weights.
+match on them.
+
+Training behaviour follows the official modelling file too: ``attention_dropout`` (official
+default 0.1) drops, in train mode only, the input embeddings (``Emu3Model.dropout``), the
+attention probabilities, and the attention and MLP outputs before each residual add
+(``Emu3DecoderLayer.dropout``). ``rope_scaling`` ``{"type": "linear" | "dynamic", "factor"}``
+maps onto transformers' rope types of the same names (positions divided by the factor; NTK
+base ``theta * (factor * n / max_pos - factor + 1) ** (d / (d - 2))`` for a sequence of
+``n > max_position_embeddings`` positions, as the official
+``Emu3DynamicNTKScalingRotaryEmbedding`` computes it on a fresh model). FlashAR's grids are
+refused past ``max_position_embeddings``, so dynamic scaling never changes a patched model's
+decoding or teacher forcing.
 
 Usage (see recipes/emu3.5-image.yaml)::
 
@@ -39,8 +50,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from flashar_adapt.backends import register_backend
+from flashar_adapt.patching import context
 
 from .hf import TransformersBackend
 
@@ -52,9 +65,73 @@ except ImportError:  # transformers is an optional dependency; the backend then 
 # official config.json key -> Qwen3Config key (same meaning)
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-              "initializer_range", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")
-# token-layout keys kept verbatim on the config (recipes match on them; METHOD.md / Emu3 config defaults)
+              "initializer_range", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+              "attention_dropout")
+# defaults of the official Emu3Config (baaivision/Emu3.5 src/emu3p5/configuration_emu3.py) for keys a
+# config.json leaves out
+_OFFICIAL_DEFAULTS = dict(head_dim=128, num_key_value_heads=8, max_position_embeddings=9216, rms_norm_eps=1e-5,
+                          rope_theta=1e6, tie_word_embeddings=False, attention_dropout=0.1, hidden_act="silu",
+                          initializer_range=0.02)
+# token-layout keys kept verbatim on the config (recipes match on them; official Emu3Config defaults)
 TOKEN_KEYS = ("img_token_id", "boi_token_id", "eoi_token_id", "eol_token_id", "eof_token_id", "image_area")
+
+# Emu3.5-Image t2i aspect ratios as (H, W) visual tokens: baaivision/Emu3.5 configs/example_config_t2i.py
+# ``aspect_ratios`` (image_area 1048576 px, 16x down-sampling; "H*W" strings there). "auto" (the model
+# picks its size) has no entry: two-way decoding needs the grid before the first step.
+ASPECT_RATIOS = {"4:3": (55, 73), "21:9": (41, 97), "16:9": (47, 85), "3:2": (52, 78), "1:1": (64, 64),
+                 "3:4": (73, 55), "9:16": (85, 47), "2:3": (78, 52), "default": (55, 73)}
+
+
+def grid_for_aspect_ratio(aspect_ratio: str) -> tuple[int, int]:
+    """The (H, W) token grid Emu3.5-Image uses for ``aspect_ratio`` (width:height as upstream
+    writes it: "16:9" -> (47, 85), "default" -> (55, 73)); pass it as ``generate(grid=...)``."""
+    if aspect_ratio not in ASPECT_RATIOS:
+        hint = (" (upstream's 'auto' lets the model choose; two-way decoding needs the grid up front)"
+                if aspect_ratio == "auto" else "")
+        raise ValueError(f"unknown aspect ratio {aspect_ratio!r}{hint}; known: {', '.join(ASPECT_RATIOS)}")
+    return ASPECT_RATIOS[aspect_ratio]
+
+
+def image_token_ids(model, codes: torch.Tensor) -> torch.Tensor:
+    """The image as upstream writes it, for ``codes`` [B, H, W] from a patched model's
+    ``generate``: the recipe's forced tokens (BOI "H*W" IMG), the rows at their vocabulary ids
+    closed by end-of-line, the last row by ``image.last_row_end`` (EOI): [B, n]. Decoding
+    this with the Emu3.5 tokenizer gives the string upstream's ``multimodal_decode`` parses."""
+    ctx = context(model)
+    im = ctx.recipe.image
+    B, H, W = codes.shape
+    ids = codes.long() + im.visual_token_offset
+    if im.eol_token is not None:
+        ids = torch.cat([ids, ids.new_full((B, H, 1), im.eol_token)], 2)
+    ids = ids.flatten(1)
+    if im.eol_token is not None and im.last_row_end is not None:
+        ids[:, -1] = im.last_row_end
+    meta = ids.new_tensor(ctx.meta_ids((H, W))).expand(B, -1)
+    return torch.cat([meta, ids], 1)
+
+
+def _drop_output(module, args, output):
+    """Forward hook: the official residual dropout on a sub-block's output (identity in eval)."""
+    if isinstance(output, tuple):
+        return (module.output_dropout(output[0]),) + tuple(output[1:])
+    return module.output_dropout(output)
+
+
+def _drop_embeddings(module, args, kwargs):
+    """Forward pre-hook on the decoder: the official dropout of the input embeddings, in train mode."""
+    if not module.training or module.dropout.p == 0:
+        return None
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        ids = kwargs.pop("input_ids", None)
+        if ids is None and args:
+            ids, args = args[0], (None, *args[1:])  # keep the other positional arguments in place
+        if ids is None:
+            return None
+        embeds = module.embed_tokens(ids)
+    kwargs["inputs_embeds"] = module.dropout(embeds)
+    return args, kwargs
+
 
 if Qwen3ForCausalLM is not None:
 
@@ -62,6 +139,16 @@ if Qwen3ForCausalLM is not None:
         """Emu3.5's ``Emu3ForCausalLM`` (same module names, same math), loadable without remote code."""
 
         _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+        def __init__(self, config):
+            super().__init__(config)
+            p = float(getattr(config, "attention_dropout", 0.0) or 0.0)  # also the attention probabilities' rate
+            self.model.dropout = nn.Dropout(p)
+            self.model.register_forward_pre_hook(_drop_embeddings, with_kwargs=True)
+            for layer in self.model.layers:
+                for block in (layer.self_attn, layer.mlp):
+                    block.output_dropout = nn.Dropout(p)  # a child of the block, so deep copies get their own
+                    block.register_forward_hook(_drop_output)
 else:  # pragma: no cover
     Emu3p5ForCausalLM = None
 
@@ -70,17 +157,17 @@ def config_from_official(cfg: dict):
     """Map an official Emu3.5 ``config.json`` dict onto a Qwen3Config (with the token ids kept)."""
     if Qwen3Config is None:
         raise ImportError("Emu3.5 support needs transformers: pip install 'flashar-adapt[hf]'")
-    if cfg.get("rope_scaling"):
-        raise NotImplementedError(f"rope_scaling {cfg['rope_scaling']!r} is not supported by this loader")
     if cfg.get("pretraining_tp", 1) != 1:
         raise NotImplementedError("pretraining_tp > 1 is not supported (it only re-slices the same math)")
-    kw = {k: cfg[k] for k in _SIZE_KEYS if k in cfg}
-    kw["head_dim"] = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kw.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    kw.setdefault("rms_norm_eps", 1e-5)
-    kw.setdefault("rope_theta", 1e6)
-    kw.setdefault("tie_word_embeddings", False)
+    kw = {k: cfg[k] for k in _SIZE_KEYS if cfg.get(k) is not None}
+    kw["head_dim"] = cfg.get("head_dim") or _OFFICIAL_DEFAULTS["head_dim"]
+    if "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None:
+        kw["num_key_value_heads"] = cfg["num_attention_heads"]  # the official config's backward-compatible rule
+    for k, v in _OFFICIAL_DEFAULTS.items():
+        kw.setdefault(k, v)
     kw["attention_bias"] = False
+    if cfg.get("rope_scaling"):
+        kw["rope_parameters"] = _rope_parameters(cfg["rope_scaling"], kw.pop("rope_theta"))
     config = Qwen3Config(**kw)
     for k in TOKEN_KEYS:
         if k in cfg:
@@ -88,6 +175,17 @@ def config_from_official(cfg: dict):
     config.emu3p5_official_config = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}
     config._attn_implementation = "sdpa"
     return config
+
+
+def _rope_parameters(scaling, theta: float) -> dict:
+    """Official ``rope_scaling`` ({"type", "factor"}: linear or dynamic) -> transformers' rope parameters."""
+    kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if kind not in ("linear", "dynamic"):
+        raise ValueError(f"rope_scaling {scaling!r}: type must be 'linear' or 'dynamic' (the official Emu3Config's)")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(f"rope_scaling {scaling!r}: factor must be a number > 1")
+    return {"rope_type": kind, "factor": float(factor), "rope_theta": float(theta)}
 
 
 def official_config(model) -> dict:
@@ -100,6 +198,9 @@ def official_config(model) -> dict:
         elif hasattr(c, k):
             out[k] = getattr(c, k)
     out["head_dim"] = c.head_dim
+    rp = c.rope_parameters or {}
+    if rp.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {"type": rp["rope_type"], "factor": rp["factor"]}
     for k in TOKEN_KEYS:
         if hasattr(c, k):
             out[k] = getattr(c, k)

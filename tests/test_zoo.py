@@ -9,7 +9,6 @@ and reloads. Also: the size-token schema extension, auto-match, and recipe entry
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -206,41 +205,10 @@ def test_emu3_token_ids_follow_the_public_tokenizer_numbering():
     assert fa.load_recipe("emu3-gen").condition.uncond_ids == (extra(203),)  # BOS <|extra_203|>
 
 
-def _reference_emu3p5_logits(cfg, sd, ids):
-    """The official Emu3.5 decoder math written out from modeling_emu3.py: pre-norm blocks,
-    per-head RMSNorm on q and k before rotate-half RoPE, GQA, causal softmax, SiLU-gated MLP."""
-    eps, theta, hd = cfg["rms_norm_eps"], cfg["rope_theta"], cfg["head_dim"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-
-    def rms(x, w):
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-    def rot(x):
-        return torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1)
-
-    T = ids.shape[1]
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
-    ang = torch.outer(torch.arange(T).float(), inv)
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    x = sd["model.embed_tokens.weight"][ids]
-    causal = torch.full((T, T), float("-inf")).triu(1)
-    for i in range(cfg["num_hidden_layers"]):
-        p = lambda n: sd[f"model.layers.{i}.{n}.weight"]  # noqa: E731
-        h = rms(x, p("input_layernorm"))
-        q = rms((h @ p("self_attn.q_proj").T).view(1, T, nh, hd), p("self_attn.q_norm")).transpose(1, 2)
-        k = rms((h @ p("self_attn.k_proj").T).view(1, T, nkv, hd), p("self_attn.k_norm")).transpose(1, 2)
-        v = (h @ p("self_attn.v_proj").T).view(1, T, nkv, hd).transpose(1, 2)
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + causal, -1) @ v
-        x = x + a.transpose(1, 2).reshape(1, T, nh * hd) @ p("self_attn.o_proj").T
-        h = rms(x, p("post_attention_layernorm"))
-        x = x + (torch.nn.functional.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
-    return rms(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
-
-
 @pytest.mark.numerics
 def test_emu3p5_official_layout_to_export(tmp_path):
+    from test_emu3p5 import reference_logits  # the official decoder math, written out by hand
+
     cfg = tiny.emu3p5_official_config()
     sd = tiny.emu3p5_state_dict(cfg)
     tiny.write_emu3p5_official(tmp_path / "Emu3.5-Image", cfg, sd)
@@ -249,7 +217,7 @@ def test_emu3p5_official_layout_to_export(tmp_path):
     assert set(model.state_dict()) == set(sd)  # the official module names, nothing more
     ids = torch.tensor([[151849, 30, 31, 151852, 17, 9, 18, 151851, 151854 + 7, 151854 + 99, 151846]])
     with torch.no_grad():
-        ref = _reference_emu3p5_logits(cfg, sd, ids)
+        ref = reference_logits(cfg, sd, ids)
         own = model(input_ids=ids).logits
     assert_same_math(own, ref, layers=5, width=32)  # same math as the official modelling file, other op order
     fa.patch(model, grid=[2, 3])  # no recipe: auto-matched
