@@ -238,8 +238,8 @@ def test_guide_runs_as_written(doc, _isolated):
 
 # ---------------------------------------------------------------- api.md signatures
 
-def _params(arglist: str) -> list[str] | None:
-    """Parameter names of a documented signature, or None if it is a call, not a signature."""
+def _split(arglist: str) -> list[str]:
+    """Top-level comma-separated pieces (commas inside brackets or quotes do not split)."""
     parts, depth, cur, quote = [], 0, "", None
     for ch in arglist:
         if quote:
@@ -256,8 +256,13 @@ def _params(arglist: str) -> list[str] | None:
             continue
         cur += ch
     parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def _params(arglist: str) -> list[str] | None:
+    """Parameter names of a documented signature, or None if it is a call, not a signature."""
     names = []
-    for p in (p.strip() for p in parts):
+    for p in _split(arglist):
         if p in ("*", "") or p == "/":
             continue
         name = p.lstrip("*").split("=")[0].strip()
@@ -271,6 +276,21 @@ def _real(fn) -> list[str]:
     return [p for p in inspect.signature(fn).parameters]
 
 
+def _defaults(arglist: str) -> dict[str, str]:
+    """Documented defaults (``name=value``) as source text."""
+    return {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in _split(arglist) if "=" in p)}
+
+
+def _check_defaults(name: str, fn, arglist: str) -> None:
+    import ast
+
+    params = inspect.signature(fn).parameters
+    for key, text in _defaults(arglist).items():
+        want = params[key].default
+        assert want is not inspect.Parameter.empty, f"api.md gives fa.{name}'s {key} a default; the code has none"
+        assert ast.literal_eval(text) == want, f"api.md: fa.{name}({key}={text}), the code's default is {want!r}"
+
+
 def test_api_signatures():
     """Every `fa.name(...) -> ...` in api.md lists exactly the function's parameters, in order;
     the functions the issue found undocumented are there."""
@@ -281,12 +301,14 @@ def test_api_signatures():
         assert names is not None, f"api.md: cannot read the signature of fa.{name}: {m.group(0)}"
         assert names == _real(getattr(fa, name)), f"api.md documents fa.{name}({', '.join(names)}), " \
                                                   f"the code has {inspect.signature(getattr(fa, name))}"
+        _check_defaults(name, getattr(fa, name), m.group(2))
         seen.add(name)
     for name in ("score", "check", "train", "load_adapted", "inspect_model", "teacher_forward", "list_backends",
                  "logits", "patch", "load_recipe", "list_recipes", "export_merged", "recipe_from_dict", "sample"):
         assert name in seen, f"api.md has no `fa.{name}(...) -> ...` signature"
     gen = re.search(r"codes = model\.generate\((cond, \*[^)]*)\)", text, re.S)
     assert gen and _params(gen.group(1)) == _real(fa.generate)[1:], "api.md's model.generate signature is stale"
+    _check_defaults("generate", fa.generate, " ".join(gen.group(1).split()))
 
 
 def test_exports_a_user_looks_for():
@@ -321,3 +343,6 @@ def test_tables_catch_a_drift(tmp_path):
     stale = [r.replace("| `8` |", "| `16` |") if r.startswith("| `batch_size`") else r for r in table]
     assert stale != table and config_reference.render(stale) != stale
     assert _params("model, cond, codes, mode") != _real(fa.score)
+    with pytest.raises(AssertionError, match="default is 'two_way'"):
+        _check_defaults("score", fa.score, 'model, cond, codes, mode="raster", cond_mask=None')
+    assert _defaults('model, x=(1, 2), *, y="a,b", **kw') == {"x": "(1, 2)", "y": '"a,b"'}
