@@ -19,6 +19,11 @@ How a block runs is said by an HTML comment right above it (invisible when rende
 
 Blocks of one guide share a folder and a Python namespace, in the order they appear, as a
 reader following the guide would. Commands are `flashar-adapt ...`, run in-process.
+
+The stand-ins (`given`): `gpt2 PATH` (a 4-layer GPT-2 save_pretrained folder),
+`llamagen-checkpoint PATH KEY=VALUE...` (random weights of `ModelArgs(KEY=VALUE...)` in the
+official `{"model": state_dict}` layout), `class-batches NAME grid=H codebook=K classes=C`
+(`NAME` = two batches of 4 random `(codes, labels)`).
 """
 from __future__ import annotations
 
