@@ -9,6 +9,7 @@ from .heads import FlashARModules, FusionGate, ImageHead
 from .inspection import inspect_model
 from .patching import context, patch, unpatch
 from .recipe import Recipe, RecipeError, list_recipes, load_recipe, recipe_from_dict
+from .training import StageConfig, TrainConfig, TrainingError
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "Backend", "FlashARModules", "Report", "check", "inspect_model", "FusionGate", "ImageHead", "Layout", "Recipe", "RecipeError",
     "context", "export_merged", "generate", "load_adapted", "train", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
     "recipe_from_dict", "register_backend", "sample", "score", "teacher_forward", "unpatch",
+    "StageConfig", "TrainConfig", "TrainingError",
 ]

@@ -7,18 +7,22 @@ A recipe's ``match:`` section is data::
       config: {text_config.hidden_size: 2048}   # dotted paths into model.config, exact values
 
 Every condition must hold. Among the recipes that match, the one with the most conditions
-wins (a more specific recipe beats a generic one); a tie between different recipes is an
-error, because guessing would silently pick the wrong token layout.
+wins (a more specific recipe beats a generic one). Between equally specific recipes, the one
+from the folder searched first wins, the same order that resolves names: a user's recipe
+beats a shipped one. A tie within one folder is an error, because guessing would silently
+pick the wrong token layout. Candidates are named by their registry name (the file stem),
+the name ``recipe=`` accepts.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from .recipe import Recipe, RecipeError, list_recipes, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, recipe_files
 
 _MISSING = object()
 MATCH_KEYS = ("class", "config")
@@ -31,6 +35,7 @@ class Candidate:
     matched: bool
     score: int
     reason: str
+    rank: int = 0  # position of the recipe's folder on the search path (0 = searched first)
 
 
 def config_value(config: Any, path: str) -> Any:
@@ -88,13 +93,13 @@ def evaluate(model: nn.Module, recipe: Recipe) -> Candidate:
 
 def candidates(model: nn.Module, extra_dirs: list[str | os.PathLike] | None = None) -> list[Candidate]:
     out = []
-    for name in list_recipes(extra_dirs):
+    for f in recipe_files(extra_dirs):
         try:
-            recipe = load_recipe(name, extra_dirs)
+            recipe = load_recipe(f.path)
         except RecipeError as e:
-            out.append(Candidate(name, None, False, 0, f"does not load ({e})"))
+            out.append(Candidate(f.name, None, False, 0, f"does not load ({e})", f.rank))
             continue
-        out.append(evaluate(model, recipe))
+        out.append(dataclasses.replace(evaluate(model, recipe), name=f.name, rank=f.rank))
     return out
 
 
@@ -106,10 +111,14 @@ def match_recipe(model: nn.Module, extra_dirs: list[str | os.PathLike] | None = 
     if hits:
         best = max(c.score for c in hits)
         top = [c for c in hits if c.score == best]
+        first = min(c.rank for c in top)
+        top = [c for c in top if c.rank == first]  # a user folder beats the shipped recipes
         if len(top) == 1:
             return top[0].recipe
+        folder = top[0].recipe.source and os.path.dirname(top[0].recipe.source)
         raise RecipeError("<recipe>", f"{type(model).__name__} matches several recipes equally well "
-                                      f"({', '.join(c.name for c in top)}); pass one of them as recipe=")
+                                      f"({', '.join(c.name for c in top)}, all in {folder}); "
+                                      "pass one of them as recipe=")
     considered = [c for c in cands if c.reason != "no match: section"]
     lines = "; ".join(f"{c.name}: {c.reason}" for c in considered) or "none has a match: section"
     raise RecipeError("<recipe>", f"no recipe matches {type(model).__name__}. Considered: {lines}. "

@@ -123,10 +123,12 @@ class Recipe:
             parts = dotted.split(".")
             for part in parts[:-1]:
                 if not isinstance(node.get(part), dict):
-                    raise RecipeError(dotted, "is not a recipe key", self.source)
+                    raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(part, node), self.source)
                 node = node[part]
             if parts[-1] not in node:
-                raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(parts[-1], node), self.source)
+                # an undotted typo is most likely a misspelt shortcut ("branch_layr")
+                choices = list(node) + list(_SHORTCUTS) if len(parts) == 1 else node
+                raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(parts[-1], choices), self.source)
             node[parts[-1]] = list(value) if isinstance(value, tuple) else value
         return recipe_from_dict(data, source=self.source)
 
@@ -212,10 +214,27 @@ def _int_list(data: dict, section: str, name: str, src, *, length: int | None = 
     return tuple(v)
 
 
+# The marker `flashar-adapt inspect` writes where it cannot infer a value.
+TODO = "TODO"
+
+
+def _todo_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys (list items as key[i]) whose value is still the draft's TODO marker."""
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _todo_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _todo_keys(v, f"{prefix}[{i}]")]
+    return [prefix] if node == TODO else []
+
+
 def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Validate a parsed YAML mapping and build a ``Recipe``."""
     src = source
     _expect(isinstance(data, dict), "<root>", f"a recipe must be a mapping, got {type(data).__name__}", src)
+    todo = _todo_keys(data)
+    # Every TODO at once, whatever its type (a TODO name or backend would pass the type checks).
+    _expect(not todo, todo[0] if todo else "", f"is still {TODO!r}; fill in every TODO the draft marks: "
+                                               f"{', '.join(todo)}", src)
     for k in data:
         _expect(k in _TOP_KEYS, str(k), "unknown key" + _did_you_mean(str(k), _TOP_KEYS), src)
     for k in sorted(_TOP_REQUIRED):
@@ -365,32 +384,68 @@ def _entry_point_dirs() -> list[Path]:
     return out
 
 
-def list_recipes(extra_dirs: list[str | os.PathLike] | None = None) -> list[str]:
-    """Names of every recipe on the search path (user folders first, then the shipped ones)."""
-    names: list[str] = []
-    for d in _search_dirs(extra_dirs):
+@dataclass(frozen=True)
+class RecipeFile:
+    """One recipe on the search path. ``name`` is the registry name (the file stem);
+    ``rank`` is the position of its folder on the search path (0 = searched first)."""
+    name: str
+    path: Path
+    rank: int
+
+
+def recipe_files(extra_dirs: list[str | os.PathLike] | None = None) -> list[RecipeFile]:
+    """Every recipe file on the search path; a name in an earlier folder hides a later one."""
+    out: list[RecipeFile] = []
+    seen: set[str] = set()
+    for rank, d in enumerate(_search_dirs(extra_dirs)):
         if d.is_dir():
             for p in sorted(d.glob("*.yaml")):
-                if p.stem not in names:
-                    names.append(p.stem)
-    return names
+                if p.stem not in seen:
+                    seen.add(p.stem)
+                    out.append(RecipeFile(p.stem, p, rank))
+    return out
+
+
+def list_recipes(extra_dirs: list[str | os.PathLike] | None = None) -> list[str]:
+    """Names of every recipe on the search path (user folders first, then the shipped ones)."""
+    return [f.name for f in recipe_files(extra_dirs)]
+
+
+def _declared_name(path: Path) -> Any:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("name") if isinstance(data, dict) else None
 
 
 def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str | os.PathLike] | None = None) -> Recipe:
-    """Load a recipe by registry name or from a YAML file path."""
+    """Load a recipe by registry name or from a YAML file path.
+
+    A registry name is a file stem on the search path or, failing that, the ``name:`` a
+    recipe there declares. A folder is never a recipe: ``"my-gpt2"`` beside a model folder
+    ``./my-gpt2`` still means the recipe of that name."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise RecipeError("<file>", f"recipe file {str(p)!r} does not exist")
         return _load_file(p)
-    for d in _search_dirs(extra_dirs):
-        cand = d / f"{name_or_path}.yaml"
-        if cand.is_file():
-            return _load_file(cand)
-    names = list_recipes(extra_dirs)
-    raise RecipeError("<name>", f"no recipe named {str(name_or_path)!r}{_did_you_mean(str(name_or_path), names)}; "
+    files = recipe_files(extra_dirs)
+    for f in files:
+        if f.name == str(name_or_path):
+            return _load_file(f.path)
+    for f in files:
+        if _declared_name(f.path) == str(name_or_path):
+            return _load_file(f.path)
+    names = [f.name for f in files]
+    hint = ""
+    for suffix in (".yaml", ".yml"):
+        if p.with_name(p.name + suffix).is_file():
+            hint = (f"; {str(p) + suffix!r} is a file here but not on the search path: pass that path, or put its "
+                    f"folder on {ENV_RECIPE_PATH} / extra_dirs")
+    raise RecipeError("<name>", f"no recipe named {str(name_or_path)!r}{_did_you_mean(str(name_or_path), names)}{hint}; "
                       f"known: {', '.join(names)}")
 
 
