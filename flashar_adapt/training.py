@@ -614,8 +614,20 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {short(a, 40)} -> {short(b, 40)}" for k, a, b in differing_keys(old, new, RESUME_FREE_KEYS)]
 
 
+def _portable(d: dict) -> dict:
+    """The config with its absolute paths made relative to the folder holding out_dir, so a
+    project folder moved or copied as a whole resumes as the same run."""
+    d = {**d, "model": dict(d.get("model") or {})}
+    base = Path(str(d.get("out_dir", ""))).parent
+    for node, key in ((d, "data"), (d, "recipe"), (d["model"], "checkpoint"), (d["model"], "path")):
+        v = node.get(key)
+        if isinstance(v, str) and os.path.isabs(v):
+            node[key] = os.path.relpath(v, base)
+    return d
+
+
 def _check_resume_config(old: dict, cfg: TrainConfig, ckpt_path: Path, allow: bool) -> None:
-    diff = config_diff(old, cfg.to_dict())
+    diff = config_diff(_portable(old), _portable(cfg.to_dict()))
     if not diff:
         return
     if not allow:
@@ -652,11 +664,12 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def build_model_from_run(cfg: TrainConfig) -> nn.Module:
     """The trained model of a run folder: base model, patched, with the last checkpoint loaded."""
-    model = build_model(cfg)
     path = Path(cfg.out_dir) / CKPT
     if not path.is_file():
         raise TrainingError(f"{path}: no checkpoint yet; run `flashar-adapt train --config ...` first")
-    _load_trainable(model, load_checkpoint(path), cfg)
+    state = load_checkpoint(path)
+    model = build_model(cfg)
+    _load_trainable(model, state, cfg)
     return model.eval()
 
 
