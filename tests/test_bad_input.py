@@ -246,6 +246,9 @@ def test_resume_with_a_changed_config_is_refused(trained, tmp_path):
         with pytest.raises(TrainingError, match="differs at " + key.replace(".", r"\.")):
             train(cfg, progress=False)
     assert ckpt.read_bytes() == before
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o666 & ~mask  # run files follow the umask too
     cfg = TrainConfig.load(cfg_path)
     cfg.log_every = 5  # changes nothing the run computes: no complaint
     train(cfg, progress=False)
@@ -628,6 +631,10 @@ def test_check_exits_2_when_the_recipe_does_not_fit(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(d))
     rc, out, _ = _cli(capsys, "check", tmp_path / "c2i.pt", tmp_path / "tiny.yaml", *sizes)
     assert rc == 0, out
+    from flashar_adapt.errors import InputError
+
+    with pytest.raises(InputError, match="atol must be a finite number >= 0"):
+        fa.check(tiny.llamagen(grid=4), fa.load_recipe(tmp_path / "tiny.yaml"), atol=-1)
 
 
 def test_every_error_the_toolkit_raises_on_purpose_is_a_flashar_error():
