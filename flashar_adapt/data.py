@@ -14,56 +14,38 @@ atomically, so a crash while writing never leaves a shard that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .errors import FlashARError
+from .files import atomic_save_safetensors, atomic_write_bytes, inside
+from .validate import Is, Num, OneOf, Seq, first_problem, short
+
+__all__ = ["FORMAT", "Batch", "DataError", "ShardDataset", "ShardWriter", "atomic_save_safetensors",
+           "atomic_write_bytes"]
 
 FORMAT = "flashar-shards/1"
 
 
-class DataError(ValueError):
+class DataError(FlashARError, ValueError):
     """A data folder or shard is missing, malformed or inconsistent with its manifest."""
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# What a manifest must hold (shards' entries are checked one by one, their files by ``inside``).
+MANIFEST_RULES = {
+    "format": OneOf((FORMAT,)),
+    "grid": Seq(Num(1, integer=True), length=2),
+    "codebook_size": Num(2, integer=True),
+    "cond_kind": OneOf(("class", "tokens")),
+    "num_examples": Num(0, integer=True),
+    "num_classes": Num(1, integer=True, optional=True),
+    "shards": Is((list,), "a list of {file, num_examples}"),
+}
+SHARD_RULES = {"file": Is((str,), "a file name"), "num_examples": Num(0, integer=True)}
 
 
 def _code_dtype(codebook_size: int) -> torch.dtype:
@@ -74,31 +56,46 @@ class ShardWriter:
     """Write examples to shards: ``add(codes, cond)`` any number of times, then ``close()``."""
 
     def __init__(self, out_dir, grid: tuple[int, int], codebook_size: int, cond_kind: str = "class",
-                 recipe: str = "", shard_size: int = 4096, max_prompt_len: int | None = None):
-        if cond_kind not in ("class", "tokens"):
-            raise ValueError(f"cond_kind must be 'class' or 'tokens', got {cond_kind!r}")
+                 recipe: str = "", shard_size: int = 4096, max_prompt_len: int | None = None,
+                 num_classes: int | None = None):
+        """``num_classes``: class ids must lie in [0, num_classes] (the last one for the null
+        class); recorded in the manifest so training checks it against the recipe."""
+        args = {"grid": list(grid) if isinstance(grid, (list, tuple)) else grid, "codebook_size": codebook_size,
+                "cond_kind": cond_kind, "shard_size": shard_size, "max_prompt_len": max_prompt_len,
+                "num_classes": num_classes}
+        bad = first_problem(args, {**{k: MANIFEST_RULES[k] for k in ("grid", "codebook_size", "cond_kind", "num_classes")},
+                                   "shard_size": Num(1, integer=True), "max_prompt_len": Num(1, integer=True, optional=True)})
+        if bad:
+            raise DataError(f"ShardWriter: {bad[0]} {bad[1]}")
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.grid, self.K, self.kind, self.recipe = tuple(grid), codebook_size, cond_kind, recipe
-        self.shard_size, self.max_prompt_len = shard_size, max_prompt_len
+        self.shard_size, self.max_prompt_len, self.num_classes = shard_size, max_prompt_len, num_classes
         self.shards: list[dict] = []
         self._codes: list[torch.Tensor] = []
         self._cond: list[torch.Tensor] = []
         self._pending = 0
 
     def add(self, codes: torch.Tensor, cond: torch.Tensor, prompt_len: torch.Tensor | None = None) -> None:
-        codes = torch.as_tensor(codes)
+        codes = _integers(codes, "codes")
         if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
             raise DataError(f"codes must be [N, {self.grid[0]}, {self.grid[1]}], got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.K):
-            raise DataError(f"codes must lie in [0, {self.K})")
-        cond = torch.as_tensor(cond)
-        if cond.shape[0] != codes.shape[0]:
+            raise DataError(f"codes must lie in [0, {self.K}), got min {int(codes.min())}, max {int(codes.max())}")
+        cond = _integers(cond, "class ids" if self.kind == "class" else "prompt ids")
+        if cond.dim() == 0 or cond.shape[0] != codes.shape[0]:
             raise DataError("codes and cond must have the same number of examples")
+        if cond.numel() and int(cond.min()) < 0:
+            raise DataError(f"{'class' if self.kind == 'class' else 'prompt'} ids must be >= 0, got {int(cond.min())}")
+        if self.kind == "class" and self.num_classes is not None and cond.numel() and int(cond.max()) > self.num_classes:
+            raise DataError(f"class ids must lie in [0, {self.num_classes}] (num_classes, plus the null class), "
+                            f"got {int(cond.max())}")
         if self.kind == "tokens":
             if cond.dim() != 2:
                 raise DataError("prompt ids must be [N, T] (left-padded)")
-            lens = torch.full((cond.shape[0],), cond.shape[1]) if prompt_len is None else torch.as_tensor(prompt_len)
+            lens = torch.full((cond.shape[0],), cond.shape[1]) if prompt_len is None else _integers(prompt_len, "prompt_len")
+            if lens.shape != (cond.shape[0],) or (lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cond.shape[1])):
+                raise DataError(f"prompt_len must be [N] integers in [1, {cond.shape[1]}]")
             T = self.max_prompt_len or cond.shape[1]
             if cond.shape[1] > T:
                 raise DataError(f"prompts are {cond.shape[1]} tokens; max_prompt_len is {T}")
@@ -132,8 +129,18 @@ class ShardWriter:
         manifest = {"format": FORMAT, "grid": list(self.grid), "codebook_size": self.K, "recipe": self.recipe,
                     "cond_kind": self.kind, "num_examples": sum(s["num_examples"] for s in self.shards),
                     "shards": self.shards}
+        if self.num_classes is not None:
+            manifest["num_classes"] = self.num_classes
         atomic_write_bytes(self.dir / "manifest.json", json.dumps(manifest, indent=1).encode())
         return self.dir
+
+
+def _integers(x, what: str) -> torch.Tensor:
+    """``x`` as an integer tensor; floats and bools are refused, never truncated."""
+    t = torch.as_tensor(x)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise DataError(f"{what} must be integers, got dtype {t.dtype} (convert them yourself if that is intended)")
+    return t
 
 
 @dataclass
@@ -151,20 +158,33 @@ class ShardDataset:
         mf = self.dir / "manifest.json"
         if not mf.is_file():
             raise DataError(f"{self.dir}: no manifest.json (is this a flashar data folder?)")
+        inside(self.dir, "manifest.json", DataError, "manifest")
         try:
-            m = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
+            m = json.loads(mf.read_bytes())
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise DataError(f"{mf}: not valid JSON: {e}") from None
-        if m.get("format") != FORMAT:
-            raise DataError(f"{mf}: format {m.get('format')!r} is not {FORMAT!r}")
+        if not isinstance(m, dict):
+            raise DataError(f"{mf}: must hold a JSON object, got {short(m)}")
         for key in ("grid", "codebook_size", "cond_kind", "num_examples", "shards"):
             if key not in m:
                 raise DataError(f"{mf}: missing key {key!r}")
+        bad = first_problem(m, MANIFEST_RULES)
+        for i, sh in enumerate(m["shards"] if bad is None else []):
+            bad = first_problem(sh, SHARD_RULES, f"shards[{i}].") if isinstance(sh, dict) else \
+                (f"shards[{i}]", f"must be a mapping, got {short(sh)}")
+            if bad:
+                break
+        if bad:
+            raise DataError(f"{mf}: {bad[0]}: {bad[1]}")
+        for sh in m["shards"]:
+            inside(self.dir, sh["file"], DataError, "shard")
         self.manifest = m
         self.grid = tuple(m["grid"])
         self.codebook_size = int(m["codebook_size"])
         self.cond_kind = m["cond_kind"]
         self.recipe = m.get("recipe", "")
+        self.num_classes = m.get("num_classes")
+        self.max_class: int | None = None if self.num_classes is None else self.num_classes
         self.sizes = [int(s["num_examples"]) for s in m["shards"]]
         if sum(self.sizes) != m["num_examples"]:
             raise DataError(f"{mf}: shard sizes add up to {sum(self.sizes)}, manifest says {m['num_examples']}")
@@ -173,6 +193,16 @@ class ShardDataset:
             self.offsets.append(self.offsets[-1] + n)
         self._cache: dict[int, dict] = {}
 
+    def limit_classes(self, num_classes: int, max_class: int) -> None:
+        """Class ids above ``max_class`` (the model's last class, or its null class) are refused
+        when a shard is opened, naming the file; a manifest that records more classes than the
+        model's ``num_classes`` is refused now."""
+        if self.num_classes is not None and self.num_classes > num_classes:
+            raise DataError(f"{self.dir}: the data has {self.num_classes} classes (manifest num_classes); "
+                            f"the recipe's condition.num_classes is {num_classes}")
+        self.max_class = max_class
+        self._cache = {}
+
     def __len__(self) -> int:
         return self.offsets[-1]
 
@@ -180,7 +210,7 @@ class ShardDataset:
         if k in self._cache:
             return self._cache[k]
         info = self.manifest["shards"][k]
-        path = self.dir / info["file"]
+        path = inside(self.dir, info["file"], DataError, "shard")
         if not path.is_file():
             raise DataError(f"{path}: shard listed in the manifest is missing")
         try:
@@ -198,14 +228,19 @@ class ShardDataset:
                             f"(min {int(codes.min())}, max {int(codes.max())})")
         if self.cond_kind == "class":
             cond = t.get("cond")
-            if cond is None or cond.shape != (n,) or cond.is_floating_point():
+            if cond is None or cond.shape != (n,) or cond.is_floating_point() or cond.dtype == torch.bool:
                 raise DataError(f"{path}: 'cond' must be integer class ids [{n}]")
+            top = self.max_class
+            if n and (int(cond.min()) < 0 or (top is not None and int(cond.max()) > top)):
+                raise DataError(f"{path}: class ids outside [0, {'...' if top is None else top}] "
+                                f"(min {int(cond.min())}, max {int(cond.max())})")
         else:
             p, lens = t.get("prompt"), t.get("prompt_len")
-            if p is None or lens is None or p.dim() != 2 or p.shape[0] != n or lens.shape != (n,):
-                raise DataError(f"{path}: 'prompt' [n, T] and 'prompt_len' [n] are required for prompt data")
-            if int(lens.min()) < 1 or int(lens.max()) > p.shape[1]:
-                raise DataError(f"{path}: prompt_len outside [1, {p.shape[1]}]")
+            if p is None or lens is None or p.dim() != 2 or p.shape[0] != n or lens.shape != (n,) \
+                    or p.is_floating_point() or lens.is_floating_point():
+                raise DataError(f"{path}: integer 'prompt' [n, T] and 'prompt_len' [n] are required for prompt data")
+            if n and (int(lens.min()) < 1 or int(lens.max()) > p.shape[1] or int(p.min()) < 0):
+                raise DataError(f"{path}: prompt_len outside [1, {p.shape[1]}] or negative prompt ids")
         self._cache = {k: t}  # keep one shard in memory
         return t
 

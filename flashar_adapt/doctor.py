@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import InputError
 from .recipe import Recipe, RecipeError, load_recipe
 
 PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
@@ -262,6 +263,8 @@ def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, co
     from .decoding import logits
     from .patching import context, patch, unpatch
 
+    if not (isinstance(atol, (int, float)) and not isinstance(atol, bool) and 0 <= atol < float("inf")):
+        raise InputError(f"atol must be a finite number >= 0, got {atol!r}")
     already = getattr(model, "flashar", None) is not None
     name = None
     if grid is not None and not already:
@@ -330,15 +333,23 @@ def _overrides(pairs) -> dict:
     for p in pairs or []:
         k, sep, v = p.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {p!r}")
+            raise InputError(f"--set expects KEY=VALUE, got {p!r}")
         out[k] = yaml.safe_load(v)
     return out
+
+
+def _model_path(path: str) -> str:
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise InputError(f"{path}: no such file or folder")
+    return path
 
 
 def _cmd_inspect(args) -> int:
     from .inspection import inspect_model
 
-    ins = inspect_model(args.model, overrides=_overrides(args.set))
+    ins = inspect_model(_model_path(args.model), overrides=_overrides(args.set))
     print(ins)
     print()
     text = ins.draft_yaml()
@@ -355,15 +366,20 @@ def _cmd_inspect(args) -> int:
 def _cmd_check(args) -> int:
     from .inspection import load_model
 
-    model, _ = load_model(args.model, _overrides(args.set))
     recipe = None if args.recipe in (None, "auto") else load_recipe(args.recipe, args.recipe_dir)
+    model, _ = load_model(_model_path(args.model), _overrides(args.set))
     grid = tuple(args.grid) if args.grid else None
     rep = check(model, recipe, grid=grid, atol=args.atol)
     print(rep)
-    return 0 if rep.ok else 1
+    if rep.ok:
+        return 0
+    # the recipe does not fit the model (a RecipeError at the patch stage): a recipe error, 2
+    return 2 if any(i.name == "patch" and i.status == FAIL for i in rep.items) else 1
 
 
 def add_cli(sub) -> None:
+    from .cli import non_negative_float as _non_negative_float
+
     s = sub.add_parser("inspect", help="show a model's decoder layers, heads, norms, embeddings and draft a recipe")
     s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
     s.add_argument("--out", help="write the draft recipe YAML here")
@@ -375,7 +391,7 @@ def add_cli(sub) -> None:
     s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
     s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
     s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
-    s.add_argument("--atol", type=float, default=1e-4)
+    s.add_argument("--atol", type=_non_negative_float, default=1e-4)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model constructor value a checkpoint does not record (e.g. n_head=16)")
     s.set_defaults(fn=_cmd_check)

@@ -8,7 +8,14 @@ An export folder::
     flashar_config.json     format, backend, backbone spec, patch options, library version
 
 The folder is built beside its destination and renamed into place, so a failure at any
-point leaves either the previous export or nothing, never half a folder.
+point leaves either the previous export or nothing, never half a folder. An existing
+destination is replaced only when it is a previous export (its ``flashar_config.json``
+marker and nothing but export files at the top); anything else is refused, naming what is
+there. Files and folders get the modes the user's umask gives.
+
+Loading treats the folder as untrusted: every file it names must resolve inside it, the
+recipe must equal the one the weights were exported with (recorded in the config), and
+any defect is an ``ExportError``.
 """
 from __future__ import annotations
 
@@ -19,18 +26,27 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from .backends import get_backend
+from .errors import FlashARError
+from .files import apply_umask, escaping_links, inside
 from .patching import context, patch
-from .recipe import recipe_from_dict
+from .recipe import RecipeError, recipe_from_dict, safe_yaml
+from .validate import Is, Num, OneOf, differing_keys, first_problem, short
 
 FORMAT = "flashar-export/1"
+CONFIG = "flashar_config.json"  # also the marker that a folder is an export
+EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG)
+CONFIG_RULES = {"format": OneOf((FORMAT,)), "backend": Is((str,), "a backend name"),
+                "backbone": Is((dict,), "a mapping (the backend's model spec)"),
+                "fixed_gate": Num(0, 1, optional=True)}
+# Recipe keys that do not change what the exported weights compute.
+_RECIPE_FREE = ("name", "description", "match", "lora")
 
 
-class ExportError(ValueError):
-    """An export folder is missing pieces or does not fit its recipe."""
+class ExportError(FlashARError, ValueError):
+    """An export folder is missing pieces, is damaged, or does not fit its recipe."""
 
 
 def merge_lora(model: torch.nn.Module) -> int:
@@ -55,9 +71,11 @@ def _flashar_state(model) -> dict:
 
 def export_merged(model: torch.nn.Module, out_dir) -> Path:
     """Write ``model`` (patched, possibly with LoRA) to ``out_dir``. LoRA is merged into the
-    backbone in place first, so the exported weights are what the model computes."""
+    backbone in place first, so the exported weights are what the model computes.
+    ``out_dir`` must not exist, be empty, or be a previous export (then it is replaced)."""
     ctx = context(model)
     out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     merged = merge_lora(model)
     for stale in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
@@ -71,10 +89,13 @@ def export_merged(model: torch.nn.Module, out_dir) -> Path:
         from . import __version__
 
         cfg = {"format": FORMAT, "backend": ctx.recipe.backend, "recipe": ctx.recipe.name, "backbone": spec,
-               "fixed_gate": model.flashar.fixed_gate, "lora_layers_merged": merged, "flashar_adapt": __version__}
-        (tmp / "flashar_config.json").write_text(json.dumps(cfg, indent=1))
+               "fixed_gate": model.flashar.fixed_gate, "lora_layers_merged": merged, "flashar_adapt": __version__,
+               "recipe_config": ctx.recipe.to_dict()}
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
+        apply_umask(tmp)  # mkdtemp made it 0700; an export is read by others like any file
         old = None
         if out_dir.exists():
+            _check_replaceable(out_dir)  # again: something may have appeared while we wrote
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -86,23 +107,94 @@ def export_merged(model: torch.nn.Module, out_dir) -> Path:
     return out_dir
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything but nothing, an empty folder or a previous export."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ExportError(f"{out_dir} exists and is not a folder; refusing to replace it (choose a new folder)")
+    if not out_dir.is_dir():
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    foreign = [n for n in entries if n not in EXPORT_ENTRIES]
+    marker = out_dir / CONFIG
+    try:
+        is_export = marker.is_file() and json.loads(marker.read_bytes()).get("format") == FORMAT
+    except (ValueError, OSError, AttributeError):
+        is_export = False
+    if foreign or not is_export:
+        what = ", ".join((foreign or entries)[:6]) + (", ..." if len(foreign or entries) > 6 else "")
+        raise ExportError(f"{out_dir} is not a flashar-adapt export (it holds {what}); refusing to replace it. "
+                          "Export to a new or empty folder, or to a previous export")
+
+
 def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.Module:
-    """Rebuild the patched model from an export folder: no network, no pickled code."""
+    """Rebuild the patched model from an export folder: no network, no pickled code. Any
+    defect of the folder (missing or damaged files, a file leading outside the folder, a
+    recipe.yaml edited since the export) is an ``ExportError``."""
     out_dir = Path(out_dir)
-    cfg_path = out_dir / "flashar_config.json"
+    cfg_path = out_dir / CONFIG
     if not cfg_path.is_file():
-        raise ExportError(f"{out_dir}: no flashar_config.json (not a flashar-adapt export?)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ExportError(f"{cfg_path}: format {cfg.get('format')!r} is not {FORMAT!r}")
-    recipe = recipe_from_dict(yaml.safe_load((out_dir / "recipe.yaml").read_text()), source=str(out_dir / "recipe.yaml"))
-    backend = get_backend(cfg["backend"])
-    model = backend.load_model(cfg["backbone"], out_dir / "backbone")
+        raise ExportError(f"{out_dir}: no {CONFIG} (not a flashar-adapt export?)")
+    cfg = _read_config(out_dir)
+    recipe = _read_recipe(out_dir, cfg)
+    try:
+        backend = get_backend(cfg["backend"])
+    except RecipeError as e:
+        raise ExportError(f"{cfg_path}: {e}") from None
+    root = inside(out_dir, "backbone", ExportError, "backbone folder")
+    for v in cfg["backbone"].values():  # every file name the spec holds stays in backbone/
+        if isinstance(v, str):
+            inside(root, v, ExportError, "backbone file")
+    links = escaping_links(out_dir)
+    if links:
+        raise ExportError(f"{links[0]}: a symbolic link leading outside the export folder; refused")
+    try:
+        model = backend.load_model(cfg["backbone"], root)
+    except Exception as e:  # noqa: BLE001 - a damaged backbone raises many types; report which file
+        raise ExportError(f"{root}: cannot load the backbone ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if device is not None:
         model = model.to(device)
-    patch(model, recipe, fixed_gate=cfg.get("fixed_gate"))
-    load_flashar_weights(model, out_dir / "flashar.safetensors")
+    try:
+        patch(model, recipe, fixed_gate=cfg.get("fixed_gate"))
+    except RecipeError as e:
+        raise ExportError(f"{out_dir / 'recipe.yaml'} does not fit the exported backbone: {e}") from None
+    load_flashar_weights(model, inside(out_dir, "flashar.safetensors", ExportError))
     return model.eval()
+
+
+def _read_config(out_dir: Path) -> dict:
+    path = inside(out_dir, CONFIG, ExportError)
+    try:
+        cfg = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{path}: must hold a JSON object, got {short(cfg)}")
+    if cfg.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {short(cfg.get('format'))} is not {FORMAT!r}")
+    bad = first_problem(cfg, CONFIG_RULES)
+    if bad:
+        raise ExportError(f"{path}: {bad[0]}: {bad[1]}")
+    return cfg
+
+
+def _read_recipe(out_dir: Path, cfg: dict):
+    path = inside(out_dir, "recipe.yaml", ExportError)
+    if not path.is_file():
+        raise ExportError(f"{path}: missing (every export holds the recipe it was patched with)")
+    try:
+        recipe = recipe_from_dict(safe_yaml(path.read_bytes(), str(path)), source=str(path))
+    except RecipeError as e:
+        raise ExportError(str(e)) from None
+    saved = cfg.get("recipe_config")  # absent in exports written before it was recorded
+    if isinstance(saved, dict):
+        diff = differing_keys(saved, recipe.to_dict(), ignore=_RECIPE_FREE)
+        if diff:
+            what = ", ".join(f"{k} ({short(old, 30)} -> {short(new, 30)})" for k, old, new in diff[:5])
+            raise ExportError(f"{path} differs from the recipe the weights were exported with at {what}; "
+                              "restore it (the exported recipe is in flashar_config.json) or export again")
+    return recipe
 
 
 def load_flashar_weights(model, path) -> None:
@@ -112,8 +204,11 @@ def load_flashar_weights(model, path) -> None:
         raise ExportError(f"{path}: missing FlashAR weights")
     try:
         sd = load_file(str(path))
-    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for truncated/corrupt files
         raise ExportError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+    bad_dtype = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if bad_dtype:
+        raise ExportError(f"{path}: FlashAR weights must be floating point; {bad_dtype[:3]} are not")
     own = model.flashar.state_dict()
     missing = sorted(set(own) - set(sd))
     extra = sorted(set(sd) - set(own))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,17 +18,21 @@ from typing import Any
 
 import yaml
 
+from .errors import FlashARError
+
 ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
 ENTRY_POINT_GROUP = "flashar_adapt.recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(FlashARError, ValueError):
     """A recipe is malformed or does not fit the model. ``key`` is the dotted YAML key."""
 
     def __init__(self, key: str, message: str, source: str | None = None):
         self.key = key
         self.source = source
         where = f"{source}: " if source else ""
+        if len(message) > 400:  # a message quotes the bad value; keep it readable
+            message = message[:397] + "..."
         super().__init__(f"{where}{key}: {message}")
 
 
@@ -339,18 +344,133 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         branch_depth=_int(f, "flashar", "branch_depth", src, minimum=1, optional=True) or 1,
         gate_hidden=_int(f, "flashar", "gate_hidden", src, minimum=1, optional=True),
     )
+    _expect(flash.gate_hidden is None or flash.gate_hidden <= MAX_GATE_HIDDEN, "flashar.gate_hidden",
+            f"must be <= {MAX_GATE_HIDDEN}, got {flash.gate_hidden} (the paper's gate uses max(64, d/8))", src)
     lo = data.get("lora", {}) or {}
     targets = lo.get("targets", [])
     _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
             f"must be a list of module-name patterns, got {targets!r}", src)
     _expect("all-linear" not in targets, "lora.targets",
             "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
+    for i, t in enumerate(targets):
+        problem = regex_problem(t)
+        _expect(problem is None, f"lora.targets[{i}]", f"{problem}: {t!r}", src)
+    try:
+        re.compile("|".join(f"(?:{t})" for t in targets))
+    except re.error as e:
+        raise RecipeError("lora.targets", f"the patterns do not combine into one regex ({e})", src) from None
     dropout = lo.get("dropout", 0.0)
     _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {dropout!r}", src)
     lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
                   lora=lora, description=desc, match=match, source=source)
+
+
+# Bounds on lora.targets: each is a regex matched against every module name of the model.
+MAX_GATE_HIDDEN = 65536
+MAX_PATTERN_LEN = 200
+MAX_PATTERN_REPEATS = 3
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is refused as a module-name regex, or None. It must compile, be at most
+    MAX_PATTERN_LEN characters, hold at most MAX_PATTERN_REPEATS repeats (``+``, ``*``,
+    ``{m,n}``), and never repeat something that itself holds a repeat, an alternation or a
+    back-reference: those are the patterns whose matching time explodes with the name length
+    (``(?:[a-z0-9_.]+)+X``)."""
+    if len(pattern) > MAX_PATTERN_LEN:
+        return f"is longer than {MAX_PATTERN_LEN} characters"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"is not a valid regular expression ({e})"
+    repeats = 0
+
+    def walk(items, under_repeat: bool) -> str | None:
+        nonlocal repeats
+        for op, av in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                lo, hi, body = av
+                if hi > 1:
+                    if under_repeat:
+                        return "repeats a group that holds a repeat (nested quantifiers backtrack exponentially)"
+                    repeats += 1
+                    bad = walk(body, True)
+                else:
+                    bad = walk(body, under_repeat)
+            elif name == "BRANCH":
+                if under_repeat:
+                    return "repeats an alternation (backtracks exponentially); list the names as separate targets"
+                bad = next((b for b in (walk(br, under_repeat) for br in av[1]) if b), None)
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return "uses a back-reference"
+            elif name == "SUBPATTERN":
+                bad = walk(av[-1], under_repeat)
+            elif name in ("ATOMIC_GROUP",):
+                bad = walk(av, under_repeat)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                bad = walk(av[1], under_repeat)
+            else:
+                bad = None
+            if bad:
+                return bad
+        return None
+
+    try:
+        from re import _parser as sre_parse  # the stdlib's own regex parser (3.11+)
+    except ImportError:
+        import sre_parse  # type: ignore[no-redef]
+    bad = walk(sre_parse.parse(pattern), False)
+    if bad:
+        return bad
+    if repeats > MAX_PATTERN_REPEATS:
+        return f"holds {repeats} repeats; at most {MAX_PATTERN_REPEATS} keep matching time bounded"
+    return None
+
+
+# ---------------------------------------------------------------- YAML
+
+MAX_YAML_BYTES = 1 << 20
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (same constructors: plain data only) that refuses an alias
+    to a mapping or a list, since a few such aliases expand a 1 KB file into gigabytes
+    ("billion laughs"), and reads ``5e-5`` as a number, as YAML 1.2 does (YAML 1.1 needs a dot)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            node = self.anchors.get(ev.anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise yaml.composer.ComposerError(None, None, f"alias *{ev.anchor} repeats a mapping or list; "
+                                                  "aliases that expand are refused (write the value out)", ev.start_mark)
+        return super().compose_node(parent, index)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
+    """Parse YAML text from a file we did not write: UTF-8, at most MAX_YAML_BYTES, plain data
+    only (as ``yaml.safe_load``), no aliases that expand. Errors are a RecipeError (key ``<yaml>``)."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_YAML_BYTES:
+            raise RecipeError("<yaml>", f"file is {len(data)} bytes; more than {MAX_YAML_BYTES} is refused", source)
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError("<yaml>", f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", source) from None
+    loader = _Loader(data)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise RecipeError("<yaml>", "not valid YAML: " + " ".join(str(e).split()), source) from None
+    finally:
+        loader.dispose()
 
 
 # ---------------------------------------------------------------- registry
@@ -451,7 +571,7 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str |
 
 def _load_file(path: Path) -> Recipe:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError("<yaml>", f"not valid YAML: {e}", str(path)) from None
-    return recipe_from_dict(data, source=str(path))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError("<file>", f"cannot read: {e.strerror or e}", str(path)) from None
+    return recipe_from_dict(safe_yaml(raw, str(path)), source=str(path))

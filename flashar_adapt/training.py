@@ -19,6 +19,7 @@ averaged over the context the student lacks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,64 +27,71 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from .backends import get_backend
-from .data import ShardDataset, atomic_write_bytes
+from .data import ShardDataset
 from .decoding import teacher_forward
+from .errors import FlashARError
+from .files import atomic_write_bytes, exclusive_lock
 from .patching import context, patch
-from .recipe import _did_you_mean, load_recipe
+from .recipe import RecipeError, _did_you_mean, load_recipe, safe_yaml
+from .validate import Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, rule, short
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FlashARError, RuntimeError):
     """Training cannot go on (bad config, non-finite loss, checkpoint mismatch)."""
+
+
+_BOOL = Is((bool,), "true or false")
+_STR = Is((str,), "a string")
 
 
 @dataclass
 class StageConfig:
-    steps: int = 0
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    backbone_lr_scale: float = 0.2  # stage 2, full fine-tuning
-    lora: bool = False  # stage 2: LoRA on the recipe's targets instead of full fine-tuning
-    lora_lr_scale: float = 1.0
+    steps: int = rule(Num(0, integer=True), default=0)
+    lr: float = rule(Num(0, lo_open=True), default=1e-4)
+    warmup_steps: int = rule(Num(0, integer=True), default=0)
+    min_lr_ratio: float = rule(Num(0, 1), default=0.1)
+    backbone_lr_scale: float = rule(Num(0), default=0.2)  # stage 2, full fine-tuning
+    lora: bool = rule(_BOOL, default=False)  # stage 2: LoRA on the recipe's targets instead of full fine-tuning
+    lora_lr_scale: float = rule(Num(0), default=1.0)
 
 
 @dataclass
 class TrainConfig:
-    model: dict
-    recipe: str
-    data: str
-    out_dir: str
-    recipe_overrides: dict = field(default_factory=dict)
+    model: dict = rule(Is((dict,), "a mapping with a 'backend' key"))
+    recipe: str = rule(_STR)
+    data: str = rule(_STR)
+    out_dir: str = rule(_STR)
+    recipe_overrides: dict = rule(Is((dict,), "a mapping of recipe keys to values"), default_factory=dict)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=100))
     stage2: StageConfig = field(default_factory=StageConfig)
-    batch_size: int = 8  # global, over all processes and accumulation steps
-    grad_accum: int = 1
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
-    w_v: float = 0.05
-    w_kd: float = 0.2
-    kd_temperature: float = 2.0
-    w_kd_fused: float = 0.0  # distil the fused prediction too (both stages); see the module docstring
-    kd_fused_temperature: float = 1.0
-    cond_dropout: float = 0.1  # class conditions replaced by the null class, to keep CFG working
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    fixed_gate: float | None = None  # ablation: constant mixing weight instead of the learned gate
-    save_every: int = 50
-    log_every: int = 1
-    seed: int = 0
-    cpu: bool = False
+    batch_size: int = rule(Num(1, integer=True), default=8)  # global, over all processes and accumulation steps
+    grad_accum: int = rule(Num(1, integer=True), default=1)
+    weight_decay: float = rule(Num(0), default=0.05)
+    betas: tuple = rule(Seq(Num(0, 1, hi_open=True), length=2), default=(0.9, 0.95))
+    grad_clip: float = rule(Num(0), default=1.0)  # 0: no clipping
+    w_v: float = rule(Num(0), default=0.05)
+    w_kd: float = rule(Num(0), default=0.2)
+    kd_temperature: float = rule(Num(0, lo_open=True), default=2.0)
+    w_kd_fused: float = rule(Num(0), default=0.0)  # distil the fused prediction too (both stages); see the module docstring
+    kd_fused_temperature: float = rule(Num(0, lo_open=True), default=1.0)
+    cond_dropout: float = rule(Num(0, 1), default=0.1)  # class conditions replaced by the null class, to keep CFG working
+    mixed_precision: str = rule(OneOf(("no", "bf16", "fp16")), default="no")
+    gradient_checkpointing: bool = rule(_BOOL, default=False)
+    fixed_gate: float | None = rule(Num(0, 1, optional=True), default=None)  # ablation: constant mixing weight
+    save_every: int = rule(Num(1, integer=True), default=50)
+    log_every: int = rule(Num(1, integer=True), default=1)
+    seed: int = rule(Num(0, 2**31 - 1, integer=True), default=0)
+    cpu: bool = rule(_BOOL, default=False)
     source: str = ""
 
     @classmethod
@@ -92,56 +100,58 @@ class TrainConfig:
         if not path.is_file():
             raise TrainingError(f"{path}: training config not found")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise TrainingError(f"{path}: not valid YAML: {e}") from None
+            data = safe_yaml(path.read_bytes(), str(path))
+        except RecipeError as e:
+            raise TrainingError(str(e)) from None
         cfg = cls.from_dict(data, source=str(path))
         base = path.parent
         for attr in ("data", "out_dir"):
             v = getattr(cfg, attr)
             if v and not os.path.isabs(v):
                 setattr(cfg, attr, str((base / v).resolve()))
+        if cfg.recipe.endswith((".yaml", ".yml")) and not os.path.isabs(cfg.recipe):
+            cfg.recipe = str((base / cfg.recipe).resolve())  # a recipe file beside the config
         for key in ("checkpoint", "path"):
             v = cfg.model.get(key)
-            if v and not os.path.isabs(v):
+            if isinstance(v, str) and v and not os.path.isabs(v):
                 cfg.model[key] = str((base / v).resolve())
         return cfg
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "") -> "TrainConfig":
+        """Validate a parsed mapping (every key and value, see ``validate``) and build the config."""
         if not isinstance(data, dict):
             raise TrainingError(f"{source}: a training config must be a mapping")
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
         for k in data:
             if k not in names:
-                raise TrainingError(f"{source}: unknown key {k!r}{_did_you_mean(str(k), names)}")
+                raise TrainingError(f"{source}: unknown key {short(str(k))}{_did_you_mean(str(k), names)}")
         for k in ("model", "recipe", "data", "out_dir"):
             if k not in data:
                 raise TrainingError(f"{source}: missing key {k!r}")
         if not isinstance(data["model"], dict) or "backend" not in data["model"]:
             raise TrainingError(f"{source}: model must be a mapping with a 'backend' key (and how to load it)")
         kw = dict(data)
+        if kw.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
+            kw["mixed_precision"] = "no"
         snames = {f.name for f in dataclasses.fields(StageConfig)}
         for st in ("stage1", "stage2"):
             if st in kw:
                 sd = kw[st] or {}
+                if not isinstance(sd, dict):
+                    raise TrainingError(f"{source}: {st} must be a mapping, got {short(sd)}")
                 for k in sd:
                     if k not in snames:
-                        raise TrainingError(f"{source}: unknown key {st}.{k}{_did_you_mean(str(k), snames)}")
+                        raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{_did_you_mean(str(k), snames)}")
                 kw[st] = StageConfig(**sd)
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
         cfg = cls(**kw, source=source)
-        if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-            raise TrainingError(f"{source}: mixed_precision must be no, bf16 or fp16")
-        for k in ("w_v", "w_kd", "w_kd_fused"):
-            if not (isinstance(getattr(cfg, k), (int, float)) and getattr(cfg, k) >= 0):
-                raise TrainingError(f"{source}: {k} must be a number >= 0, got {getattr(cfg, k)!r}")
-        for k in ("kd_temperature", "kd_fused_temperature"):
-            if not (isinstance(getattr(cfg, k), (int, float)) and getattr(cfg, k) > 0):
-                raise TrainingError(f"{source}: {k} must be a number > 0, got {getattr(cfg, k)!r}")
-        if cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise TrainingError(f"{source}: batch_size and grad_accum must be >= 1")
+        for obj, prefix in ((cfg, ""), (cfg.stage1, "stage1."), (cfg.stage2, "stage2.")):
+            bad = first_problem(obj, dataclass_rules(type(obj)), prefix)
+            if bad:
+                raise TrainingError(f"{source}: {bad[0]} {bad[1]}")
+        if not cfg.recipe:
+            raise TrainingError(f"{source}: recipe: must name a recipe or a recipe YAML file")
+        cfg.betas = tuple(cfg.betas)
         return cfg
 
     def to_dict(self) -> dict:
@@ -397,8 +407,12 @@ def _stage_of(step: int, cfg: TrainConfig) -> tuple[int, int]:
     return 2, step - cfg.stage1.steps
 
 
-def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Module:
-    """Run (or resume) both stages; returns the trained, patched model (unwrapped)."""
+def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True, allow_config_change: bool = False) -> nn.Module:
+    """Run (or resume) both stages; returns the trained, patched model (unwrapped).
+
+    A run resumes from ``out_dir/checkpoint.pt`` only with the config that wrote it; a
+    changed config is refused with the keys that differ, unless ``allow_config_change``
+    (then they are listed in a warning). ``out_dir`` is locked while the run lasts."""
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.load(cfg)
     acc = _accelerator(cfg)
@@ -406,14 +420,16 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
+    with exclusive_lock(out, TrainingError, "train run") if acc.is_main_process else contextlib.nullcontext():
+        return _train_in(cfg, acc, out, progress, allow_config_change)
+
+
+def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_change: bool) -> nn.Module:
     data = ShardDataset(cfg.data)
     torch.manual_seed(cfg.seed)  # the gate's first layer is randomly initialised
     model = build_model(cfg)
     ctx = context(model)
-    if tuple(data.grid) != tuple(ctx.recipe.image.grid) and not ctx.recipe.image.variable_grid:
-        raise TrainingError(f"data grid {list(data.grid)} differs from the recipe's {list(ctx.recipe.image.grid)}")
-    if data.codebook_size != ctx.recipe.image.codebook_size:
-        raise TrainingError(f"data codebook {data.codebook_size} differs from the recipe's {ctx.recipe.image.codebook_size}")
+    _check_data(data, ctx.recipe)
     total = cfg.stage1.steps + cfg.stage2.steps
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -424,6 +440,8 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True) -> nn.Mod
     state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     if state is not None and state.get("recipe") != ctx.recipe.name:
         raise TrainingError(f"{ckpt_path} was written for recipe {state.get('recipe')!r}, not {ctx.recipe.name!r}")
+    if state is not None and isinstance(state.get("config"), dict):
+        _check_resume_config(state["config"], cfg, ckpt_path, allow_config_change)
     step = state["global_step"] if state else 0
     if step >= total:
         _load_trainable(model, state, cfg)
@@ -571,21 +589,87 @@ def _load_trainable(model, state, cfg) -> None:
             params[k].copy_(v)
 
 
+def _check_data(data: ShardDataset, recipe) -> None:
+    im, c = recipe.image, recipe.condition
+    if tuple(data.grid) != tuple(im.grid) and not im.variable_grid:
+        raise TrainingError(f"data grid {list(data.grid)} differs from the recipe's {list(im.grid)}")
+    if data.codebook_size != im.codebook_size:
+        raise TrainingError(f"data codebook {data.codebook_size} differs from the recipe's {im.codebook_size}")
+    want = "class" if c.kind == "class" else "tokens" if c.kind == "tokens" else None
+    if want and data.cond_kind != want:
+        raise TrainingError(f"{data.dir}: data conditions are {data.cond_kind!r}, the recipe's condition.kind is {c.kind!r}")
+    if c.kind == "class":
+        # ids in [0, num_classes) plus the null class (unconditional examples); each shard is
+        # checked against this when opened, so a bad id is reported with its file
+        top = c.num_classes - 1 if c.null_class is None else max(c.num_classes - 1, c.null_class)
+        data.limit_classes(c.num_classes, top)
+
+
+# Keys a resumed run may change freely: they do not change what the run computes.
+RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every")
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs (RESUME_FREE_KEYS aside)."""
+    return [f"{k}: {short(a, 40)} -> {short(b, 40)}" for k, a, b in differing_keys(old, new, RESUME_FREE_KEYS)]
+
+
+def _portable(d: dict) -> dict:
+    """The config with its absolute paths made relative to the folder holding out_dir, so a
+    project folder moved or copied as a whole resumes as the same run."""
+    d = {**d, "model": dict(d.get("model") or {})}
+    base = Path(str(d.get("out_dir", ""))).parent
+    for node, key in ((d, "data"), (d, "recipe"), (d["model"], "checkpoint"), (d["model"], "path")):
+        v = node.get(key)
+        if isinstance(v, str) and os.path.isabs(v):
+            node[key] = os.path.relpath(v, base)
+    return d
+
+
+def _check_resume_config(old: dict, cfg: TrainConfig, ckpt_path: Path, allow: bool) -> None:
+    diff = config_diff(_portable(old), _portable(cfg.to_dict()))
+    if not diff:
+        return
+    if not allow:
+        raise TrainingError(f"{ckpt_path} was written with another config; it differs at {'; '.join(diff)}. "
+                            "Resume with the config that made it, use another out_dir, or pass "
+                            "--allow-config-change (train(..., allow_config_change=True)) to go on with the new values")
+    warnings.warn(f"resuming {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=3)
+
+
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop metrics written after the checkpoint we resume from (they will be re-done)."""
+    """Drop metrics written after the checkpoint we resume from (they will be re-done), and
+    lines that are not whole records (a kill or a full disk in the middle of an append),
+    with a warning naming them."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep, torn = [], []
+    for n, ln in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+        except ValueError:
+            ok = False
+        if not ok:
+            torn.append(n)
+        elif rec["step"] <= step:
+            keep.append(ln)
+    if torn:
+        warnings.warn(f"{path}: dropped {len(torn)} line(s) that are not whole records (line {', '.join(map(str, torn[:5]))}"
+                      f"{', ...' if len(torn) > 5 else ''}); a run killed mid-write leaves one", stacklevel=3)
     atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
 
 def build_model_from_run(cfg: TrainConfig) -> nn.Module:
     """The trained model of a run folder: base model, patched, with the last checkpoint loaded."""
-    model = build_model(cfg)
     path = Path(cfg.out_dir) / CKPT
     if not path.is_file():
         raise TrainingError(f"{path}: no checkpoint yet; run `flashar-adapt train --config ...` first")
-    _load_trainable(model, load_checkpoint(path), cfg)
+    state = load_checkpoint(path)
+    model = build_model(cfg)
+    _load_trainable(model, state, cfg)
     return model.eval()
 
 
@@ -593,4 +677,7 @@ def add_cli(sub) -> None:
     s = sub.add_parser("train", help="two-stage FlashAR post-training (resumes from the last checkpoint)")
     s.add_argument("--config", required=True, help="training config YAML")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(fn=lambda a: (train(a.config, progress=not a.no_progress), 0)[1])
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the checkpoint's (the differences are listed)")
+    s.set_defaults(fn=lambda a: (train(a.config, progress=not a.no_progress,
+                                       allow_config_change=a.allow_config_change), 0)[1])

@@ -250,7 +250,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(training.FlashARLoss, "forward", poisoned)
     cfg.stage1.steps = 6
     with pytest.raises(TrainingError, match="loss is nan at step 2") as e:
-        train(cfg, progress=False)
+        train(cfg, progress=False, allow_config_change=True)
     assert "intact" in str(e.value)
     assert ckpt.read_bytes() == before
 
@@ -263,7 +263,7 @@ def test_checkpoint_from_another_recipe_is_refused(tmp_path):
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
     cfg.stage1.steps = 5
     with pytest.raises(TrainingError, match="emu3-gen"):
-        train(cfg, progress=False)
+        train(cfg, progress=False, allow_config_change=True)
 
 
 def test_config_errors(tmp_path):
