@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flashar_adapt as fa  # noqa: E402
-from flashar_adapt import decoding as D  # noqa: E402
 from flashar_adapt.integrations.llamagen import ModelArgs, Transformer, find_multiple  # noqa: E402
 
 # name: (n_layer, dim, n_head, vocab, branch_layer, grids)
@@ -158,15 +157,9 @@ def matmul_growth(dim: int, rows_raster: int, rows_two_way: int, device, dtype, 
     return out[1] / out[0]
 
 
-def two_way_decoder(model, cond, use_branch: bool, cfg_scale: float):
-    """A two-way decoder state after the prefill, as generate() builds it:
-    (prefix, layout, schedule, decoder)."""
-    ctx = model.flashar.ctx
-    grid = ctx.recipe.image.grid
-    pre = D._build_prefix(ctx, cond.to(D._device(ctx)), None, grid, cfg_scale != 1.0)
-    layout = ctx.layout(pre.length, grid)
-    sched = D._schedule(layout, "two_way", pre.embeds.device)
-    return pre, layout, sched, D._Decoder(ctx, pre, layout, use_branch, sched.order)
+def two_way_state(model, cond, use_branch: bool, cfg_scale: float) -> fa.DecoderState:
+    """A two-way decoder state after the prefill (fa.prefill), with or without the branch."""
+    return fa.prefill(model, cond, vertical=use_branch, cfg_scale=cfg_scale, top_k=0, temperature=1.0)
 
 
 @torch.inference_mode()
@@ -176,42 +169,28 @@ def forward_growth(model, cfg_scale: float, device, reps: int = 100) -> float:
     cache. Where this is well above 1 the machine is compute bound at this size: if both
     steps were that bare forward alone, decoding would reach 1 / growth of the ideal step
     ratio, and the branch, heads and sampling only add to the two-way step."""
-    pre, layout, _, dec = two_way_decoder(model, torch.zeros(1, dtype=torch.long, device=device), False, cfg_scale)
+    state = two_way_state(model, torch.zeros(1, dtype=torch.long, device=device), False, cfg_scale)
+    dec, layout = state.decoder, state.layout
     H, W = layout.height, layout.width
     start = layout.prefix_len + H * W // 2
+    Bt, d = dec.pre.embeds.shape[0], dec.pre.embeds.shape[2]
     out = []
     for T in (1, round(H * W / (H + W - 1))):
-        e = torch.randn(pre.embeds.shape[0], T, pre.embeds.shape[2], device=device, dtype=pre.embeds.dtype)
+        e = torch.randn(Bt, T, d, device=device, dtype=dec.dtype)
         for _ in range(10):
             dec.feed(e, start, start + T)
         out.append(statistics.median(timed(lambda: dec.feed(e, start, start + T), device) for _ in range(reps)))
     return out[1] / out[0]
 
 
-@torch.inference_mode()
 def two_way_steps(model, cond, use_branch: bool, cfg_scale: float):
-    """The two-way decoding loop with or without the vertical branch (without it every cell
-    takes the horizontal head's logits; the schedule and the backbone work are the same).
-    Used to measure what the branch adds to a step; returns the codes."""
-    ctx = model.flashar.ctx
-    B = cond.shape[0]
-    pre, layout, sched, dec = two_way_decoder(model, cond, use_branch, cfg_scale)
-    Bt = pre.embeds.shape[0]
-    codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=pre.embeds.device)
-    hh, hv = dec.last
-    hh = hh[:, -1:]
-    hv = hv[:, -1:] if use_branch else None
-    head = lambda x: D._horizontal(ctx, x)  # noqa: E731
-    for t, st in enumerate(sched.steps):
-        if t > 0:
-            hh, hv = dec.feed(D._embed_fed(ctx, codes, st.cells, st.eol, None, Bt), st.start, st.stop)
-        if use_branch:
-            lg = ctx.flashar.fuse(hh[:, st.h_idx], hv[:, st.v_idx], st.has_h, st.has_v, head).fused
-        else:
-            lg = head(hh[:, st.h_idx]).float()
-        lg = D._guide(lg, B, cfg_scale)
-        codes[:, st.out] = D.sample(lg.reshape(-1, lg.shape[-1]), 1.0, 0, 1.0, None).view(B, -1)
-    return codes
+    """The two-way decoding loop (fa.prefill + fa.step) with or without the vertical branch
+    (without it every cell takes the horizontal head's logits; the schedule and the backbone
+    work are the same). Used to measure what the branch adds to a step; returns the codes."""
+    state = two_way_state(model, cond, use_branch, cfg_scale)
+    while not state.done:
+        fa.step(state)
+    return state.image()
 
 
 def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:

@@ -1,19 +1,22 @@
 """Teacher-forced logits, exact scores, and the two decoders (anti-diagonal and raster).
 
-Both decoders and the teacher-forced pass share ``_prefix``, ``_embed_step``, ``_forward``
+The decoders are built on one public seam, ``prefill`` (a ``DecoderState``) and ``step``
+(one anti-diagonal, or one raster token); ``generate`` is that loop. Every decoder and the
+teacher-forced pass share ``build_prefix``, ``embed_codes``, ``Decoder.feed`` / ``_forward``
 and ``FlashARModules.fuse``, so incremental decoding equals teacher forcing by construction
 (and the tests check it does).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .context import CAPTURE, PatchContext, context
 from .grid import Layout
-from .patching import PatchContext, context
+from .sampling import Sampling, guide, sample
 
 MODES = ("two_way", "raster")
 
@@ -32,20 +35,74 @@ class Prefix:
 
 
 def _device(ctx: PatchContext) -> torch.device:
-    return next(ctx.layers.parameters()).device
+    return ctx.device()
 
 
-def _embed_ids(ctx: PatchContext, ids: torch.Tensor) -> torch.Tensor:
+def embed_ids(ctx: PatchContext, ids: torch.Tensor) -> torch.Tensor:
+    """Embeddings of vocabulary ids (forced meta and end-of-line tokens)."""
     return ctx.embed(ids)
 
 
-def _embed_codes(ctx: PatchContext, codes: torch.Tensor) -> torch.Tensor:
+def embed_codes(ctx: PatchContext, codes: torch.Tensor) -> torch.Tensor:
+    """Embeddings of codebook indices (through the image embedding chain, or the token
+    embedding at the visual id offset)."""
     if ctx.image_embed:
         x = codes
         for mod in ctx.image_embed:
             x = mod(x)
         return x
     return ctx.embed(codes + ctx.recipe.image.visual_token_offset)
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def feature_width(ctx: PatchContext) -> int | None:
+    """Channels a feature condition must have: the unconditional features' width, else the
+    input width of the first linear layer of the condition embedding (None if neither)."""
+    if ctx.uncond_features is not None:
+        return int(ctx.uncond_features.shape[-1])
+    lin = next((m for m in ctx.cond_embed.modules() if isinstance(m, torch.nn.Linear)), None)
+    return None if lin is None else lin.in_features
+
+
+def _check_features(ctx: PatchContext, cond: torch.Tensor) -> torch.Tensor:
+    c = ctx.recipe.condition
+    if not cond.is_floating_point() or cond.dim() != 3:
+        raise ValueError(f"cond must be a FloatTensor [B, T, C] of condition features, got {cond.dtype} {tuple(cond.shape)}")
+    if cond.shape[0] == 0:
+        raise ValueError("cond is empty: pass at least one condition")
+    if cond.shape[1] != c.prefix_len:
+        raise ValueError(f"condition features must have {c.prefix_len} tokens, got {cond.shape[1]}")
+    width = feature_width(ctx)
+    if width is not None and cond.shape[2] != width:
+        raise ValueError(f"condition features must have {width} channels for this model, got {cond.shape[2]}")
+    if not bool(torch.isfinite(cond).all()):
+        raise ValueError("condition features contain NaN or inf")
+    # any float dtype is accepted: the features enter the model in its own dtype
+    ref = next(ctx.cond_embed.parameters(), None)
+    return cond if ref is None else cond.to(ref.dtype)
+
+
+def _check_mask(c, cond: torch.Tensor, cond_mask, dev) -> torch.Tensor | None:
+    if cond_mask is None:
+        return None
+    if c.kind == "class":
+        raise ValueError("cond_mask is only for prompt conditions")
+    cond_mask = torch.as_tensor(cond_mask)
+    if cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
+        raise ValueError("cond_mask must hold only 0/1 (or False/True)")
+    cond_mask = cond_mask.to(dev).bool()
+    if cond_mask.shape != cond.shape[:2]:
+        raise ValueError(f"cond_mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
+    if not bool(cond_mask.any(1).all()):
+        raise ValueError("every prompt needs at least one unmasked token")
+    # Prompts are left-padded (the image follows the last prompt token): a row must be
+    # False...False True...True. Right or inner padding would put pad tokens in the prefix.
+    if bool((cond_mask[:, :-1] & ~cond_mask[:, 1:]).any()):
+        raise ValueError("cond_mask must be left padding (False... then True...): pad prompts on the left")
+    return cond_mask
 
 
 def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -56,15 +113,16 @@ def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
     if not isinstance(cond, torch.Tensor):
         cond = torch.as_tensor(cond)
     if c.kind == "class":
-        if cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 1:
+        if not _is_int(cond) or cond.dim() != 1:
             raise ValueError(f"cond must be a LongTensor [B] of class ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
         if cond.numel() == 0:
             raise ValueError("cond is empty: pass at least one class id")
         top = c.null_class + 1 if allow_null and c.null_class is not None else c.num_classes
         if int(cond.min()) < 0 or int(cond.max()) >= top:
             raise ValueError(f"class ids must be in [0, {top}), got min {int(cond.min())} max {int(cond.max())}")
+        cond = cond.long()
     elif c.kind == "tokens":
-        if cond.dtype not in (torch.int64, torch.int32) or cond.dim() != 2:
+        if not _is_int(cond) or cond.dim() != 2:
             raise ValueError(f"cond must be a LongTensor [B, T] of prompt token ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
         if cond.shape[0] == 0 or cond.shape[1] == 0:
             raise ValueError("cond is empty: pass at least one prompt token per row")
@@ -72,20 +130,39 @@ def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
             raise ValueError(f"prompt token ids must be in [0, {ctx.vocab_size})")
         if c.prefix_len is not None and cond.shape[1] > c.prefix_len:
             raise ValueError(f"prompt has {cond.shape[1]} tokens; this recipe allows at most {c.prefix_len}")
+        cond = cond.long()
     else:
-        if not cond.is_floating_point() or cond.dim() != 3:
-            raise ValueError(f"cond must be a FloatTensor [B, T, C] of condition features, got {cond.dtype} {tuple(cond.shape)}")
-        if cond.shape[1] != c.prefix_len:
-            raise ValueError(f"condition features must have {c.prefix_len} tokens, got {cond.shape[1]}")
-    if cond_mask is not None:
-        cond_mask = torch.as_tensor(cond_mask).to(dev).bool()
-        if cond_mask.shape != cond.shape[:2]:
-            raise ValueError(f"cond_mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
-        if c.kind == "class":
-            raise ValueError("cond_mask is only for prompt conditions")
-        if not bool(cond_mask.any(1).all()):
-            raise ValueError("every prompt needs at least one unmasked token")
-    return cond.to(dev), cond_mask
+        cond = _check_features(ctx, cond)
+    return cond.to(dev), _check_mask(c, cond, cond_mask, dev)
+
+
+def check_codes(ctx: PatchContext, codes, batch: int) -> torch.Tensor:
+    """Codebook indices [B, H, W] of any integer dtype (ShardWriter stores int16), as int64
+    on the model's device."""
+    if not isinstance(codes, torch.Tensor):
+        codes = torch.as_tensor(codes)
+    if not _is_int(codes):
+        raise ValueError(f"codes must be an integer tensor of codebook indices, got {codes.dtype}")
+    if codes.dim() != 3 or codes.shape[0] != batch:
+        raise ValueError(f"codes must be [B, H, W] with B = {batch}, got {tuple(codes.shape)}")
+    K = ctx.recipe.image.codebook_size
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+        raise ValueError(f"codes must be codebook indices in [0, {K}), got min {int(codes.min())} max {int(codes.max())}")
+    return codes.to(_device(ctx), torch.long)
+
+
+@contextmanager
+def eval_behaviour(model: torch.nn.Module):
+    """Run ``model`` as in eval mode (no dropout, no drop-path), then restore every module's
+    own train/eval flag exactly (a model may be partly in train mode)."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 def has_uncond(ctx: PatchContext) -> bool:
@@ -120,7 +197,7 @@ def _prefix(ctx: PatchContext, cond: torch.Tensor, cond_mask: torch.Tensor | Non
         emb = (ctx.cond_embed or ctx.embed)(ids)
     meta = ctx.meta_ids(grid)
     if meta:
-        m = _embed_ids(ctx, torch.tensor(meta, device=dev))[None].expand(B, -1, -1).to(emb.dtype)
+        m = embed_ids(ctx, torch.tensor(meta, device=dev))[None].expand(B, -1, -1).to(emb.dtype)
         emb = torch.cat([emb, m], 1)
         valid = torch.cat([valid, torch.ones(B, len(meta), dtype=torch.bool, device=dev)], 1)
     n_pad = (~valid).sum(1)
@@ -163,7 +240,9 @@ def _pad_prefixes(a: Prefix, b: Prefix) -> Prefix:
     return Prefix(torch.cat([ea, eb]), valid, (~valid).sum(1))
 
 
-def _build_prefix(ctx, cond, cond_mask, grid, cfg: bool) -> Prefix:
+def build_prefix(ctx: PatchContext, cond: torch.Tensor, cond_mask, grid, cfg: bool) -> Prefix:
+    """The prefix embeddings of a checked condition batch; with ``cfg`` the unconditional
+    prefixes stacked below ([cond; uncond], left-padded to one length)."""
     p = _prefix(ctx, cond, cond_mask, grid, uncond=False)
     if cfg:
         p = _pad_prefixes(p, _prefix(ctx, cond, cond_mask, grid, uncond=True))
@@ -191,7 +270,7 @@ def _check_positions(ctx: PatchContext, layout: Layout) -> None:
 
 # ---------------------------------------------------------------- one forward
 
-def _horizontal(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
+def horizontal_logits(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
     """The model's own head, restricted to the visual vocabulary (never the text logits)."""
     head = ctx.head
     K = ctx.recipe.image.codebook_size
@@ -209,18 +288,18 @@ def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, ca
         fast = ctx.backend.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache)
         if fast is not None:
             return fast[0], ctx.flashar.branch_norm(fast[1])
-    ctx.capturing = branch
-    ctx.captured = None
+    CAPTURE.layer = ctx.layers[ctx.branch_index] if branch else None
+    CAPTURE.captured = None
     try:
         h = ctx.backend.run(ctx, embeds, positions, slots, key_slots, allowed, cache)
+        captured = CAPTURE.captured
     finally:
-        ctx.capturing = False
+        CAPTURE.layer = CAPTURE.captured = None
     if not branch:
         return h, None
-    if ctx.captured is None:
+    if captured is None:
         raise RuntimeError("the branch layer was not called during the backbone forward; check modules.layers / the backend")
-    args, kwargs = ctx.captured
-    ctx.captured = None
+    args, kwargs = captured
     x = args[0] if args else kwargs["hidden_states"]
     mods = ctx.flashar
     for layer in mods.branch_layers:
@@ -228,7 +307,8 @@ def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, ca
     return h, mods.branch_norm(x)
 
 
-def _positions(slots: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
+def positions(slots: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of sequence ``slots`` [T] with each row's left padding removed."""
     return (slots[None, :] - n_pad[:, None]).clamp(min=0)
 
 
@@ -243,47 +323,47 @@ class TeacherForced:
 
 def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, uncond: bool = False,
                     grid=None) -> TeacherForced:
-    """One forward over the whole raster sequence (with grads if enabled).
+    """One forward over the whole raster sequence (with grads if enabled), in the model's
+    current train/eval mode (training wants its dropout).
 
     two_way: proximity mask, fused logits; raster: causal mask, the model's own head."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ctx = context(model)
     cond, cond_mask = check_cond(ctx, cond, cond_mask, allow_null=True)
-    codes = codes.to(cond.device)
-    if codes.dim() != 3 or codes.shape[0] != cond.shape[0]:
-        raise ValueError(f"codes must be [B, H, W] with B = {cond.shape[0]}, got {tuple(codes.shape)}")
+    codes = check_codes(ctx, codes, cond.shape[0])
     grid = tuple(codes.shape[1:]) if grid is None else grid
     grid = _grid(ctx, tuple(int(g) for g in grid))
-    K = ctx.recipe.image.codebook_size
-    if int(codes.min()) < 0 or int(codes.max()) >= K:
-        raise ValueError(f"codes must be codebook indices in [0, {K})")
     pre = _prefix(ctx, cond, cond_mask, grid, uncond=uncond)
     layout = ctx.layout(pre.length, grid)
     _check_positions(ctx, layout)
+    with ctx.guard:
+        return _teacher_forward(ctx, pre, layout, codes, mode)
+
+
+def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch.Tensor, mode: str) -> TeacherForced:
     B, H, W = codes.shape
-    img = _embed_codes(ctx, codes).to(pre.embeds.dtype)  # [B, H, W, d]
+    img = embed_codes(ctx, codes).to(pre.embeds.dtype)  # [B, H, W, d]
+    dev = img.device
     if layout.eol:
-        e = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device))
+        e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=dev))
         img = torch.cat([img, e.to(img.dtype).view(1, 1, 1, -1).expand(B, H, 1, -1)], 2)
     # [:seq_len]: a layout without an end-of-line after the last row (eol_last=False) drops it
     embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :layout.seq_len]
     L = layout.seq_len
-    dev = embeds.device
     slots = torch.arange(L, device=dev)
     valid = torch.cat([pre.valid, torch.ones(B, L - pre.length, dtype=torch.bool, device=dev)], 1)
     allowed = layout.attention(mode).to(dev)[None] & valid[:, None, :]
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=dev)[None]
-    positions = _positions(slots, pre.n_pad)
     two = mode == "two_way"
-    hh, hv = _forward(ctx, embeds, positions, slots, slots, allowed, None, None, branch=two)
+    hh, hv = _forward(ctx, embeds, positions(slots, pre.n_pad), slots, slots, allowed, None, None, branch=two)
     h_src, v_src, has_h, has_v = (t.to(dev) for t in layout.sources())
     h_in = hh[:, h_src.flatten()].view(B, H, W, -1)
     if not two:
-        lh = _horizontal(ctx, h_in).float()
+        lh = horizontal_logits(ctx, h_in).float()
         return TeacherForced(lh, lh, None, None, layout)
     v_in = hv[:, v_src.flatten()].view(B, H, W, -1)
-    f = ctx.flashar.fuse(h_in, v_in, has_h, has_v, lambda x: _horizontal(ctx, x))
+    f = ctx.flashar.fuse(h_in, v_in, has_h, has_v, lambda x: horizontal_logits(ctx, x))
     return TeacherForced(f.fused, f.horizontal, f.vertical, f.gate, layout)
 
 
@@ -291,19 +371,22 @@ def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", con
 def logits(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, cfg_scale: float = 1.0,
            cfg_schedule: str = "constant") -> torch.Tensor:
     """Teacher-forced next-token logits [B, H, W, K] over the codebook, in one forward
-    (two with CFG: the guided logits u + s * (c - u) that generate() samples from)."""
-    lg = teacher_forward(model, cond, codes, mode, cond_mask).fused
-    if cfg_scale == 1.0:
-        return lg
+    (two with CFG: the guided logits u + s * (c - u) that generate() samples from).
+    Runs the model in eval behaviour, like generate()."""
+    s = Sampling(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     ctx = context(model)
-    if not has_uncond(ctx):
+    if s.guided and not has_uncond(ctx):
         raise ValueError(f"cfg_scale={cfg_scale} needs an unconditional prefix; recipe {ctx.recipe.name!r} has none")
-    u = teacher_forward(model, cond, codes, mode, cond_mask, uncond=True).fused
-    H, W = codes.shape[1:]
+    with eval_behaviour(model):
+        lg = teacher_forward(model, cond, codes, mode, cond_mask).fused
+        if not s.guided:
+            return lg
+        u = teacher_forward(model, cond, codes, mode, cond_mask, uncond=True).fused
+    H, W = lg.shape[1:3]
     i = torch.arange(H, device=lg.device)[:, None]
     j = torch.arange(W, device=lg.device)[None, :]
     step, n = (i + j, H + W - 1) if mode == "two_way" else (i * W + j, H * W)
-    scale = torch.tensor([[_scale_at(cfg_scale, cfg_schedule, int(t), n) for t in row] for row in step.tolist()],
+    scale = torch.tensor([[s.scale_at(int(t), n) for t in row] for row in step.tolist()],
                          device=lg.device)[None, :, :, None]
     return u + scale * (lg - u)
 
@@ -312,58 +395,11 @@ def logits(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=No
 def score(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None) -> torch.Tensor:
     """Exact log-likelihood (nats) of ``codes`` under the mode's factorisation, [B]."""
     lg = logits(model, cond, codes, mode, cond_mask)
-    lp = torch.log_softmax(lg.float(), -1).gather(-1, codes.to(lg.device)[..., None])[..., 0]
+    lp = torch.log_softmax(lg.float(), -1).gather(-1, torch.as_tensor(codes).to(lg.device, torch.long)[..., None])[..., 0]
     return lp.flatten(1).sum(1)
 
 
-# ---------------------------------------------------------------- sampling
-
-def check_sampling(cfg_scale, temperature, top_k, top_p, cfg_schedule) -> None:
-    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale) and cfg_scale >= 0):
-        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if cfg_schedule not in ("constant", "linear"):
-        raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
-
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one index per row of ``logits`` [N, K]; greedy for top_k=1 or temperature=0."""
-    if top_k == 1 or temperature == 0:
-        return logits.argmax(-1)
-    x = logits.float() / temperature
-    if 0 < top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if top_p < 1.0:
-        srt, idx = torch.sort(x, dim=-1, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop = cum - torch.softmax(srt, -1) > top_p  # keep the smallest set whose mass reaches top_p
-        srt = srt.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(-1, idx, srt)
-    probs = torch.softmax(x, -1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def _guide(lg: torch.Tensor, B: int, scale: float) -> torch.Tensor:
-    if lg.shape[0] == B:
-        return lg
-    c, u = lg[:B], lg[B:]
-    return u + scale * (c - u)
-
-
-def _scale_at(cfg_scale: float, schedule: str, step: int, n_steps: int) -> float:
-    if schedule == "linear" and n_steps > 1:
-        return 1.0 + (cfg_scale - 1.0) * step / (n_steps - 1)
-    return cfg_scale
-
-
-# ---------------------------------------------------------------- generation
+# ---------------------------------------------------------------- decoding schedules
 
 # Decoding speed: everything that depends only on the layout (cache order of the keys, fed
 # slots, source indices, sampled cells) is precomputed once per layout and device, the KV
@@ -443,12 +479,19 @@ def _raster_schedule(layout: Layout, dev) -> _Schedule:
     return _Schedule(torch.arange(layout.seq_len, device=dev), ())
 
 
-class _Decoder:
-    """State of one generate() call: static caches (allocated once, here), the cache order of
-    the keys, the per-sequence key validity row and the position ids of every slot."""
+# ---------------------------------------------------------------- the decoder (caches + feed)
 
-    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, branch: bool, order: torch.Tensor):
-        self.ctx, self.layout, self.branch = ctx, layout, branch
+class Decoder:
+    """Static KV caches of one decoding run and how to append tokens to them.
+
+    ``order`` [L] is the sequence slot of every cache entry in feeding order (the prefix
+    first); cache entry e holds slot ``order[e]`` at position ``positions[:, e]``. Building
+    allocates the caches; ``prefill()`` runs the prefix; ``feed()`` appends tokens. A
+    low-level seam (benchmarks, peers with their own feeding order): most code wants
+    ``prefill``/``step``. Not locked: call it inside one thread."""
+
+    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, order: torch.Tensor, branch: bool):
+        self.ctx, self.pre, self.layout, self.branch = ctx, pre, layout, branch
         Bt = pre.embeds.shape[0]
         dev = pre.embeds.device
         self.dtype = pre.embeds.dtype
@@ -456,24 +499,38 @@ class _Decoder:
         self.cache = ctx.backend.new_cache(ctx, Bt, L)
         self.bcache = ctx.backend.new_branch_cache(ctx, Bt, L) if branch else None
         self.order = order  # key_slots of a step = order[:stop]
-        self.positions = _positions(order, pre.n_pad)  # [Bt, L], in cache order
+        self.positions = positions(order, pre.n_pad)  # [Bt, L], in cache order
         # One row per sequence: every image key is visible once cached, prefix keys unless padding.
         self.key_valid = torch.ones(Bt, 1, L, dtype=torch.bool, device=dev)
         self.key_valid[:, 0, :P] = pre.valid
-        slots = order[:P]
+
+    def prefill(self):
+        """Run the prefix (causal, padding masked); returns (hidden [Bt, P, d], branch
+        hidden or None). Marks every earlier decoder state of this model stale (the caches
+        may be the same buffers)."""
+        P, pre = self.pre.length, self.pre
+        dev = pre.embeds.device
+        self.ctx.guard.epoch += 1
+        self.epoch = self.ctx.guard.epoch
+        slots = self.order[:P]
         allowed = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None] & pre.valid[:, None, :]
         allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        self.last = _forward(ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache, self.bcache,
-                             branch)
+        return _forward(self.ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache, self.bcache,
+                        self.branch)
 
-    def feed(self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False):
+    def feed(self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False, allowed: torch.Tensor | None = None):
         """Append the tokens at cache entries [start, stop); they see every cached key and
-        each other (one anti-diagonal), or, with ``causal``, only the earlier of each other."""
-        allowed = self.key_valid[:, :, :stop]  # [Bt, 1, S]: the same row for every query
-        if causal and stop - start > 1:
-            T = stop - start
-            allowed = allowed.expand(-1, T, -1).clone()
-            allowed[:, :, start:] &= torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
+        each other (one anti-diagonal), or, with ``causal``, only the earlier of each other,
+        or exactly ``allowed`` [Bt, stop - start, stop] (keys in cache order; padding keys
+        of the prefix are masked in any case). Returns (hidden, branch hidden or None)."""
+        if allowed is not None:
+            allowed = allowed & self.key_valid[:, :, :stop]
+        else:
+            allowed = self.key_valid[:, :, :stop]  # [Bt, 1, S]: the same row for every query
+            if causal and stop - start > 1:
+                T = stop - start
+                allowed = allowed.expand(-1, T, -1).clone()
+                allowed[:, :, start:] &= torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
         return _forward(self.ctx, embeds.to(self.dtype), self.positions[:, start:stop], self.order[start:stop],
                         self.order[:stop], allowed, self.cache, self.bcache, self.branch)
 
@@ -481,13 +538,13 @@ class _Decoder:
 def _eol_embed(ctx: PatchContext, layout: Layout, dev) -> torch.Tensor | None:
     if not layout.eol:
         return None
-    return _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=dev)).view(1, 1, -1)
+    return embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=dev)).view(1, 1, -1)
 
 
 def _embed_fed(ctx: PatchContext, codes: torch.Tensor, cells, eol: torch.Tensor | None, eol_emb, Bt: int):
     """Embeddings of fed tokens: codes at flat ``cells`` of ``codes`` [B, H*W], or the forced
     end-of-line token where ``eol``; doubled for CFG."""
-    e = _embed_codes(ctx, codes[:, cells])
+    e = embed_codes(ctx, codes[:, cells])
     if eol is not None:
         e = torch.where(eol[None, :, None], eol_emb.to(e.dtype), e)
     if Bt != e.shape[0]:
@@ -495,76 +552,198 @@ def _embed_fed(ctx: PatchContext, codes: torch.Tensor, cells, eol: torch.Tensor 
     return e
 
 
+# ---------------------------------------------------------------- the public step API
+
+@dataclass(eq=False)
+class DecoderState:
+    """One decoding run between ``prefill`` and the last ``step``.
+
+    ``codes`` [B, H*W] fills as steps run (``image()`` is the [B, H, W] view); ``t`` is the
+    next step; ``logits`` the guided logits [B, n, K] the last step sampled from. A later
+    ``prefill``/``generate`` on the same model makes this state stale (its caches may be
+    reused): stepping it then raises."""
+
+    model: torch.nn.Module = field(repr=False)
+    mode: str
+    layout: Layout
+    sampling: Sampling
+    batch: int
+    vertical: bool
+    codes: torch.Tensor = field(repr=False)
+    decoder: Decoder = field(repr=False)
+    t: int = 0
+    logits: torch.Tensor | None = field(default=None, repr=False)
+    _sched: _Schedule = field(default=None, repr=False)
+    _hidden: tuple = field(default=None, repr=False)
+    _eol: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_steps(self) -> int:
+        L = self.layout
+        return L.num_steps_two_way if self.mode == "two_way" else L.num_steps_raster
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.num_steps
+
+    def cells(self, t: int | None = None) -> torch.Tensor:
+        """Flat cell indices (into ``codes`` [B, H*W]) that step ``t`` (default: the next) samples."""
+        t = self.t if t is None else t
+        if not 0 <= t < self.num_steps:
+            raise IndexError(f"step {t} is outside 0..{self.num_steps - 1}")
+        dev = self.codes.device
+        if self.mode == "raster":
+            return torch.tensor([t], device=dev)
+        out = self._sched.steps[t].out
+        return torch.arange(out.start, out.stop, device=dev) if isinstance(out, slice) else out
+
+    def image(self) -> torch.Tensor:
+        return self.codes.view(self.batch, self.layout.height, self.layout.width)
+
+
+def _check_mode(mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
+    if sampling is None:
+        return Sampling(**kwargs)
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a flashar_adapt.Sampling, got {type(sampling).__name__}")
+    if kwargs:
+        raise ValueError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: {sorted(kwargs)}")
+    return sampling
+
+
+def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling, cond_mask, vertical: bool) -> DecoderState:
+    cond, cond_mask = check_cond(ctx, cond, cond_mask)
+    grid = _grid(ctx, grid)
+    sampling.check_device(cond.device)
+    if sampling.guided and not has_uncond(ctx):
+        raise ValueError(f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
+                         f"{ctx.recipe.name!r} defines none (condition.uncond)")
+    pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided)
+    layout = ctx.layout(pre.length, grid)
+    _check_positions(ctx, layout)
+    dev = pre.embeds.device
+    sched = _schedule(layout, mode, dev)
+    branch = mode == "two_way" and vertical
+    dec = Decoder(ctx, pre, layout, sched.order, branch)
+    hh, hv = dec.prefill()
+    B = cond.shape[0]
+    codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
+    return DecoderState(model, mode, layout, sampling, B, branch or mode == "raster", codes, dec,
+                        _sched=sched, _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
+                        _eol=_eol_embed(ctx, layout, dev))
+
+
+def prefill(model, cond, *, mode: str = "two_way", grid=None, sampling: Sampling | None = None, cond_mask=None,
+            vertical: bool = True, **sampling_kwargs) -> DecoderState:
+    """Check the inputs, build the prefix and run it into fresh static caches; returns the
+    state that ``step`` advances. Sampling settings as ``sampling=Sampling(...)`` or as its
+    keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
+    skips the vertical branch and takes the horizontal head everywhere: the backbone work
+    of two-way decoding alone, a speed ablation, not a generator."""
+    _check_mode(mode)
+    ctx = context(model)
+    s = _sampling(sampling, sampling_kwargs)
+    with ctx.guard, eval_behaviour(model), torch.inference_mode():
+        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical)
+
+
+def _check_forced(state: DecoderState, forced, n: int) -> torch.Tensor:
+    forced = torch.as_tensor(forced)
+    K = state.decoder.ctx.recipe.image.codebook_size
+    if not _is_int(forced) or tuple(forced.shape) != (state.batch, n):
+        raise ValueError(f"codes for step {state.t} must be an integer tensor [{state.batch}, {n}], "
+                         f"got {forced.dtype} {tuple(forced.shape)}")
+    if int(forced.min()) < 0 or int(forced.max()) >= K:
+        raise ValueError(f"codes must be codebook indices in [0, {K})")
+    return forced.to(state.codes.device, torch.long)
+
+
+def _two_way_logits(ctx: PatchContext, state: DecoderState) -> torch.Tensor:
+    """Feed the previous anti-diagonal (none at step 0) and return the guided logits of this one."""
+    t, st, dec = state.t, state._sched.steps[state.t], state.decoder
+    hh, hv = state._hidden
+    if t > 0:
+        e = _embed_fed(ctx, state.codes, st.cells, st.eol, state._eol, dec.pre.embeds.shape[0])
+        hh, hv = dec.feed(e, st.start, st.stop)
+    if state.vertical:
+        lg = ctx.flashar.fuse(hh[:, st.h_idx], hv[:, st.v_idx], st.has_h, st.has_v,
+                              lambda x: horizontal_logits(ctx, x)).fused
+    else:
+        lg = horizontal_logits(ctx, hh[:, st.h_idx]).float()
+    return guide(lg, state.batch, state.sampling.scale_at(t, state.num_steps))
+
+
+def _raster_logits(ctx: PatchContext, state: DecoderState) -> torch.Tensor:
+    """Feed the previous code (and the row's end-of-line token after its last code) and
+    return the guided logits of the next one."""
+    r, dec, layout = state.t, state.decoder, state.layout
+    h = state._hidden[0]
+    if r > 0:
+        pi, pj = divmod(r - 1, layout.width)
+        start = layout.prefix_len + pi * layout.row_len + pj
+        e = embed_codes(ctx, state.codes[:, r - 1:r])
+        if layout.eol and pj == layout.width - 1:  # the row's end-of-line token enters with its last code
+            e = torch.cat([e, state._eol.to(e.dtype).expand(e.shape[0], 1, -1)], 1)
+        if dec.pre.embeds.shape[0] != state.batch:
+            e = torch.cat([e, e])
+        h = dec.feed(e, start, start + e.shape[1], causal=True)[0][:, -1:]
+    return guide(horizontal_logits(ctx, h).float(), state.batch, state.sampling.scale_at(r, state.num_steps))
+
+
+def _step(state: DecoderState, forced=None) -> torch.Tensor:
+    ctx = state.decoder.ctx
+    if state.done:
+        raise RuntimeError(f"all {state.num_steps} steps of this decoder state have run")
+    if state.decoder.epoch != ctx.guard.epoch:
+        raise RuntimeError("this decoder state is stale: a later prefill or generate on the same model reused its "
+                           "caches; prefill again (or decode on a copy.deepcopy of the model)")
+    lg = (_two_way_logits if state.mode == "two_way" else _raster_logits)(ctx, state)
+    lg = lg.reshape(state.batch, -1, lg.shape[-1])
+    out = state.cells()
+    if forced is None:
+        tok = sample(lg.reshape(-1, lg.shape[-1]), state.sampling).view(state.batch, -1)
+    else:
+        tok = _check_forced(state, forced, lg.shape[1])
+    state.codes[:, out] = tok
+    state.logits = lg
+    state.t += 1
+    return tok
+
+
+def step(state: DecoderState, codes=None) -> torch.Tensor:
+    """Feed what the last step sampled and sample the next anti-diagonal (two-way) or the
+    next token (raster): returns its codes [B, n] (cells: ``state.cells(state.t - 1)``).
+    ``codes`` [B, n] forces those codes instead of sampling (teacher forcing, continuing
+    known codes); ``state.logits`` still holds what the model predicted."""
+    if not isinstance(state, DecoderState):
+        raise ValueError(f"step needs the DecoderState that prefill returned, got {type(state).__name__}")
+    ctx = state.decoder.ctx
+    with ctx.guard, eval_behaviour(state.model), torch.inference_mode():
+        return _step(state, codes)
+
+
 def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             cond_mask=None) -> torch.Tensor:
+             cond_mask=None, sampling: Sampling | None = None) -> torch.Tensor:
     """Generate images as codebook indices [B, H, W].
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
-    model's own next-token decoding, H*W forwards. CFG runs [cond; uncond] in one batch."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    model's own next-token decoding, H*W forwards. CFG runs [cond; uncond] in one batch.
+    ``prefill`` + ``step`` until done, under the model's lock and in eval behaviour (the
+    caller's train/eval flags are restored)."""
+    _check_mode(mode)
     ctx = context(model)
-    check_sampling(cfg_scale, temperature, top_k, top_p, cfg_schedule)
-    cond, cond_mask = check_cond(ctx, cond, cond_mask)
-    grid = _grid(ctx, grid)
-    use_cfg = cfg_scale != 1.0
-    if use_cfg and not has_uncond(ctx):
-        raise ValueError(f"cfg_scale={cfg_scale} needs an unconditional prefix, but recipe {ctx.recipe.name!r} "
-                         f"defines none (condition.uncond)")
-    with torch.inference_mode():
-        pre = _build_prefix(ctx, cond, cond_mask, grid, use_cfg)
-        layout = ctx.layout(pre.length, grid)
-        _check_positions(ctx, layout)
-        if mode == "two_way":
-            return _generate_two_way(ctx, cond.shape[0], pre, layout, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
-        return _generate_raster(ctx, cond.shape[0], pre, layout, cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
-
-
-def _generate_two_way(ctx, B, pre, layout, cfg_scale, schedule, temperature, top_k, top_p, generator):
-    H, W = layout.height, layout.width
-    dev = pre.embeds.device
-    Bt = pre.embeds.shape[0]
-    sched = _schedule(layout, "two_way", dev)
-    codes = torch.zeros(B, H * W, dtype=torch.long, device=dev)
-    dec = _Decoder(ctx, pre, layout, True, sched.order)
-    eol_emb = _eol_embed(ctx, layout, dev)
-    hh, hv = dec.last
-    hh, hv = hh[:, -1:], hv[:, -1:]
-    n = layout.num_steps_two_way
-    fuse = ctx.flashar.fuse
-    head = lambda x: _horizontal(ctx, x)  # noqa: E731
-    for t, st in enumerate(sched.steps):
-        if t > 0:
-            hh, hv = dec.feed(_embed_fed(ctx, codes, st.cells, st.eol, eol_emb, Bt), st.start, st.stop)
-        lg = fuse(hh[:, st.h_idx], hv[:, st.v_idx], st.has_h, st.has_v, head).fused
-        lg = _guide(lg, B, _scale_at(cfg_scale, schedule, t, n))
-        tok = sample(lg.reshape(-1, lg.shape[-1]), temperature, top_k, top_p, generator)
-        codes[:, st.out] = tok.view(B, -1)
-    return codes.view(B, H, W)
-
-
-def _generate_raster(ctx, B, pre, layout, cfg_scale, schedule, temperature, top_k, top_p, generator):
-    H, W = layout.height, layout.width
-    dev = pre.embeds.device
-    Bt = pre.embeds.shape[0]
-    P, rl = layout.prefix_len, layout.row_len
-    sched = _schedule(layout, "raster", dev)
-    codes = torch.zeros(B, H * W, dtype=torch.long, device=dev)
-    dec = _Decoder(ctx, pre, layout, False, sched.order)
-    eol_emb = _eol_embed(ctx, layout, dev)
-    h = dec.last[0][:, -1:]
-    n = H * W
-    for r in range(n):
-        if r > 0:
-            pi, pj = divmod(r - 1, W)
-            start = P + pi * rl + pj
-            e = _embed_codes(ctx, codes[:, r - 1:r])
-            if layout.eol and pj == W - 1:  # the row's end-of-line token enters with its last code
-                e = torch.cat([e, eol_emb.to(e.dtype).expand(e.shape[0], 1, -1)], 1)
-            if Bt != B:
-                e = torch.cat([e, e])
-            h = dec.feed(e, start, start + e.shape[1], causal=True)[0][:, -1:]
-        lg = _guide(_horizontal(ctx, h).float(), B, _scale_at(cfg_scale, schedule, r, n))
-        codes[:, r] = sample(lg[:, 0], temperature, top_k, top_p, generator)
-    return codes.view(B, H, W)
+    if sampling is None:
+        sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
+    else:
+        sampling = _sampling(sampling, {})
+    with ctx.guard, eval_behaviour(model), torch.inference_mode():
+        state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True)
+        while not state.done:
+            _step(state)
+        return state.image()

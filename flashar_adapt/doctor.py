@@ -126,13 +126,13 @@ def _visual_slice(ctx, full):
 
 def _hidden_rule(ctx, cond, codes, grid):
     """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
-    from .decoding import _embed_codes, _embed_ids, _prefix
+    from .decoding import build_prefix, embed_codes, embed_ids
 
-    pre = _prefix(ctx, cond, None, grid, uncond=False)
-    img = _embed_codes(ctx, codes).to(pre.embeds.dtype)
+    pre = build_prefix(ctx, cond, None, grid, cfg=False)
+    img = embed_codes(ctx, codes).to(pre.embeds.dtype)
     B = codes.shape[0]
     if ctx.recipe.image.eol_token is not None:
-        e = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device)).to(img.dtype)
+        e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device)).to(img.dtype)
         img = torch.cat([img, e.view(1, 1, 1, -1).expand(B, codes.shape[1], 1, -1)], 2)
     embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)
     embeds = embeds[:, :ctx.layout(pre.length, grid).seq_len]  # no end-of-line after the last row if eol_last=False

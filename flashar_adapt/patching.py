@@ -3,67 +3,19 @@ from __future__ import annotations
 
 import copy
 import types
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .backends import Backend, get_backend
-from .grid import Layout
+from .backends import get_backend
+from .context import PatchContext, capture_hook, context
+from .decoding import generate
 from .heads import FlashARModules, FusionGate, ImageHead
+from .matching import match_recipe
 from .recipe import Recipe, RecipeError, _did_you_mean, load_recipe
 
-
-@dataclass
-class PatchContext:
-    """What patch() resolved from the recipe; kept on ``model.flashar.ctx``."""
-
-    recipe: Recipe
-    backend: Backend
-    model: Any = field(repr=False)
-    decoder: nn.Module = field(repr=False)
-    layers: nn.ModuleList = field(repr=False)
-    norm: nn.Module = field(repr=False)
-    head: nn.Module = field(repr=False)
-    embed: nn.Module = field(repr=False)
-    image_embed: list = field(repr=False)
-    cond_embed: nn.Module | None = field(repr=False)
-    uncond_features: torch.Tensor | None = field(repr=False)
-    branch_index: int
-    dim: int
-    vocab_size: int | None
-    hook: Any = field(default=None, repr=False)
-    capturing: bool = False
-    gradient_checkpointing: bool = False  # backends that run their own layer loop honour it
-    captured: tuple | None = field(default=None, repr=False)
-    had_generate: bool = False
-    old_generate: Any = field(default=None, repr=False)
-
-    @property
-    def flashar(self) -> FlashARModules:
-        return self.model.flashar
-
-    def layout(self, prefix_len: int, grid: tuple[int, int]) -> Layout:
-        return Layout(prefix_len, grid[0], grid[1], self.recipe.eol, self.recipe.eol_last)
-
-    def meta_ids(self, grid: tuple[int, int]) -> list[int]:
-        """Forced tokens between the condition and the first code, for this grid."""
-        im = self.recipe.image
-        out: list[int] = []
-        for item in im.before:
-            if item in ("{H}", "{W}"):
-                value = grid[0] if item == "{H}" else grid[1]
-                out += [im.digit_ids[int(c)] for c in str(value)]
-            elif item in ("{size_H}", "{size_W}"):
-                value = grid[0] if item == "{size_H}" else grid[1]
-                if value % im.size_token_divisor:
-                    raise ValueError(f"grid {list(grid)} is not a multiple of image.size_token_divisor "
-                                     f"({im.size_token_divisor}) of recipe {self.recipe.name!r}")
-                out.append(im.size_token_offset + value // im.size_token_divisor)
-            else:
-                out.append(int(item))
-        return out
+__all__ = ["PatchContext", "context", "patch", "resolve", "unpatch"]
 
 
 def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:
@@ -200,9 +152,10 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
     mixing weight (0.5 = the NAR-style average, for ablations)."""
     if getattr(model, "flashar", None) is not None and isinstance(model.flashar, FlashARModules):
         raise RuntimeError("model is already patched with FlashAR; call flashar_adapt.unpatch(model) first")
+    if fixed_gate is not None and not (isinstance(fixed_gate, (int, float)) and not isinstance(fixed_gate, bool)
+                                       and 0.0 <= fixed_gate <= 1.0):
+        raise ValueError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
     if recipe is None:
-        from .matching import match_recipe
-
         recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"
     recipe = load_recipe(recipe)
     if overrides:
@@ -221,17 +174,11 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
     for p in mods.parameters():
         p.requires_grad_(True)
 
-    def capture(module, args, kwargs):
-        if ctx.capturing:
-            ctx.captured = (args, kwargs)
-
-    ctx.hook = ctx.layers[b].register_forward_pre_hook(capture, with_kwargs=True)
+    ctx.hook_id = ctx.layers[b].register_forward_pre_hook(capture_hook, with_kwargs=True).id
     mods.ctx = ctx
     model.add_module("flashar", mods)
     ctx.had_generate = "generate" in model.__dict__
     ctx.old_generate = model.__dict__.get("generate")
-    from .decoding import generate
-
     model.generate = types.MethodType(generate, model)
     return model
 
@@ -242,7 +189,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not isinstance(mods, FlashARModules):
         raise RuntimeError("model is not patched with FlashAR")
     ctx = mods.ctx
-    ctx.hook.remove()
+    # By id on the layer itself (not a stored handle): a deep copy's handle would point at
+    # the original layer's hook table.
+    layer = ctx.layers[ctx.branch_index]
+    layer._forward_pre_hooks.pop(ctx.hook_id, None)
+    layer._forward_pre_hooks_with_kwargs.pop(ctx.hook_id, None)
     del model._modules["flashar"]
     if ctx.had_generate:
         model.generate = ctx.old_generate
@@ -251,9 +202,3 @@ def unpatch(model: nn.Module) -> nn.Module:
     mods.ctx = None
     return model
 
-
-def context(model: nn.Module) -> PatchContext:
-    mods = getattr(model, "flashar", None)
-    if not isinstance(mods, FlashARModules) or mods.ctx is None:
-        raise RuntimeError("model is not patched with FlashAR; call flashar_adapt.patch(model, recipe) first")
-    return mods.ctx
