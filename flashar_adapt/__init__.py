@@ -8,6 +8,7 @@ from .grid import Layout
 from .heads import FlashARModules, FusionGate, ImageHead
 from .inspection import inspect_model
 from .patching import context, patch, unpatch
+from .tokenizers import ImageTokenizer, decode_images, load_tokenizer, register_tokenizer
 from .recipe import Recipe, RecipeError, list_recipes, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
@@ -22,6 +23,6 @@ def train(config, progress: bool = True):
 
 __all__ = [
     "Backend", "FlashARModules", "Report", "check", "inspect_model", "FusionGate", "ImageHead", "Layout", "Recipe", "RecipeError",
-    "context", "export_merged", "generate", "load_adapted", "train", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
+    "context", "decode_images", "ImageTokenizer", "load_tokenizer", "register_tokenizer", "export_merged", "generate", "load_adapted", "train", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
     "recipe_from_dict", "register_backend", "sample", "score", "teacher_forward", "unpatch",
 ]
