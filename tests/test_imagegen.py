@@ -311,3 +311,45 @@ def test_to_pil_round_trips_8bit_images():
     assert im.mode == "RGB" and im.size == (7, 5)
     back = torch.from_numpy(np.array(im)).float().permute(2, 0, 1) / 255
     assert torch.equal(back, x)
+
+
+def _word_tokenizer(folder: Path) -> dict:
+    """A real transformers tokenizer (word level) saved the way checkpoints ship theirs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "a": 5, "red": 6, "blue": 7, "car": 8, "sky": 9, "boi": 10}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(str(folder))
+    return vocab
+
+
+def test_generate_from_prompts_file_with_the_models_own_text_tokenizer(tmp_path, capsys):
+    """Prompt-conditioned export (transformers Llama, colour-cluster tokenizer): prompts from a
+    file, tokenised by the tokenizer saved in the export's backbone folder, through a template."""
+    from safetensors.torch import save_file
+
+    save_file({"clusters": torch.rand(40, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1},
+              str(tmp_path / "pal.safetensors"))
+    recipe = tiny.hf_llama_recipe(codebook=40, offset=100, grid=(3, 4)).replace(
+        tokenizer={"kind": "color-clusters", "checkpoint": str(tmp_path / "pal.safetensors")})
+    model = fa.patch(tiny.hf_llama(), recipe)
+    exp = fa.export_merged(model, tmp_path / "export")
+    vocab = _word_tokenizer(exp / "backbone")
+    (tmp_path / "p.txt").write_text("a red car\na blue sky\n")
+    rc = main(["generate", "--export", str(exp), "--out", str(tmp_path / "g"), "--prompts-file", str(tmp_path / "p.txt"),
+               "--prompt-template", "{prompt} boi", "--per-cond", "2", "--cfg", "3", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    codes = load_file(str(tmp_path / "g" / "codes.safetensors"))["codes"].long()
+    m = fa.load_adapted(exp)
+    ids = [[vocab[w] for w in p.split()] + [10] for p in ("a red car", "a red car", "a blue sky", "a blue sky")]
+    cond = torch.tensor(ids)  # all four prompts are 4 tokens: no padding
+    want = m.generate(cond, cond_mask=torch.ones_like(cond, dtype=torch.bool), cfg_scale=3.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(codes, want)
+    assert len(list((tmp_path / "g" / "images").iterdir())) == 4 and (tmp_path / "g" / "grid.png").is_file()
+    (tmp_path / "bad.txt").write_text("a red car\n\na blue sky\n")
+    assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g2"), "--prompts-file",
+                 str(tmp_path / "bad.txt"), "--no-progress"]) == 2
+    assert "line 2 is empty" in capsys.readouterr().err and not (tmp_path / "g2").exists()
