@@ -80,7 +80,7 @@ def _text_tokenizer(path: str | os.PathLike | None, template: str):
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a folder without a tokenizer
         raise GenerateError(f"{path}: no usable text tokenizer there ({type(e).__name__}: {e}); "
                             "pass --text-tokenizer DIR") from None
-    return lambda prompt: tok(template.format(prompt=prompt))["input_ids"]
+    return lambda prompt: tok(template.replace("{prompt}", prompt))["input_ids"]
 
 
 def _has_text_tokenizer(folder: Path | None) -> bool:
