@@ -3,7 +3,7 @@ parallel generator (H+W-1 decoding steps instead of H*W) with one call."""
 from .backends import Backend, list_backends, register_backend
 from .doctor import Report, check
 from .decoding import generate, logits, sample, score, teacher_forward
-from .export import export_merged, load_adapted
+from .export import adapters_disabled, export_merged, load_adapted
 from .grid import Layout
 from .heads import FlashARModules, FusionGate, ImageHead
 from .inspection import inspect_model
@@ -23,6 +23,6 @@ def train(config, progress: bool = True):
 
 __all__ = [
     "Backend", "FlashARModules", "Report", "check", "inspect_model", "FusionGate", "ImageHead", "Layout", "Recipe", "RecipeError",
-    "context", "decode_images", "ImageTokenizer", "load_tokenizer", "register_tokenizer", "export_merged", "generate", "load_adapted", "train", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
+    "adapters_disabled", "context", "decode_images", "ImageTokenizer", "load_tokenizer", "register_tokenizer", "export_merged", "generate", "load_adapted", "train", "list_backends", "list_recipes", "load_recipe", "logits", "patch",
     "recipe_from_dict", "register_backend", "sample", "score", "teacher_forward", "unpatch",
 ]
