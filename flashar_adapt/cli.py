@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands through ``add_cli(subparsers)``; each sets
 # ``fn`` on its parser. Kept apart so each feature owns its command.
-_COMMAND_MODULES = ["flashar_adapt.doctor", "flashar_adapt.training", "flashar_adapt.export"]
+_COMMAND_MODULES = ["flashar_adapt.doctor", "flashar_adapt.training", "flashar_adapt.export", "flashar_adapt.imagegen"]
 
 
 def _one_line(e: BaseException) -> str:

@@ -19,6 +19,7 @@ any defect is an ``ExportError``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,12 +38,12 @@ from .validate import Is, Num, OneOf, differing_keys, first_problem, short
 
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
-EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG)
+EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors")
 CONFIG_RULES = {"format": OneOf((FORMAT,)), "backend": Is((str,), "a backend name"),
                 "backbone": Is((dict,), "a mapping (the backend's model spec)"),
                 "fixed_gate": Num(0, 1, optional=True)}
 # Recipe keys that do not change what the exported weights compute.
-_RECIPE_FREE = ("name", "description", "match", "lora")
+_RECIPE_FREE = ("name", "description", "match", "lora", "tokenizer")
 
 
 class ExportError(FlashARError, ValueError):
@@ -65,32 +66,96 @@ def merge_lora(model: torch.nn.Module) -> int:
     return len(targets)
 
 
+def _lora_layers(model) -> list:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+class adapters_disabled:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """``with fa.adapters_disabled(model):`` LoRA layers compute their base layer exactly, so a
+    model exported with ``merge=False`` decodes as the original model (raster mode)."""
+
+    def __init__(self, model):
+        self.layers = [m for _, m in _lora_layers(model)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enable_adapters(False)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def _base_layers_in_place(model):
+    """Temporarily put every LoRA layer's base layer back, so the backbone saves in its
+    native layout with the original (unmerged) weights."""
+    swapped = []
+    try:
+        for name, m in _lora_layers(model):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, m.get_base_layer())
+            swapped.append((parent, child, m))
+        yield
+    finally:
+        for parent, child, m in swapped:
+            setattr(parent, child, m)
+
+
+def _adapter_state(model) -> tuple[dict, dict | None]:
+    layers = _lora_layers(model)
+    if not layers:
+        return {}, None
+    m = layers[0][1]
+    name = m.active_adapters[0] if getattr(m, "active_adapters", None) else "default"
+    meta = {"file": "adapters.safetensors", "r": int(m.r[name]), "alpha": int(m.lora_alpha[name]), "layers": len(layers)}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k and not k.startswith("flashar.")}
+    return sd, meta
+
+
 def _flashar_state(model) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in model.flashar.state_dict().items()}
 
 
-def export_merged(model: torch.nn.Module, out_dir) -> Path:
+def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     """Write ``model`` (patched, possibly with LoRA) to ``out_dir``. LoRA is merged into the
     backbone in place first, so the exported weights are what the model computes.
-    ``out_dir`` must not exist, be empty, or be a previous export (then it is replaced)."""
+    ``out_dir`` must not exist, be empty, or be a previous export (then it is replaced).
+
+    ``merge=False`` keeps the adapters apart instead: ``backbone/`` holds the original
+    weights and ``adapters.safetensors`` the LoRA factors, re-attached by ``load_adapted``;
+    under ``fa.adapters_disabled(model)`` the loaded model is the original model exactly
+    (raster mode), with them it is the post-trained one (two-way)."""
     ctx = context(model)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    merged = merge_lora(model)
+    adapters, lora_meta = ({}, None) if merge else _adapter_state(model)
+    merged = merge_lora(model) if merge else 0
     for stale in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
         shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         (tmp / "backbone").mkdir()
-        spec = ctx.backend.save_model(model, tmp / "backbone")
+        with _base_layers_in_place(model):
+            spec = ctx.backend.save_model(model, tmp / "backbone")
         save_file(_flashar_state(model), str(tmp / "flashar.safetensors"), metadata={"format": FORMAT})
+        if lora_meta is not None:
+            save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
         (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
         from . import __version__
 
         cfg = {"format": FORMAT, "backend": ctx.recipe.backend, "recipe": ctx.recipe.name, "backbone": spec,
                "fixed_gate": model.flashar.fixed_gate, "lora_layers_merged": merged, "flashar_adapt": __version__,
                "recipe_config": ctx.recipe.to_dict()}
+        if lora_meta is not None:
+            cfg["lora_adapters"] = lora_meta
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
         apply_umask(tmp)  # mkdtemp made it 0700; an export is read by others like any file
         old = None
@@ -160,6 +225,8 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     except RecipeError as e:
         raise ExportError(f"{out_dir / 'recipe.yaml'} does not fit the exported backbone: {e}") from None
     load_flashar_weights(model, inside(out_dir, "flashar.safetensors", ExportError))
+    if cfg.get("lora_adapters"):
+        _attach_adapters(model, out_dir, cfg["lora_adapters"])
     return model.eval()
 
 
@@ -197,6 +264,25 @@ def _read_recipe(out_dir: Path, cfg: dict):
     return recipe
 
 
+def _attach_adapters(model, out_dir: Path, meta: dict) -> None:
+    """Re-inject LoRA on the recipe's targets and load the exported factors, checking they fit."""
+    from .training import add_lora
+
+    if not isinstance(meta, dict) or not isinstance(meta.get("file"), str):
+        raise ExportError(f"{out_dir / CONFIG}: lora_adapters must be a mapping naming its file")
+    path = inside(out_dir, meta["file"], ExportError, "adapter file")
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for missing/corrupt files
+        raise ExportError(f"{path}: unreadable or missing LoRA adapters ({e})") from None
+    add_lora(model, r=meta["r"], alpha=meta["alpha"], dropout=0.0)
+    own = {k: v for k, v in model.state_dict().items() if "lora_" in k and not k.startswith("flashar.")}
+    bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if bad:
+        raise ExportError(f"{path}: adapters do not fit this model/recipe: {bad[:3]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+
+
 def load_flashar_weights(model, path) -> None:
     """Load FlashAR module weights (safetensors) into a patched model, checking they fit."""
     path = Path(path)
@@ -223,6 +309,9 @@ def add_cli(sub) -> None:
     s = sub.add_parser("export", help="merge LoRA and export an adapted model from a training run")
     s.add_argument("--config", required=True, help="the training config YAML of the run")
     s.add_argument("--out", required=True, help="export folder to write")
+    s.add_argument("--keep-adapters", action="store_true",
+                   help="keep LoRA adapters unmerged (adapters.safetensors): raster mode with adapters off is the "
+                        "original model exactly")
     s.set_defaults(fn=_cmd_export)
 
 
@@ -231,6 +320,6 @@ def _cmd_export(args) -> int:
 
     cfg = TrainConfig.load(args.config)
     model = build_model_from_run(cfg)
-    export_merged(model, args.out)
+    export_merged(model, args.out, merge=not getattr(args, "keep_adapters", False))
     print(f"exported to {args.out}")
     return 0

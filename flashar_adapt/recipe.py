@@ -89,6 +89,23 @@ class LoRA:
 
 
 @dataclass(frozen=True)
+class Tokenizer:
+    """Optional ``tokenizer:`` section: which image tokenizer turns pixels into this model's
+    codes and back. ``kind`` names a registered tokenizer (flashar_adapt.tokenizers);
+    ``image_size`` defaults to image.grid x ``downsample``."""
+
+    kind: str
+    module: str | None = None  # path of the VQ module inside the model, for tokenizers the checkpoint carries
+    checkpoint: str | None = None  # weights file; relative paths are relative to the recipe file
+    downsample: int | None = None  # pixels per code, per side
+    image_size: tuple[int, int] | None = None
+    channels: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the tokenizer sees (pixels in [0, 1] - mean) / std
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    config: dict = field(default_factory=dict)  # kind-specific constructor arguments
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     backend: str
@@ -99,6 +116,7 @@ class Recipe:
     lora: LoRA = field(default_factory=LoRA)
     description: str = ""
     match: dict = field(default_factory=dict)
+    tokenizer: Tokenizer | None = None
     source: str | None = None
 
     @property
@@ -113,6 +131,8 @@ class Recipe:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("source")
+        if out["tokenizer"] is None:
+            out.pop("tokenizer")
         return _plain(out)
 
     def to_yaml(self) -> str:
@@ -130,7 +150,7 @@ class Recipe:
                 if not isinstance(node.get(part), dict):
                     raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(part, node), self.source)
                 node = node[part]
-            if parts[-1] not in node:
+            if parts[-1] not in node and not (len(parts) == 1 and parts[0] in _TOP_KEYS):  # an absent optional section
                 # an undotted typo is most likely a misspelt shortcut ("branch_layr")
                 choices = list(node) + list(_SHORTCUTS) if len(parts) == 1 else node
                 raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(parts[-1], choices), self.source)
@@ -169,7 +189,7 @@ _SECTIONS: dict[str, tuple[type, set[str]]] = {
     "lora": (LoRA, set()),
 }
 _TOP_REQUIRED = {"name", "backend", "modules", "condition", "image"}
-_TOP_KEYS = _TOP_REQUIRED | {"description", "flashar", "lora", "match"}
+_TOP_KEYS = _TOP_REQUIRED | {"description", "flashar", "lora", "match", "tokenizer"}
 
 
 # Placeholders allowed in image.before: "{H}"/"{W}" spell the number with image.digit_ids;
@@ -363,8 +383,49 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {dropout!r}", src)
     lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
+    tok = _tokenizer(data.get("tokenizer"), image, src)
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
-                  lora=lora, description=desc, match=match, source=source)
+                  lora=lora, description=desc, match=match, tokenizer=tok, source=source)
+
+
+def _floats(t: dict, name: str, n: int, default, src) -> tuple[float, ...]:
+    v = t.get(name, default)
+    ok = isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    _expect(ok, f"tokenizer.{name}", f"must be a list of {n} numbers (one per channel), got {v!r}", src)
+    return tuple(float(x) for x in v)
+
+
+def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
+    """The optional ``tokenizer:`` section. A stated image_size must agree with image.grid x
+    downsample: a tokenizer whose grid disagrees with the recipe is refused on load."""
+    if t is None:
+        return None
+    _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {t!r}", src)
+    allowed = {f.name for f in dataclasses.fields(Tokenizer)}
+    for k in t:
+        _expect(k in allowed, f"tokenizer.{k}", "unknown key" + _did_you_mean(str(k), allowed), src)
+    kind = _str(t, "tokenizer", "kind", src)
+    _expect(bool(kind), "tokenizer.kind", "must be a non-empty string", src)
+    down = _int(t, "tokenizer", "downsample", src, minimum=1, optional=True)
+    size = t.get("image_size")
+    if size is not None:
+        _expect(isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size),
+                "tokenizer.image_size", f"must be [H, W] with positive integers, got {size!r}", src)
+        size = (int(size[0]), int(size[1]))
+        if down is not None:
+            want = (image.grid[0] * down, image.grid[1] * down)
+            _expect(size == want, "tokenizer.image_size",
+                    f"{list(size)} gives a {size[0] // down}x{size[1] // down} grid of codes, but image.grid is "
+                    f"{list(image.grid)} (image_size must be grid x downsample = {list(want)})", src)
+    channels = _int(t, "tokenizer", "channels", src, minimum=1, optional=True) or 3
+    std = _floats(t, "std", channels, [0.5] * channels, src)
+    _expect(all(s > 0 for s in std), "tokenizer.std", f"must be positive, got {list(std)}", src)
+    cfg = t.get("config", {}) or {}
+    _expect(isinstance(cfg, dict), "tokenizer.config", f"must be a mapping, got {cfg!r}", src)
+    return Tokenizer(kind=kind, module=_str(t, "tokenizer", "module", src, optional=True),
+                     checkpoint=_str(t, "tokenizer", "checkpoint", src, optional=True), downsample=down,
+                     image_size=size, channels=channels, mean=_floats(t, "mean", channels, [0.5] * channels, src),
+                     std=std, config=cfg)
 
 
 # Bounds on lora.targets: each is a regex matched against every module name of the model.

@@ -77,3 +77,54 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB between float images in [0, 1], over the whole set."""
     mse = (a.float() - b.float()).pow(2).mean()
     return float(10 * torch.log10(1.0 / mse))
+
+
+# ---------------------------------------------------------------- the tokenizer interface
+
+from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, register_tokenizer  # noqa: E402
+
+
+class PatchVQTokenizer(ImageTokenizer):
+    """PatchVQ behind flashar_adapt's interface: float [N, 1, 28, 28] in [0, 1] <-> codes [N, 14, 14].
+    Decoding paints each code's centroid patch, so re-encoding a decoded image returns the
+    same codes (centroids are means of pixels in [0, 1], so clamping never moves them)."""
+
+    exact_roundtrip = True
+    channels = 1
+
+    def __init__(self, vq: PatchVQ, image_size=(28, 28)):
+        if image_size[0] % PATCH or image_size[1] % PATCH:
+            raise TokenizerError(f"image size {list(image_size)} is not a multiple of the {PATCH}x{PATCH} patch")
+        self.vq, self.codebook_size = vq, vq.codebook_size
+        self.image_size = tuple(image_size)
+        self.grid = (image_size[0] // PATCH, image_size[1] // PATCH)
+
+    def _encode(self, images):
+        p = _float_patches(images[:, 0]).reshape(-1, PATCH * PATCH)
+        return torch.cdist(p, self.vq.centroids).argmin(1)
+
+    def _decode(self, codes):
+        return self.vq.decode(codes)[:, None]
+
+
+def _float_patches(x: torch.Tensor) -> torch.Tensor:
+    N, H, W = x.shape
+    x = x.reshape(N, H // PATCH, PATCH, W // PATCH, PATCH).permute(0, 1, 3, 2, 4)
+    return x.reshape(N, H // PATCH, W // PATCH, PATCH * PATCH)
+
+
+@register_tokenizer("fmnist-patch-vq")
+def _fmnist_patch_vq(spec, model, root) -> PatchVQTokenizer:
+    """The shipped k-means tokenizer (or tokenizer.checkpoint, a PatchVQ.save file)."""
+    from flashar_adapt.tokenizers import resolve_checkpoint
+
+    from . import ASSETS
+
+    if spec.channels != 1:
+        raise TokenizerError(f"tokenizer.channels: the Fashion-MNIST tokenizer is greyscale (1), got {spec.channels}")
+    if spec.downsample not in (None, PATCH):
+        raise TokenizerError(f"tokenizer.downsample: the Fashion-MNIST tokenizer uses {PATCH}x{PATCH} patches, got {spec.downsample}")
+    path = resolve_checkpoint(spec, root) or ASSETS / "tokenizer.safetensors"
+    if not path.is_file():
+        raise TokenizerError(f"{path}: the Fashion-MNIST tokenizer file is missing")
+    return PatchVQTokenizer(PatchVQ.load(path), tuple(spec.image_size))
