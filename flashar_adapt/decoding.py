@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .grid import Layout
+from .heads import finish_logits
 from .patching import PatchContext, context
 
 MODES = ("two_way", "raster")
@@ -184,9 +185,9 @@ def _grid(ctx: PatchContext, grid) -> tuple[int, int]:
 
 def _check_positions(ctx: PatchContext, layout: Layout) -> None:
     limit = ctx.backend.max_positions(ctx)
-    if limit is not None and layout.seq_len > limit:
-        raise ValueError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix needs "
-                         f"{layout.seq_len} positions; the model supports {limit}")
+    if limit is not None and layout.fed_len > limit:
+        raise ValueError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
+                         f"{layout.fed_len} tokens; the model has {limit} positions")
 
 
 # ---------------------------------------------------------------- one forward
@@ -198,8 +199,10 @@ def _horizontal(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
     off = 0 if ctx.image_embed else ctx.recipe.image.visual_token_offset
     if isinstance(head, torch.nn.Linear) and (off or head.out_features != K):
         b = None if head.bias is None else head.bias[off:off + K]
-        return F.linear(h, head.weight[off:off + K], b)
-    return head(h)
+        out = F.linear(h, head.weight[off:off + K], b)
+    else:
+        out = head(h)
+    return finish_logits(out, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
 
 
 def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, cache, branch_cache, branch: bool):
@@ -266,12 +269,13 @@ def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", con
     if layout.eol:
         e = _embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device))
         img = torch.cat([img, e.to(img.dtype).view(1, 1, 1, -1).expand(B, H, 1, -1)], 2)
-    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)
-    L = layout.seq_len
+    # the last code (and a trailing end-of-line) predicts nothing: never fed, so no position
+    L = layout.fed_len
+    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :L]
     dev = embeds.device
     slots = torch.arange(L, device=dev)
     valid = torch.cat([pre.valid, torch.ones(B, L - pre.length, dtype=torch.bool, device=dev)], 1)
-    allowed = layout.attention(mode).to(dev)[None] & valid[:, None, :]
+    allowed = layout.attention(mode)[:L, :L].to(dev)[None] & valid[:, None, :]
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=dev)[None]
     positions = _positions(slots, pre.n_pad)
     two = mode == "two_way"

@@ -44,7 +44,7 @@ def test_walkthrough_gpt2_from_inspect_to_passing_check(tmp_path, capsys, monkey
     # 2. the draft is not a recipe yet: the loader names the first TODO key
     with pytest.raises(fa.RecipeError) as e:
         fa.load_recipe(tmp_path / "draft.yaml")
-    assert e.value.key == "condition.pad_id"
+    assert e.value.key == "condition.prefix_len"
 
     # 3. fill in the token layout (this model's ids: codes 100..163, one BOI 190, end-of-line 199)
     draft["name"] = "my-gpt2"
