@@ -298,3 +298,28 @@ def test_mask_goes_to_the_layers_only_when_the_decoder_rewrites_it():
         fa.patch(model, _recipe_from_draft(name, model)[0])
         assert fa.context(model).backend.mask_at_layers is at_layers
         fa.unpatch(model)
+
+
+# ---------------------------------------------------------------- shipped Liquid (Gemma) recipe
+
+def test_liquid_recipe_on_a_tiny_gemma_of_the_same_layout():
+    """GemmaForCausalLM with Liquid's extended vocabulary (256000 text ids + 8192 codes): the
+    shipped recipe auto-matches, inspect drafts the same structure, and the doctor passes at a
+    small grid, with CFG through the recipe's unconditional ids."""
+    from flashar_adapt.matching import match_recipe
+
+    model = _build("GemmaForCausalLM", "GemmaConfig", vocab_size=256000 + 8192, hidden_size=16, intermediate_size=32,
+                   num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                   max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    r = match_recipe(model)
+    assert r.name == "liquid-7b" and r.image.visual_token_offset == 256000 and r.image.codebook_size == 8192
+    draft = fa.inspect_model(model).draft
+    assert draft["modules"] == {k: getattr(r.modules, k) for k in draft["modules"]}
+    assert draft["lora"]["targets"] == list(r.lora.targets) and "logits" not in draft
+    small = r.replace(grid=[3, 4], **{"condition.prefix_len": 8})
+    prompt = torch.tensor([[2, 100, 200, 300, 7], [2, 400, 500, 600, 7]])  # <bos> text ... <boi>
+    rep = fa.check(model, small, atol=1e-5, cond=prompt)
+    assert rep.ok, str(rep)
+    fa.patch(model, small)
+    out = model.generate(prompt, cfg_scale=7.0, top_k=1)
+    assert out.shape == (2, 3, 4) and int(out.max()) < 8192
