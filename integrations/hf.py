@@ -295,8 +295,15 @@ class TransformersBackend(Backend):
             self.layer_mask = mask  # branch_call gives the branch layers the same mask
             hooks = [layer.register_forward_pre_hook(lambda m, a, k: _replace_mask(m, a, k, mask), with_kwargs=True,
                                                      prepend=True) for layer in ctx.layers]
+        found = self._builtin_causal(ctx.layers)
+        if found and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
+                                                     for m in ctx.layers):
+            # a recomputed forward (in backward) would run outside the swap, with the causal buffer
+            raise RuntimeError(f"{type(found[0][0]).__name__} applies a built-in causal mask that FlashAR opens only "
+                               "during its own forwards; gradient checkpointing would recompute the layers with it "
+                               "closed: disable gradient checkpointing for this model")
         try:
-            with _causal_buffers_open(self._builtin_causal(ctx.layers)):
+            with _causal_buffers_open(found):
                 out = ctx.decoder(inputs_embeds=embeds, attention_mask=None if self.mask_at_layers else mask,
                                   position_ids=positions, use_cache=cache is not None, **kwargs)
         finally:

@@ -323,3 +323,21 @@ def test_liquid_recipe_on_a_tiny_gemma_of_the_same_layout():
     fa.patch(model, small)
     out = model.generate(prompt, cfg_scale=7.0, top_k=1)
     assert out.shape == (2, 3, 4) and int(out.max()) < 8192
+
+
+def test_builtin_causal_mask_refuses_gradient_checkpointing():
+    """ImageGPT's attention applies its own causal buffer; FlashAR opens it during its forwards.
+    A checkpointed layer would be recomputed in backward with the buffer closed (silently wrong
+    gradients), so that combination is an error, not a wrong result."""
+    model = _model("imagegpt")
+    recipe, _ = _recipe_from_draft("imagegpt", model)
+    fa.patch(model, recipe)
+    codes = torch.randint(0, V, (1, 6, 6), generator=torch.Generator().manual_seed(0))
+    fa.teacher_forward(model, _cond("imagegpt")[:1], codes).fused.sum().backward()  # fine without checkpointing
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    with pytest.raises(RuntimeError, match="disable gradient checkpointing"):
+        fa.teacher_forward(model, _cond("imagegpt")[:1], codes)
+    with torch.no_grad():  # no backward, no recompute: allowed
+        fa.teacher_forward(model, _cond("imagegpt")[:1], codes)
