@@ -19,7 +19,11 @@ def register_backend(name: str):
     """Class decorator: make a backend available to recipes as ``backend: <name>``."""
 
     def deco(cls):
-        _REGISTRY[name] = cls
+        old = _REGISTRY.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"backend name {name!r} is already taken by {old.__module__}.{old.__qualname__}; "
+                             f"register {cls.__qualname__} under another name")
+        _REGISTRY[name] = cls  # the same class again (a module reloaded) replaces itself
         cls.name = name
         return cls
 
@@ -46,6 +50,29 @@ class Backend:
     """Interface every backend implements. ``ctx`` is the PatchContext of the model."""
 
     name = "base"
+    #: order in which ``inspect`` / ``check`` ask backends to recognise a file (lowest first):
+    #: family-specific backends go before generic ones.
+    sniff_priority = 0
+
+    # ------------------------------------------------------------ discovery (inspect / check)
+    @staticmethod
+    def sniff(path) -> dict | None:
+        """Recognise a model on disk from its files alone (no weights loaded): return a load
+        spec for :meth:`load_sniffed`, or None when the path is not in this backend's layout."""
+        return None
+
+    @staticmethod
+    def load_sniffed(spec: dict, overrides: dict | None = None) -> nn.Module:
+        """Load the model ``sniff`` recognised (local files only, weights never unpickled as
+        code); ``overrides`` are constructor values the files do not record. Eval mode."""
+        raise NotImplementedError
+
+    def reference_logits(self, ctx, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+        """The model's own raster next-code logits [B, H, W, K] for ``cond`` and ``codes``
+        (its own forward, not the patched path), which ``check`` compares the patched raster
+        logits against; None when the backend has none and ``check`` should use the generic
+        references (the model's forward on input ids, or its head on the decoder's output)."""
+        return None
 
     def validate(self, ctx) -> None:
         """Extra checks against the real model; raise RecipeError naming the key."""

@@ -90,6 +90,7 @@ class PatchContext:
     branch_index: int
     dim: int
     vocab_size: int | None
+    after_norm: list = field(default_factory=list, repr=False)
     hook_id: int | None = None
     gradient_checkpointing: bool = False  # backends that run their own layer loop honour it
     had_generate: bool = False

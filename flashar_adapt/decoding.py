@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .context import CAPTURE, PatchContext, context
 from .grid import Layout
+from .heads import finish_logits
 from .sampling import Sampling, guide, sample
 
 MODES = ("two_way", "raster")
@@ -263,9 +264,9 @@ def _grid(ctx: PatchContext, grid) -> tuple[int, int]:
 
 def _check_positions(ctx: PatchContext, layout: Layout) -> None:
     limit = ctx.backend.max_positions(ctx)
-    if limit is not None and layout.seq_len > limit:
-        raise ValueError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix needs "
-                         f"{layout.seq_len} positions; the model supports {limit}")
+    if limit is not None and layout.fed_len > limit:
+        raise ValueError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
+                         f"{layout.fed_len} tokens; the model has {limit} positions")
 
 
 # ---------------------------------------------------------------- one forward
@@ -277,8 +278,10 @@ def horizontal_logits(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
     off = 0 if ctx.image_embed else ctx.recipe.image.visual_token_offset
     if isinstance(head, torch.nn.Linear) and (off or head.out_features != K):
         b = None if head.bias is None else head.bias[off:off + K]
-        return F.linear(h, head.weight[off:off + K], b)
-    return head(h)
+        out = F.linear(h, head.weight[off:off + K], b)
+    else:
+        out = head(h)
+    return finish_logits(out, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
 
 
 def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, cache, branch_cache, branch: bool):
@@ -348,12 +351,12 @@ def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torc
     if layout.eol:
         e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=dev))
         img = torch.cat([img, e.to(img.dtype).view(1, 1, 1, -1).expand(B, H, 1, -1)], 2)
-    # [:seq_len]: a layout without an end-of-line after the last row (eol_last=False) drops it
-    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :layout.seq_len]
-    L = layout.seq_len
+    # the last code (and a trailing end-of-line) predicts nothing: never fed, so no position
+    L = layout.fed_len
+    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :L]
     slots = torch.arange(L, device=dev)
     valid = torch.cat([pre.valid, torch.ones(B, L - pre.length, dtype=torch.bool, device=dev)], 1)
-    allowed = layout.attention(mode).to(dev)[None] & valid[:, None, :]
+    allowed = layout.attention(mode)[:L, :L].to(dev)[None] & valid[:, None, :]
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=dev)[None]
     two = mode == "two_way"
     hh, hv = _forward(ctx, embeds, positions(slots, pre.n_pad), slots, slots, allowed, None, None, branch=two)

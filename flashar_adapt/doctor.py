@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .heads import finish_logits
 from .recipe import Recipe, RecipeError, load_recipe
 
 PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
@@ -124,7 +125,7 @@ def _visual_slice(ctx, full):
     return full[..., im.visual_token_offset: im.visual_token_offset + im.codebook_size]
 
 
-def _hidden_rule(ctx, cond, codes, grid):
+def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
     """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
     from .decoding import build_prefix, embed_codes, embed_ids
 
@@ -134,22 +135,25 @@ def _hidden_rule(ctx, cond, codes, grid):
     if ctx.recipe.image.eol_token is not None:
         e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device)).to(img.dtype)
         img = torch.cat([img, e.view(1, 1, 1, -1).expand(B, codes.shape[1], 1, -1)], 2)
-    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)
-    embeds = embeds[:, :ctx.layout(pre.length, grid).seq_len]  # no end-of-line after the last row if eol_last=False
+    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :ctx.layout(pre.length, grid).fed_len]
     out = ctx.decoder(inputs_embeds=embeds, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     idx = _pred_index(ctx, pre.length, grid)
     lg = _visual_slice(ctx, ctx.head(h[:, idx]))
+    if finish:
+        lg = finish_logits(lg, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
     return lg.view(B, *grid, -1).float()
 
 
 def _own_forward(ctx, cond, codes, grid):
     """The model's own forward on input ids, full vocabulary at the predicting positions."""
     meta = torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1)
-    seq = torch.cat([cond, meta, _image_ids(ctx, codes)], 1)
+    P = cond.shape[1] + meta.shape[1]
+    # only the tokens ever fed (the last code predicts nothing), as the patched model runs them
+    seq = torch.cat([cond, meta, _image_ids(ctx, codes)], 1)[:, :ctx.layout(P, grid).fed_len]
     out = ctx.model(input_ids=seq, use_cache=False)
     lg = out.logits if hasattr(out, "logits") else out[0]
-    idx = _pred_index(ctx, cond.shape[1] + meta.shape[1], grid)
+    idx = _pred_index(ctx, P, grid)
     return lg[:, idx].float().view(cond.shape[0], *grid, -1)
 
 
@@ -164,14 +168,41 @@ def _find_offset(ours, full, tol):
     return None
 
 
+_LOGIT_MAP_WORDS = {"logits.scale": "times a logit scale of", "logits.softcap": "soft-capped (tanh) at"}
+
+
+def fit_logit_map(raw: torch.Tensor, own: torch.Tensor, atol: float) -> tuple[str, float] | None:
+    """Does ``own`` equal ``raw`` (the head's output) times a constant, or soft-capped as
+    c * tanh(raw / c)? Returns ("logits.scale", s) or ("logits.softcap", c), or None."""
+    raw, own = raw.double().flatten(), own.double().flatten()
+    ok = torch.isfinite(own)
+    raw, own = raw[ok], own[ok]
+    if raw.numel() == 0 or float(raw.abs().max()) == 0:
+        return None
+    s = float((raw * own).sum() / (raw * raw).sum())
+    if s > 0 and abs(s - 1) > 1e-6 and torch.allclose(raw * s, own, atol=atol, rtol=1e-5):
+        return "logits.scale", s
+    i = int(raw.abs().argmax())
+    r, y = abs(float(raw[i])), abs(float(own[i]))
+    if 0 < y < r:  # c * tanh(r / c) grows from 0 to r with c: bisect for the cap that maps r to y
+        lo, hi = y, y * 1e6
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mid * torch.tanh(torch.tensor(r / mid, dtype=torch.float64)) < y else (lo, mid)
+        c = (lo + hi) / 2
+        if torch.allclose(torch.tanh(raw / c) * c, own, atol=atol, rtol=1e-5):
+            return "logits.softcap", c
+    return None
+
+
 def _check_raster(ctx, model, rep, cond, codes, grid, atol):
     from .decoding import logits
 
     ours = logits(model, cond, codes, mode="raster").float()
-    own_ref = getattr(ctx.backend, "reference_logits", None)
-    if own_ref is not None:
-        with torch.no_grad():
-            ref = own_ref(ctx, cond, codes).float()
+    with torch.no_grad():
+        ref = ctx.backend.reference_logits(ctx, cond, codes)
+    if ref is not None:
+        ref = ref.float()
         d = (ours - ref).abs().max().item()
         if d <= atol:
             return rep.add("raster", PASS, f"patched raster logits equal the model's own forward (max diff {d:.2e})")
@@ -206,6 +237,14 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
             return rep.add("raster", FAIL, f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
                                            "the decoder run by the backend is not the model's decoder",
                            key="modules.decoder")
+        if hidden_ok:
+            with torch.no_grad():
+                found = fit_logit_map(_hidden_rule(ctx, cond, codes, grid, finish=False), own, atol)
+            if found is not None:
+                key, value = found
+                return rep.add("raster", FAIL, f"the model's logits are its head's output {_LOGIT_MAP_WORDS[key]} {value:.6g}; "
+                                               f"the recipe says {getattr(ctx.recipe.logits, key.split('.')[1])}: set {key}: {value:.6g}",
+                               key=key)
         o = _find_offset(ours, full, atol)
         if o is not None and o != ctx.recipe.image.visual_token_offset:
             return rep.add("raster", FAIL, f"codebook logits found at vocabulary offset {o}, recipe says "

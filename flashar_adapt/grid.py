@@ -40,6 +40,12 @@ class Layout:
         return self.prefix_len + self.height * self.width + self.n_eol
 
     @property
+    def fed_len(self) -> int:
+        """Tokens ever fed to the decoder: everything before the last code. The last code
+        (and a trailing end-of-line token) is predicted, never fed, so it needs no position."""
+        return self.slot(self.height - 1, self.width - 1)
+
+    @property
     def num_steps_two_way(self) -> int:
         return self.height + self.width - 1
 

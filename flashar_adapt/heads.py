@@ -16,8 +16,10 @@ class ImageHead(nn.Module):
     (already codebook-sized, e.g. a separate image-generation MLP) is deep-copied.
     """
 
-    def __init__(self, head: nn.Module, offset: int, codebook_size: int):
+    def __init__(self, head: nn.Module, offset: int, codebook_size: int, scale: float = 1.0,
+                 softcap: float | None = None):
         super().__init__()
+        self.scale, self.softcap = scale, softcap  # the model's own logit scale / soft-cap (recipe ``logits``)
         if isinstance(head, nn.Linear) and (offset != 0 or head.out_features != codebook_size):
             w = head.weight.detach()[offset:offset + codebook_size]
             b = None if head.bias is None else head.bias.detach()[offset:offset + codebook_size]
@@ -31,7 +33,16 @@ class ImageHead(nn.Module):
             self.proj = copy.deepcopy(head)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(h)
+        return finish_logits(self.proj(h), self.scale, self.softcap)
+
+
+def finish_logits(x: torch.Tensor, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """What a model applies after its head: a logit scale, then a tanh soft-cap."""
+    if scale != 1.0:
+        x = x * scale
+    if softcap is not None:
+        x = torch.tanh(x / softcap) * softcap
+    return x
 
 
 class FusionGate(nn.Module):

@@ -27,8 +27,7 @@ def _backends_that_sniff() -> list[type]:
     from .backends import _REGISTRY
 
     importlib.import_module("flashar_adapt.integrations")
-    classes = [cls for cls in _REGISTRY.values() if hasattr(cls, "sniff")]
-    return sorted(classes, key=lambda c: getattr(c, "sniff_priority", 0))
+    return sorted(_REGISTRY.values(), key=lambda c: c.sniff_priority)
 
 
 def load_model(path: str | os.PathLike, overrides: dict | None = None) -> tuple[nn.Module, str]:
@@ -176,10 +175,7 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
 
     embeds = [(p, m) for p, m in named.items() if isinstance(m, nn.Embedding)]
     emb_entries = [Entry(p, "embedding", f"{m.num_embeddings} x {m.embedding_dim}") for p, m in embeds]
-    # token embedding: the biggest embedding under the decoder (or anywhere)
-    scope = [(p, m) for p, m in embeds if decoder is None or _inside(p, decoder) or decoder == ""] or embeds
-    embed_path, embed_mod = max(scope, key=lambda pm: pm[1].num_embeddings) if scope else (None, None)
-    dim = embed_mod.embedding_dim if embed_mod is not None else None
+    probe = _probe(model, named, lp, decoder, embeds) if decoder is not None else {}
 
     norms = []
     for p, m in named.items():
@@ -190,18 +186,28 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
     if lp:
         siblings = [e.path for e in norms if _parent(e.path) == _parent(lp)]
         final_norm = siblings[-1] if siblings else (norms[-1].path if norms else None)
-    if dim is None and final_norm:
-        dim = _norm_dim(named[final_norm])
+    # the hidden size is the width the layers read (seen by the probe), else the final norm's
+    dim = probe.get("width") or (_norm_dim(named[final_norm]) if final_norm else None)
 
-    heads = []
-    for p, m in named.items():
-        if isinstance(m, nn.Linear) and not _inside(p, lp) and (dim is None or m.in_features == dim):
-            if not any(_inside(p, e.path) for e in others):
-                heads.append((m.out_features, p))
-    heads.sort(reverse=True)
+    linears = [(p, m) for p, m in named.items() if isinstance(m, nn.Linear) and not _inside(p, lp)
+               and not any(_inside(p, e.path) for e in others)]
+    # a projection the decoder applies after its final norm (reads the hidden size, inside the decoder)
+    after_norm = [p for p, m in linears if dim and m.in_features == dim and m.out_features != dim
+                  and decoder is not None and _inside(p, decoder) and decoder != ""]
+    head_in = named[after_norm[0]].out_features if len(after_norm) == 1 else dim
+    if len(after_norm) != 1:
+        after_norm = []
+    heads = sorted(((m.out_features, p) for p, m in linears if p not in after_norm
+                    and (head_in is None or m.in_features == head_in)), reverse=True)
     head_entries = [Entry(p, "head", f"{m_out} outputs") for m_out, p in heads]
+    head = heads[0][1] if heads else None
+    embed_path = _token_embedding(embeds, named.get(head), probe, decoder)
+    embed_mod = named.get(embed_path)
+    if dim is None and embed_mod is not None:
+        dim = embed_mod.embedding_dim
     vocab = embed_mod.num_embeddings if embed_mod is not None else None
-    head = next((p for o, p in heads if o == vocab), heads[0][1] if heads else None)
+    if head and vocab:  # the LM head indexes the token table's rows; a bigger head is something else
+        head = next((p for o, p in heads if o == vocab), next((p for o, p in heads if o <= vocab), head))
 
     if backend is None and decoder is not None:
         backend = "transformers"
@@ -211,6 +217,8 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
                              "backend": backend or TODO, "match": {"class": type(model).__name__}}
     mods: dict[str, Any] = {"decoder": decoder if decoder is not None else ""}
     mods.update(layers=lp or TODO, norm=final_norm or TODO, head=head or TODO, embed=embed_path or TODO)
+    if after_norm:
+        mods["after_norm"] = after_norm
     draft["modules"] = mods
     if backend != "transformers" and decoder is None:
         mods.pop("decoder")
@@ -223,8 +231,12 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
                               "null_class": m.num_embeddings - 1, "prefix_len": 1}
         todo.append(f"condition: {p} has {m.num_embeddings} rows; assumed the last one is the CFG null class")
     else:
-        draft["condition"] = {"kind": "tokens", "prefix_len": 256, "uncond": "pad_inner", "pad_id": TODO}
-        todo.append("condition.pad_id: the id used to blank the unconditional prompt (or use uncond: ids)")
+        draft["condition"] = {"kind": "tokens", "prefix_len": TODO, "uncond": "pad_inner", "pad_id": TODO}
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        room = f"; the model has {limit} positions" if isinstance(limit, int) else ""
+        todo.append(f"condition.prefix_len: the longest prompt (condition tokens); prompt + forced tokens + H*W - 1 "
+                    f"codes (+ H - 1 end-of-line tokens) are fed{room}")
+        todo.append("condition.pad_id: the id used to blank the unconditional prompt (or use uncond: ids, or none)")
     codebook = None
     if head and vocab and named[head].out_features != vocab:
         codebook = named[head].out_features  # a head of its own: codebook-sized
@@ -232,8 +244,96 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
                       "grid": TODO, "variable_grid": False, "before": [], "eol_token": None}
     todo.append("image.*: the token layout (codebook size, first visual id, grid, forced meta tokens before the "
                 "codes, end-of-line token) is not in the weights -- read the model's tokenizer / generation code")
+    fit = _fit_head(probe, named.get(head), after_norm and [named[p] for p in after_norm])
+    if fit is not None:
+        draft["logits"] = {fit[0].split(".")[1]: round(fit[1], 6)}
+        todo.append(f"{fit[0]}: the model's logits are its head's output mapped this way (fitted on a probe forward; "
+                    "confirm in the model's config)")
     n_layers = len(named[lp]) if lp else 0
     draft["flashar"] = {"branch_layer": -4 if n_layers >= 8 else -1, "branch_depth": 1}
     draft["lora"] = {"targets": _lora_targets(lp, named[lp][0]) if lp else []}
     return Inspection(type(model).__name__, backend, layers, others, decoder, norms, final_norm, emb_entries, embed_path,
                       head_entries, head, dim, draft, todo)
+
+
+# ---------------------------------------------------------------- probe forward (transformers-style models)
+
+def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str | None, embeds) -> dict:
+    """One short forward of ``model(input_ids=...)``, watched by hooks: which embedding looks
+    up the input ids (the token table), what width the decoder layers read, the decoder's
+    last hidden state and the model's logits. Empty if the model does not run that way."""
+    import torch
+
+    if not embeds or not layers_path:
+        return {}
+    rows = max(m.num_embeddings for _, m in embeds)
+    ids = torch.tensor([[3, 1, 2, 1, 3]]) % rows  # not 0, 1, 2, ...: a position table sees arange
+    seen: dict = {}
+    hooks = []
+
+    def lookup(p):
+        def hook(mod, args, out):
+            seen.setdefault("lookups", []).append((p, args[0] if args else None))
+        return hook
+
+    def width(mod, args, kwargs):
+        seen.setdefault("width", (args[0] if args else kwargs["hidden_states"]).shape[-1])
+
+    def hidden(mod, args, out):
+        seen.setdefault("hidden", out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", None))
+
+    hooks = [m.register_forward_hook(lookup(p)) for p, m in embeds]
+    hooks.append(named[layers_path][0].register_forward_pre_hook(width, with_kwargs=True))
+    hooks.append(named[decoder].register_forward_hook(hidden))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            out = model(input_ids=ids.to(dev), use_cache=False)
+        seen["logits"] = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
+    except Exception:  # noqa: BLE001 - not a model that runs on input ids: structure only
+        return {}
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    seen["token_tables"] = [p for p, x in seen.get("lookups", []) if x is not None and x.shape == ids.shape
+                            and bool((x.cpu() == ids).all())]
+    return seen
+
+
+def _token_embedding(embeds, head: nn.Module | None, probe: dict, decoder: str | None) -> str | None:
+    """The token table: the one sharing the head's weights, else the one the probe saw look up
+    the input ids, else the smallest table with at least as many rows as the head has outputs."""
+    if not embeds:
+        return None
+    w = getattr(head, "weight", None)
+    for p, m in embeds:
+        if w is not None and m.weight is w:
+            return p
+    if probe.get("token_tables"):
+        return probe["token_tables"][0]
+    out = getattr(head, "out_features", None)
+    scope = [(p, m) for p, m in embeds if decoder is None or decoder == "" or _inside(p, decoder)] or embeds
+    fits = [(p, m) for p, m in scope if out is None or m.num_embeddings >= out]
+    if fits:
+        return min(fits, key=lambda pm: pm[1].num_embeddings)[0]
+    return max(scope, key=lambda pm: pm[1].num_embeddings)[0]
+
+
+def _fit_head(probe: dict, head: nn.Module | None, after_norm) -> tuple[str, float] | None:
+    """A logit scale or soft-cap between ``head(last hidden state)`` and the model's logits."""
+    import torch
+
+    from .doctor import fit_logit_map
+
+    hidden, lg = probe.get("hidden"), probe.get("logits")
+    if head is None or hidden is None or lg is None:
+        return None
+    with torch.no_grad():
+        raw = head(hidden)
+    if raw.shape != lg.shape:
+        return None
+    # a detection threshold: float32 logits of a probe forward agree to ~1e-6 when the map is right
+    return fit_logit_map(raw, lg, 1e-4)

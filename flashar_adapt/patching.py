@@ -69,6 +69,7 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     embed = _module(model, m.embed, "modules.embed", src)
     decoder = _module(model, m.decoder, "modules.decoder", src)
     image_embed = [_module(model, p, f"modules.image_embed[{i}]", src) for i, p in enumerate(m.image_embed)]
+    after_norm = [_module(model, p, f"modules.after_norm[{i}]", src) for i, p in enumerate(m.after_norm)]
     vocab = embed.num_embeddings if isinstance(embed, nn.Embedding) else None
     dim = embed.embedding_dim if isinstance(embed, nn.Embedding) else None
     if dim is None:
@@ -131,16 +132,30 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
 
     ctx = PatchContext(recipe=recipe, backend=backend, model=model, decoder=decoder, layers=layers, norm=norm,
                        head=head, embed=embed, image_embed=image_embed, cond_embed=cond_embed,
-                       uncond_features=uncond_features, branch_index=b, dim=dim, vocab_size=vocab)
+                       uncond_features=uncond_features, branch_index=b, dim=dim, vocab_size=vocab, after_norm=after_norm)
     backend.validate(ctx)
     limit = backend.max_positions(ctx)
     if limit is not None:
-        prefix = len(ctx.meta_ids(im.grid)) + (c.prefix_len or 1)
-        need = ctx.layout(prefix, im.grid).seq_len
-        if need > limit:
-            raise RecipeError("image.grid", f"{list(im.grid)} needs {need} positions (prefix included) but the model "
-                                            f"supports {limit}", src)
+        _check_fits(ctx, limit, src)
     return ctx
+
+
+def _check_fits(ctx: PatchContext, limit: int, src) -> None:
+    """Positions count the tokens actually fed (the last code is predicted, never fed); blame
+    the key that is too big: the grid when it does not fit even beside a 1-token prompt or
+    feeds more tokens than the prompt, else the prompt length."""
+    im, c = ctx.recipe.image, ctx.recipe.condition
+    meta = len(ctx.meta_ids(im.grid))
+    need = ctx.layout(meta + (c.prefix_len or 1), im.grid).fed_len
+    if need <= limit:
+        return
+    image_only = ctx.layout(meta + 1, im.grid).fed_len - 1  # fed tokens after the prompt
+    if image_only + 1 > limit or c.kind == "class" or image_only >= c.prefix_len:
+        raise RecipeError("image.grid", f"{list(im.grid)} feeds {need} tokens (prompt and forced tokens included) but "
+                                        f"the model has {limit} positions", src)
+    raise RecipeError("condition.prefix_len", f"{c.prefix_len} prompt tokens do not fit beside grid {list(im.grid)}: "
+                                              f"{need} tokens fed, the model has {limit} positions; at most "
+                                              f"{limit - image_only} prompt tokens fit", src)
 
 
 def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: float | None = None,
@@ -168,9 +183,15 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
     ref = next(ctx.norm.parameters(), None)
     if ref is None:
         ref = next(ctx.head.parameters())
-    gate = FusionGate(ctx.dim, recipe.flashar.gate_hidden, device=ref.device, dtype=ref.dtype)
-    head = ImageHead(ctx.head, 0 if ctx.image_embed else recipe.image.visual_token_offset, recipe.image.codebook_size)
-    mods = FlashARModules(branch, copy.deepcopy(ctx.norm), head, gate, fixed_gate=fixed_gate)
+    # the gate reads what the head reads: the decoder's output, after any projection it ends with
+    width = ctx.after_norm[-1].out_features if ctx.after_norm and isinstance(ctx.after_norm[-1], nn.Linear) else ctx.dim
+    gate = FusionGate(width, recipe.flashar.gate_hidden, device=ref.device, dtype=ref.dtype)
+    head = ImageHead(ctx.head, 0 if ctx.image_embed else recipe.image.visual_token_offset, recipe.image.codebook_size,
+                     recipe.logits.scale, recipe.logits.softcap)
+    norm = copy.deepcopy(ctx.norm)
+    if ctx.after_norm:  # the branch ends like the decoder: its norm, then the same projection(s)
+        norm = nn.Sequential(norm, *(copy.deepcopy(mod) for mod in ctx.after_norm))
+    mods = FlashARModules(branch, norm, head, gate, fixed_gate=fixed_gate)
     for p in mods.parameters():
         p.requires_grad_(True)
 

@@ -44,6 +44,7 @@ class Modules:
     embed: str
     decoder: str = ""
     image_embed: tuple[str, ...] = ()
+    after_norm: tuple[str, ...] = ()  # applied in order between norm and head (a projection the decoder ends with)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ class FlashAR:
 
 
 @dataclass(frozen=True)
+class Logits:
+    """What the model does to its head's output: logits = softcap * tanh(scale * head(h) / softcap)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
 class LoRA:
     targets: tuple[str, ...] = ()
     r: int = 16
@@ -114,6 +123,7 @@ class Recipe:
     image: Image
     flashar: FlashAR = field(default_factory=FlashAR)
     lora: LoRA = field(default_factory=LoRA)
+    logits: Logits = field(default_factory=Logits)
     description: str = ""
     match: dict = field(default_factory=dict)
     tokenizer: Tokenizer | None = None
@@ -187,9 +197,10 @@ _SECTIONS: dict[str, tuple[type, set[str]]] = {
     "image": (Image, {"codebook_size", "grid"}),
     "flashar": (FlashAR, set()),
     "lora": (LoRA, set()),
+    "logits": (Logits, set()),
 }
 _TOP_REQUIRED = {"name", "backend", "modules", "condition", "image"}
-_TOP_KEYS = _TOP_REQUIRED | {"description", "flashar", "lora", "match", "tokenizer"}
+_TOP_KEYS = _TOP_REQUIRED | {"description", "flashar", "lora", "logits", "match", "tokenizer"}
 
 
 # Placeholders allowed in image.before: "{H}"/"{W}" spell the number with image.digit_ids;
@@ -289,10 +300,15 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         ie = [ie]
     _expect(isinstance(ie, list) and all(isinstance(x, str) for x in ie), "modules.image_embed",
             f"must be a module path or a list of them, got {ie!r}", src)
+    an = m.get("after_norm", []) or []
+    if isinstance(an, str):
+        an = [an]
+    _expect(isinstance(an, list) and all(isinstance(x, str) for x in an), "modules.after_norm",
+            f"must be a module path or a list of them, got {an!r}", src)
     modules = Modules(
         layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
         head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
-        decoder=_str(m, "modules", "decoder", src, optional=True) or "", image_embed=tuple(ie),
+        decoder=_str(m, "modules", "decoder", src, optional=True) or "", image_embed=tuple(ie), after_norm=tuple(an),
     )
 
     c = data["condition"]
@@ -383,9 +399,17 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {dropout!r}", src)
     lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
+    lg = data.get("logits", {}) or {}
+    scale = lg.get("scale", 1.0)
+    _expect(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0, "logits.scale",
+            f"must be a positive number, got {scale!r}", src)
+    cap = lg.get("softcap")
+    _expect(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0), "logits.softcap",
+            f"must be a positive number or null, got {cap!r}", src)
+    logit_map = Logits(scale=float(scale), softcap=None if cap is None else float(cap))
     tok = _tokenizer(data.get("tokenizer"), image, src)
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
-                  lora=lora, description=desc, match=match, tokenizer=tok, source=source)
+                  lora=lora, logits=logit_map, description=desc, match=match, tokenizer=tok, source=source)
 
 
 def _floats(t: dict, name: str, n: int, default, src) -> tuple[float, ...]:

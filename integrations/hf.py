@@ -13,6 +13,7 @@ one preallocated row. transformers' own ``StaticCache`` would make every step at
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -21,16 +22,82 @@ import torch
 from flashar_adapt.backends import Backend, register_backend
 from flashar_adapt.recipe import RecipeError
 
-# transformers 5.x renames past_key_values -> cache; accept both so one backend covers both.
-_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+# The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
+# -> cache); its layers may use any name (layer_past, cache, ...) or take it positionally, so
+# inside the stack caches are found by type (transformers ``Cache``), never by name.
+_DECODER_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
 
 
 def _cache_kwarg(fn) -> str:
     params = inspect.signature(fn).parameters
-    for k in _CACHE_KEYS:
+    for k in _DECODER_CACHE_KEYS:
         if k in params:
             return k
     return "past_key_values"
+
+
+def _is_cache(x) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(x, Cache)
+
+
+@functools.cache
+def _param_names(cls) -> tuple[str, ...]:
+    """Names of ``cls.forward``'s parameters after ``self`` (the order positional args bind)."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
+def _replace_mask(module, args: tuple, kwargs: dict, mask) -> tuple[tuple, dict]:
+    """Put ``mask`` where ``module.forward`` takes ``attention_mask`` (positionally or by name)."""
+    names = _param_names(type(module))
+    i = names.index("attention_mask")
+    if i < len(args):
+        return args[:i] + (mask,) + args[i + 1:], kwargs
+    return args, {**kwargs, "attention_mask": mask}
+
+
+def _causal_buffers(module) -> list[tuple]:
+    """(module, buffer name) of every square lower-triangular bool buffer inside ``module``:
+    a causal mask some attention implementations apply on top of the one they are given."""
+    out = []
+    for mod in module.modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and buf.dtype == torch.bool and buf.dim() >= 2 and buf.shape[-1] == buf.shape[-2] > 1 \
+                    and not bool(buf[..., 0, 1:].any()) and bool(buf.tril().eq(buf).all()) and bool(buf[..., -1, :].all()):
+                out.append((mod, name))
+    return out
+
+
+@contextlib.contextmanager
+def _causal_buffers_open(found: list[tuple]):
+    """Temporarily let built-in causal masks allow everything: the additive mask FlashAR
+    passes then decides alone (the proximity mask lets a token see later raster slots)."""
+    saved = [(mod, name, mod._buffers[name]) for mod, name in found]
+    for mod, name, buf in saved:
+        mod._buffers[name] = torch.ones_like(buf)
+    try:
+        yield
+    finally:
+        for mod, name, buf in saved:
+            mod._buffers[name] = buf
+
+
+def _sliding_window(config) -> int | None:
+    """The shortest attention window any layer uses, or None when every layer attends all keys."""
+    if config is None:
+        return None
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        text = config.get_text_config(decoder=True)
+        types, _ = get_layer_types_and_kwargs(text)
+    except Exception:  # noqa: BLE001 - an unusual config: no window we can read
+        return None
+    window = getattr(text, "sliding_window", None)
+    if any("sliding" in t or "chunk" in t for t in types) and isinstance(window, int) and window > 0:
+        return window
+    return None
 
 
 def _dynamic_cache(config=None):
@@ -120,16 +187,98 @@ def _feed_order_cache(n_layers: int, max_len: int):
 
 @register_backend("transformers")
 class TransformersBackend(Backend):
+    """transformers decoders. What each layer must see reaches it however the family threads
+    it: the cache is found by type, and when the decoder module rewrites or flattens the 4D
+    mask it is given (``mask_at_layers``), the additive mask is passed to the decoder as None
+    and put into every layer's ``attention_mask`` by a forward pre-hook instead."""
+
+    mask_at_layers = False
+
     def validate(self, ctx) -> None:
-        if not hasattr(ctx.decoder, "forward") or "inputs_embeds" not in inspect.signature(ctx.decoder.forward).parameters:
-            raise RecipeError("modules.decoder", f"{type(ctx.decoder).__name__}.forward takes no inputs_embeds; point "
+        dec = ctx.decoder
+        name = type(dec).__name__
+        params = inspect.signature(dec.forward).parameters if hasattr(dec, "forward") else {}
+        if "inputs_embeds" not in params:
+            raise RecipeError("modules.decoder", f"{name}.forward takes no inputs_embeds; point "
                                                  "modules.decoder at the text decoder (e.g. 'model' or 'model.text_model')",
                               ctx.recipe.source)
-        self.cache_key = _cache_kwarg(ctx.decoder.forward)
+        if "attention_mask" not in params:
+            raise RecipeError("modules.decoder", f"{name}.forward takes no attention_mask: FlashAR's proximity mask "
+                                                 "needs a decoder whose attention can be masked", ctx.recipe.source)
+        self.cache_key = _cache_kwarg(dec.forward)
+        self._probe_mask(ctx)
+        if "position_ids" not in params:
+            raise RecipeError("modules.decoder", f"{name}.forward takes no position_ids: its positions come from the "
+                                                 "token order or a 2D padding mask (e.g. ALiBi biases), so tokens fed "
+                                                 "in anti-diagonal order cannot keep their raster positions",
+                              ctx.recipe.source)
+        self._check_window(ctx)
+
+    def _probe_mask(self, ctx) -> None:
+        """Run the decoder on 4 random inputs: under a causal additive mask it must reproduce
+        its own default (causal) forward, and masking one key must change the output. Tries the
+        mask through the decoder first, then at the layer boundary; refuses if neither works."""
+        dec, src = ctx.decoder, ctx.recipe.source
+        p = next(ctx.layers.parameters())
+        x = torch.randn(1, 4, ctx.dim, generator=torch.Generator().manual_seed(0)).to(p)
+        slots = torch.arange(4, device=p.device)
+        causal = torch.ones(4, 4, dtype=torch.bool, device=p.device).tril()[None]
+        was_training = dec.training
+        dec.eval()
+        try:
+            with torch.no_grad():
+                out = dec(inputs_embeds=x, use_cache=False)
+                ref = out[0] if isinstance(out, tuple) else out.last_hidden_state
+                # detection threshold, not a proof: a mis-delivered mask changes outputs by O(|ref|)
+                tol = (1e-3 if ref.dtype == torch.float32 else 5e-2) * (1 + ref.abs().max().item())
+                errors = []
+                for at_layers in (False, True):
+                    self.mask_at_layers = at_layers
+                    try:
+                        h = self.run(ctx, x, slots[None], slots, slots, causal, None)
+                    except Exception as e:  # noqa: BLE001 - try the other delivery, then report
+                        errors.append(f"{type(e).__name__}: {e}")
+                        continue
+                    if (h - ref).abs().max().item() <= tol:
+                        break
+                    errors.append("the output differs from the decoder's own causal forward")
+                else:
+                    raise RecipeError("modules.decoder", f"{type(dec).__name__} cannot run under an additive 4D "
+                                      f"attention mask, neither through its forward nor at its layers "
+                                      f"({'; '.join(dict.fromkeys(errors))}); FlashAR needs softmax attention that "
+                                      "takes one (state-space and linear-attention models have none)", src)
+                blocked = causal.clone()
+                blocked[:, 3, 0] = False  # the last query loses the first key
+                blocked[:, 0, 1] = True  # the first query sees a later key (the proximity mask does that)
+                h2 = self.run(ctx, x, slots[None], slots, slots, blocked, None)
+                if (h2[:, 3] - h[:, 3]).abs().max().item() <= tol:
+                    raise RecipeError("modules.decoder", f"{type(dec).__name__}'s output ignores the attention mask "
+                                      "(no softmax attention over the sequence, e.g. a state-space or linear-attention "
+                                      "model): FlashAR's proximity mask cannot apply", src)
+                if (h2[:, 0] - h[:, 0]).abs().max().item() <= tol:
+                    raise RecipeError("modules.decoder", f"{type(dec).__name__}'s attention stays causal whatever mask "
+                                      "it is given: the proximity mask, which lets a token see later raster slots of "
+                                      "earlier diagonals, cannot apply", src)
+        finally:
+            dec.train(was_training)
+
+    def _check_window(self, ctx) -> None:
+        window = _sliding_window(getattr(ctx.decoder, "config", None))
+        if window is None:
+            return
+        im, c = ctx.recipe.image, ctx.recipe.condition
+        need = ctx.layout(len(ctx.meta_ids(im.grid)) + (c.prefix_len or 1), im.grid).fed_len
+        if need > window:
+            raise RecipeError("image.grid", f"{list(im.grid)} feeds {need} tokens but the model's sliding-window "
+                                            f"layers attend only the last {window}: the proximity mask needs every "
+                                            "earlier diagonal; use a grid (and prompt) that fits the window",
+                              ctx.recipe.source)
 
     def max_positions(self, ctx):
         cfg = getattr(ctx.decoder, "config", None)
-        return getattr(cfg, "max_position_embeddings", None)
+        limits = [getattr(cfg, "max_position_embeddings", None), _sliding_window(cfg)]
+        limits = [x for x in limits if isinstance(x, int)]
+        return min(limits) if limits else None
 
     def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
         # allowed is [B, T, S] or [B, 1, S] (one row for every query); the model gets a full
@@ -141,11 +290,29 @@ class TransformersBackend(Backend):
             mask = torch.zeros((B, T, S), dtype=embeds.dtype, device=embeds.device)
             mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
         kwargs = {getattr(self, "cache_key", "cache"): cache}
-        out = ctx.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                          use_cache=cache is not None, **kwargs)
+        hooks = []
+        if self.mask_at_layers:
+            self.layer_mask = mask  # branch_call gives the branch layers the same mask
+            hooks = [layer.register_forward_pre_hook(lambda m, a, k: _replace_mask(m, a, k, mask), with_kwargs=True,
+                                                     prepend=True) for layer in ctx.layers]
+        found = self._builtin_causal(ctx.layers)
+        if found and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
+                                                     for m in ctx.layers):
+            # a recomputed forward (in backward) would run outside the swap, with the causal buffer
+            raise RuntimeError(f"{type(found[0][0]).__name__} applies a built-in causal mask that FlashAR opens only "
+                               "during its own forwards; gradient checkpointing would recompute the layers with it "
+                               "closed: disable gradient checkpointing for this model")
+        try:
+            with _causal_buffers_open(found):
+                out = ctx.decoder(inputs_embeds=embeds, attention_mask=None if self.mask_at_layers else mask,
+                                  position_ids=positions, use_cache=cache is not None, **kwargs)
+        finally:
+            for hk in hooks:
+                hk.remove()
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def new_cache(self, ctx, batch, max_len):
+        self.cache_key = _cache_kwarg(ctx.decoder.forward)  # the decoder's name for the cache we make
         config = getattr(ctx.decoder, "config", None)
         if _full_attention_only(config):
             return _feed_order_cache(len(ctx.layers), max_len)
@@ -164,21 +331,26 @@ class TransformersBackend(Backend):
                     mod.layer_idx = new_idx
 
     def branch_call(self, layer, hidden, args, kwargs, cache):
-        kw = dict(kwargs)
-        for k in _CACHE_KEYS:
-            if k in kw:
-                kw[k] = cache
-        rest = list(args[1:])
-        if rest:
-            # some decoders (GPT-2) pass the cache positionally: swap it by parameter name too
-            names = [n for n in inspect.signature(layer.forward).parameters][1:1 + len(rest)]
-            rest = [cache if n in _CACHE_KEYS else a for n, a in zip(names, rest)] + rest[len(names):]
-        if args:
-            out = layer(hidden, *rest, **kw)
-        else:
-            kw["hidden_states"] = hidden
-            out = layer(**kw)
+        # The backbone's cache, wherever the decoder put it (any keyword, or positionally), is
+        # swapped for the branch's own by type.
+        kw = {k: (cache if _is_cache(v) else v) for k, v in kwargs.items()}
+        rest = tuple(cache if _is_cache(a) else a for a in args[1:])
+        if self.mask_at_layers:
+            rest, kw = _replace_mask(layer, (hidden, *rest), kw, self.layer_mask)
+            rest = rest[1:]
+        with _causal_buffers_open(self._builtin_causal(layer)):
+            if args:
+                out = layer(hidden, *rest, **kw)
+            else:
+                kw["hidden_states"] = hidden
+                out = layer(**kw)
         return out[0] if isinstance(out, tuple) else out
+
+    def _builtin_causal(self, module) -> list[tuple]:
+        found = self.__dict__.setdefault("_causal_found", {})
+        if id(module) not in found:  # the modules live as long as the patch (this backend instance)
+            found[id(module)] = _causal_buffers(module)
+        return found[id(module)]
 
     def save_model(self, model, out_dir):
         mods = model._modules.pop("flashar", None)  # the backbone alone, in save_pretrained layout

@@ -44,7 +44,7 @@ def test_walkthrough_gpt2_from_inspect_to_passing_check(tmp_path, capsys, monkey
     # 2. the draft is not a recipe yet: the loader names every TODO key (name first)
     with pytest.raises(fa.RecipeError) as e:
         fa.load_recipe(tmp_path / "draft.yaml")
-    assert e.value.key == "name" and "condition.pad_id" in str(e.value)
+    assert e.value.key == "name" and "condition.pad_id" in str(e.value) and "condition.prefix_len" in str(e.value)
 
     # 3. fill in the token layout (this model's ids: codes 100..163, one BOI 190, end-of-line 199)
     draft["name"] = "my-gpt2"

@@ -1,0 +1,343 @@
+"""Model-agnostic for real: transformers causal-LM families that no other test builds.
+
+For each family a tiny random model is built from its config; the recipe is exactly what
+``inspect`` drafts, with only the token layout (name, prompt length, pad id, codebook,
+first visual id, grid) filled in. Then either ``check`` passes -- raster logits equal the
+model's own forward to 1e-5, greedy two-way decoding equals teacher forcing, H+W-1 steps --
+and an export reloads to the same logits, or ``patch`` refuses the model with one sentence
+naming the reason. The table in docs/writing-a-recipe.md lists the same families.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashar_adapt as fa
+import tiny
+
+V = 96  # vocabulary of every tiny model; the image codes are its last 32 ids
+CODES = 32
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine (see tests/test_zoo.py)
+    yield
+    torch.set_num_threads(n)
+
+
+def _build(cls_name: str, cfg_name: str, seed: int = 0, **cfg):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**cfg)).eval()
+    tiny.randomize(model, seed)
+    return model
+
+
+# name -> (class, config class, config kwargs, what the test expects: "pass" or the refusal)
+FAMILIES = {
+    # rotary on a quarter of each head, parallel residual, the cache passed to layers as `layer_past`
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig",
+                 dict(vocab_size=V, **SMALL, rotary_pct=0.25, max_position_embeddings=64), "pass"),
+    # learned positions, project_in / project_out around a wider stack (word_embed_proj_dim != hidden)
+    "opt": ("OPTForCausalLM", "OPTConfig",
+            dict(vocab_size=V, hidden_size=64, word_embed_proj_dim=48, num_hidden_layers=2, ffn_dim=64,
+                 num_attention_heads=4, max_position_embeddings=64), "pass"),
+    # rotary, parallel attention + MLP, cache passed as `layer_past`
+    "falcon": ("FalconForCausalLM", "FalconConfig",
+               dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64), "pass"),
+    # partial rotary (half of each head), dense final projection with bias
+    "phi": ("PhiForCausalLM", "PhiConfig",
+            dict(vocab_size=V, **SMALL, partial_rotary_factor=0.5, max_position_embeddings=64), "pass"),
+    # grouped-query attention, q/k/v biases
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config",
+              dict(vocab_size=V, **SMALL, num_key_value_heads=2, max_position_embeddings=64), "pass"),
+    # mixture of experts (4 experts, top 2)
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
+                dict(vocab_size=V, **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                     max_position_embeddings=64), "pass"),
+    # rotary on the first dims, parallel residual
+    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                   n_positions=64, bos_token_id=0, eos_token_id=0), "pass"),
+    # final logit soft-cap, alternating sliding / full layers (window longer than the sequence)
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
+               dict(vocab_size=V, **SMALL, num_key_value_heads=2, head_dim=8, sliding_window=64,
+                    max_position_embeddings=64, final_logit_softcapping=3.0), "pass"),
+    # logit scale after the head, parallel residual
+    "cohere": ("CohereForCausalLM", "CohereConfig",
+               dict(vocab_size=V, **SMALL, num_key_value_heads=2, logit_scale=0.25, max_position_embeddings=64,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0), "pass"),
+    # a built-in causal mask buffer inside attention, mask flattened to 2D by the decoder,
+    # cache and mask passed to blocks positionally; the real image AR model of the family
+    "imagegpt": ("ImageGPTForCausalImageModeling", "ImageGPTConfig",
+                 dict(vocab_size=V + 1, n_embd=32, n_layer=2, n_head=4, n_positions=64), "pass"),
+    # rotary, cache passed as `layer_past`, fused qkv
+    "codegen": ("CodeGenForCausalLM", "CodeGenConfig",
+                dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64,
+                     bos_token_id=0, eos_token_id=0), "pass"),
+    # partial rotary (a quarter), LayerNorm
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig",
+                 dict(vocab_size=V, **SMALL, num_key_value_heads=2, partial_rotary_factor=0.25,
+                      max_position_embeddings=64), "pass"),
+    # ALiBi biases built from the 2D mask, no position ids
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),
+              ("modules.decoder", "takes no position_ids")),
+    # a state-space model: no attention to mask
+    "mamba": ("MambaForCausalLM", "MambaConfig",
+              dict(vocab_size=V, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+              ("modules.decoder", "cannot run under an additive 4D attention mask")),
+    # every layer attends only the last 8 tokens, fewer than the sequence
+    "starcoder2_window": ("Starcoder2ForCausalLM", "Starcoder2Config",
+                          dict(vocab_size=V, **SMALL, num_key_value_heads=2, sliding_window=8,
+                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0),
+                          ("image.grid", "sliding-window layers attend only the last 8")),
+}
+
+
+def _model(name: str):
+    cls, cfg_cls, cfg, _ = FAMILIES[name]
+    return _build(cls, cfg_cls, **cfg)
+
+
+def _recipe_from_draft(name: str, model) -> tuple[fa.Recipe, dict]:
+    """inspect's draft, with only the token layout filled in."""
+    draft = fa.inspect_model(model).draft
+    structure = {k: v for k, v in draft.items() if k not in ("name", "condition", "image")}
+    draft["name"] = f"unseen-{name}"
+    if name == "imagegpt":  # unconditional: a start token (the last id) then 6x6 codes = the whole head
+        draft["condition"].update(prefix_len=1, uncond="none")
+        draft["condition"].pop("pad_id")
+        draft["image"].update(codebook_size=V, visual_token_offset=0, grid=[6, 6])
+    else:
+        draft["condition"].update(prefix_len=4, pad_id=0)
+        draft["image"].update(codebook_size=CODES, visual_token_offset=V - CODES, grid=[3, 4])
+    return fa.recipe_from_dict(draft), structure
+
+
+def _cond(name: str) -> torch.Tensor | None:
+    return torch.full((2, 1), V) if name == "imagegpt" else None  # ImageGPT's start-of-sequence id
+
+
+PASSING = [n for n, f in FAMILIES.items() if f[3] == "pass"]
+REFUSED = [n for n, f in FAMILIES.items() if f[3] != "pass"]
+
+
+def test_families_are_diverse_and_unseen():
+    import pathlib
+
+    here = pathlib.Path(__file__).parent
+    others = "".join(p.read_text() for p in here.glob("*.py") if p.name != pathlib.Path(__file__).name)
+    assert len(FAMILIES) >= 10 and len(PASSING) >= 10
+    for cls, _, _, _ in FAMILIES.values():
+        assert cls not in others, f"{cls} is also built elsewhere in tests/"
+
+
+@pytest.mark.parametrize("name", PASSING)
+def test_inspect_draft_passes_check_and_exports(name, tmp_path):
+    model = _model(name)
+    recipe, _ = _recipe_from_draft(name, model)
+    # 1e-5: the patched raster pass and the model's own forward run the same weights on the
+    # same tokens; only the mask (our additive 4D mask vs the model's own causal one) and the
+    # attention kernel it selects differ, which changes float summation order (~1e-6 here).
+    rep = fa.check(model, recipe, atol=1e-5, cond=_cond(name))
+    assert rep.ok, str(rep)
+    for item in ("patch", "raster", "two_way", "steps"):
+        assert rep.item(item).status == "pass", str(rep)
+    H, W = recipe.image.grid
+    assert f"{H + W - 1} backbone steps" in rep.item("steps").detail
+
+    # export round trip: the reloaded model computes the same two-way logits and samples
+    fa.patch(model, recipe)
+    tiny.randomize(model.flashar, seed=1)  # a gate and branch that matter
+    g = torch.Generator().manual_seed(0)
+    cond = _cond(name) if name == "imagegpt" else torch.randint(1, V - CODES, (2, 4), generator=g)
+    codes = torch.randint(0, recipe.image.codebook_size, (2, H, W), generator=g)
+    before = fa.logits(model, cond, codes)
+    gen = model.generate(cond, top_k=1)
+    again = fa.load_adapted(fa.export_merged(model, tmp_path / "export"))
+    # the same weights through the same code path in one process: equal up to float summation
+    # order, which a reloaded module can change only through a different memory layout
+    assert (fa.logits(again, cond, codes) - before).abs().max() <= 1e-5
+    assert torch.equal(again.generate(cond, top_k=1), gen)
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_unsupported_families_are_refused_at_patch(name):
+    model = _model(name)
+    recipe, _ = _recipe_from_draft(name, model)
+    key, phrase = FAMILIES[name][3]
+    with pytest.raises(fa.RecipeError) as e:
+        fa.patch(model, recipe)
+    assert e.value.key == key and phrase in str(e.value), str(e.value)
+    assert getattr(model, "flashar", None) is None  # nothing left behind
+    rep = fa.check(model, recipe)
+    assert not rep.ok and rep.failed_keys == [key]
+
+
+def test_inspect_finds_the_head_chain():
+    """OPT ends with a projection after the final norm; Gemma2 soft-caps and Cohere scales the
+    head's output: inspect proposes each, from what the modules connect to and a probe forward."""
+    _, opt = _recipe_from_draft("opt", _model("opt"))
+    assert opt["modules"]["after_norm"] == ["model.decoder.project_out"]
+    assert opt["modules"]["embed"] == "model.decoder.embed_tokens"
+    assert fa.inspect_model(_model("opt")).dim == 64  # what the layers read, not the 48-wide embedding
+    assert _recipe_from_draft("gemma2", _model("gemma2"))[1]["logits"] == {"softcap": 3.0}
+    assert _recipe_from_draft("cohere", _model("cohere"))[1]["logits"] == {"scale": 0.25}
+    for name in ("qwen2", "gpt_neox", "imagegpt"):  # nothing between head and logits: no logits section
+        assert "logits" not in _recipe_from_draft(name, _model(name))[1]
+
+
+@pytest.mark.parametrize("name, key, value", [("cohere", "logits.scale", "0.25"), ("gemma2", "logits.softcap", "3")])
+def test_check_names_a_logit_map_the_recipe_misses(name, key, value):
+    model = _model(name)
+    recipe, _ = _recipe_from_draft(name, model)
+    plain = recipe.replace(**{"logits.scale": 1.0, "logits.softcap": None})
+    rep = fa.check(model, plain, atol=1e-5)
+    assert rep.item("raster").status == "fail" and rep.item("raster").key == key
+    assert f"set {key}: {value}" in rep.item("raster").detail, str(rep)
+
+
+def test_imagegpt_token_table_is_the_one_the_ids_index():
+    """With the released configs' sizes the position table (n_positions rows) is bigger than
+    the token table (vocab_size rows): inspect must pick the table the input ids look up."""
+    model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=17, n_embd=16, n_layer=1, n_head=2,
+                   n_positions=36)
+    ins = fa.inspect_model(model)
+    assert ins.draft["modules"]["embed"] == "transformer.wte" and ins.draft["modules"]["head"] == "lm_head"
+
+
+def test_positions_count_the_tokens_fed():
+    """A start token + H*W codes feeds 1 + H*W - 1 tokens: a 6x6 grid fits 36 positions exactly
+    (and passes check); 6x7 does not, and the grid is blamed. A prompt too long for the room
+    left beside the grid blames condition.prefix_len, with the number that fits."""
+    model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=V + 1, n_embd=32, n_layer=2,
+                   n_head=4, n_positions=36)
+    recipe, _ = _recipe_from_draft("imagegpt", model)
+    rep = fa.check(model, recipe, atol=1e-5, cond=_cond("imagegpt"))
+    assert rep.ok, str(rep)
+    with pytest.raises(fa.RecipeError) as e:
+        fa.patch(model, recipe, grid=[6, 7])
+    assert e.value.key == "image.grid" and "feeds 42 tokens" in str(e.value)
+
+    qwen = _model("qwen2")  # 64 positions; a 3x4 grid feeds prompt + 11 tokens
+    recipe, _ = _recipe_from_draft("qwen2", qwen)
+    fa.patch(qwen, recipe.replace(**{"condition.prefix_len": 53}))  # 53 + 11 = 64: fits (the prompt is the big part)
+    fa.unpatch(qwen)
+    with pytest.raises(fa.RecipeError) as e:
+        fa.patch(qwen, recipe.replace(**{"condition.prefix_len": 54}))
+    assert e.value.key == "condition.prefix_len" and "at most 53 prompt tokens fit" in str(e.value)
+
+
+def test_inspect_leaves_prefix_len_for_the_user():
+    ins = fa.inspect_model(_model("qwen2"))
+    assert ins.draft["condition"]["prefix_len"] == "TODO"
+    assert any(t.startswith("condition.prefix_len") and "64 positions" in t for t in ins.todo)
+
+
+def test_backend_contract_and_duplicate_names():
+    from flashar_adapt.backends import Backend, register_backend
+
+    for name in ("sniff", "load_sniffed", "reference_logits", "sniff_priority"):
+        assert name in Backend.__dict__
+    assert Backend.sniff("anything") is None and Backend().reference_logits(None, None, None) is None
+    with pytest.raises(ValueError, match="already taken"):
+        @register_backend("transformers")
+        class Impostor(Backend):
+            pass
+    assert "transformers" in fa.list_backends()
+    from flashar_adapt.backends import get_backend
+
+    assert type(get_backend("transformers")).__name__ == "TransformersBackend"
+
+
+# ---------------------------------------------------------------- shipped ImageGPT recipes
+
+@pytest.mark.parametrize("size, width", [("small", 512), ("medium", 1024), ("large", 1536)])
+def test_imagegpt_recipes_on_a_tiny_model_of_the_same_layout(size, width, tmp_path):
+    """The shipped recipe as is, except the grid (a tiny model has few positions): auto-matched
+    by the released config's width, and the doctor passes."""
+    from flashar_adapt.matching import match_recipe
+
+    r = fa.load_recipe(f"imagegpt-{size}")
+    assert r.image.grid == (32, 32) and r.image.codebook_size == 512 and r.condition.prefix_len == 1
+    model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=513, n_embd=width // 16,
+                   n_layer=4, n_head=2, n_positions=1 + 5 * 6 - 1)
+    model.config.n_embd = width  # only what match: reads; the weights stay tiny
+    assert match_recipe(model).name == f"imagegpt-{size}"
+    model.config.n_embd = width // 16
+    rep = fa.check(model, r.replace(grid=[5, 6]), atol=1e-5, cond=torch.full((2, 1), 512))
+    assert rep.ok, str(rep)
+    assert fa.inspect_model(model).draft["lora"]["targets"] == list(r.lora.targets)
+
+
+def test_imagegpt_codes_to_pixels(tmp_path):
+    import json
+
+    from flashar_adapt.integrations.imagegpt import codes_to_pixels, load_clusters
+
+    clusters = [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, -1.0, 1.0]]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"clusters": clusters}))
+    c = load_clusters(tmp_path)
+    img = codes_to_pixels(torch.tensor([[[0, 1], [2, 1]]]), c)
+    assert img.dtype == torch.uint8 and img.shape == (1, 2, 2, 3)
+    assert img[0, 0, 0].tolist() == [0, 0, 0] and img[0, 0, 1].tolist() == [255, 255, 255]
+    assert img[0, 1, 0].tolist() == [128, 0, 255]
+    with pytest.raises(ValueError, match="codes must be in"):
+        codes_to_pixels(torch.tensor([[[3]]]), c)
+
+
+def test_mask_goes_to_the_layers_only_when_the_decoder_rewrites_it():
+    """ImageGPT flattens the 4D mask to 2D: the backend delivers it at the layer boundary
+    instead. Qwen2 passes a 4D mask through: the decoder gets it directly (no hooks)."""
+    for name, at_layers in (("imagegpt", True), ("qwen2", False)):
+        model = _model(name)
+        fa.patch(model, _recipe_from_draft(name, model)[0])
+        assert fa.context(model).backend.mask_at_layers is at_layers
+        fa.unpatch(model)
+
+
+# ---------------------------------------------------------------- shipped Liquid (Gemma) recipe
+
+def test_liquid_recipe_on_a_tiny_gemma_of_the_same_layout():
+    """GemmaForCausalLM with Liquid's extended vocabulary (256000 text ids + 8192 codes): the
+    shipped recipe auto-matches, inspect drafts the same structure, and the doctor passes at a
+    small grid, with CFG through the recipe's unconditional ids."""
+    from flashar_adapt.matching import match_recipe
+
+    model = _build("GemmaForCausalLM", "GemmaConfig", vocab_size=256000 + 8192, hidden_size=16, intermediate_size=32,
+                   num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                   max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    r = match_recipe(model)
+    assert r.name == "liquid-7b" and r.image.visual_token_offset == 256000 and r.image.codebook_size == 8192
+    draft = fa.inspect_model(model).draft
+    assert draft["modules"] == {k: getattr(r.modules, k) for k in draft["modules"]}
+    assert draft["lora"]["targets"] == list(r.lora.targets) and "logits" not in draft
+    small = r.replace(grid=[3, 4], **{"condition.prefix_len": 8})
+    prompt = torch.tensor([[2, 100, 200, 300, 7], [2, 400, 500, 600, 7]])  # <bos> text ... <boi>
+    rep = fa.check(model, small, atol=1e-5, cond=prompt)
+    assert rep.ok, str(rep)
+    fa.patch(model, small)
+    out = model.generate(prompt, cfg_scale=7.0, top_k=1)
+    assert out.shape == (2, 3, 4) and int(out.max()) < 8192
+
+
+def test_builtin_causal_mask_refuses_gradient_checkpointing():
+    """ImageGPT's attention applies its own causal buffer; FlashAR opens it during its forwards.
+    A checkpointed layer would be recomputed in backward with the buffer closed (silently wrong
+    gradients), so that combination is an error, not a wrong result."""
+    model = _model("imagegpt")
+    recipe, _ = _recipe_from_draft("imagegpt", model)
+    fa.patch(model, recipe)
+    codes = torch.randint(0, V, (1, 6, 6), generator=torch.Generator().manual_seed(0))
+    fa.teacher_forward(model, _cond("imagegpt")[:1], codes).fused.sum().backward()  # fine without checkpointing
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    with pytest.raises(RuntimeError, match="disable gradient checkpointing"):
+        fa.teacher_forward(model, _cond("imagegpt")[:1], codes)
+    with torch.no_grad():  # no backward, no recompute: allowed
+        fa.teacher_forward(model, _cond("imagegpt")[:1], codes)
