@@ -131,7 +131,8 @@ def _cmd_tokenize(args) -> int:
           f"{tok.grid[0]}x{tok.grid[1]} codes, recipe {recipe.name})")
     rep = tokenize_dataset(items, args.out, tok, recipe, text_tokenizer=text, batch_size=args.batch_size,
                            shard_size=args.shard_size, allow_upscale=args.allow_upscale, progress=not args.no_progress,
-                           extra=args.prompt_template)
+                           extra=json.dumps([args.prompt_template, args.tokenizer_checkpoint and
+                                             str(Path(args.tokenizer_checkpoint).resolve()), args.allow_upscale]))
     if classes is not None:
         (Path(args.out) / "classes.json").write_text(json.dumps(classes, indent=1))
     print(f"wrote {rep['num_examples']} examples; {rep['num_bad']} bad input(s)"
@@ -278,7 +279,7 @@ def _write_outputs(tmp: Path, codes, conds, timings, args, tok, recipe) -> str:
     for k in range(images.shape[0]):
         safe = "".join(ch if ch.isalnum() else "_" for ch in labels[k][:32])
         to_pil(images[k]).save(tmp / "images" / f"{k:05d}_{safe}.png")
-    labelled_grid(images, labels, args.per_cond if args.per_cond > 1 else min(8, len(labels))).save(tmp / "grid.png")
+    labelled_grid(images, labels, args.per_cond).save(tmp / "grid.png")  # one labelled row per condition
     (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     return f"{images.shape[0]} PNG files in images/, grid.png, codes.safetensors"
 

@@ -950,4 +950,7 @@ def _llamagen_vq(spec, model, root) -> LlamaGenVQTokenizer:
     if path is None:
         raise TokenizerError("tokenizer.checkpoint: the LlamaGen VQ weights are a separate file (vq_ds16_c2i.pt "
                              "or vq_ds16_t2i.pt): pass --tokenizer-checkpoint or set tokenizer.checkpoint")
-    return LlamaGenVQTokenizer(load_vq(path, **spec.config), spec)
+    vq = load_vq(path, **spec.config)
+    if model is not None:  # decode where the generator runs
+        vq = vq.to(next(model.parameters()).device)
+    return LlamaGenVQTokenizer(vq, spec)

@@ -264,7 +264,8 @@ def test_generate_raster_from_checkpoint_plus_recipe_and_codes_only(export_dir, 
     rec = fa.load_recipe("fmnist-c2i").replace(tokenizer=None)
     (tmp_path / "plain.yaml").write_text(rec.to_yaml())
     rc = main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", str(tmp_path / "plain.yaml"),
-               "--out", str(tmp_path / "c"), "--mode", "raster", "--classes", "1", "2", "--no-progress"])
+               "--flashar-weights", str(export_dir / "flashar.safetensors"), "--out", str(tmp_path / "c"),
+               "--classes", "1", "2", "--no-progress"])
     assert rc == 0 and not (tmp_path / "c" / "images").exists()
     assert load_file(str(tmp_path / "c" / "codes.safetensors"))["codes"].shape == (2, 14, 14)
 
@@ -283,11 +284,16 @@ def test_generate_bad_input_is_refused_before_any_work(export_dir, tmp_path, cap
     assert main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", "fmnist-c2i",
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "needs trained FlashAR weights" in capsys.readouterr().err
-    # a tokenizer whose grid disagrees with the recipe
-    bad = fa.load_recipe(str(export_dir / "recipe.yaml")).replace(**{"tokenizer.image_size": [32, 32]}, grid=[16, 16])
-    assert bad.image.grid == (16, 16)
-    with pytest.raises(fa.RecipeError, match="image_size"):
-        fa.load_recipe(str(export_dir / "recipe.yaml")).replace(**{"tokenizer.image_size": [32, 32]})
+    # a tokenizer whose grid disagrees with the recipe: 28x28 pixels in 2x2 patches is 14x14, not 16x16
+    data = fa.load_recipe("fmnist-c2i").to_dict()
+    data["image"]["grid"] = [16, 16]
+    data["tokenizer"]["image_size"] = [28, 28]
+    import yaml
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    assert main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", str(tmp_path / "bad.yaml"),
+                 "--mode", "raster", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "tokenizer.image_size: [28, 28] gives a 14x14 grid of codes, but image.grid is [16, 16]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
