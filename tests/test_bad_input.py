@@ -578,6 +578,7 @@ def test_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path, capsys):
         (("train", "--config", tmp_path / "missing.yaml"), ["error:", "training config not found"]),
         (("export", "--config", cfg, "--out", tmp_path / "exp"), ["error:", "no checkpoint yet"]),
         (("inspect", tmp_path / "nonexistent"), ["error:", "no such file or folder"]),
+        (("inspect", tmp_path / "latin1.yaml"), ["error:", "no backend recognises it"]),
         (("check", tmp_path / "nonexistent", "llamagen-c2i-b"), ["error:", "no such file or folder"]),
         (("show", tmp_path / "latin1.yaml"), ["recipe error:", "not UTF-8"]),
         (("show", "no-such-recipe"), ["recipe error:", "no recipe named"]),
