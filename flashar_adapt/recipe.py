@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import FlashARError
+from .validate import short
 
 ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
 ENTRY_POINT_GROUP = "flashar_adapt.recipes"
@@ -31,8 +32,6 @@ class RecipeError(FlashARError, ValueError):
         self.key = key
         self.source = source
         where = f"{source}: " if source else ""
-        if len(message) > 400:  # a message quotes the bad value; keep it readable
-            message = message[:397] + "..."
         super().__init__(f"{where}{key}: {message}")
 
 
@@ -184,7 +183,7 @@ def _int(data: dict, section: str, name: str, src, *, minimum: int | None = None
     if v is None:
         _expect(optional, key, "is required", src)
         return None
-    _expect(_is_int(v), key, f"must be an integer, got {v!r}", src)
+    _expect(_is_int(v), key, f"must be an integer, got {short(v)}", src)
     if minimum is not None:
         _expect(v >= minimum, key, f"must be >= {minimum}, got {v}", src)
     return v
@@ -196,16 +195,16 @@ def _str(data: dict, section: str, name: str, src, *, optional=False):
     if v is None:
         _expect(optional, key, "is required", src)
         return None
-    _expect(isinstance(v, str), key, f"must be a string, got {v!r}", src)
+    _expect(isinstance(v, str), key, f"must be a string, got {short(v)}", src)
     return v
 
 
 def _int_list(data: dict, section: str, name: str, src, *, length: int | None = None) -> tuple[int, ...]:
     key = f"{section}.{name}"
     v = data.get(name, [])
-    _expect(isinstance(v, (list, tuple)), key, f"must be a list of integers, got {v!r}", src)
+    _expect(isinstance(v, (list, tuple)), key, f"must be a list of integers, got {short(v)}", src)
     for i, x in enumerate(v):
-        _expect(_is_int(x) and x >= 0, f"{key}[{i}]", f"must be a non-negative integer, got {x!r}", src)
+        _expect(_is_int(x) and x >= 0, f"{key}[{i}]", f"must be a non-negative integer, got {short(x)}", src)
     if length is not None:
         _expect(len(v) == length, key, f"must have {length} entries, got {len(v)}", src)
     return tuple(v)
@@ -221,7 +220,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         _expect(k in data, k, "is required", src)
     for sec in _SECTIONS:
         if sec in data:
-            _expect(isinstance(data[sec], dict), sec, f"must be a mapping, got {data[sec]!r}", src)
+            _expect(isinstance(data[sec], dict), sec, f"must be a mapping, got {short(data[sec])}", src)
     for sec, (cls, required) in _SECTIONS.items():
         allowed = {f.name for f in dataclasses.fields(cls)}
         for k in data.get(sec, {}) or {}:
@@ -230,20 +229,20 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
             _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
 
     name = data["name"]
-    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {name!r}", src)
+    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {short(name)}", src)
     backend = data["backend"]
-    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {backend!r}", src)
+    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {short(backend)}", src)
     desc = data.get("description", "")
     _expect(isinstance(desc, str), "description", "must be a string", src)
     match = data.get("match", {}) or {}
-    _expect(isinstance(match, dict), "match", f"must be a mapping, got {match!r}", src)
+    _expect(isinstance(match, dict), "match", f"must be a mapping, got {short(match)}", src)
 
     m = data["modules"]
     ie = m.get("image_embed", [])
     if isinstance(ie, str):
         ie = [ie]
     _expect(isinstance(ie, list) and all(isinstance(x, str) for x in ie), "modules.image_embed",
-            f"must be a module path or a list of them, got {ie!r}", src)
+            f"must be a module path or a list of them, got {short(ie)}", src)
     modules = Modules(
         layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
         head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
@@ -253,13 +252,13 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     c = data["condition"]
     kind = c.get("kind")
     _expect(kind in ("class", "tokens", "features"), "condition.kind",
-            f"must be one of 'class', 'tokens', 'features', got {kind!r}", src)
+            f"must be one of 'class', 'tokens', 'features', got {short(kind)}", src)
     uncond_default = {"class": "null_class", "tokens": "none", "features": "none"}[kind]
     uncond = c.get("uncond", uncond_default)
     allowed_uncond = {"class": ("null_class", "none"), "tokens": ("pad_inner", "ids", "none"),
                       "features": ("param", "none")}[kind]
     _expect(uncond in allowed_uncond, "condition.uncond",
-            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {uncond!r}", src)
+            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {short(uncond)}", src)
     cond = Condition(
         kind=kind,
         embedding=_str(c, "condition", "embedding", src, optional=kind == "tokens"),
@@ -281,13 +280,13 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     codebook = _int(im, "image", "codebook_size", src, minimum=2)
     grid = im.get("grid")
     _expect(isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid),
-            "image.grid", f"must be [H, W] with positive integers, got {grid!r}", src)
+            "image.grid", f"must be [H, W] with positive integers, got {short(grid)}", src)
     before = im.get("before", []) or []
-    _expect(isinstance(before, list), "image.before", f"must be a list, got {before!r}", src)
+    _expect(isinstance(before, list), "image.before", f"must be a list, got {short(before)}", src)
     for i, item in enumerate(before):
         ok = (_is_int(item) and item >= 0) or item in _GRID_ITEMS
         _expect(ok, f"image.before[{i}]", f"must be a token id or one of {', '.join(repr(g) for g in _GRID_ITEMS)}, "
-                                          f"got {item!r}", src)
+                                          f"got {short(item)}", src)
     digits = _int_list(im, "image", "digit_ids", src)
     if any(item in ("{H}", "{W}") for item in before):
         _expect(len(digits) == 10, "image.digit_ids", "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
@@ -300,7 +299,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         _expect(all(g % size_div == 0 for g in grid), "image.grid",
                 f"{list(grid)} must be divisible by image.size_token_divisor ({size_div})", src)
     variable = im.get("variable_grid", False)
-    _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {variable!r}", src)
+    _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {short(variable)}", src)
     image = Image(
         codebook_size=codebook, grid=(int(grid[0]), int(grid[1])),
         visual_token_offset=_int(im, "image", "visual_token_offset", src, minimum=0, optional=True) or 0,
@@ -320,7 +319,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     lo = data.get("lora", {}) or {}
     targets = lo.get("targets", [])
     _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
-            f"must be a list of module-name patterns, got {targets!r}", src)
+            f"must be a list of module-name patterns, got {short(targets)}", src)
     _expect("all-linear" not in targets, "lora.targets",
             "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
     for i, t in enumerate(targets):
@@ -331,7 +330,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     except re.error as e:
         raise RecipeError("lora.targets", f"the patterns do not combine into one regex ({e})", src) from None
     dropout = lo.get("dropout", 0.0)
-    _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {dropout!r}", src)
+    _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {short(dropout)}", src)
     lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
