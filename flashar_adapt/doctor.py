@@ -377,18 +377,27 @@ def _overrides(pairs) -> dict:
     return out
 
 
-def _model_path(path: str) -> str:
+def _load(path: str, overrides: dict):
+    """The model at ``path`` for a command: a missing or unrecognised file is bad input."""
     from pathlib import Path
+
+    from .inspection import load_model
 
     if not Path(path).exists():
         raise InputError(f"{path}: no such file or folder")
-    return path
+    try:
+        return load_model(path, overrides)
+    except ValueError as e:  # no backend recognises it, or the files do not fit the backend
+        if isinstance(e, InputError):
+            raise
+        raise InputError(" ".join(str(e).split())) from e
 
 
 def _cmd_inspect(args) -> int:
     from .inspection import inspect_model
 
-    ins = inspect_model(_model_path(args.model), overrides=_overrides(args.set))
+    model, backend = _load(args.model, _overrides(args.set))
+    ins = inspect_model(model, backend=backend)
     print(ins)
     print()
     text = ins.draft_yaml()
@@ -403,10 +412,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .inspection import load_model
-
     recipe = None if args.recipe in (None, "auto") else load_recipe(args.recipe, args.recipe_dir)
-    model, _ = load_model(_model_path(args.model), _overrides(args.set))
+    model, _ = _load(args.model, _overrides(args.set))
     grid = tuple(args.grid) if args.grid else None
     rep = check(model, recipe, grid=grid, atol=args.atol)
     print(rep)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import FlashARError
+from .validate import short
 
 ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
 ENTRY_POINT_GROUP = "flashar_adapt.recipes"
@@ -31,8 +32,6 @@ class RecipeError(FlashARError, ValueError):
         self.key = key
         self.source = source
         where = f"{source}: " if source else ""
-        if len(message) > 400:  # a message quotes the bad value; keep it readable
-            message = message[:397] + "..."
         super().__init__(f"{where}{key}: {message}")
 
 
@@ -223,7 +222,7 @@ def _int(data: dict, section: str, name: str, src, *, minimum: int | None = None
     if v is None:
         _expect(optional, key, "is required", src)
         return None
-    _expect(_is_int(v), key, f"must be an integer, got {v!r}", src)
+    _expect(_is_int(v), key, f"must be an integer, got {short(v)}", src)
     if minimum is not None:
         _expect(v >= minimum, key, f"must be >= {minimum}, got {v}", src)
     return v
@@ -235,16 +234,16 @@ def _str(data: dict, section: str, name: str, src, *, optional=False):
     if v is None:
         _expect(optional, key, "is required", src)
         return None
-    _expect(isinstance(v, str), key, f"must be a string, got {v!r}", src)
+    _expect(isinstance(v, str), key, f"must be a string, got {short(v)}", src)
     return v
 
 
 def _int_list(data: dict, section: str, name: str, src, *, length: int | None = None) -> tuple[int, ...]:
     key = f"{section}.{name}"
     v = data.get(name, [])
-    _expect(isinstance(v, (list, tuple)), key, f"must be a list of integers, got {v!r}", src)
+    _expect(isinstance(v, (list, tuple)), key, f"must be a list of integers, got {short(v)}", src)
     for i, x in enumerate(v):
-        _expect(_is_int(x) and x >= 0, f"{key}[{i}]", f"must be a non-negative integer, got {x!r}", src)
+        _expect(_is_int(x) and x >= 0, f"{key}[{i}]", f"must be a non-negative integer, got {short(x)}", src)
     if length is not None:
         _expect(len(v) == length, key, f"must have {length} entries, got {len(v)}", src)
     return tuple(v)
@@ -277,7 +276,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         _expect(k in data, k, "is required", src)
     for sec in _SECTIONS:
         if sec in data:
-            _expect(isinstance(data[sec], dict), sec, f"must be a mapping, got {data[sec]!r}", src)
+            _expect(isinstance(data[sec], dict), sec, f"must be a mapping, got {short(data[sec])}", src)
     for sec, (cls, required) in _SECTIONS.items():
         allowed = {f.name for f in dataclasses.fields(cls)}
         for k in data.get(sec, {}) or {}:
@@ -286,25 +285,25 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
             _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
 
     name = data["name"]
-    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {name!r}", src)
+    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {short(name)}", src)
     backend = data["backend"]
-    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {backend!r}", src)
+    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {short(backend)}", src)
     desc = data.get("description", "")
     _expect(isinstance(desc, str), "description", "must be a string", src)
     match = data.get("match", {}) or {}
-    _expect(isinstance(match, dict), "match", f"must be a mapping, got {match!r}", src)
+    _expect(isinstance(match, dict), "match", f"must be a mapping, got {short(match)}", src)
 
     m = data["modules"]
     ie = m.get("image_embed", [])
     if isinstance(ie, str):
         ie = [ie]
     _expect(isinstance(ie, list) and all(isinstance(x, str) for x in ie), "modules.image_embed",
-            f"must be a module path or a list of them, got {ie!r}", src)
+            f"must be a module path or a list of them, got {short(ie)}", src)
     an = m.get("after_norm", []) or []
     if isinstance(an, str):
         an = [an]
     _expect(isinstance(an, list) and all(isinstance(x, str) for x in an), "modules.after_norm",
-            f"must be a module path or a list of them, got {an!r}", src)
+            f"must be a module path or a list of them, got {short(an)}", src)
     modules = Modules(
         layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
         head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
@@ -314,13 +313,13 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     c = data["condition"]
     kind = c.get("kind")
     _expect(kind in ("class", "tokens", "features"), "condition.kind",
-            f"must be one of 'class', 'tokens', 'features', got {kind!r}", src)
+            f"must be one of 'class', 'tokens', 'features', got {short(kind)}", src)
     uncond_default = {"class": "null_class", "tokens": "none", "features": "none"}[kind]
     uncond = c.get("uncond", uncond_default)
     allowed_uncond = {"class": ("null_class", "none"), "tokens": ("pad_inner", "ids", "none"),
                       "features": ("param", "none")}[kind]
     _expect(uncond in allowed_uncond, "condition.uncond",
-            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {uncond!r}", src)
+            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {short(uncond)}", src)
     cond = Condition(
         kind=kind,
         embedding=_str(c, "condition", "embedding", src, optional=kind == "tokens"),
@@ -342,13 +341,13 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     codebook = _int(im, "image", "codebook_size", src, minimum=2)
     grid = im.get("grid")
     _expect(isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid),
-            "image.grid", f"must be [H, W] with positive integers, got {grid!r}", src)
+            "image.grid", f"must be [H, W] with positive integers, got {short(grid)}", src)
     before = im.get("before", []) or []
-    _expect(isinstance(before, list), "image.before", f"must be a list, got {before!r}", src)
+    _expect(isinstance(before, list), "image.before", f"must be a list, got {short(before)}", src)
     for i, item in enumerate(before):
         ok = (_is_int(item) and item >= 0) or item in _GRID_ITEMS
         _expect(ok, f"image.before[{i}]", f"must be a token id or one of {', '.join(repr(g) for g in _GRID_ITEMS)}, "
-                                          f"got {item!r}", src)
+                                          f"got {short(item)}", src)
     digits = _int_list(im, "image", "digit_ids", src)
     if any(item in ("{H}", "{W}") for item in before):
         _expect(len(digits) == 10, "image.digit_ids", "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
@@ -361,7 +360,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         _expect(all(g % size_div == 0 for g in grid), "image.grid",
                 f"{list(grid)} must be divisible by image.size_token_divisor ({size_div})", src)
     variable = im.get("variable_grid", False)
-    _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {variable!r}", src)
+    _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {short(variable)}", src)
     if im.get("last_row_end") is not None:
         _expect(im.get("eol_token") is not None, "image.last_row_end",
                 "takes the place of the last row's image.eol_token, so it needs image.eol_token", src)
@@ -385,7 +384,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     lo = data.get("lora", {}) or {}
     targets = lo.get("targets", [])
     _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
-            f"must be a list of module-name patterns, got {targets!r}", src)
+            f"must be a list of module-name patterns, got {short(targets)}", src)
     _expect("all-linear" not in targets, "lora.targets",
             "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
     for i, t in enumerate(targets):
@@ -396,16 +395,16 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     except re.error as e:
         raise RecipeError("lora.targets", f"the patterns do not combine into one regex ({e})", src) from None
     dropout = lo.get("dropout", 0.0)
-    _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {dropout!r}", src)
+    _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {short(dropout)}", src)
     lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
     lg = data.get("logits", {}) or {}
     scale = lg.get("scale", 1.0)
     _expect(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0, "logits.scale",
-            f"must be a positive number, got {scale!r}", src)
+            f"must be a positive number, got {short(scale)}", src)
     cap = lg.get("softcap")
     _expect(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0), "logits.softcap",
-            f"must be a positive number or null, got {cap!r}", src)
+            f"must be a positive number or null, got {short(cap)}", src)
     logit_map = Logits(scale=float(scale), softcap=None if cap is None else float(cap))
     tok = _tokenizer(data.get("tokenizer"), image, src)
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
@@ -415,7 +414,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
 def _floats(t: dict, name: str, n: int, default, src) -> tuple[float, ...]:
     v = t.get(name, default)
     ok = isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-    _expect(ok, f"tokenizer.{name}", f"must be a list of {n} numbers (one per channel), got {v!r}", src)
+    _expect(ok, f"tokenizer.{name}", f"must be a list of {n} numbers (one per channel), got {short(v)}", src)
     return tuple(float(x) for x in v)
 
 
@@ -424,7 +423,7 @@ def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
     downsample: a tokenizer whose grid disagrees with the recipe is refused on load."""
     if t is None:
         return None
-    _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {t!r}", src)
+    _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {short(t)}", src)
     allowed = {f.name for f in dataclasses.fields(Tokenizer)}
     for k in t:
         _expect(k in allowed, f"tokenizer.{k}", "unknown key" + _did_you_mean(str(k), allowed), src)
@@ -434,7 +433,7 @@ def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
     size = t.get("image_size")
     if size is not None:
         _expect(isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size),
-                "tokenizer.image_size", f"must be [H, W] with positive integers, got {size!r}", src)
+                "tokenizer.image_size", f"must be [H, W] with positive integers, got {short(size)}", src)
         size = (int(size[0]), int(size[1]))
         if down is not None:
             want = (image.grid[0] * down, image.grid[1] * down)
@@ -445,7 +444,7 @@ def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
     std = _floats(t, "std", channels, [0.5] * channels, src)
     _expect(all(s > 0 for s in std), "tokenizer.std", f"must be positive, got {list(std)}", src)
     cfg = t.get("config", {}) or {}
-    _expect(isinstance(cfg, dict), "tokenizer.config", f"must be a mapping, got {cfg!r}", src)
+    _expect(isinstance(cfg, dict), "tokenizer.config", f"must be a mapping, got {short(cfg)}", src)
     return Tokenizer(kind=kind, module=_str(t, "tokenizer", "module", src, optional=True),
                      checkpoint=_str(t, "tokenizer", "checkpoint", src, optional=True), downsample=down,
                      image_size=size, channels=channels, mean=_floats(t, "mean", channels, [0.5] * channels, src),

@@ -441,7 +441,7 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     if state is not None and state.get("recipe") != ctx.recipe.name:
         raise TrainingError(f"{ckpt_path} was written for recipe {state.get('recipe')!r}, not {ctx.recipe.name!r}")
     if state is not None and isinstance(state.get("config"), dict):
-        _check_resume_config(state["config"], cfg, ckpt_path, allow_config_change)
+        _check_resume_config(state["config"], state["global_step"], cfg, ckpt_path, allow_config_change)
     step = state["global_step"] if state else 0
     if step >= total:
         _load_trainable(model, state, cfg)
@@ -626,8 +626,15 @@ def _portable(d: dict) -> dict:
     return d
 
 
-def _check_resume_config(old: dict, cfg: TrainConfig, ckpt_path: Path, allow: bool) -> None:
+def _check_resume_config(old: dict, step: int, cfg: TrainConfig, ckpt_path: Path, allow: bool) -> None:
+    """Refuse (or, allowed, list) config changes that alter what the checkpoint's steps were
+    or what the rest of the run does. At the stage boundary, before any stage-2 step, the
+    stage-2 settings are still free: runs that share stage 1 and differ in stage 2 are one
+    stage-1 run copied and resumed (exact, since a stage starts from the config's seed)."""
     diff = config_diff(_portable(old), _portable(cfg.to_dict()))
+    old_s1 = (old.get("stage1") or {}).get("steps")
+    if step == old_s1 == cfg.stage1.steps:
+        diff = [d for d in diff if not d.startswith("stage2.")]
     if not diff:
         return
     if not allow:

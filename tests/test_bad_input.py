@@ -271,6 +271,21 @@ def test_allowed_config_change_is_listed_and_a_torn_metrics_line_is_dropped(trai
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3]
 
 
+def test_runs_sharing_stage_1_may_differ_in_stage_2(trained, tmp_path):
+    """The checkpoint sits at the stage boundary (stage 1 done, no stage-2 step yet): stage-2
+    settings are still free, so one stage-1 run can be copied and resumed into variants."""
+    import warnings
+
+    cfg = TrainConfig.load(_copy_run(trained[0], tmp_path / "r"))
+    cfg.stage2.steps, cfg.stage2.lr, cfg.stage2.backbone_lr_scale = 1, 1e-3, 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "changed config" warning either
+        train(cfg, progress=False)
+    cfg.stage2.steps = 2  # the run is now past the boundary: stage 2 is fixed
+    with pytest.raises(TrainingError, match="differs at stage2.steps"):
+        train(cfg, progress=False)
+
+
 _LOCKER = """
 import sys, time
 from flashar_adapt.files import exclusive_lock
@@ -578,6 +593,7 @@ def test_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path, capsys):
         (("train", "--config", tmp_path / "missing.yaml"), ["error:", "training config not found"]),
         (("export", "--config", cfg, "--out", tmp_path / "exp"), ["error:", "no checkpoint yet"]),
         (("inspect", tmp_path / "nonexistent"), ["error:", "no such file or folder"]),
+        (("inspect", tmp_path / "latin1.yaml"), ["error:", "no backend recognises it"]),
         (("check", tmp_path / "nonexistent", "llamagen-c2i-b"), ["error:", "no such file or folder"]),
         (("show", tmp_path / "latin1.yaml"), ["recipe error:", "not UTF-8"]),
         (("show", "no-such-recipe"), ["recipe error:", "no recipe named"]),
