@@ -641,7 +641,8 @@ def _check_resume_config(old: dict, step: int, cfg: TrainConfig, ckpt_path: Path
         raise TrainingError(f"{ckpt_path} was written with another config; it differs at {'; '.join(diff)}. "
                             "Resume with the config that made it, use another out_dir, or pass "
                             "--allow-config-change (train(..., allow_config_change=True)) to go on with the new values")
-    warnings.warn(f"resuming {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=3)
+    # stacklevel 4: the warning points at the caller of train()
+    warnings.warn(f"resuming {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=4)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -665,7 +666,8 @@ def _truncate_log(path: Path, step: int) -> None:
             keep.append(ln)
     if torn:
         warnings.warn(f"{path}: dropped {len(torn)} line(s) that are not whole records (line {', '.join(map(str, torn[:5]))}"
-                      f"{', ...' if len(torn) > 5 else ''}); a run killed mid-write leaves one", stacklevel=3)
+                      f"{', ...' if len(torn) > 5 else ''}); a run killed mid-write leaves one",
+                      stacklevel=4)  # the caller of train()
     atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
 
