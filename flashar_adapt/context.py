@@ -96,17 +96,6 @@ class PatchContext:
     had_generate: bool = False
     old_generate: Any = field(default=None, repr=False)
     guard: ModelGuard = field(default_factory=ModelGuard, repr=False)
-    compiled: dict = field(default_factory=dict, repr=False)  # compiled step functions, by mode
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        new = object.__new__(PatchContext)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            # compiled functions close over the original's modules: a copy compiles its own
-            new.__dict__[k] = {} if k == "compiled" else copy.deepcopy(v, memo)
-        return new
 
     @property
     def flashar(self) -> FlashARModules:

@@ -71,7 +71,8 @@ def feature_width(ctx: PatchContext) -> int | None:
 def _check_features(ctx: PatchContext, cond: torch.Tensor) -> torch.Tensor:
     c = ctx.recipe.condition
     if not cond.is_floating_point() or cond.dim() != 3:
-        raise ValueError(f"cond must be a FloatTensor [B, T, C] of condition features, got {cond.dtype} {tuple(cond.shape)}")
+        raise ValueError(f"cond must be a FloatTensor [B, T, C] of condition features, "
+                         f"got {cond.dtype} {tuple(cond.shape)}")
     if cond.shape[0] == 0:
         raise ValueError("cond is empty: pass at least one condition")
     if cond.shape[1] != c.prefix_len:
@@ -398,7 +399,8 @@ def logits(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=No
 def score(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None) -> torch.Tensor:
     """Exact log-likelihood (nats) of ``codes`` under the mode's factorisation, [B]."""
     lg = logits(model, cond, codes, mode, cond_mask)
-    lp = torch.log_softmax(lg.float(), -1).gather(-1, torch.as_tensor(codes).to(lg.device, torch.long)[..., None])[..., 0]
+    idx = torch.as_tensor(codes).to(lg.device, torch.long)[..., None]
+    lp = torch.log_softmax(lg.float(), -1).gather(-1, idx)[..., 0]
     return lp.flatten(1).sum(1)
 
 
@@ -521,7 +523,8 @@ class Decoder:
         return _forward(self.ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache, self.bcache,
                         self.branch)
 
-    def feed(self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False, allowed: torch.Tensor | None = None):
+    def feed(self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False,
+             allowed: torch.Tensor | None = None):
         """Append the tokens at cache entries [start, stop); they see every cached key and
         each other (one anti-diagonal), or, with ``causal``, only the earlier of each other,
         or exactly ``allowed`` [Bt, stop - start, stop] (keys in cache order; padding keys
@@ -604,6 +607,11 @@ class DecoderState:
         return self.codes.view(self.batch, self.layout.height, self.layout.width)
 
 
+def check_sampling(cfg_scale, temperature, top_k, top_p, cfg_schedule) -> None:
+    """The checks of ``Sampling`` for callers that hold the settings one by one."""
+    Sampling(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
 def _check_mode(mode) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -615,11 +623,13 @@ def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
     if not isinstance(sampling, Sampling):
         raise ValueError(f"sampling must be a flashar_adapt.Sampling, got {type(sampling).__name__}")
     if kwargs:
-        raise ValueError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: {sorted(kwargs)}")
+        raise ValueError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: "
+                         f"{sorted(kwargs)}")
     return sampling
 
 
-def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling, cond_mask, vertical: bool) -> DecoderState:
+def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling, cond_mask,
+             vertical: bool) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = _grid(ctx, grid)
     sampling.check_device(cond.device)
@@ -636,7 +646,7 @@ def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling
     hh, hv = dec.prefill()
     B = cond.shape[0]
     codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
-    return DecoderState(model, mode, layout, sampling, B, branch or mode == "raster", codes, dec,
+    return DecoderState(model, mode, layout, sampling, B, branch, codes, dec,
                         _sched=sched, _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
                         _eol=_eol_embed(ctx, layout, dev))
 
@@ -666,36 +676,58 @@ def _check_forced(state: DecoderState, forced, n: int) -> torch.Tensor:
     return forced.to(state.codes.device, torch.long)
 
 
+def _diagonal_logits(ctx: PatchContext, dec: Decoder, codes, eol_emb, cells, eol, h_idx, v_idx, has_h, has_v,
+                     start: int, stop: int, batch: int, scale: torch.Tensor, vertical: bool) -> torch.Tensor:
+    """One two-way step after the first: feed the previous anti-diagonal, return the guided
+    logits of this one. Everything that varies per step is an argument: the unit a compiled
+    step would wrap (see docs/speed.md, "Not done")."""
+    hh, hv = dec.feed(_embed_fed(ctx, codes, cells, eol, eol_emb, dec.pre.embeds.shape[0]), start, stop)
+    if vertical:
+        lg = ctx.flashar.fuse(hh[:, h_idx], hv[:, v_idx], has_h, has_v, lambda x: horizontal_logits(ctx, x)).fused
+    else:
+        lg = horizontal_logits(ctx, hh[:, h_idx]).float()
+    return guide(lg, batch, scale)
+
+
+def _token_logits(ctx: PatchContext, dec: Decoder, codes, eol_emb, r: int, start: int, with_eol: bool, batch: int,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """One raster step after the first: feed code r-1 (and its row's end-of-line token when
+    it closes the row), return the guided logits of code r."""
+    e = embed_codes(ctx, codes[:, r - 1:r])
+    if with_eol:
+        e = torch.cat([e, eol_emb.to(e.dtype).expand(e.shape[0], 1, -1)], 1)
+    if dec.pre.embeds.shape[0] != batch:
+        e = torch.cat([e, e])
+    h = dec.feed(e, start, start + e.shape[1], causal=True)[0][:, -1:]
+    return guide(horizontal_logits(ctx, h).float(), batch, scale)
+
+
 def _two_way_logits(ctx: PatchContext, state: DecoderState) -> torch.Tensor:
     """Feed the previous anti-diagonal (none at step 0) and return the guided logits of this one."""
-    t, st, dec = state.t, state._sched.steps[state.t], state.decoder
-    hh, hv = state._hidden
-    if t > 0:
-        e = _embed_fed(ctx, state.codes, st.cells, st.eol, state._eol, dec.pre.embeds.shape[0])
-        hh, hv = dec.feed(e, st.start, st.stop)
-    if state.vertical:
-        lg = ctx.flashar.fuse(hh[:, st.h_idx], hv[:, st.v_idx], st.has_h, st.has_v,
-                              lambda x: horizontal_logits(ctx, x)).fused
-    else:
-        lg = horizontal_logits(ctx, hh[:, st.h_idx]).float()
-    return guide(lg, state.batch, state.sampling.scale_at(t, state.num_steps))
+    t, st = state.t, state._sched.steps[state.t]
+    scale = state.sampling.scale_at(t, state.num_steps)
+    if t == 0:  # the corner, from the prefill's last state: nothing to feed
+        hh, hv = state._hidden
+        if state.vertical:
+            lg = ctx.flashar.fuse(hh, hv, st.has_h, st.has_v, lambda x: horizontal_logits(ctx, x)).fused
+        else:
+            lg = horizontal_logits(ctx, hh).float()
+        return guide(lg, state.batch, scale)
+    return _diagonal_logits(ctx, state.decoder, state.codes, state._eol, st.cells, st.eol, st.h_idx, st.v_idx,
+                            st.has_h, st.has_v, st.start, st.stop, state.batch, scale, state.vertical)
 
 
 def _raster_logits(ctx: PatchContext, state: DecoderState) -> torch.Tensor:
     """Feed the previous code (and the row's end-of-line token after its last code) and
     return the guided logits of the next one."""
-    r, dec, layout = state.t, state.decoder, state.layout
-    h = state._hidden[0]
-    if r > 0:
-        pi, pj = divmod(r - 1, layout.width)
-        start = layout.prefix_len + pi * layout.row_len + pj
-        e = embed_codes(ctx, state.codes[:, r - 1:r])
-        if layout.eol and pj == layout.width - 1:  # the row's end-of-line token enters with its last code
-            e = torch.cat([e, state._eol.to(e.dtype).expand(e.shape[0], 1, -1)], 1)
-        if dec.pre.embeds.shape[0] != state.batch:
-            e = torch.cat([e, e])
-        h = dec.feed(e, start, start + e.shape[1], causal=True)[0][:, -1:]
-    return guide(horizontal_logits(ctx, h).float(), state.batch, state.sampling.scale_at(r, state.num_steps))
+    r, layout = state.t, state.layout
+    scale = state.sampling.scale_at(r, state.num_steps)
+    if r == 0:
+        return guide(horizontal_logits(ctx, state._hidden[0]).float(), state.batch, scale)
+    pi, pj = divmod(r - 1, layout.width)
+    start = layout.prefix_len + pi * layout.row_len + pj
+    return _token_logits(ctx, state.decoder, state.codes, state._eol, r, start, layout.eol and pj == layout.width - 1,
+                         state.batch, scale)
 
 
 def _step(state: DecoderState, forced=None) -> torch.Tensor:

@@ -160,3 +160,23 @@ def test_decoding_and_patching_do_not_import_each_other_in_a_cycle():
     inner = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
              if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert inner == []
+
+
+def test_decode_speed_benchmark_runs_on_the_public_seam():
+    """The benchmark's own loops (built on fa.prefill / fa.step / Decoder.feed) still run."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import decode_speed as ds
+
+    m = ds.build(2, 32, 2, 64, -1, 4, torch.device("cpu"), torch.float32)
+    cond = torch.zeros(1, dtype=torch.long)
+    assert ds.forward_growth(m, 2.0, torch.device("cpu"), reps=2) > 0
+    calls = []
+    h = m.flashar.ctx.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for branch in (True, False):
+            assert ds.two_way_steps(m, cond, branch, 2.0).shape == (1, 4, 4)
+    finally:
+        h.remove()
+    assert len(calls) == 2 * (4 + 4 - 1)
