@@ -157,12 +157,12 @@ def build_flashar(assets: Path, work: Path) -> None:
 def _ship_export(src: Path, dst: Path) -> None:
     """Ship the export with the backbone in fp16 safetensors (half the size of the .pt)."""
     from flashar_adapt.data import atomic_save_safetensors
-    from flashar_adapt.integrations.llamagen import _read_state_dict
+    from flashar_adapt.integrations.llamagen import read_state_dict
 
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    sd = _read_state_dict(tmp / "backbone" / "llamagen.pt")
+    sd = read_state_dict(tmp / "backbone" / "llamagen.pt")
     atomic_save_safetensors({k: v.half() for k, v in sd.items()}, tmp / "backbone" / "llamagen.safetensors")
     (tmp / "backbone" / "llamagen.pt").unlink()
     cfg = json.loads((tmp / "flashar_config.json").read_text())

@@ -347,7 +347,7 @@ def load_checkpoint(model: Transformer, path: str | os.PathLike, strict: bool = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     own = model.state_dict()
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
@@ -449,7 +449,7 @@ class LlamaGenBackend(Backend):
             elif cfg:
                 model = Transformer(ModelArgs(**cfg))
             else:
-                model = Transformer(config_from_state_dict(_read_state_dict(path)))
+                model = Transformer(config_from_state_dict(read_state_dict(path)))
             load_checkpoint(model, path)
         if spec.get("dtype"):
             model = model.to(getattr(torch, spec["dtype"]))
@@ -572,7 +572,7 @@ def _ensure_caches(layers, batch: int, max_len: int, model) -> bool:
     return True
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -627,7 +627,7 @@ def _sniff(path) -> dict | None:
     if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):
         return None
     try:
-        sd = _read_state_dict(path)
+        sd = read_state_dict(path)
     except Exception:  # noqa: BLE001 - not a LlamaGen file
         return None
     if "tok_embeddings.weight" not in sd or "layers.0.attention.wqkv.weight" not in sd:
@@ -637,7 +637,7 @@ def _sniff(path) -> dict | None:
 
 def _load_sniffed(spec: dict, overrides: dict | None = None) -> Transformer:
     path = Path(spec["checkpoint"])
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     args = infer_model_args(sd, **(overrides or {}))
     return load_checkpoint(Transformer(args), path).eval()
 
@@ -893,7 +893,7 @@ def _read_vq_state_dict(path: Path) -> dict:
     with weights_only=True. Training checkpoints also hold the run's argparse.Namespace,
     plain data, so that one class is allowed."""
     if path.suffix == ".safetensors":
-        return _read_state_dict(path)
+        return read_state_dict(path)
     import argparse
 
     with torch.serialization.safe_globals([argparse.Namespace]):
