@@ -573,6 +573,8 @@ def _ensure_caches(layers, batch: int, max_len: int, model) -> bool:
 
 
 def read_state_dict(path: Path) -> dict:
+    """The state dict of a LlamaGen checkpoint: safetensors, or a .pt read with
+    ``weights_only=True`` in either official layout ({"model": ...} or raw)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
