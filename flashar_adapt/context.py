@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .backends import Backend
+from .errors import InputError
 from .grid import Layout
 from .heads import FlashARModules
 from .recipe import Recipe
@@ -115,7 +116,7 @@ class PatchContext:
             elif item in ("{size_H}", "{size_W}"):
                 value = grid[0] if item == "{size_H}" else grid[1]
                 if value % im.size_token_divisor:
-                    raise ValueError(f"grid {list(grid)} is not a multiple of image.size_token_divisor "
+                    raise InputError(f"grid {list(grid)} is not a multiple of image.size_token_divisor "
                                      f"({im.size_token_divisor}) of recipe {self.recipe.name!r}")
                 out.append(im.size_token_offset + value // im.size_token_divisor)
             else:

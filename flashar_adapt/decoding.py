@@ -9,12 +9,13 @@ and ``FlashARModules.fuse``, so incremental decoding equals teacher forcing by c
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 from .context import CAPTURE, PatchContext, context
+from .errors import InputError
 from .grid import Layout
 from .heads import finish_logits
 from .sampling import Sampling, guide, sample
@@ -71,17 +72,17 @@ def feature_width(ctx: PatchContext) -> int | None:
 def _check_features(ctx: PatchContext, cond: torch.Tensor) -> torch.Tensor:
     c = ctx.recipe.condition
     if not cond.is_floating_point() or cond.dim() != 3:
-        raise ValueError(f"cond must be a FloatTensor [B, T, C] of condition features, "
+        raise InputError(f"cond must be a FloatTensor [B, T, C] of condition features, "
                          f"got {cond.dtype} {tuple(cond.shape)}")
     if cond.shape[0] == 0:
-        raise ValueError("cond is empty: pass at least one condition")
+        raise InputError("cond is empty: pass at least one condition")
     if cond.shape[1] != c.prefix_len:
-        raise ValueError(f"condition features must have {c.prefix_len} tokens, got {cond.shape[1]}")
+        raise InputError(f"condition features must have {c.prefix_len} tokens, got {cond.shape[1]}")
     width = feature_width(ctx)
     if width is not None and cond.shape[2] != width:
-        raise ValueError(f"condition features must have {width} channels for this model, got {cond.shape[2]}")
+        raise InputError(f"condition features must have {width} channels for this model, got {cond.shape[2]}")
     if not bool(torch.isfinite(cond).all()):
-        raise ValueError("condition features contain NaN or inf")
+        raise InputError("condition features contain NaN or inf")
     # any float dtype is accepted: the features enter the model in its own dtype
     ref = next(ctx.cond_embed.parameters(), None)
     return cond if ref is None else cond.to(ref.dtype)
@@ -91,19 +92,19 @@ def _check_mask(c, cond: torch.Tensor, cond_mask, dev) -> torch.Tensor | None:
     if cond_mask is None:
         return None
     if c.kind == "class":
-        raise ValueError("cond_mask is only for prompt conditions")
+        raise InputError("cond_mask is only for prompt conditions")
     cond_mask = torch.as_tensor(cond_mask)
     if cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
-        raise ValueError("cond_mask must hold only 0/1 (or False/True)")
+        raise InputError("cond_mask must hold only 0/1 (or False/True)")
     cond_mask = cond_mask.to(dev).bool()
     if cond_mask.shape != cond.shape[:2]:
-        raise ValueError(f"cond_mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
+        raise InputError(f"cond_mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
     if not bool(cond_mask.any(1).all()):
-        raise ValueError("every prompt needs at least one unmasked token")
+        raise InputError("every prompt needs at least one unmasked token")
     # Prompts are left-padded (the image follows the last prompt token): a row must be
     # False...False True...True. Right or inner padding would put pad tokens in the prefix.
     if bool((cond_mask[:, :-1] & ~cond_mask[:, 1:]).any()):
-        raise ValueError("cond_mask must be left padding (False... then True...): pad prompts on the left")
+        raise InputError("cond_mask must be left padding (False... then True...): pad prompts on the left")
     return cond_mask
 
 
@@ -116,22 +117,22 @@ def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
         cond = torch.as_tensor(cond)
     if c.kind == "class":
         if not _is_int(cond) or cond.dim() != 1:
-            raise ValueError(f"cond must be a LongTensor [B] of class ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
+            raise InputError(f"cond must be a LongTensor [B] of class ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
         if cond.numel() == 0:
-            raise ValueError("cond is empty: pass at least one class id")
+            raise InputError("cond is empty: pass at least one class id")
         top = c.null_class + 1 if allow_null and c.null_class is not None else c.num_classes
         if int(cond.min()) < 0 or int(cond.max()) >= top:
-            raise ValueError(f"class ids must be in [0, {top}), got min {int(cond.min())} max {int(cond.max())}")
+            raise InputError(f"class ids must be in [0, {top}), got min {int(cond.min())} max {int(cond.max())}")
         cond = cond.long()
     elif c.kind == "tokens":
         if not _is_int(cond) or cond.dim() != 2:
-            raise ValueError(f"cond must be a LongTensor [B, T] of prompt token ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
+            raise InputError(f"cond must be a LongTensor [B, T] of prompt token ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
         if cond.shape[0] == 0 or cond.shape[1] == 0:
-            raise ValueError("cond is empty: pass at least one prompt token per row")
+            raise InputError("cond is empty: pass at least one prompt token per row")
         if ctx.vocab_size is not None and (int(cond.min()) < 0 or int(cond.max()) >= ctx.vocab_size):
-            raise ValueError(f"prompt token ids must be in [0, {ctx.vocab_size})")
+            raise InputError(f"prompt token ids must be in [0, {ctx.vocab_size})")
         if c.prefix_len is not None and cond.shape[1] > c.prefix_len:
-            raise ValueError(f"prompt has {cond.shape[1]} tokens; this recipe allows at most {c.prefix_len}")
+            raise InputError(f"prompt has {cond.shape[1]} tokens; this recipe allows at most {c.prefix_len}")
         cond = cond.long()
     else:
         cond = _check_features(ctx, cond)
@@ -144,12 +145,12 @@ def check_codes(ctx: PatchContext, codes, batch: int) -> torch.Tensor:
     if not isinstance(codes, torch.Tensor):
         codes = torch.as_tensor(codes)
     if not _is_int(codes):
-        raise ValueError(f"codes must be an integer tensor of codebook indices, got {codes.dtype}")
+        raise InputError(f"codes must be an integer tensor of codebook indices, got {codes.dtype}")
     if codes.dim() != 3 or codes.shape[0] != batch:
-        raise ValueError(f"codes must be [B, H, W] with B = {batch}, got {tuple(codes.shape)}")
+        raise InputError(f"codes must be [B, H, W] with B = {batch}, got {tuple(codes.shape)}")
     K = ctx.recipe.image.codebook_size
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
-        raise ValueError(f"codes must be codebook indices in [0, {K}), got min {int(codes.min())} max {int(codes.max())}")
+        raise InputError(f"codes must be codebook indices in [0, {K}), got min {int(codes.min())} max {int(codes.max())}")
     return codes.to(_device(ctx), torch.long)
 
 
@@ -256,17 +257,17 @@ def _grid(ctx: PatchContext, grid) -> tuple[int, int]:
     if grid is None:
         return im.grid
     if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid)):
-        raise ValueError(f"grid must be (H, W) with positive integers, got {grid!r}")
+        raise InputError(f"grid must be (H, W) with positive integers, got {grid!r}")
     grid = (int(grid[0]), int(grid[1]))
     if grid != im.grid and not im.variable_grid:
-        raise ValueError(f"recipe {ctx.recipe.name!r} has a fixed grid {list(im.grid)}; got {list(grid)}")
+        raise InputError(f"recipe {ctx.recipe.name!r} has a fixed grid {list(im.grid)}; got {list(grid)}")
     return grid
 
 
 def _check_positions(ctx: PatchContext, layout: Layout) -> None:
     limit = ctx.backend.max_positions(ctx)
     if limit is not None and layout.fed_len > limit:
-        raise ValueError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
+        raise InputError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
                          f"{layout.fed_len} tokens; the model has {limit} positions")
 
 
@@ -331,9 +332,16 @@ def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", con
     current train/eval mode (training wants its dropout).
 
     two_way: proximity mask, fused logits; raster: causal mask, the model's own head."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ctx = context(model)
+    inputs = _teacher_inputs(ctx, cond, codes, mode, cond_mask, uncond, grid)
+    with ctx.guard:
+        return _teacher_forward(ctx, *inputs, mode)
+
+
+def _teacher_inputs(ctx: PatchContext, cond, codes, mode: str, cond_mask, uncond: bool, grid):
+    """Checked (prefix, layout, codes) for a teacher-forced forward."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     cond, cond_mask = check_cond(ctx, cond, cond_mask, allow_null=True)
     codes = check_codes(ctx, codes, cond.shape[0])
     grid = tuple(codes.shape[1:]) if grid is None else grid
@@ -341,8 +349,7 @@ def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", con
     pre = _prefix(ctx, cond, cond_mask, grid, uncond=uncond)
     layout = ctx.layout(pre.length, grid)
     _check_positions(ctx, layout)
-    with ctx.guard:
-        return _teacher_forward(ctx, pre, layout, codes, mode)
+    return pre, layout, codes
 
 
 def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch.Tensor, mode: str) -> TeacherForced:
@@ -380,12 +387,16 @@ def logits(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=No
     s = Sampling(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     ctx = context(model)
     if s.guided and not has_uncond(ctx):
-        raise ValueError(f"cfg_scale={cfg_scale} needs an unconditional prefix; recipe {ctx.recipe.name!r} has none")
-    with eval_behaviour(model):
-        lg = teacher_forward(model, cond, codes, mode, cond_mask).fused
+        raise InputError(f"cfg_scale={cfg_scale} needs an unconditional prefix; recipe {ctx.recipe.name!r} has none")
+    cond_in = _teacher_inputs(ctx, cond, codes, mode, cond_mask, False, None)
+    uncond_in = _teacher_inputs(ctx, cond, codes, mode, cond_mask, True, None) if s.guided else None
+    # the lock first, then eval: a call waiting on another thread's generate() must not run
+    # with the train flags that call restores when it ends
+    with ctx.guard, eval_behaviour(model):
+        lg = _teacher_forward(ctx, *cond_in, mode).fused
         if not s.guided:
             return lg
-        u = teacher_forward(model, cond, codes, mode, cond_mask, uncond=True).fused
+        u = _teacher_forward(ctx, *uncond_in, mode).fused
     H, W = lg.shape[1:3]
     i = torch.arange(H, device=lg.device)[:, None]
     j = torch.arange(W, device=lg.device)[None, :]
@@ -614,16 +625,16 @@ def check_sampling(cfg_scale, temperature, top_k, top_p, cfg_schedule) -> None:
 
 def _check_mode(mode) -> None:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
     if sampling is None:
         return Sampling(**kwargs)
     if not isinstance(sampling, Sampling):
-        raise ValueError(f"sampling must be a flashar_adapt.Sampling, got {type(sampling).__name__}")
+        raise InputError(f"sampling must be a flashar_adapt.Sampling, got {type(sampling).__name__}")
     if kwargs:
-        raise ValueError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: "
+        raise InputError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: "
                          f"{sorted(kwargs)}")
     return sampling
 
@@ -634,7 +645,7 @@ def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling
     grid = _grid(ctx, grid)
     sampling.check_device(cond.device)
     if sampling.guided and not has_uncond(ctx):
-        raise ValueError(f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
+        raise InputError(f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
                          f"{ctx.recipe.name!r} defines none (condition.uncond)")
     pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided)
     layout = ctx.layout(pre.length, grid)
@@ -669,10 +680,10 @@ def _check_forced(state: DecoderState, forced, n: int) -> torch.Tensor:
     forced = torch.as_tensor(forced)
     K = state.decoder.ctx.recipe.image.codebook_size
     if not _is_int(forced) or tuple(forced.shape) != (state.batch, n):
-        raise ValueError(f"codes for step {state.t} must be an integer tensor [{state.batch}, {n}], "
+        raise InputError(f"codes for step {state.t} must be an integer tensor [{state.batch}, {n}], "
                          f"got {forced.dtype} {tuple(forced.shape)}")
     if int(forced.min()) < 0 or int(forced.max()) >= K:
-        raise ValueError(f"codes must be codebook indices in [0, {K})")
+        raise InputError(f"codes must be codebook indices in [0, {K})")
     return forced.to(state.codes.device, torch.long)
 
 
@@ -756,10 +767,13 @@ def step(state: DecoderState, codes=None) -> torch.Tensor:
     ``codes`` [B, n] forces those codes instead of sampling (teacher forcing, continuing
     known codes); ``state.logits`` still holds what the model predicted."""
     if not isinstance(state, DecoderState):
-        raise ValueError(f"step needs the DecoderState that prefill returned, got {type(state).__name__}")
+        raise InputError(f"step needs the DecoderState that prefill returned, got {type(state).__name__}")
     ctx = state.decoder.ctx
     with ctx.guard, eval_behaviour(state.model), torch.inference_mode():
         return _step(state, codes)
+
+
+_GENERATE_DEFAULTS = {f.name: f.default for f in fields(Sampling)}  # generate()'s keywords are Sampling's fields
 
 
 def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
@@ -776,7 +790,9 @@ def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float 
     if sampling is None:
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
     else:
-        sampling = _sampling(sampling, {})
+        given = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
+                     top_p=top_p, generator=generator)
+        sampling = _sampling(sampling, {k: v for k, v in given.items() if v != _GENERATE_DEFAULTS[k]})
     with ctx.guard, eval_behaviour(model), torch.inference_mode():
         state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True)
         while not state.done:

@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 
 from .data import DataError, ShardWriter, atomic_write_bytes
+from .errors import InputError
 from .recipe import Recipe
-from .tokenizers import ImageTokenizer, TokenizerError
+from .tokenizers import ImageTokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # High-bit-depth / float modes: converting them to 8-bit colour clips silently, so they are refused.
@@ -30,7 +31,7 @@ STATE = ".tokenize_state.json"
 REPORT = "tokenize_report.json"
 
 
-class BadImage(ValueError):
+class BadImage(InputError):
     """One input image cannot be used (the reason is the message)."""
 
 

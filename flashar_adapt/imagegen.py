@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 
 from .data import DataError, atomic_save_safetensors
-from .recipe import RecipeError, load_recipe
+from .errors import InputError
+from .recipe import load_recipe
 from .tokenizers import TokenizerError, load_tokenizer
 
-_USER_ERRORS = (DataError, TokenizerError, RecipeError, FileNotFoundError, FileExistsError)
-
-
-class GenerateError(ValueError):
+class GenerateError(InputError):
     """Bad input to ``generate`` (conditions, prompts file, output folder, model source)."""
 
 
@@ -96,16 +94,6 @@ def _pick_text_tokenizer(args, recipe, folder):
         raise GenerateError(f"recipe {recipe.name!r} is conditioned on prompts: pass --text-tokenizer DIR "
                             "(the model's own tokenizer folder)")
     return _text_tokenizer(path, args.prompt_template)
-
-
-def _guard(fn):
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except (*_USER_ERRORS, GenerateError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
 
 
 # ---------------------------------------------------------------- tokenize
@@ -343,7 +331,7 @@ def add_cli(sub) -> None:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shard-size", type=int, default=4096)
     s.add_argument("--allow-upscale", action="store_true", help="scale up images smaller than the tokenizer input")
-    s.set_defaults(fn=_guard(_cmd_tokenize))
+    s.set_defaults(fn=_cmd_tokenize)
 
     s = sub.add_parser("generate", help="generate images (PNG + a labelled grid, or codes) from a model")
     s.add_argument("--out", required=True, help="output folder (must not exist)")
@@ -361,4 +349,4 @@ def add_cli(sub) -> None:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=16)
-    s.set_defaults(fn=_guard(_cmd_generate))
+    s.set_defaults(fn=_cmd_generate)

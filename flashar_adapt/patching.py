@@ -11,6 +11,7 @@ from torch import nn
 from .backends import get_backend
 from .context import PatchContext, capture_hook, context
 from .decoding import generate
+from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
 from .recipe import Recipe, RecipeError, _did_you_mean, load_recipe
@@ -169,7 +170,7 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
         raise RuntimeError("model is already patched with FlashAR; call flashar_adapt.unpatch(model) first")
     if fixed_gate is not None and not (isinstance(fixed_gate, (int, float)) and not isinstance(fixed_gate, bool)
                                        and 0.0 <= fixed_gate <= 1.0):
-        raise ValueError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
+        raise InputError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
     if recipe is None:
         recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"
     recipe = load_recipe(recipe)

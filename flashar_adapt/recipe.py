@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import FlashARError
-from .validate import short
+from .validate import Num, short
 
 ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
 ENTRY_POINT_GROUP = "flashar_adapt.recipes"
@@ -400,11 +400,11 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
     lg = data.get("logits", {}) or {}
     scale = lg.get("scale", 1.0)
-    _expect(isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0, "logits.scale",
-            f"must be a positive number, got {short(scale)}", src)
+    _expect(Num(0, 1e6, lo_open=True).problem(scale) is None, "logits.scale",
+            f"must be a positive number up to 1e6, got {short(scale)}", src)
     cap = lg.get("softcap")
-    _expect(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0), "logits.softcap",
-            f"must be a positive number or null, got {short(cap)}", src)
+    _expect(Num(0, 1e6, lo_open=True, optional=True).problem(cap) is None, "logits.softcap",
+            f"must be a positive number up to 1e6 or null, got {short(cap)}", src)
     logit_map = Logits(scale=float(scale), softcap=None if cap is None else float(cap))
     tok = _tokenizer(data.get("tokenizer"), image, src)
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
@@ -616,9 +616,9 @@ def list_recipes(extra_dirs: list[str | os.PathLike] | None = None) -> list[str]
 
 
 def _declared_name(path: Path) -> Any:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+    try:  # a broken file elsewhere on the path must not break looking up other names
+        data = safe_yaml(path.read_bytes(), str(path))
+    except (OSError, RecipeError):
         return None
     return data.get("name") if isinstance(data, dict) else None
 

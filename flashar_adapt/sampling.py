@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 SCHEDULES = ("constant", "linear")
 
 
@@ -32,17 +33,17 @@ class Sampling:
 
     def __post_init__(self):
         if not (_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
-            raise ValueError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
+            raise InputError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         if not (isinstance(self.cfg_schedule, str) and self.cfg_schedule in SCHEDULES):
-            raise ValueError(f"cfg_schedule must be one of {SCHEDULES}, got {self.cfg_schedule!r}")
+            raise InputError(f"cfg_schedule must be one of {SCHEDULES}, got {self.cfg_schedule!r}")
         if not (_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or None, "
+            raise InputError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or None, "
                              f"got {type(self.generator).__name__} {self.generator!r}")
 
     @property
@@ -57,7 +58,7 @@ class Sampling:
         """The generator must live where the logits are (multinomial refuses otherwise)."""
         g = self.generator
         if g is not None and not self.greedy and g.device.type != torch.device(device).type:
-            raise ValueError(f"generator is on {g.device} but the model is on {device}; "
+            raise InputError(f"generator is on {g.device} but the model is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
 
     def scale_at(self, step: int, n_steps: int) -> float:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import InputError
 from .recipe import Recipe, RecipeError, Tokenizer, load_recipe
 
 # Modules whose import registers the shipped tokenizer kinds.
@@ -31,7 +32,7 @@ _PROVIDERS = ("flashar_adapt.integrations", "flashar_adapt.fmnist.tokenizer")
 _REGISTRY: dict[str, Callable] = {}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer cannot be built, or its input does not fit it."""
 
 

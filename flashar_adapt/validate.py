@@ -35,12 +35,12 @@ class Num:
             return None if self.optional else "is required"
         if isinstance(v, bool) or not isinstance(v, int if self.integer else (int, float)):
             return f"must be {'an integer' if self.integer else 'a number'}, got {short(v)}"
-        if not math.isfinite(v):
-            return f"must be a finite number, got {v}"
+        if isinstance(v, float) and not math.isfinite(v):  # an int is finite (and 10**400 overflows isfinite)
+            return f"must be a finite number, got {short(v)}"
         if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
-            return f"must be {self.describe()}, got {v}"
+            return f"must be {self.describe()}, got {short(v)}"
         if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
-            return f"must be {self.describe()}, got {v}"
+            return f"must be {self.describe()}, got {short(v)}"
         return None
 
     def describe(self) -> str:

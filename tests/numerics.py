@@ -16,7 +16,6 @@ changes logits by a sizeable fraction of their magnitude: orders of magnitude ab
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
