@@ -206,12 +206,16 @@ class TransformersBackend(Backend):
             raise RecipeError("modules.decoder", f"{name}.forward takes no attention_mask: FlashAR's proximity mask "
                                                  "needs a decoder whose attention can be masked", ctx.recipe.source)
         self.cache_key = _cache_kwarg(dec.forward)
+        no_positions = RecipeError("modules.decoder", f"{name}.forward takes no position_ids: its positions come from "
+                                                      "the token order or a 2D padding mask (e.g. ALiBi biases), so "
+                                                      "tokens fed in anti-diagonal order cannot keep their raster "
+                                                      "positions", ctx.recipe.source)
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if "position_ids" not in params and not takes_any:
+            raise no_positions  # before the probe, which passes position_ids and would blame the mask
         self._probe_mask(ctx)
         if "position_ids" not in params:
-            raise RecipeError("modules.decoder", f"{name}.forward takes no position_ids: its positions come from the "
-                                                 "token order or a 2D padding mask (e.g. ALiBi biases), so tokens fed "
-                                                 "in anti-diagonal order cannot keep their raster positions",
-                              ctx.recipe.source)
+            raise no_positions
         self._check_window(ctx)
 
     def _probe_mask(self, ctx) -> None:

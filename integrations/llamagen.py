@@ -909,10 +909,17 @@ def load_vq(path: str | os.PathLike, **overrides) -> VQModel:
     sd = {k: v for k, v in _read_vq_state_dict(path).items() if k.split(".")[0] in
           ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")}  # drops a discriminator, if any
     args = vq_args_from_state_dict(sd)
+    known = {f.name for f in fields(args)}
     for k, v in overrides.items():
+        if k not in known:  # setattr would add an attribute nobody reads
+            raise ValueError(f"tokenizer.config: {k!r} is not a VQ setting (known: {sorted(known)})")
         setattr(args, k, v)
     model = VQModel(args)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes the overrides changed
+        raise ValueError(f"{path}: the weights do not fit the VQ model with tokenizer.config {overrides}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the VQ model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
@@ -952,7 +959,10 @@ def _llamagen_vq(spec, model, root) -> LlamaGenVQTokenizer:
     if path is None:
         raise TokenizerError("tokenizer.checkpoint: the LlamaGen VQ weights are a separate file (vq_ds16_c2i.pt "
                              "or vq_ds16_t2i.pt): pass --tokenizer-checkpoint or set tokenizer.checkpoint")
-    vq = load_vq(path, **spec.config)
+    try:
+        vq = load_vq(path, **spec.config)
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
     if model is not None:  # decode where the generator runs
         vq = vq.to(next(model.parameters()).device)
     return LlamaGenVQTokenizer(vq, spec)

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -412,10 +411,10 @@ def test_yaml_aliases_that_expand_are_refused(tmp_path):
         lines.append(f"  a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
     (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
     assert (tmp_path / "laughs.yaml").stat().st_size < 1500
-    t = time.perf_counter()
+    # refused while parsing, before anything expands (it used to take 27 s, then MemoryError)
     with pytest.raises(fa.RecipeError, match="aliases that expand are refused") as e:
         fa.load_recipe(tmp_path / "laughs.yaml")
-    assert time.perf_counter() - t < 2 and e.value.key == "<yaml>"
+    assert e.value.key == "<yaml>"
     # an alias to a plain value expands to nothing bigger: allowed
     d = _recipe_dict()
     d["match"] = {"codes": "ALIAS"}
@@ -434,10 +433,10 @@ def test_yaml_aliases_that_expand_are_refused(tmp_path):
     ("x" * 201, "longer than 200"),
 ])
 def test_bad_lora_target_regexes_are_refused_on_load(pattern, msg):
-    t = time.perf_counter()
+    # refused from the pattern's shape, before it is ever matched against a module name
     with pytest.raises(fa.RecipeError, match=msg) as e:
         fa.recipe_from_dict(_recipe_dict(targets=[r"layers\.\d+\.attention\.wo", pattern]))
-    assert e.value.key == "lora.targets[1]" and time.perf_counter() - t < 1
+    assert e.value.key == "lora.targets[1]"
 
 
 def test_every_shipped_lora_target_passes_the_bound():

@@ -5,7 +5,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,7 +23,6 @@ def _args(tmp_path, **kw):
 
 def test_missing_dataset_is_one_line_before_any_work(tmp_path):
     env = {**os.environ, "FMNIST_DIR": str(tmp_path / "nowhere")}
-    t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "flashar_adapt.cli", "demo", "--out", str(tmp_path / "o")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
@@ -33,7 +31,6 @@ def test_missing_dataset_is_one_line_before_any_work(tmp_path):
     assert len(lines) == 1 and "apt-get install -y dataset-fashion-mnist" in lines[0], r.stderr
     assert "nowhere" in lines[0]
     assert r.stdout == ""  # nothing was timed or sampled before the refusal
-    assert time.perf_counter() - t0 < 60
 
 
 def test_retrain_without_training_extras_names_the_install(tmp_path, monkeypatch):

@@ -202,6 +202,7 @@ def patched(tmp_path_factory):
     return model
 
 
+@pytest.mark.numerics
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(H=st.integers(1, 4), W=st.integers(1, 4), T=st.integers(1, 3), cfg=st.sampled_from([1.0, 5.0]),
        seed=st.integers(0, 2**16))
@@ -234,6 +235,7 @@ def test_recipe_field_last_row_end():
         r.replace(**{"image.last_row_end": -1})
 
 
+@pytest.mark.numerics
 def test_doctor_reads_the_upstream_sequence(patched):
     rep = fa.check(patched, grid=[2, 3])
     assert rep.ok, rep
@@ -258,6 +260,7 @@ class _Masks:
         return x * (torch.rand(x.shape, generator=g) >= p).to(x.dtype) / (1 - p)
 
 
+@pytest.mark.numerics
 def test_dropout_in_train_mode_is_the_official_one(tmp_path, monkeypatch):
     cfg, sd, model = _load(tmp_path, attention_dropout=0.3)
     model.config._attn_implementation = "eager"  # SDPA drops inside its kernel; eager calls F.dropout
@@ -306,6 +309,7 @@ def test_config_defaults_are_the_official_ones(tmp_path):
             emu3p5.config_from_official(tiny.emu3p5_official_config(rope_scaling=bad))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kind,T", [("linear", 11), ("dynamic", 11), ("dynamic", 6)])
 def test_rope_scaling_matches_the_official_rotary_embeddings(tmp_path, kind, T):
     # max_position_embeddings 8: T = 11 positions engage dynamic NTK, T = 6 stays at the plain base

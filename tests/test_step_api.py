@@ -63,6 +63,7 @@ def test_prefill_and_step_by_hand_equal_generate(make, mode):
         assert torch.equal(model.generate(cond, mode=mode, cond_mask=mask, sampling=sampling), ref)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["two_way", "raster"])
 def test_forced_steps_predict_the_teacher_forced_logits(mode):
     """Stepping with given codes is teacher forcing done incrementally: each step's logits
@@ -84,6 +85,7 @@ def test_forced_steps_predict_the_teacher_forced_logits(mode):
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.numerics
 @SETTINGS
 @given(grid=st.integers(1, 5), batch=st.integers(1, 3), cfg=st.sampled_from([1.0, 3.0]),
        mode=st.sampled_from(["two_way", "raster"]), seed=st.integers(0, 3))

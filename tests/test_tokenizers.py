@@ -156,6 +156,11 @@ def test_llamagen_vq_checkpoint_loads_safely_with_sizes_from_the_weights(tmp_pat
     torch.save({"model": vq.state_dict(), "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         load_vq(tmp_path / "evil.pt")
+    # tokenizer.config overrides: a misspelt key or sizes the weights do not have are clear errors
+    with pytest.raises(ValueError, match="'codebok_size' is not a VQ setting"):
+        load_vq(path, codebok_size=1)
+    with pytest.raises(ValueError, match="do not fit the VQ model with tokenizer.config"):
+        load_vq(path, codebook_size=99)
 
 
 def test_llamagen_vq_tokenizer_through_the_recipe(tmp_path):
