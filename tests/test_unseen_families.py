@@ -286,20 +286,24 @@ def test_imagegpt_recipes_on_a_tiny_model_of_the_same_layout(size, width, tmp_pa
     assert fa.inspect_model(model).draft["lora"]["targets"] == list(r.lora.targets)
 
 
-def test_imagegpt_codes_to_pixels(tmp_path):
+def test_imagegpt_clusters_turn_codes_into_pixels(tmp_path):
+    """The recipes' tokenizer reads the release's preprocessor_config.json: one code per pixel,
+    the nearest of the 512 colour clusters, which are stored in [-1, 1]."""
     import json
 
-    from flashar_adapt.integrations.imagegpt import codes_to_pixels, load_clusters
-
-    clusters = [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, -1.0, 1.0]]
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"clusters": clusters}))
-    c = load_clusters(tmp_path)
-    img = codes_to_pixels(torch.tensor([[[0, 1], [2, 1]]]), c)
-    assert img.dtype == torch.uint8 and img.shape == (1, 2, 2, 3)
-    assert img[0, 0, 0].tolist() == [0, 0, 0] and img[0, 0, 1].tolist() == [255, 255, 255]
-    assert img[0, 1, 0].tolist() == [128, 0, 255]
-    with pytest.raises(ValueError, match="codes must be in"):
-        codes_to_pixels(torch.tensor([[[3]]]), c)
+    clusters = torch.rand(512, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    clusters[:3] = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, -1.0, 1.0]])
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({"clusters": clusters.tolist()}))
+    tok = fa.load_tokenizer(fa.load_recipe("imagegpt-small"), checkpoint=str(path))
+    assert tok.grid == (32, 32) and tok.codebook_size == 512
+    codes = torch.randint(0, 512, (2, 32, 32), generator=torch.Generator().manual_seed(1))
+    codes[0, 0, :3] = torch.tensor([0, 1, 2])
+    img = tok.decode(codes)
+    assert img.shape == (2, 3, 32, 32)
+    assert img[0, :, 0, 0].tolist() == [0.0, 0.0, 0.0] and img[0, :, 0, 1].tolist() == [1.0, 1.0, 1.0]
+    assert img[0, :, 0, 2].tolist() == [0.5, 0.0, 1.0]
+    assert torch.equal(tok.encode(img), codes)  # each pixel is its cluster: the nearest one is itself
 
 
 def test_mask_goes_to_the_layers_only_when_the_decoder_rewrites_it():
