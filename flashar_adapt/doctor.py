@@ -405,9 +405,9 @@ def _cmd_inspect(args) -> int:
     print()
     text = ins.draft_yaml()
     if args.out:
-        from pathlib import Path
+        from .files import atomic_write_bytes
 
-        Path(args.out).write_text(text)
+        atomic_write_bytes(args.out, text.encode())
         print(f"draft recipe written to {args.out}")
     else:
         print(text, end="")

@@ -42,6 +42,7 @@ EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "ada
 CONFIG_RULES = {"format": OneOf((FORMAT,)), "backend": Is((str,), "a backend name"),
                 "backbone": Is((dict,), "a mapping (the backend's model spec)"),
                 "fixed_gate": Num(0, 1, optional=True)}
+_ADAPTER_RULES = {"file": Is((str,), "a file name"), "r": Num(1, integer=True), "alpha": Num(1, integer=True)}
 # Recipe keys that do not change what the exported weights compute.
 _RECIPE_FREE = ("name", "description", "match", "lora", "tokenizer")
 
@@ -268,14 +269,18 @@ def _attach_adapters(model, out_dir: Path, meta: dict) -> None:
     """Re-inject LoRA on the recipe's targets and load the exported factors, checking they fit."""
     from .training import add_lora
 
-    if not isinstance(meta, dict) or not isinstance(meta.get("file"), str):
-        raise ExportError(f"{out_dir / CONFIG}: lora_adapters must be a mapping naming its file")
+    bad = first_problem({"lora_adapters": meta}, {"lora_adapters": _ADAPTER_RULES})
+    if bad:
+        raise ExportError(f"{out_dir / CONFIG}: {bad[0]}: {bad[1]}")
     path = inside(out_dir, meta["file"], ExportError, "adapter file")
     try:
         sd = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for missing/corrupt files
         raise ExportError(f"{path}: unreadable or missing LoRA adapters ({e})") from None
-    add_lora(model, r=meta["r"], alpha=meta["alpha"], dropout=0.0)
+    try:
+        add_lora(model, r=meta["r"], alpha=meta["alpha"], dropout=0.0)
+    except FlashARError as e:  # e.g. the recipe names no lora.targets
+        raise ExportError(f"{path}: cannot re-attach the adapters: {e}") from None
     own = {k: v for k, v in model.state_dict().items() if "lora_" in k and not k.startswith("flashar.")}
     bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if bad:

@@ -20,6 +20,7 @@ import torch
 
 from .data import DataError, atomic_save_safetensors
 from .errors import InputError
+from .files import apply_umask, atomic_write_bytes
 from .recipe import load_recipe
 from .tokenizers import TokenizerError, load_tokenizer
 
@@ -122,7 +123,7 @@ def _cmd_tokenize(args) -> int:
                            extra=json.dumps([args.prompt_template, args.tokenizer_checkpoint and
                                              str(Path(args.tokenizer_checkpoint).resolve()), args.allow_upscale]))
     if classes is not None:
-        (Path(args.out) / "classes.json").write_text(json.dumps(classes, indent=1))
+        atomic_write_bytes(Path(args.out) / "classes.json", json.dumps(classes, indent=1).encode())
     print(f"wrote {rep['num_examples']} examples; {rep['num_bad']} bad input(s)"
           + (f" (listed in {Path(args.out) / 'tokenize_report.json'})" if rep["num_bad"] else ""))
     for path, why in rep["bad"][:10]:
@@ -298,6 +299,7 @@ def _cmd_generate(args) -> int:
         what = _write_outputs(tmp, codes, conds, timings, args, tok, recipe)
         if out.exists():
             raise GenerateError(f"{out}: appeared while generating; results left in {tmp}")
+        apply_umask(tmp)  # mkdtemp made it 0700; the results are read like any file
         os.replace(tmp, out)
     except BaseException:
         if tmp.exists() and not isinstance(sys.exc_info()[1], GenerateError):

@@ -66,3 +66,12 @@ def test_unmerged_export_without_adapters_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(ExportError, match="adapters"):
         fa.load_adapted(out)
+    # a damaged record of the adapters is an ExportError naming the key, not a KeyError
+    import json
+
+    cfg = json.loads((out / "flashar_config.json").read_text())
+    for bad, key in ((dict(cfg["lora_adapters"], r=0), "lora_adapters.r"), ({"file": 3}, "lora_adapters.file"),
+                     (dict(cfg["lora_adapters"], file="../x"), "outside")):
+        (out / "flashar_config.json").write_text(json.dumps(dict(cfg, lora_adapters=bad)))
+        with pytest.raises(ExportError, match=key):
+            fa.load_adapted(out)
