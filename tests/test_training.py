@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 from flashar_adapt.data import DataError, ShardDataset, ShardWriter
 from flashar_adapt.training import TrainConfig, TrainingError, build_model, load_checkpoint, train
-from numerics import assert_same_losses, assert_same_training
-from train_helpers import llamagen_run, structured_codes
+from tests.numerics import assert_same_losses, assert_same_training
+from tests.train_helpers import llamagen_run, structured_codes
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+# subprocesses import `tests.*` (a package) from the repository root
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -192,6 +193,7 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     torch.testing.assert_close(got, by_hand.sum(-1).mean() * 1.5 ** 2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fused_distillation_resumes_exactly(tmp_path):
     """The full-stage-2 teacher is rebuilt from the config on resume, so a run killed in
     stage 2 ends with the weights of an uninterrupted one."""
@@ -208,6 +210,7 @@ def test_fused_distillation_resumes_exactly(tmp_path):
 
 # ---------------------------------------------------------------- faults
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path):
     ref_cfg = llamagen_run(tmp_path / "ref", stage1=5, stage2=4, lora=True)
     assert _cli(ref_cfg).returncode == 0  # same process setup (threads) as the killed runs
@@ -283,6 +286,7 @@ def test_config_errors(tmp_path):
         TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "out_dir": "o"})
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_two_processes_match_one(tmp_path):
     """2 CPU processes (gloo) at the same global batch follow the 1-process trajectory.
@@ -319,7 +323,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", ["llamagen", "transformers"])
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, family):
-    from train_helpers import hf_run
+    from tests.train_helpers import hf_run
 
     make = llamagen_run if family == "llamagen" else hf_run
     plain = train(TrainConfig.load(make(tmp_path / "a", stage1=1, stage2=2)), progress=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 
 V = 96  # vocabulary of every tiny model; the image codes are its last 32 ids
 CODES = 32

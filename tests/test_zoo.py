@@ -15,8 +15,8 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-import tiny
-from numerics import assert_same_math
+from tests import tiny
+from tests.numerics import assert_same_math
 from flashar_adapt.inspection import load_model
 from flashar_adapt.matching import match_recipe
 
