@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from .decoding import teacher_forward
 from .errors import FlashARError
 from .files import atomic_write_bytes, exclusive_lock
 from .patching import context, patch
-from .recipe import RecipeError, _did_you_mean, load_recipe, safe_yaml
+from .recipe import RecipeError, did_you_mean, load_recipe, safe_yaml
 from .validate import Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, rule, short
 
 
@@ -125,7 +124,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
         for k in data:
             if k not in names:
-                raise TrainingError(f"{source}: unknown key {short(str(k))}{_did_you_mean(str(k), names)}")
+                raise TrainingError(f"{source}: unknown key {short(str(k))}{did_you_mean(str(k), names)}")
         for k in ("model", "recipe", "data", "out_dir"):
             if k not in data:
                 raise TrainingError(f"{source}: missing key {k!r}")
@@ -142,7 +141,7 @@ class TrainConfig:
                     raise TrainingError(f"{source}: {st} must be a mapping, got {short(sd)}")
                 for k in sd:
                     if k not in snames:
-                        raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{_did_you_mean(str(k), snames)}")
+                        raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{did_you_mean(str(k), snames)}")
                 kw[st] = StageConfig(**sd)
         cfg = cls(**kw, source=source)
         for obj, prefix in ((cfg, ""), (cfg.stage1, "stage1."), (cfg.stage2, "stage2.")):
@@ -251,7 +250,7 @@ class FlashARLoss(nn.Module):
         with torch.no_grad():
             if self.teacher is not None:
                 return teacher_forward(self.teacher, cond, codes, "raster", cond_mask).fused
-            with _LoraOff(self.model) if self.stage == 2 else _Null():
+            with _LoraOff(self.model) if self.stage == 2 else contextlib.nullcontext():
                 return teacher_forward(self.model, cond, codes, "raster", cond_mask).fused
 
     def forward(self, cond, codes, cond_mask=None):
@@ -289,17 +288,11 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
     return F.kl_div(p_s, p_t, log_target=True, reduction="batchmean") * T * T
 
 
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------- optimisation
 
-def _schedule(st: StageConfig):
+def _lr_factor(st: StageConfig):
+    """The stage's learning-rate multiplier per step: linear warmup, then cosine down to min_lr_ratio."""
+
     def f(step: int) -> float:
         if st.warmup_steps and step < st.warmup_steps:
             return (step + 1) / st.warmup_steps
@@ -354,11 +347,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    if os.environ.get("FLASHAR_TEST_KILL_IN_SAVE") == str(state["global_step"]):
-        # test hook: die with half the bytes written to the temp file
-        tmp = path.with_name(f".{path.name}.partial.tmp")
-        tmp.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -481,7 +469,7 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             groups = _param_groups(model, cfg, stage)
             opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(st), last_epoch=-1)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(st), last_epoch=-1)
             if state is not None and state["stage"] == stage:
                 _load_trainable(model, state, cfg)
                 opt.load_state_dict(state["optimizer"])
@@ -534,24 +522,28 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
                 bar.set_postfix(stage=stage, fused=f"{metrics['ce_fused']:.3f}", vert=f"{metrics['ce_vertical']:.3f}",
                                 kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}",
                                 **({"kd_fused": f"{metrics['kd_fused']:.3f}"} if "kd_fused" in metrics else {}))
-        kill = os.environ.get("FLASHAR_TEST_KILL_AT_STEP")
-        if kill and int(kill) == step:  # test hook: die after an optimizer step, before its checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-        if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
-            inner = acc.unwrap_model(loss_mod).model
-            if acc.is_main_process:
-                save_checkpoint(ckpt_path, {
-                    "global_step": step, "stage": _stage_of(step - 1, cfg)[0],
-                    "recipe": ctx.recipe.name, "trainable": _trainable_state(inner),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                    "lora": bool(lora_parameters(inner)), "config": cfg.to_dict(),
-                })
-            acc.wait_for_everyone()
+        _save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe.name, cfg, step)
     if bar is not None:
         bar.close()
     model = acc.unwrap_model(loss_mod).model
     model.eval()
     return model
+
+
+def _save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe_name: str, cfg: TrainConfig, step: int) -> None:
+    """Checkpoint after optimizer step ``step`` every ``save_every`` steps, at the end of
+    each stage and of the run (the main process writes; all wait for it)."""
+    total = cfg.stage1.steps + cfg.stage2.steps
+    if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
+        inner = acc.unwrap_model(loss_mod).model
+        if acc.is_main_process:
+            save_checkpoint(ckpt_path, {
+                "global_step": step, "stage": _stage_of(step - 1, cfg)[0],
+                "recipe": recipe_name, "trainable": _trainable_state(inner),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "lora": bool(lora_parameters(inner)), "config": cfg.to_dict(),
+            })
+        acc.wait_for_everyone()
 
 
 def _frozen_teacher(cfg: TrainConfig, device) -> nn.Module:

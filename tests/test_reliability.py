@@ -144,7 +144,8 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     cfg = llamagen_run(tmp_path / "kill", stage1=5, stage2=4)
     for p in points:
         key = rng.choice(["FLASHAR_TEST_KILL_AT_STEP", "FLASHAR_TEST_KILL_IN_SAVE"])
-        r = subprocess.run(cmd + [str(cfg)], env={**ENV, key: str(p)}, capture_output=True, timeout=300)
+        killing = [sys.executable, "-m", "tests.kill_switch", *cmd[3:]]  # the CLI with that kill -9 installed
+        r = subprocess.run(killing + [str(cfg)], env={**ENV, key: str(p)}, capture_output=True, timeout=300)
         assert r.returncode in (-9, 0), r.stderr[-1500:]  # a save-kill at a step with no save finishes
         if r.returncode == 0:
             break

@@ -34,8 +34,12 @@ def _free_port() -> int:
 
 
 def _cli(cfg: Path, extra_env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    """The train command; with a FLASHAR_TEST_KILL_* variable in ``extra_env``, through
+    tests/kill_switch.py, which installs that kill -9 first."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
+        killing = any(k.startswith("FLASHAR_TEST_KILL_") for k in extra_env or {})
+        main = "tests.kill_switch" if killing else "flashar_adapt.cli"
+        cmd = [sys.executable, "-m", main, "train", "--config", str(cfg), "--no-progress"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
