@@ -133,6 +133,27 @@ def test_stage1_trains_branch_and_gate_only(tmp_path):
     assert abs(m[-1]["gate"] - 0.5) > 1e-4
 
 
+@pytest.mark.parametrize("stage,lora", [(1, False), (2, False), (2, True)])
+def test_param_groups_are_pure_and_set_trainable_freezes_the_rest(tmp_path, stage, lora):
+    from flashar_adapt.training import _param_groups, _set_trainable, add_lora, backbone_parameters, lora_parameters
+
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=1, stage2=1, lora=lora))
+    model = build_model(cfg)
+    if lora:
+        add_lora(model)
+    model.requires_grad_(False)
+    groups = _param_groups(model, cfg, stage)
+    assert not any(p.requires_grad for p in model.parameters())  # building the groups changes nothing
+    assert [g["name"] for g in groups] == ["flashar"] + ([] if stage == 1 else ["lora" if lora else "backbone"])
+    if stage == 2:
+        want = lora_parameters(model) if lora else backbone_parameters(model)
+        assert [id(p) for p in groups[1]["params"]] == [id(p) for p in want]
+    model.requires_grad_(True)
+    _set_trainable(model, groups)
+    chosen = {id(p) for g in groups for p in g["params"]}
+    assert [p.requires_grad for p in model.parameters()] == [id(p) in chosen for p in model.parameters()]
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_stage2_full_and_lora(tmp_path, lora):
     cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=3, stage2=4, lora=lora))
