@@ -15,6 +15,12 @@ from torch import nn
 _REGISTRY: dict[str, type["Backend"]] = {}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how saved specs and configs name a dtype
+    (``getattr(torch, name)`` reads it back)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def register_backend(name: str):
     """Class decorator: make a backend available to recipes as ``backend: <name>``."""
 
@@ -34,9 +40,9 @@ def get_backend(name: str) -> "Backend":
     if name not in _REGISTRY:
         importlib.import_module("flashar_adapt.integrations")  # registers the shipped backends
     if name not in _REGISTRY:
-        from .recipe import RecipeError, _did_you_mean
+        from .recipe import RecipeError, did_you_mean
 
-        raise RecipeError("backend", f"unknown backend {name!r}{_did_you_mean(name, _REGISTRY)}; "
+        raise RecipeError("backend", f"unknown backend {name!r}{did_you_mean(name, _REGISTRY)}; "
                           f"known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()
 

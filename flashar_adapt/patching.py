@@ -14,7 +14,7 @@ from .decoding import generate
 from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
-from .recipe import Recipe, RecipeError, _did_you_mean, load_recipe
+from .recipe import Recipe, RecipeError, did_you_mean, load_recipe
 
 __all__ = ["PatchContext", "context", "patch", "resolve", "unpatch"]
 
@@ -37,7 +37,7 @@ def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:
                 names = list(getattr(obj, "_modules", {})) + list(getattr(obj, "_parameters", {})) \
                     + list(getattr(obj, "_buffers", {}))
                 raise RecipeError(key, f"path {path!r}: {'.'.join(walked) or '<model>'} ({type(obj).__name__}) "
-                                       f"has no attribute {part!r}{_did_you_mean(part, names)}", source)
+                                       f"has no attribute {part!r}{did_you_mean(part, names)}", source)
             obj = getattr(obj, part)
         walked.append(part)
     return obj

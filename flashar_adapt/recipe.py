@@ -157,12 +157,12 @@ class Recipe:
             parts = dotted.split(".")
             for part in parts[:-1]:
                 if not isinstance(node.get(part), dict):
-                    raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(part, node), self.source)
+                    raise RecipeError(dotted, "is not a recipe key" + did_you_mean(part, node), self.source)
                 node = node[part]
             if parts[-1] not in node and not (len(parts) == 1 and parts[0] in _TOP_KEYS):  # an absent optional section
                 # an undotted typo is most likely a misspelt shortcut ("branch_layr")
                 choices = list(node) + list(_SHORTCUTS) if len(parts) == 1 else node
-                raise RecipeError(dotted, "is not a recipe key" + _did_you_mean(parts[-1], choices), self.source)
+                raise RecipeError(dotted, "is not a recipe key" + did_you_mean(parts[-1], choices), self.source)
             node[parts[-1]] = list(value) if isinstance(value, tuple) else value
         return recipe_from_dict(data, source=self.source)
 
@@ -183,7 +183,7 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -271,7 +271,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     _expect(not todo, todo[0] if todo else "", f"is still {TODO!r}; fill in every TODO the draft marks: "
                                                f"{', '.join(todo)}", src)
     for k in data:
-        _expect(k in _TOP_KEYS, str(k), "unknown key" + _did_you_mean(str(k), _TOP_KEYS), src)
+        _expect(k in _TOP_KEYS, str(k), "unknown key" + did_you_mean(str(k), _TOP_KEYS), src)
     for k in sorted(_TOP_REQUIRED):
         _expect(k in data, k, "is required", src)
     for sec in _SECTIONS:
@@ -280,7 +280,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     for sec, (cls, required) in _SECTIONS.items():
         allowed = {f.name for f in dataclasses.fields(cls)}
         for k in data.get(sec, {}) or {}:
-            _expect(k in allowed, f"{sec}.{k}", "unknown key" + _did_you_mean(str(k), allowed), src)
+            _expect(k in allowed, f"{sec}.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
         for k in sorted(required):
             _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
 
@@ -426,7 +426,7 @@ def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
     _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {short(t)}", src)
     allowed = {f.name for f in dataclasses.fields(Tokenizer)}
     for k in t:
-        _expect(k in allowed, f"tokenizer.{k}", "unknown key" + _did_you_mean(str(k), allowed), src)
+        _expect(k in allowed, f"tokenizer.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
     kind = _str(t, "tokenizer", "kind", src)
     _expect(bool(kind), "tokenizer.kind", "must be a non-empty string", src)
     down = _int(t, "tokenizer", "downsample", src, minimum=1, optional=True)
@@ -649,7 +649,7 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str |
         if p.with_name(p.name + suffix).is_file():
             hint = (f"; {str(p) + suffix!r} is a file here but not on the search path: pass that path, or put its "
                     f"folder on {ENV_RECIPE_PATH} / extra_dirs")
-    raise RecipeError("<name>", f"no recipe named {str(name_or_path)!r}{_did_you_mean(str(name_or_path), names)}{hint}; "
+    raise RecipeError("<name>", f"no recipe named {str(name_or_path)!r}{did_you_mean(str(name_or_path), names)}{hint}; "
                       f"known: {', '.join(names)}")
 
 

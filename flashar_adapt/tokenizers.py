@@ -147,9 +147,9 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
     _import_providers()
     factory = _REGISTRY.get(spec.kind)
     if factory is None:
-        from .recipe import _did_you_mean
+        from .recipe import did_you_mean
 
-        raise RecipeError("tokenizer.kind", f"unknown tokenizer kind {spec.kind!r}{_did_you_mean(spec.kind, _REGISTRY)}; "
+        raise RecipeError("tokenizer.kind", f"unknown tokenizer kind {spec.kind!r}{did_you_mean(spec.kind, _REGISTRY)}; "
                           f"known: {', '.join(sorted(_REGISTRY))}", recipe.source)
     if spec.downsample is None and spec.image_size is None:
         spec = _with_size(spec, recipe, 1)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from .decoding import teacher_forward
 from .errors import FlashARError
 from .files import atomic_write_bytes, exclusive_lock
 from .patching import context, patch
-from .recipe import RecipeError, _did_you_mean, load_recipe, safe_yaml
+from .recipe import RecipeError, did_you_mean, load_recipe, safe_yaml
 from .validate import Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, rule, short
 
 
@@ -125,7 +124,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
         for k in data:
             if k not in names:
-                raise TrainingError(f"{source}: unknown key {short(str(k))}{_did_you_mean(str(k), names)}")
+                raise TrainingError(f"{source}: unknown key {short(str(k))}{did_you_mean(str(k), names)}")
         for k in ("model", "recipe", "data", "out_dir"):
             if k not in data:
                 raise TrainingError(f"{source}: missing key {k!r}")
@@ -142,7 +141,7 @@ class TrainConfig:
                     raise TrainingError(f"{source}: {st} must be a mapping, got {short(sd)}")
                 for k in sd:
                     if k not in snames:
-                        raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{_did_you_mean(str(k), snames)}")
+                        raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{did_you_mean(str(k), snames)}")
                 kw[st] = StageConfig(**sd)
         cfg = cls(**kw, source=source)
         for obj, prefix in ((cfg, ""), (cfg.stage1, "stage1."), (cfg.stage2, "stage2.")):
@@ -251,7 +250,7 @@ class FlashARLoss(nn.Module):
         with torch.no_grad():
             if self.teacher is not None:
                 return teacher_forward(self.teacher, cond, codes, "raster", cond_mask).fused
-            with _LoraOff(self.model) if self.stage == 2 else _Null():
+            with _LoraOff(self.model) if self.stage == 2 else contextlib.nullcontext():
                 return teacher_forward(self.model, cond, codes, "raster", cond_mask).fused
 
     def forward(self, cond, codes, cond_mask=None):
@@ -289,17 +288,11 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
     return F.kl_div(p_s, p_t, log_target=True, reduction="batchmean") * T * T
 
 
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------- optimisation
 
-def _schedule(st: StageConfig):
+def _lr_factor(st: StageConfig):
+    """The stage's learning-rate multiplier per step: linear warmup, then cosine down to min_lr_ratio."""
+
     def f(step: int) -> float:
         if st.warmup_steps and step < st.warmup_steps:
             return (step + 1) / st.warmup_steps
@@ -309,29 +302,31 @@ def _schedule(st: StageConfig):
     return f
 
 
-def _param_groups(model, cfg: TrainConfig, stage: int):
+def _param_groups(model, cfg: TrainConfig, stage: int) -> list[dict]:
+    """The optimizer's parameter groups for ``stage`` (pure: the model is not changed):
+    the FlashAR modules always; in stage 2 also the LoRA adapters or the decoder path."""
     flash = [p for n, p in model.flashar.named_parameters()
              if not (model.flashar.fixed_gate is not None and n.startswith("gate."))]  # unused when fixed
     st = cfg.stage1 if stage == 1 else cfg.stage2
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in flash:
-        p.requires_grad_(True)
     groups = [{"params": flash, "lr": st.lr, "name": "flashar"}]
     if stage == 2:
         if st.lora:
-            lp = lora_parameters(model)
-            for p in lp:
-                p.requires_grad_(True)
-            groups.append({"params": lp, "lr": st.lr * st.lora_lr_scale, "name": "lora"})
+            groups.append({"params": lora_parameters(model), "lr": st.lr * st.lora_lr_scale, "name": "lora"})
         else:
-            bp = backbone_parameters(model)
-            for p in bp:
-                p.requires_grad_(True)
-            groups.append({"params": bp, "lr": st.lr * st.backbone_lr_scale, "name": "backbone"})
+            groups.append({"params": backbone_parameters(model), "lr": st.lr * st.backbone_lr_scale,
+                           "name": "backbone"})
     for g in groups:
         g["initial_lr"] = g["lr"]
     return groups
+
+
+def _set_trainable(model, groups: list[dict]) -> None:
+    """Gradients for exactly the parameters in ``groups``; the rest of the model is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
 
 
 def _trainable_state(model) -> dict:
@@ -354,11 +349,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    if os.environ.get("FLASHAR_TEST_KILL_IN_SAVE") == str(state["global_step"]):
-        # test hook: die with half the bytes written to the temp file
-        tmp = path.with_name(f".{path.name}.partial.tmp")
-        tmp.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -434,7 +424,6 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainingError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world * cfg.grad_accum}")
-    micro = cfg.batch_size // (world * cfg.grad_accum)
 
     ckpt_path = out / CKPT
     state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
@@ -464,94 +453,126 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
         st_idx, _ = _stage_of(step, cfg)
         if st_idx != stage:
             stage = st_idx
-            st = cfg.stage1 if stage == 1 else cfg.stage2
             model = acc.unwrap_model(loss_mod).model if loss_mod is not None else model
-            # A stage that starts fresh seeds from the config, so a run resumed at the stage
-            # boundary initialises LoRA exactly as an uninterrupted one.
-            torch.manual_seed(cfg.seed + 1000 * stage)
-            random.seed(cfg.seed + 1000 * stage)
-            if stage == 2 and st.lora and not lora_parameters(model):
-                add_lora(model)
-            model.train()
-            if cfg.gradient_checkpointing and stage == 2:  # stage 1 keeps no backbone activations
-                context(model).gradient_checkpointing = True
-                if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-                elif hasattr(model, "gradient_checkpointing_enable"):
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            groups = _param_groups(model, cfg, stage)
-            opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(st), last_epoch=-1)
-            if state is not None and state["stage"] == stage:
-                _load_trainable(model, state, cfg)
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                _set_rng_state(state["rng"])
-            elif state is not None:  # resumed at a stage boundary: weights only
-                _load_trainable(model, state, cfg)
+            loss_mod, opt, sched, teacher = _start_stage(model, cfg, acc, stage, state, teacher)
             state = None
-            if teacher is None and stage == 2 and cfg.w_kd_fused > 0 and not st.lora:
-                teacher = _frozen_teacher(cfg, acc.device)
-            loss_mod = FlashARLoss(model, cfg, stage, teacher)  # stages run 1 then 2: None in stage 1
-            # The scheduler is stepped by hand: accelerate's wrapper would step it once per
-            # process, making the schedule depend on the number of processes.
-            loss_mod, opt = acc.prepare(loss_mod, opt)
             it = data.global_batches(cfg.batch_size, cfg.seed, start_step=step)
         _, idx = next(it)
         t0 = time.perf_counter()
-        metrics = {}
-        for a in range(cfg.grad_accum):
-            sl = idx[(a * world + acc.process_index) * micro:(a * world + acc.process_index + 1) * micro]
-            batch = data.get(sl)
-            cond = _drop_cond(ctx, batch.cond, cfg, step, (a * world + acc.process_index) * micro)
-            with acc.accumulate(loss_mod):
-                with acc.autocast():
-                    res = loss_mod(cond.to(acc.device), batch.codes.to(acc.device),
-                                   None if batch.cond_mask is None else batch.cond_mask.to(acc.device))
-                loss = res["loss"]
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint "
-                                        f"({ckpt_path}) is intact; lower the learning rate or check the data.")
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.grad_clip:
-                    acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-                opt.step()
-                if acc.sync_gradients:
-                    sched.step()
-                opt.zero_grad(set_to_none=True)
-            for k, v in res.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        metrics = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in metrics.items()}
+        metrics = _train_step(loss_mod, opt, sched, data, ctx, cfg, acc, idx, step, ckpt_path)
         step += 1
-        if acc.is_main_process:
-            rec = {"step": step, "stage": stage, "processes": world, **{k: round(v, 6) for k, v in metrics.items()},
-                   "lr": opt.param_groups[0]["lr"], "sec": round(time.perf_counter() - t0, 4)}
-            if step % cfg.log_every == 0 or step == total:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(stage=stage, fused=f"{metrics['ce_fused']:.3f}", vert=f"{metrics['ce_vertical']:.3f}",
-                                kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}",
-                                **({"kd_fused": f"{metrics['kd_fused']:.3f}"} if "kd_fused" in metrics else {}))
-        kill = os.environ.get("FLASHAR_TEST_KILL_AT_STEP")
-        if kill and int(kill) == step:  # test hook: die after an optimizer step, before its checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-        if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
-            inner = acc.unwrap_model(loss_mod).model
-            if acc.is_main_process:
-                save_checkpoint(ckpt_path, {
-                    "global_step": step, "stage": _stage_of(step - 1, cfg)[0],
-                    "recipe": ctx.recipe.name, "trainable": _trainable_state(inner),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                    "lora": bool(lora_parameters(inner)), "config": cfg.to_dict(),
-                })
-            acc.wait_for_everyone()
+        _log_step(acc, bar, log_path, cfg, step, stage, metrics, opt.param_groups[0]["lr"], t0)
+        _save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe.name, cfg, step)
     if bar is not None:
         bar.close()
     model = acc.unwrap_model(loss_mod).model
     model.eval()
     return model
+
+
+def _start_stage(model, cfg: TrainConfig, acc, stage: int, state: dict | None, teacher):
+    """Set ``model`` up for ``stage``: seeds, LoRA, gradient checkpointing, trainable
+    parameters, optimizer and schedule (restored from ``state`` when it was saved in this
+    stage), the loss. Returns (prepared loss module, optimizer, scheduler, teacher)."""
+    st = cfg.stage1 if stage == 1 else cfg.stage2
+    # A stage that starts fresh seeds from the config, so a run resumed at the stage
+    # boundary initialises LoRA exactly as an uninterrupted one.
+    torch.manual_seed(cfg.seed + 1000 * stage)
+    random.seed(cfg.seed + 1000 * stage)
+    if stage == 2 and st.lora and not lora_parameters(model):
+        add_lora(model)
+    model.train()
+    if cfg.gradient_checkpointing and stage == 2:  # stage 1 keeps no backbone activations
+        _enable_gradient_checkpointing(model)
+    groups = _param_groups(model, cfg, stage)
+    _set_trainable(model, groups)
+    opt = torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(st), last_epoch=-1)
+    if state is not None and state["stage"] == stage:
+        _load_trainable(model, state, cfg)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    elif state is not None:  # resumed at a stage boundary: weights only
+        _load_trainable(model, state, cfg)
+    if teacher is None and stage == 2 and cfg.w_kd_fused > 0 and not st.lora:
+        teacher = _frozen_teacher(cfg, acc.device)
+    loss_mod = FlashARLoss(model, cfg, stage, teacher)  # stages run 1 then 2: None in stage 1
+    # The scheduler is stepped by hand: accelerate's wrapper would step it once per
+    # process, making the schedule depend on the number of processes.
+    loss_mod, opt = acc.prepare(loss_mod, opt)
+    return loss_mod, opt, sched, teacher
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    context(model).gradient_checkpointing = True
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _train_step(loss_mod, opt, sched, data, ctx, cfg: TrainConfig, acc, idx, step: int, ckpt_path: Path) -> dict:
+    """One optimizer step on the global batch ``idx`` (grad_accum micro-batches per process);
+    returns the loss terms averaged over micro-batches and processes."""
+    world = acc.num_processes
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    metrics = {}
+    for a in range(cfg.grad_accum):
+        sl = idx[(a * world + acc.process_index) * micro:(a * world + acc.process_index + 1) * micro]
+        batch = data.get(sl)
+        cond = _drop_cond(ctx, batch.cond, cfg, step, (a * world + acc.process_index) * micro)
+        with acc.accumulate(loss_mod):
+            with acc.autocast():
+                res = loss_mod(cond.to(acc.device), batch.codes.to(acc.device),
+                               None if batch.cond_mask is None else batch.cond_mask.to(acc.device))
+            loss = res["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint "
+                                    f"({ckpt_path}) is intact; lower the learning rate or check the data.")
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip:
+                acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            if acc.sync_gradients:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+        for k, v in res.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+    return {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in metrics.items()}
+
+
+def _log_step(acc, bar, log_path: Path, cfg: TrainConfig, step: int, stage: int, metrics: dict, lr: float,
+              t0: float) -> None:
+    """metrics.jsonl every ``log_every`` steps and at the end; the progress bar every step."""
+    if not acc.is_main_process:
+        return
+    rec = {"step": step, "stage": stage, "processes": acc.num_processes, **{k: round(v, 6) for k, v in metrics.items()},
+           "lr": lr, "sec": round(time.perf_counter() - t0, 4)}
+    if step % cfg.log_every == 0 or step == cfg.stage1.steps + cfg.stage2.steps:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(stage=stage, fused=f"{metrics['ce_fused']:.3f}", vert=f"{metrics['ce_vertical']:.3f}",
+                        kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}",
+                        **({"kd_fused": f"{metrics['kd_fused']:.3f}"} if "kd_fused" in metrics else {}))
+
+
+def _save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe_name: str, cfg: TrainConfig, step: int) -> None:
+    """Checkpoint after optimizer step ``step`` every ``save_every`` steps, at the end of
+    each stage and of the run (the main process writes; all wait for it)."""
+    total = cfg.stage1.steps + cfg.stage2.steps
+    if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
+        inner = acc.unwrap_model(loss_mod).model
+        if acc.is_main_process:
+            save_checkpoint(ckpt_path, {
+                "global_step": step, "stage": _stage_of(step - 1, cfg)[0],
+                "recipe": recipe_name, "trainable": _trainable_state(inner),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "lora": bool(lora_parameters(inner)), "config": cfg.to_dict(),
+            })
+        acc.wait_for_everyone()
 
 
 def _frozen_teacher(cfg: TrainConfig, device) -> nn.Module:

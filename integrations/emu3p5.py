@@ -52,7 +52,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flashar_adapt.backends import register_backend
+from flashar_adapt.backends import dtype_name, register_backend
 from flashar_adapt.patching import context
 
 from .hf import TransformersBackend
@@ -206,7 +206,7 @@ def official_config(model) -> dict:
             out[k] = getattr(c, k)
     out.setdefault("model_type", "Emu3")
     out["architectures"] = ["Emu3ForCausalLM"]
-    out["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    out["torch_dtype"] = dtype_name(next(model.parameters()).dtype)
     return out
 
 
@@ -295,7 +295,7 @@ class Emu3p5Backend(TransformersBackend):
 
     def save_model(self, model, out_dir):
         save_emu3p5(model, out_dir)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = dtype_name(next(model.parameters()).dtype)
         return {"path": ".", "dtype": dtype}
 
     def load_model(self, spec, root=None):

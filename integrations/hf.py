@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from flashar_adapt.backends import Backend, register_backend
+from flashar_adapt.backends import Backend, dtype_name, register_backend
 from flashar_adapt.recipe import RecipeError
 
 # The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
@@ -363,7 +363,7 @@ class TransformersBackend(Backend):
         finally:
             if mods is not None:
                 model._modules["flashar"] = mods
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = dtype_name(next(model.parameters()).dtype)
         return {"path": ".", "class": type(model).__name__, "dtype": dtype}
 
     def load_model(self, spec, root=None):

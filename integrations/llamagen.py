@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashar_adapt.backends import Backend, register_backend
+from flashar_adapt.backends import Backend, dtype_name, register_backend
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -426,7 +426,7 @@ class LlamaGenBackend(Backend):
         torch.save({"model": sd}, out_dir / "llamagen.pt")  # the official {"model": ...} layout
         args = {f.name: getattr(model.config, f.name) for f in fields(ModelArgs)}
         (out_dir / "model_args.json").write_text(json.dumps(args, indent=1))
-        dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+        dtype = dtype_name(model.tok_embeddings.weight.dtype)
         return {"checkpoint": "llamagen.pt", "model_args": "model_args.json", "dtype": dtype}
 
     def load_model(self, spec, root=None):

@@ -10,7 +10,7 @@ import torch
 import flashar_adapt as fa
 from flashar_adapt.training import TrainConfig, build_model, train
 
-from train_helpers import hf_run, llamagen_run
+from tests.train_helpers import hf_run, llamagen_run
 
 pytest.importorskip("peft")
 

@@ -24,16 +24,17 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 from flashar_adapt import cli
 from flashar_adapt.data import DataError, ShardDataset, ShardWriter
 from flashar_adapt.errors import FlashARError
 from flashar_adapt.export import ExportError
 from flashar_adapt.files import exclusive_lock, inside
 from flashar_adapt.training import TrainConfig, TrainingError, train
-from train_helpers import llamagen_run, structured_codes
+from tests.train_helpers import llamagen_run, structured_codes
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+# subprocesses import `tests.*` (a package) from the repository root
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 from flashar_adapt import cli
 
 

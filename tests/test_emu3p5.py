@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashar_adapt as fa
-import tiny
-from numerics import assert_same_math
+from tests import tiny
+from tests.numerics import assert_same_math
 from flashar_adapt.grid import Layout
 
 transformers = pytest.importorskip("transformers")

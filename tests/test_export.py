@@ -11,8 +11,8 @@ import torch
 import flashar_adapt as fa
 from flashar_adapt.export import ExportError, load_flashar_weights
 from flashar_adapt.training import TrainConfig, train
-from numerics import assert_same_math
-from train_helpers import hf_run, llamagen_run
+from tests.numerics import assert_same_math
+from tests.train_helpers import hf_run, llamagen_run
 
 
 def _inputs(model):
@@ -100,6 +100,7 @@ def model_recipe(out):
     return fa.load_recipe(out / "recipe.yaml")
 
 
+@pytest.mark.slow
 def test_cli_train_then_export(tmp_path):
     cfg = llamagen_run(tmp_path, stage1=2, stage2=1)
     env = {"OMP_NUM_THREADS": "1", "PATH": ""}

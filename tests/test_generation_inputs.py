@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 
 
 def _llamagen(dropout: float = 0.0):

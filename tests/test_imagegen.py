@@ -21,7 +21,7 @@ from flashar_adapt.data import DataError, ShardDataset
 from flashar_adapt.imagedata import STATE, Item, list_class_folder, read_jsonl, tokenize_dataset, to_pil
 from flashar_adapt.tokenizers import load_tokenizer
 
-import tiny
+from tests import tiny
 
 PIL = pytest.importorskip("PIL.Image")
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,7 @@ def test_tokenize_resumes_after_a_failure_without_duplicates_or_losses(tmp_path,
         tokenize_dataset(items[1:], tmp_path / "o2", tok, recipe, batch_size=2, shard_size=shard, progress=False)
 
 
+@pytest.mark.slow
 def test_tokenize_resumes_after_sigkill(tmp_path):
     """A real kill -9 in the middle of a run (images load slowly in the child so the kill
     lands between shards); the restarted command finishes with exactly the reference data."""

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 
 
 def test_shipped_recipes_load_and_round_trip(tmp_path):

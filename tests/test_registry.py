@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 from flashar_adapt.matching import candidates, match_recipe
 
 

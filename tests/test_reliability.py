@@ -16,12 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 from flashar_adapt.training import TrainConfig, load_checkpoint, train
-from train_helpers import llamagen_run
+from tests.train_helpers import llamagen_run
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+# subprocesses import `tests.*` (a package) from the repository root
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 # ---------------------------------------------------------------- recipe fuzzing
 
@@ -128,6 +129,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- faults
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path):
     """Kill with SIGKILL at three steps drawn at random (logged for reproduction); each
     rerun resumes, and the end result equals an uninterrupted run's."""
@@ -142,7 +144,8 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     cfg = llamagen_run(tmp_path / "kill", stage1=5, stage2=4)
     for p in points:
         key = rng.choice(["FLASHAR_TEST_KILL_AT_STEP", "FLASHAR_TEST_KILL_IN_SAVE"])
-        r = subprocess.run(cmd + [str(cfg)], env={**ENV, key: str(p)}, capture_output=True, timeout=300)
+        killing = [sys.executable, "-m", "tests.kill_switch", *cmd[3:]]  # the CLI with that kill -9 installed
+        r = subprocess.run(killing + [str(cfg)], env={**ENV, key: str(p)}, capture_output=True, timeout=300)
         assert r.returncode in (-9, 0), r.stderr[-1500:]  # a save-kill at a step with no save finishes
         if r.returncode == 0:
             break
@@ -170,6 +173,7 @@ def test_disk_full_during_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.slow
 def test_export_killed_mid_write_keeps_the_previous_export(tmp_path):
     cfg = llamagen_run(tmp_path, stage1=2, stage2=0)
     model = train(TrainConfig.load(cfg), progress=False)

@@ -8,22 +8,18 @@ import torch
 
 import flashar_adapt as fa
 from flashar_adapt import decoding
-import tiny
-from numerics import assert_same_math
+from tests import tiny
+from tests.numerics import assert_same_math
 
 
 def _llamagen():
-    m = tiny.llamagen(grid=4)
-    fa.patch(m, tiny.llamagen_recipe(grid=4))
-    tiny.randomize(m.flashar, seed=11)
-    return m, torch.tensor([3, 7])
+    model, cond, _ = tiny.patched_family("llamagen-c2i")
+    return model, cond
 
 
 def _hf():
-    m = tiny.hf_llama()
-    fa.patch(m, tiny.hf_llama_recipe(eol=99, before=[97, 98], grid=(3, 5)))
-    tiny.randomize(m.flashar, seed=11)
-    return m, torch.tensor([[0, 0, 5, 6, 7], [1, 8, 9, 10, 11]])
+    model, cond, _ = tiny.patched_family("llama")
+    return model, cond
 
 
 class _Spy:
@@ -187,21 +183,12 @@ def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers()
 
 # ---------------------------------------------------------------- transformers backend
 
-def _hf_family(name):
-    import test_core
-
-    model, recipe, cond, mask = test_core.FAMILIES[name]()
-    fa.patch(model, recipe)
-    tiny.randomize(model.flashar, seed=11)
-    return model, cond, mask
-
-
 @pytest.mark.parametrize("name", ["llama", "emu3", "janus", "chameleon"])
 @pytest.mark.parametrize("mode,cfg", [("two_way", 1.0), ("raster", 1.0), ("two_way", 3.0)])
 def test_transformers_caches_are_static_and_filled_in_feeding_order(name, mode, cfg):
     """Each layer's K/V buffers are allocated once (at the prefill), never grow or move, and
     every step attends exactly the entries filled so far; the mask is a view of one row."""
-    model, cond, mask = _hf_family(name)
+    model, cond, mask = tiny.patched_family(name)
     if cfg != 1.0 and not decoding.has_uncond(model.flashar.ctx):
         pytest.skip("no unconditional prefix")
     backend = model.flashar.ctx.backend
@@ -252,7 +239,7 @@ def test_transformers_keeps_dynamic_cache_for_windowed_attention(monkeypatch):
 
     assert hf._full_attention_only(LlamaConfig())
     assert not hf._full_attention_only(MistralConfig(sliding_window=8))
-    model, cond, mask = _hf_family("llama")
+    model, cond, mask = tiny.patched_family("llama")
     monkeypatch.setattr(hf, "_full_attention_only", lambda config: False)
     backend = model.flashar.ctx.backend
     spy = _Spy(backend, ["new_cache", "new_branch_cache"])

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

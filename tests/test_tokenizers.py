@@ -16,7 +16,7 @@ from flashar_adapt.integrations.llamagen import VQ_16, LlamaGenVQTokenizer, VQMo
 from flashar_adapt.tokenizers import (ColorClusters, ImageTokenizer, TokenizerError, decode_images, list_tokenizers,
                                       load_tokenizer)
 
-import tiny
+from tests import tiny
 
 
 def _images(n, c, h, w, seed=0):

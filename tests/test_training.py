@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 from flashar_adapt.data import DataError, ShardDataset, ShardWriter
 from flashar_adapt.training import TrainConfig, TrainingError, build_model, load_checkpoint, train
-from numerics import assert_same_losses, assert_same_training
-from train_helpers import llamagen_run, structured_codes
+from tests.numerics import assert_same_losses, assert_same_training
+from tests.train_helpers import llamagen_run, structured_codes
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+# subprocesses import `tests.*` (a package) from the repository root
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -33,8 +34,12 @@ def _free_port() -> int:
 
 
 def _cli(cfg: Path, extra_env: dict | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+    """The train command; with a FLASHAR_TEST_KILL_* variable in ``extra_env``, through
+    tests/kill_switch.py, which installs that kill -9 first."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
+        killing = any(k.startswith("FLASHAR_TEST_KILL_") for k in extra_env or {})
+        main = "tests.kill_switch" if killing else "flashar_adapt.cli"
+        cmd = [sys.executable, "-m", main, "train", "--config", str(cfg), "--no-progress"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
@@ -128,6 +133,27 @@ def test_stage1_trains_branch_and_gate_only(tmp_path):
     assert abs(m[-1]["gate"] - 0.5) > 1e-4
 
 
+@pytest.mark.parametrize("stage,lora", [(1, False), (2, False), (2, True)])
+def test_param_groups_are_pure_and_set_trainable_freezes_the_rest(tmp_path, stage, lora):
+    from flashar_adapt.training import _param_groups, _set_trainable, add_lora, backbone_parameters, lora_parameters
+
+    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=1, stage2=1, lora=lora))
+    model = build_model(cfg)
+    if lora:
+        add_lora(model)
+    model.requires_grad_(False)
+    groups = _param_groups(model, cfg, stage)
+    assert not any(p.requires_grad for p in model.parameters())  # building the groups changes nothing
+    assert [g["name"] for g in groups] == ["flashar"] + ([] if stage == 1 else ["lora" if lora else "backbone"])
+    if stage == 2:
+        want = lora_parameters(model) if lora else backbone_parameters(model)
+        assert [id(p) for p in groups[1]["params"]] == [id(p) for p in want]
+    model.requires_grad_(True)
+    _set_trainable(model, groups)
+    chosen = {id(p) for g in groups for p in g["params"]}
+    assert [p.requires_grad for p in model.parameters()] == [id(p) in chosen for p in model.parameters()]
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_stage2_full_and_lora(tmp_path, lora):
     cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=3, stage2=4, lora=lora))
@@ -192,6 +218,7 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     torch.testing.assert_close(got, by_hand.sum(-1).mean() * 1.5 ** 2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fused_distillation_resumes_exactly(tmp_path):
     """The full-stage-2 teacher is rebuilt from the config on resume, so a run killed in
     stage 2 ends with the weights of an uninterrupted one."""
@@ -208,6 +235,7 @@ def test_fused_distillation_resumes_exactly(tmp_path):
 
 # ---------------------------------------------------------------- faults
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path):
     ref_cfg = llamagen_run(tmp_path / "ref", stage1=5, stage2=4, lora=True)
     assert _cli(ref_cfg).returncode == 0  # same process setup (threads) as the killed runs
@@ -283,6 +311,7 @@ def test_config_errors(tmp_path):
         TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "out_dir": "o"})
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_two_processes_match_one(tmp_path):
     """2 CPU processes (gloo) at the same global batch follow the 1-process trajectory.
@@ -319,7 +348,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
 @pytest.mark.numerics
 @pytest.mark.parametrize("family", ["llamagen", "transformers"])
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, family):
-    from train_helpers import hf_run
+    from tests.train_helpers import hf_run
 
     make = llamagen_run if family == "llamagen" else hf_run
     plain = train(TrainConfig.load(make(tmp_path / "a", stage1=1, stage2=2)), progress=False)

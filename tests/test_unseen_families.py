@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-import tiny
-from numerics import assert_same_math, reorder_bound
+from tests import tiny
+from tests.numerics import assert_same_math, reorder_bound
 
 V = 96  # vocabulary of every tiny model; the image codes are its last 32 ids
 CODES = 32

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 import flashar_adapt as fa
-import tiny
+from tests import tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from zipar import generate_zipar  # noqa: E402

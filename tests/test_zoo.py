@@ -15,8 +15,8 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-import tiny
-from numerics import assert_same_math
+from tests import tiny
+from tests.numerics import assert_same_math
 from flashar_adapt.inspection import load_model
 from flashar_adapt.matching import match_recipe
 
@@ -207,7 +207,7 @@ def test_emu3_token_ids_follow_the_public_tokenizer_numbering():
 
 @pytest.mark.numerics
 def test_emu3p5_official_layout_to_export(tmp_path):
-    from test_emu3p5 import reference_logits  # the official decoder math, written out by hand
+    from tests.test_emu3p5 import reference_logits  # the official decoder math, written out by hand
 
     cfg = tiny.emu3p5_official_config()
     sd = tiny.emu3p5_state_dict(cfg)

@@ -193,3 +193,49 @@ def write_emu3p5_official(out_dir, cfg: dict, sd: dict) -> None:
 def lumina_mgpt(seed: int = 0):
     """Chameleon architecture with Lumina-mGPT's extra ids in range (size tokens 8804 + n, new line 8803)."""
     return chameleon(seed, vocab_size=8840)
+
+
+# ---------------------------------------------------------------- one case per family
+# Each returns (model, recipe, cond, cond_mask): a tiny random model, the recipe that adapts it,
+# and a batch of two conditions (left-padded where the family takes prompts).
+
+def _llamagen_case():
+    return llamagen(grid=4), llamagen_recipe(grid=4), torch.tensor([3, 7]), None
+
+
+def _llamagen_t2i_case():
+    feats = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1))
+    return llamagen_t2i(grid=4, prefix=5), llamagen_t2i_recipe(grid=4, prefix=5), feats, None
+
+
+def _hf_llama_case():
+    cond = torch.tensor([[0, 0, 5, 6, 7], [1, 8, 9, 10, 11]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return hf_llama(), hf_llama_recipe(eol=99, before=[97, 98], grid=(3, 5)), cond, mask
+
+
+def _emu3_case():
+    r = fa.load_recipe("emu3-gen").replace(grid=[3, 4])
+    return emu3(), r, torch.tensor([[151849, 30, 31, 32], [151849, 40, 41, 42]]), None
+
+
+def _janus_case():
+    r = fa.load_recipe("janus-pro-1b").replace(grid=[3, 3], **{"image.variable_grid": True})
+    return janus(), r, torch.tensor([[1, 30, 31, 32], [1, 40, 41, 42]]), None
+
+
+def _chameleon_case():
+    r = fa.load_recipe("chameleon").replace(grid=[3, 4], **{"image.variable_grid": True})
+    return chameleon(), r, torch.tensor([[0, 30, 31, 8197], [0, 40, 41, 8197]]), None
+
+
+FAMILY_CASES = {"llamagen-c2i": _llamagen_case, "llamagen-t2i": _llamagen_t2i_case, "llama": _hf_llama_case,
+                "emu3": _emu3_case, "janus": _janus_case, "chameleon": _chameleon_case}
+
+
+def patched_family(name: str, seed: int = 11):
+    """The case `name` patched, with its FlashAR weights randomized: (model, cond, cond_mask)."""
+    model, recipe, cond, mask = FAMILY_CASES[name]()
+    fa.patch(model, recipe)
+    randomize(model.flashar, seed=seed)
+    return model, cond, mask

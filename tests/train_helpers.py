@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import yaml
 
-import tiny
+from tests import tiny
 from flashar_adapt.data import ShardWriter
 
 LLAMAGEN_ARGS = dict(dim=32, n_layer=5, n_head=4, multiple_of=16, vocab_size=48, num_classes=10, block_size=16,
