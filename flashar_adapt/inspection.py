@@ -147,8 +147,30 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
     if not isinstance(model, nn.Module):
         model, backend = load_model(model, overrides)
     named = dict(model.named_modules())
+    layers, others = _decoder_stack(named)
+    lp = layers.path if layers else None
+    decoder = _decoder_module(named, lp)
+    embeds = [(p, m) for p, m in named.items() if isinstance(m, nn.Embedding)]
+    emb_entries = [Entry(p, "embedding", f"{m.num_embeddings} x {m.embedding_dim}") for p, m in embeds]
+    probe = _probe(model, named, lp, decoder, embeds) if decoder is not None else {}
+    norms, final_norm = _norms(named, lp, others)
+    # the hidden size is the width the layers read (seen by the probe), else the final norm's
+    dim = probe.get("width") or (_norm_dim(named[final_norm]) if final_norm else None)
+    after_norm, heads, head, embed_path = _head_chain(named, lp, others, decoder, dim, embeds, probe)
+    embed_mod = named.get(embed_path)
+    if dim is None and embed_mod is not None:
+        dim = embed_mod.embedding_dim
+    if backend is None and decoder is not None:
+        backend = "transformers"
+    draft, todo = _draft(model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds, probe)
+    head_entries = [Entry(p, "head", f"{m_out} outputs") for m_out, p in heads]
+    return Inspection(type(model).__name__, backend, layers, others, decoder, norms, final_norm, emb_entries, embed_path,
+                      head_entries, head, dim, draft, todo)
 
-    # the decoder stack: the longest ModuleList/Sequential of same-class blocks
+
+def _decoder_stack(named: dict) -> tuple[Entry | None, list[Entry]]:
+    """The decoder stack: the ModuleList/Sequential of same-class blocks holding the most
+    parameters; the runners-up are reported too."""
     lists = []
     for path, mod in named.items():
         if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 1 and path:
@@ -158,25 +180,25 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
                 lists.append((len(mod), n_params, path, next(iter(kinds))))
     lists.sort(key=lambda t: (t[1], t[0]), reverse=True)
     layers = Entry(lists[0][2], "layers", f"{lists[0][0]} x {lists[0][3]}") if lists else None
-    others = [Entry(p, "layers", f"{n} x {k}") for n, _, p, k in lists[1:4]]
-    lp = layers.path if layers else None
+    return layers, [Entry(p, "layers", f"{n} x {k}") for n, _, p, k in lists[1:4]]
 
-    decoder = None
-    if lp:
-        cand = _parent(lp)
-        while True:
-            mod = named.get(cand)
-            if mod is not None and _takes_embeds(mod):
-                decoder = cand
-                break
-            if cand == "":
-                break
-            cand = _parent(cand)
 
-    embeds = [(p, m) for p, m in named.items() if isinstance(m, nn.Embedding)]
-    emb_entries = [Entry(p, "embedding", f"{m.num_embeddings} x {m.embedding_dim}") for p, m in embeds]
-    probe = _probe(model, named, lp, decoder, embeds) if decoder is not None else {}
+def _decoder_module(named: dict, lp: str | None) -> str | None:
+    """The nearest ancestor of the layers whose forward takes inputs_embeds."""
+    if not lp:
+        return None
+    cand = _parent(lp)
+    while True:
+        mod = named.get(cand)
+        if mod is not None and _takes_embeds(mod):
+            return cand
+        if cand == "":
+            return None
+        cand = _parent(cand)
 
+
+def _norms(named: dict, lp: str | None, others: list[Entry]) -> tuple[list[Entry], str | None]:
+    """Norm modules outside the layer stacks, and the final norm (the last one beside the layers)."""
     norms = []
     for p, m in named.items():
         if p and _is_norm(m) and not _inside(p, lp) and not any(_inside(p, e.path) for e in others):
@@ -186,9 +208,12 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
     if lp:
         siblings = [e.path for e in norms if _parent(e.path) == _parent(lp)]
         final_norm = siblings[-1] if siblings else (norms[-1].path if norms else None)
-    # the hidden size is the width the layers read (seen by the probe), else the final norm's
-    dim = probe.get("width") or (_norm_dim(named[final_norm]) if final_norm else None)
+    return norms, final_norm
 
+
+def _head_chain(named: dict, lp, others, decoder, dim, embeds, probe) -> tuple[list[str], list, str | None, str | None]:
+    """(projections after the final norm, head candidates [(outputs, path)], the LM head, the
+    token embedding), found by what they connect to: widths, and the table the head indexes."""
     linears = [(p, m) for p, m in named.items() if isinstance(m, nn.Linear) and not _inside(p, lp)
                and not any(_inside(p, e.path) for e in others)]
     # a projection the decoder applies after its final norm (reads the hidden size, inside the decoder)
@@ -199,19 +224,20 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
         after_norm = []
     heads = sorted(((m.out_features, p) for p, m in linears if p not in after_norm
                     and (head_in is None or m.in_features == head_in)), reverse=True)
-    head_entries = [Entry(p, "head", f"{m_out} outputs") for m_out, p in heads]
     head = heads[0][1] if heads else None
     embed_path = _token_embedding(embeds, named.get(head), probe, decoder)
     embed_mod = named.get(embed_path)
-    if dim is None and embed_mod is not None:
-        dim = embed_mod.embedding_dim
     vocab = embed_mod.num_embeddings if embed_mod is not None else None
     if head and vocab:  # the LM head indexes the token table's rows; a bigger head is something else
         head = next((p for o, p in heads if o == vocab), next((p for o, p in heads if o <= vocab), head))
+    return after_norm, heads, head, embed_path
 
-    if backend is None and decoder is not None:
-        backend = "transformers"
 
+def _draft(model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds,
+           probe) -> tuple[dict, list[str]]:
+    """The draft recipe (TODO where structure cannot tell) and what to review in it."""
+    embed_mod = named.get(embed_path)
+    vocab = embed_mod.num_embeddings if embed_mod is not None else None
     todo = []
     draft: dict[str, Any] = {"name": TODO, "description": f"{type(model).__name__} (drafted by flashar-adapt inspect)",
                              "backend": backend or TODO, "match": {"class": type(model).__name__}}
@@ -222,21 +248,7 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
     draft["modules"] = mods
     if backend != "transformers" and decoder is None:
         mods.pop("decoder")
-    # a second, small embedding outside the decoder is most likely a class embedding
-    extra = [(p, m) for p, m in embeds if p != embed_path and not _inside(p, decoder if decoder else None)]
-    small = [(p, m) for p, m in extra if m.num_embeddings < (vocab or 10**9)]
-    if small and backend != "transformers":
-        p, m = small[0]
-        draft["condition"] = {"kind": "class", "embedding": p, "num_classes": m.num_embeddings - 1,
-                              "null_class": m.num_embeddings - 1, "prefix_len": 1}
-        todo.append(f"condition: {p} has {m.num_embeddings} rows; assumed the last one is the CFG null class")
-    else:
-        draft["condition"] = {"kind": "tokens", "prefix_len": TODO, "uncond": "pad_inner", "pad_id": TODO}
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        room = f"; the model has {limit} positions" if isinstance(limit, int) else ""
-        todo.append(f"condition.prefix_len: the longest prompt (condition tokens); prompt + forced tokens + H*W - 1 "
-                    f"codes (+ H - 1 end-of-line tokens) are fed{room}")
-        todo.append("condition.pad_id: the id used to blank the unconditional prompt (or use uncond: ids, or none)")
+    draft["condition"] = _draft_condition(model, backend, decoder, embed_path, embeds, vocab, todo)
     codebook = None
     if head and vocab and named[head].out_features != vocab:
         codebook = named[head].out_features  # a head of its own: codebook-sized
@@ -252,8 +264,24 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
     n_layers = len(named[lp]) if lp else 0
     draft["flashar"] = {"branch_layer": -4 if n_layers >= 8 else -1, "branch_depth": 1}
     draft["lora"] = {"targets": _lora_targets(lp, named[lp][0]) if lp else []}
-    return Inspection(type(model).__name__, backend, layers, others, decoder, norms, final_norm, emb_entries, embed_path,
-                      head_entries, head, dim, draft, todo)
+    return draft, todo
+
+
+def _draft_condition(model, backend, decoder, embed_path, embeds, vocab, todo: list[str]) -> dict:
+    # a second, small embedding outside the decoder is most likely a class embedding
+    extra = [(p, m) for p, m in embeds if p != embed_path and not _inside(p, decoder if decoder else None)]
+    small = [(p, m) for p, m in extra if m.num_embeddings < (vocab or 10**9)]
+    if small and backend != "transformers":
+        p, m = small[0]
+        todo.append(f"condition: {p} has {m.num_embeddings} rows; assumed the last one is the CFG null class")
+        return {"kind": "class", "embedding": p, "num_classes": m.num_embeddings - 1,
+                "null_class": m.num_embeddings - 1, "prefix_len": 1}
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    room = f"; the model has {limit} positions" if isinstance(limit, int) else ""
+    todo.append(f"condition.prefix_len: the longest prompt (condition tokens); prompt + forced tokens + H*W - 1 "
+                f"codes (+ H - 1 end-of-line tokens) are fed{room}")
+    todo.append("condition.pad_id: the id used to blank the unconditional prompt (or use uncond: ids, or none)")
+    return {"kind": "tokens", "prefix_len": TODO, "uncond": "pad_inner", "pad_id": TODO}
 
 
 # ---------------------------------------------------------------- probe forward (transformers-style models)
