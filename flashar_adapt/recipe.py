@@ -263,9 +263,29 @@ def _todo_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
-    """Validate a parsed YAML mapping and build a ``Recipe``."""
+    """Validate a parsed YAML mapping and build a ``Recipe``: the keys first, then each
+    section by its own function, so an error names the first key that is wrong."""
     src = source
     _expect(isinstance(data, dict), "<root>", f"a recipe must be a mapping, got {type(data).__name__}", src)
+    _check_keys(data, src)
+    name = data["name"]
+    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {short(name)}", src)
+    backend = data["backend"]
+    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {short(backend)}", src)
+    desc = data.get("description", "")
+    _expect(isinstance(desc, str), "description", "must be a string", src)
+    match = data.get("match", {}) or {}
+    _expect(isinstance(match, dict), "match", f"must be a mapping, got {short(match)}", src)
+    modules, cond = _modules(data["modules"], src), _condition(data["condition"], src)
+    image = _image(data["image"], src)
+    return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image,
+                  flashar=_flashar(data.get("flashar", {}) or {}, src), lora=_lora(data.get("lora", {}) or {}, src),
+                  logits=_logits(data.get("logits", {}) or {}, src), description=desc, match=match,
+                  tokenizer=_tokenizer(data.get("tokenizer"), image, src), source=source)
+
+
+def _check_keys(data: dict, src) -> None:
+    """Every TODO, unknown and missing key, section by section."""
     todo = _todo_keys(data)
     # Every TODO at once, whatever its type (a TODO name or backend would pass the type checks).
     _expect(not todo, todo[0] if todo else "", f"is still {TODO!r}; fill in every TODO the draft marks: "
@@ -284,16 +304,8 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         for k in sorted(required):
             _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
 
-    name = data["name"]
-    _expect(isinstance(name, str) and name, "name", f"must be a non-empty string, got {short(name)}", src)
-    backend = data["backend"]
-    _expect(isinstance(backend, str) and backend, "backend", f"must be a non-empty string, got {short(backend)}", src)
-    desc = data.get("description", "")
-    _expect(isinstance(desc, str), "description", "must be a string", src)
-    match = data.get("match", {}) or {}
-    _expect(isinstance(match, dict), "match", f"must be a mapping, got {short(match)}", src)
 
-    m = data["modules"]
+def _modules(m: dict, src) -> Modules:
     ie = m.get("image_embed", [])
     if isinstance(ie, str):
         ie = [ie]
@@ -304,13 +316,14 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         an = [an]
     _expect(isinstance(an, list) and all(isinstance(x, str) for x in an), "modules.after_norm",
             f"must be a module path or a list of them, got {short(an)}", src)
-    modules = Modules(
+    return Modules(
         layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
         head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
         decoder=_str(m, "modules", "decoder", src, optional=True) or "", image_embed=tuple(ie), after_norm=tuple(an),
     )
 
-    c = data["condition"]
+
+def _condition(c: dict, src) -> Condition:
     kind = c.get("kind")
     _expect(kind in ("class", "tokens", "features"), "condition.kind",
             f"must be one of 'class', 'tokens', 'features', got {short(kind)}", src)
@@ -336,8 +349,10 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     if kind == "class" and cond.null_class is not None:
         _expect(cond.null_class <= cond.num_classes, "condition.null_class",
                 f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}", src)
+    return cond
 
-    im = data["image"]
+
+def _image(im: dict, src) -> Image:
     codebook = _int(im, "image", "codebook_size", src, minimum=2)
     grid = im.get("grid")
     _expect(isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid),
@@ -364,7 +379,7 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     if im.get("last_row_end") is not None:
         _expect(im.get("eol_token") is not None, "image.last_row_end",
                 "takes the place of the last row's image.eol_token, so it needs image.eol_token", src)
-    image = Image(
+    return Image(
         codebook_size=codebook, grid=(int(grid[0]), int(grid[1])),
         visual_token_offset=_int(im, "image", "visual_token_offset", src, minimum=0, optional=True) or 0,
         variable_grid=variable, before=tuple(before), digit_ids=digits,
@@ -373,7 +388,8 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         last_row_end=_int(im, "image", "last_row_end", src, minimum=0, optional=True),
     )
 
-    f = data.get("flashar", {}) or {}
+
+def _flashar(f: dict, src) -> FlashAR:
     flash = FlashAR(
         branch_layer=_int(f, "flashar", "branch_layer", src, optional=True) if "branch_layer" in f else -1,
         branch_depth=_int(f, "flashar", "branch_depth", src, minimum=1, optional=True) or 1,
@@ -381,7 +397,10 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     )
     _expect(flash.gate_hidden is None or flash.gate_hidden <= MAX_GATE_HIDDEN, "flashar.gate_hidden",
             f"must be <= {MAX_GATE_HIDDEN}, got {flash.gate_hidden} (the paper's gate uses max(64, d/8))", src)
-    lo = data.get("lora", {}) or {}
+    return flash
+
+
+def _lora(lo: dict, src) -> LoRA:
     targets = lo.get("targets", [])
     _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
             f"must be a list of module-name patterns, got {short(targets)}", src)
@@ -396,19 +415,18 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         raise RecipeError("lora.targets", f"the patterns do not combine into one regex ({e})", src) from None
     dropout = lo.get("dropout", 0.0)
     _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {short(dropout)}", src)
-    lora = LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
+    return LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
                 alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
-    lg = data.get("logits", {}) or {}
+
+
+def _logits(lg: dict, src) -> Logits:
     scale = lg.get("scale", 1.0)
     _expect(Num(0, 1e6, lo_open=True).problem(scale) is None, "logits.scale",
             f"must be a positive number up to 1e6, got {short(scale)}", src)
     cap = lg.get("softcap")
     _expect(Num(0, 1e6, lo_open=True, optional=True).problem(cap) is None, "logits.softcap",
             f"must be a positive number up to 1e6 or null, got {short(cap)}", src)
-    logit_map = Logits(scale=float(scale), softcap=None if cap is None else float(cap))
-    tok = _tokenizer(data.get("tokenizer"), image, src)
-    return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image, flashar=flash,
-                  lora=lora, logits=logit_map, description=desc, match=match, tokenizer=tok, source=source)
+    return Logits(scale=float(scale), softcap=None if cap is None else float(cap))
 
 
 def _floats(t: dict, name: str, n: int, default, src) -> tuple[float, ...]:
