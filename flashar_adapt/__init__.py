@@ -6,7 +6,8 @@ from .backends import Backend, list_backends, register_backend
 from .decoding import DecoderState, generate, logits, prefill, score, step, teacher_forward
 from .doctor import Report, check
 from .errors import FlashARError
-from .export import adapters_disabled, export_merged, load_adapted
+from .adapters import adapters_disabled
+from .export import export_merged, load_adapted
 from .grid import Layout
 from .heads import FlashARModules, FusionGate, ImageHead
 from .inspection import inspect_model

@@ -19,7 +19,6 @@ any defect is an ``ExportError``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import base_layers_in_place, lora_layers, lora_named_parameters, merge_lora
 from .backends import get_backend
 from .errors import FlashARError
 from .files import apply_umask, escaping_links, inside
@@ -51,72 +51,14 @@ class ExportError(FlashARError, ValueError):
     """An export folder is missing pieces, is damaged, or does not fit its recipe."""
 
 
-def merge_lora(model: torch.nn.Module) -> int:
-    """Merge every LoRA layer into its base weight and put the plain layer back, in place.
-    Returns how many layers were merged."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return 0
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-    for name, m in targets:
-        m.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.get_base_layer())
-    return len(targets)
-
-
-def _lora_layers(model) -> list:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-class adapters_disabled:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """``with fa.adapters_disabled(model):`` LoRA layers compute their base layer exactly, so a
-    model exported with ``merge=False`` decodes as the original model (raster mode)."""
-
-    def __init__(self, model):
-        self.layers = [m for _, m in _lora_layers(model)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m.enable_adapters(False)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.enable_adapters(True)
-
-
-@contextlib.contextmanager
-def _base_layers_in_place(model):
-    """Temporarily put every LoRA layer's base layer back, so the backbone saves in its
-    native layout with the original (unmerged) weights."""
-    swapped = []
-    try:
-        for name, m in _lora_layers(model):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, m.get_base_layer())
-            swapped.append((parent, child, m))
-        yield
-    finally:
-        for parent, child, m in swapped:
-            setattr(parent, child, m)
-
-
 def _adapter_state(model) -> tuple[dict, dict | None]:
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if not layers:
         return {}, None
     m = layers[0][1]
     name = m.active_adapters[0] if getattr(m, "active_adapters", None) else "default"
     meta = {"file": "adapters.safetensors", "r": int(m.r[name]), "alpha": int(m.lora_alpha[name]), "layers": len(layers)}
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k and not k.startswith("flashar.")}
+    sd = {k: v.detach().cpu().contiguous() for k, v in lora_named_parameters(model)}
     return sd, meta
 
 
@@ -144,7 +86,7 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         (tmp / "backbone").mkdir()
-        with _base_layers_in_place(model):
+        with base_layers_in_place(model):
             spec = ctx.backend.save_model(model, tmp / "backbone")
         save_file(_flashar_state(model), str(tmp / "flashar.safetensors"), metadata={"format": FORMAT})
         if lora_meta is not None:
@@ -281,7 +223,7 @@ def _attach_adapters(model, out_dir: Path, meta: dict) -> None:
         add_lora(model, r=meta["r"], alpha=meta["alpha"], dropout=0.0)
     except FlashARError as e:  # e.g. the recipe names no lora.targets
         raise ExportError(f"{path}: cannot re-attach the adapters: {e}") from None
-    own = {k: v for k, v in model.state_dict().items() if "lora_" in k and not k.startswith("flashar.")}
+    own = {k: v.detach() for k, v in lora_named_parameters(model)}
     bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if bad:
         raise ExportError(f"{path}: adapters do not fit this model/recipe: {bad[:3]}")

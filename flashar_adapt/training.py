@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import adapters_disabled, lora_parameters
 from .backends import get_backend
 from .data import ShardDataset
 from .decoding import teacher_forward
@@ -206,33 +207,10 @@ def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: flo
         inject_adapter_in_model(cfg, model)
     finally:
         model._modules["flashar"] = flashar
-    n = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
+    n = len(lora_parameters(model))
     if n == 0:
         raise TrainingError(f"lora.targets {list(lo.targets)} matched no module of the model")
     return n
-
-
-def lora_parameters(model) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n]
-
-
-class _LoraOff:
-    """Context manager: LoRA layers compute the base model exactly."""
-
-    def __init__(self, model):
-        try:
-            from peft.tuners.lora import LoraLayer
-        except ImportError:
-            LoraLayer = ()  # noqa: N806
-        self.layers = [m for m in model.modules() if LoraLayer and isinstance(m, LoraLayer)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.enable_adapters(True)
 
 
 class FlashARLoss(nn.Module):
@@ -250,7 +228,7 @@ class FlashARLoss(nn.Module):
         with torch.no_grad():
             if self.teacher is not None:
                 return teacher_forward(self.teacher, cond, codes, "raster", cond_mask).fused
-            with _LoraOff(self.model) if self.stage == 2 else contextlib.nullcontext():
+            with adapters_disabled(self.model) if self.stage == 2 else contextlib.nullcontext():
                 return teacher_forward(self.model, cond, codes, "raster", cond_mask).fused
 
     def forward(self, cond, codes, cond_mask=None):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import flashar_adapt as fa
 from flashar_adapt.cli import main
 from flashar_adapt.data import DataError, ShardDataset
-from flashar_adapt.imagedata import STATE, Item, list_class_folder, read_jsonl, tokenize_dataset, to_pil
+from flashar_adapt.imagedata import STATE, list_class_folder, read_jsonl, tokenize_dataset, to_pil
 from flashar_adapt.tokenizers import load_tokenizer
 
 from tests import tiny

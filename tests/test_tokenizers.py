@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import flashar_adapt as fa
 from flashar_adapt.integrations.llamagen import VQ_16, LlamaGenVQTokenizer, VQModel, VQModelArgs, load_vq
-from flashar_adapt.tokenizers import (ColorClusters, ImageTokenizer, TokenizerError, decode_images, list_tokenizers,
+from flashar_adapt.tokenizers import (ImageTokenizer, TokenizerError, decode_images, list_tokenizers,
                                       load_tokenizer)
 
 from tests import tiny

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import flashar_adapt as fa
-from tests import tiny
 from flashar_adapt.data import DataError, ShardDataset, ShardWriter
 from flashar_adapt.training import TrainConfig, TrainingError, build_model, load_checkpoint, train
 from tests.numerics import assert_same_losses, assert_same_training
@@ -135,7 +133,8 @@ def test_stage1_trains_branch_and_gate_only(tmp_path):
 
 @pytest.mark.parametrize("stage,lora", [(1, False), (2, False), (2, True)])
 def test_param_groups_are_pure_and_set_trainable_freezes_the_rest(tmp_path, stage, lora):
-    from flashar_adapt.training import _param_groups, _set_trainable, add_lora, backbone_parameters, lora_parameters
+    from flashar_adapt.adapters import lora_parameters
+    from flashar_adapt.training import _param_groups, _set_trainable, add_lora, backbone_parameters
 
     cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=1, stage2=1, lora=lora))
     model = build_model(cfg)
