@@ -352,16 +352,22 @@ def _teacher_inputs(ctx: PatchContext, cond, codes, mode: str, cond_mask, uncond
     return pre, layout, codes
 
 
-def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch.Tensor, mode: str) -> TeacherForced:
+def sequence_embeds(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch.Tensor) -> torch.Tensor:
+    """[B, fed_len, d]: the prefix, then the codes row by row with their end-of-line tokens, up
+    to the last token ever fed (the last code, and a trailing end-of-line, predict nothing)."""
     B, H, W = codes.shape
     img = embed_codes(ctx, codes).to(pre.embeds.dtype)  # [B, H, W, d]
-    dev = img.device
     if layout.eol:
-        e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=dev))
+        e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=img.device))
         img = torch.cat([img, e.to(img.dtype).view(1, 1, 1, -1).expand(B, H, 1, -1)], 2)
-    # the last code (and a trailing end-of-line) predicts nothing: never fed, so no position
+    return torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :layout.fed_len]
+
+
+def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch.Tensor, mode: str) -> TeacherForced:
+    B, H, W = codes.shape
+    embeds = sequence_embeds(ctx, pre, layout, codes)
+    dev = embeds.device
     L = layout.fed_len
-    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :L]
     slots = torch.arange(L, device=dev)
     valid = torch.cat([pre.valid, torch.ones(B, L - pre.length, dtype=torch.bool, device=dev)], 1)
     allowed = layout.attention(mode)[:L, :L].to(dev)[None] & valid[:, None, :]

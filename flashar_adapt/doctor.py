@@ -127,15 +127,11 @@ def _visual_slice(ctx, full):
 
 def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
     """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
-    from .decoding import build_prefix, embed_codes, embed_ids
+    from .decoding import build_prefix, sequence_embeds
 
     pre = build_prefix(ctx, cond, None, grid, cfg=False)
-    img = embed_codes(ctx, codes).to(pre.embeds.dtype)
     B = codes.shape[0]
-    if ctx.recipe.image.eol_token is not None:
-        e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=cond.device)).to(img.dtype)
-        img = torch.cat([img, e.view(1, 1, 1, -1).expand(B, codes.shape[1], 1, -1)], 2)
-    embeds = torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :ctx.layout(pre.length, grid).fed_len]
+    embeds = sequence_embeds(ctx, pre, ctx.layout(pre.length, grid), codes)
     out = ctx.decoder(inputs_embeds=embeds, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     idx = _pred_index(ctx, pre.length, grid)
