@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .context import CAPTURE, PatchContext, context
 from .errors import InputError
 from .grid import Layout
-from .heads import finish_logits
+from .heads import finish_logits, visual_rows
 from .sampling import Sampling, guide, sample
 
 MODES = ("two_way", "raster")
@@ -275,14 +275,9 @@ def _check_positions(ctx: PatchContext, layout: Layout) -> None:
 
 def horizontal_logits(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
     """The model's own head, restricted to the visual vocabulary (never the text logits)."""
-    head = ctx.head
-    K = ctx.recipe.image.codebook_size
     off = 0 if ctx.image_embed else ctx.recipe.image.visual_token_offset
-    if isinstance(head, torch.nn.Linear) and (off or head.out_features != K):
-        b = None if head.bias is None else head.bias[off:off + K]
-        out = F.linear(h, head.weight[off:off + K], b)
-    else:
-        out = head(h)
+    rows = visual_rows(ctx.head, off, ctx.recipe.image.codebook_size)
+    out = ctx.head(h) if rows is None else F.linear(h, *rows)
     return finish_logits(out, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
 
 

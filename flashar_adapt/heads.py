@@ -20,9 +20,9 @@ class ImageHead(nn.Module):
                  softcap: float | None = None):
         super().__init__()
         self.scale, self.softcap = scale, softcap  # the model's own logit scale / soft-cap (recipe ``logits``)
-        if isinstance(head, nn.Linear) and (offset != 0 or head.out_features != codebook_size):
-            w = head.weight.detach()[offset:offset + codebook_size]
-            b = None if head.bias is None else head.bias.detach()[offset:offset + codebook_size]
+        rows = visual_rows(head, offset, codebook_size)
+        if rows is not None:
+            w, b = (None if t is None else t.detach() for t in rows)
             self.proj = nn.Linear(head.in_features, codebook_size, bias=b is not None,
                                   device=w.device, dtype=w.dtype)
             with torch.no_grad():
@@ -34,6 +34,16 @@ class ImageHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return finish_logits(self.proj(h), self.scale, self.softcap)
+
+
+def visual_rows(head: nn.Module, offset: int, codebook_size: int):
+    """(weight, bias) rows of a vocabulary-sized ``nn.Linear`` head that produce the visual ids
+    ``offset .. offset + codebook_size - 1``; None when the head is already codebook-sized or
+    is not a plain linear layer (then it is used whole)."""
+    if not isinstance(head, nn.Linear) or (offset == 0 and head.out_features == codebook_size):
+        return None
+    b = None if head.bias is None else head.bias[offset:offset + codebook_size]
+    return head.weight[offset:offset + codebook_size], b
 
 
 def finish_logits(x: torch.Tensor, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
