@@ -8,7 +8,6 @@ token ids are in range, the grid fits the model's positions). Every failure is a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import FlashARError
-from .validate import Num, short
+from .validate import Num, did_you_mean, first_unknown, short
 
 ENV_RECIPE_PATH = "FLASHAR_RECIPE_PATH"
 ENTRY_POINT_GROUP = "flashar_adapt.recipes"
@@ -183,11 +182,6 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 # ---------------------------------------------------------------- schema and validation
 
 _SECTIONS: dict[str, tuple[type, set[str]]] = {
@@ -290,8 +284,8 @@ def _check_keys(data: dict, src) -> None:
     # Every TODO at once, whatever its type (a TODO name or backend would pass the type checks).
     _expect(not todo, todo[0] if todo else "", f"is still {TODO!r}; fill in every TODO the draft marks: "
                                                f"{', '.join(todo)}", src)
-    for k in data:
-        _expect(k in _TOP_KEYS, str(k), "unknown key" + did_you_mean(str(k), _TOP_KEYS), src)
+    k = first_unknown(data, _TOP_KEYS)
+    _expect(k is None, str(k), "unknown key" + did_you_mean(str(k), _TOP_KEYS), src)
     for k in sorted(_TOP_REQUIRED):
         _expect(k in data, k, "is required", src)
     for sec in _SECTIONS:
@@ -299,8 +293,8 @@ def _check_keys(data: dict, src) -> None:
             _expect(isinstance(data[sec], dict), sec, f"must be a mapping, got {short(data[sec])}", src)
     for sec, (cls, required) in _SECTIONS.items():
         allowed = {f.name for f in dataclasses.fields(cls)}
-        for k in data.get(sec, {}) or {}:
-            _expect(k in allowed, f"{sec}.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
+        k = first_unknown(data.get(sec, {}) or {}, allowed)
+        _expect(k is None, f"{sec}.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
         for k in sorted(required):
             _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
 
@@ -443,8 +437,8 @@ def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
         return None
     _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {short(t)}", src)
     allowed = {f.name for f in dataclasses.fields(Tokenizer)}
-    for k in t:
-        _expect(k in allowed, f"tokenizer.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
+    k = first_unknown(t, allowed)
+    _expect(k is None, f"tokenizer.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
     kind = _str(t, "tokenizer", "kind", src)
     _expect(bool(kind), "tokenizer.kind", "must be a non-empty string", src)
     down = _int(t, "tokenizer", "downsample", src, minimum=1, optional=True)

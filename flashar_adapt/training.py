@@ -43,7 +43,7 @@ from .errors import FlashARError
 from .files import atomic_write_bytes, exclusive_lock
 from .patching import context, patch
 from .recipe import RecipeError, did_you_mean, load_recipe, safe_yaml
-from .validate import Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, rule, short
+from .validate import Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, first_unknown, rule, short
 
 
 class TrainingError(FlashARError, RuntimeError):
@@ -123,9 +123,9 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise TrainingError(f"{source}: a training config must be a mapping")
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
-        for k in data:
-            if k not in names:
-                raise TrainingError(f"{source}: unknown key {short(str(k))}{did_you_mean(str(k), names)}")
+        k = first_unknown(data, names)
+        if k is not None:
+            raise TrainingError(f"{source}: unknown key {short(str(k))}{did_you_mean(str(k), names)}")
         for k in ("model", "recipe", "data", "out_dir"):
             if k not in data:
                 raise TrainingError(f"{source}: missing key {k!r}")
@@ -140,9 +140,9 @@ class TrainConfig:
                 sd = kw[st] or {}
                 if not isinstance(sd, dict):
                     raise TrainingError(f"{source}: {st} must be a mapping, got {short(sd)}")
-                for k in sd:
-                    if k not in snames:
-                        raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{did_you_mean(str(k), snames)}")
+                k = first_unknown(sd, snames)
+                if k is not None:
+                    raise TrainingError(f"{source}: unknown key {st}.{str(k)[:60]}{did_you_mean(str(k), snames)}")
                 kw[st] = StageConfig(**sd)
         cfg = cls(**kw, source=source)
         for obj, prefix in ((cfg, ""), (cfg.stage1, "stage1."), (cfg.stage2, "stage2.")):

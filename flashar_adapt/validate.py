@@ -9,6 +9,7 @@ NaN and infinities fail every numeric rule.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -166,3 +167,15 @@ class _Missing:
 
 
 MISSING = _Missing()
+
+
+def did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def first_unknown(keys, allowed):
+    """The first of ``keys`` not in ``allowed``, or None: the one unknown-key check of
+    recipes and training configs (each reports it with ``did_you_mean``)."""
+    return next((k for k in keys if k not in allowed), None)
