@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -44,18 +44,70 @@ class Modules:
     image_embed: tuple[str, ...] = ()
     after_norm: tuple[str, ...] = ()  # applied in order between norm and head (a projection the decoder ends with)
 
+    @classmethod
+    def parse(cls, m: dict, src) -> "Modules":
+        ie = m.get("image_embed", [])
+        if isinstance(ie, str):
+            ie = [ie]
+        _expect(isinstance(ie, list) and all(isinstance(x, str) for x in ie), "modules.image_embed",
+                f"must be a module path or a list of them, got {short(ie)}", src)
+        an = m.get("after_norm", []) or []
+        if isinstance(an, str):
+            an = [an]
+        _expect(isinstance(an, list) and all(isinstance(x, str) for x in an), "modules.after_norm",
+                f"must be a module path or a list of them, got {short(an)}", src)
+        return cls(
+            layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
+            head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
+            decoder=_or_default(_str(m, "modules", "decoder", src, optional=True), cls, "decoder"), image_embed=tuple(ie), after_norm=tuple(an),
+        )
+
+
+ConditionKind = Literal["class", "tokens", "features"]
+Uncond = Literal["null_class", "pad_inner", "ids", "param", "none"]
+# How each kind builds its CFG unconditional prefix; the first is the default.
+UNCOND_BY_KIND: dict[str, tuple[str, ...]] = {"class": ("null_class", "none"), "tokens": ("none", "pad_inner", "ids"),
+                                              "features": ("none", "param")}
+
 
 @dataclass(frozen=True)
 class Condition:
-    kind: str  # "class" | "tokens" | "features"
+    kind: ConditionKind
     embedding: str | None = None
     num_classes: int | None = None
     null_class: int | None = None
     prefix_len: int | None = None
     pad_id: int | None = None
-    uncond: str = "none"  # tokens: "pad_inner" | "ids" | "none"; class: "null_class"; features: "param"
+    uncond: Uncond = "none"  # which ones a kind allows, the first its default: UNCOND_BY_KIND
     uncond_ids: tuple[int, ...] = ()
     uncond_features: str | None = None
+
+    @classmethod
+    def parse(cls, c: dict, src) -> "Condition":
+        kind = c.get("kind")
+        kinds = get_args(ConditionKind)
+        _expect(kind in kinds, "condition.kind", f"must be one of {', '.join(map(repr, kinds))}, got {short(kind)}", src)
+        allowed_uncond = UNCOND_BY_KIND[kind]
+        uncond = c.get("uncond", allowed_uncond[0])
+        _expect(uncond in allowed_uncond, "condition.uncond",
+                f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {short(uncond)}", src)
+        cond = cls(
+            kind=kind,
+            embedding=_str(c, "condition", "embedding", src, optional=kind == "tokens"),
+            num_classes=_int(c, "condition", "num_classes", src, minimum=1, optional=kind != "class"),
+            null_class=_int(c, "condition", "null_class", src, minimum=0, optional=not (kind == "class" and uncond == "null_class")),
+            prefix_len=_int(c, "condition", "prefix_len", src, minimum=1, optional=kind == "tokens"),
+            pad_id=_int(c, "condition", "pad_id", src, minimum=0, optional=not (kind == "tokens" and uncond == "pad_inner")),
+            uncond=uncond,
+            uncond_ids=_int_list(c, "condition", "uncond_ids", src),
+            uncond_features=_str(c, "condition", "uncond_features", src, optional=not (kind == "features" and uncond == "param")),
+        )
+        if kind == "tokens" and uncond == "ids":
+            _expect(len(cond.uncond_ids) > 0, "condition.uncond_ids", "is required when condition.uncond is 'ids'", src)
+        if kind == "class" and cond.null_class is not None:
+            _expect(cond.null_class <= cond.num_classes, "condition.null_class",
+                    f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}", src)
+        return cond
 
 
 @dataclass(frozen=True)
@@ -71,12 +123,60 @@ class Image:
     size_token_divisor: int = 1
     last_row_end: int | None = None  # id after the last code in place of the last row's eol_token (end-of-image)
 
+    @classmethod
+    def parse(cls, im: dict, src) -> "Image":
+        codebook = _int(im, "image", "codebook_size", src, minimum=2)
+        grid = im.get("grid")
+        _expect(isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid),
+                "image.grid", f"must be [H, W] with positive integers, got {short(grid)}", src)
+        before = im.get("before", []) or []
+        _expect(isinstance(before, list), "image.before", f"must be a list, got {short(before)}", src)
+        for i, item in enumerate(before):
+            ok = (_is_int(item) and item >= 0) or item in _GRID_ITEMS
+            _expect(ok, f"image.before[{i}]", f"must be a token id or one of {', '.join(repr(g) for g in _GRID_ITEMS)}, "
+                                              f"got {short(item)}", src)
+        digits = _int_list(im, "image", "digit_ids", src)
+        if any(item in ("{H}", "{W}") for item in before):
+            _expect(len(digits) == 10, "image.digit_ids", "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
+        size_offset = _int(im, "image", "size_token_offset", src, minimum=0, optional=True)
+        size_div = _or_default(_int(im, "image", "size_token_divisor", src, minimum=1, optional=True), cls, "size_token_divisor")
+        if any(item in ("{size_H}", "{size_W}") for item in before):
+            _expect(size_offset is not None, "image.size_token_offset",
+                    "is required when image.before uses {size_H} or {size_W}", src)
+        if size_div > 1:
+            _expect(all(g % size_div == 0 for g in grid), "image.grid",
+                    f"{list(grid)} must be divisible by image.size_token_divisor ({size_div})", src)
+        variable = im.get("variable_grid", False)
+        _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {short(variable)}", src)
+        if im.get("last_row_end") is not None:
+            _expect(im.get("eol_token") is not None, "image.last_row_end",
+                    "takes the place of the last row's image.eol_token, so it needs image.eol_token", src)
+        return cls(
+            codebook_size=codebook, grid=(int(grid[0]), int(grid[1])),
+            visual_token_offset=_or_default(_int(im, "image", "visual_token_offset", src, minimum=0, optional=True), cls, "visual_token_offset"),
+            variable_grid=variable, before=tuple(before), digit_ids=digits,
+            eol_token=_int(im, "image", "eol_token", src, minimum=0, optional=True),
+            size_token_offset=size_offset, size_token_divisor=size_div,
+            last_row_end=_int(im, "image", "last_row_end", src, minimum=0, optional=True),
+        )
+
 
 @dataclass(frozen=True)
 class FlashAR:
     branch_layer: int = -1
     branch_depth: int = 1
     gate_hidden: int | None = None
+
+    @classmethod
+    def parse(cls, f: dict, src) -> "FlashAR":
+        flash = FlashAR(
+            branch_layer=_int(f, "flashar", "branch_layer", src, optional=True) if "branch_layer" in f else -1,
+            branch_depth=_or_default(_int(f, "flashar", "branch_depth", src, minimum=1, optional=True), cls, "branch_depth"),
+            gate_hidden=_int(f, "flashar", "gate_hidden", src, minimum=1, optional=True),
+        )
+        _expect(flash.gate_hidden is None or flash.gate_hidden <= MAX_GATE_HIDDEN, "flashar.gate_hidden",
+                f"must be <= {MAX_GATE_HIDDEN}, got {flash.gate_hidden} (the paper's gate uses max(64, d/8))", src)
+        return flash
 
 
 @dataclass(frozen=True)
@@ -86,6 +186,16 @@ class Logits:
     scale: float = 1.0
     softcap: float | None = None
 
+    @classmethod
+    def parse(cls, lg: dict, src) -> "Logits":
+        scale = lg.get("scale", 1.0)
+        _expect(Num(0, 1e6, lo_open=True).problem(scale) is None, "logits.scale",
+                f"must be a positive number up to 1e6, got {short(scale)}", src)
+        cap = lg.get("softcap")
+        _expect(Num(0, 1e6, lo_open=True, optional=True).problem(cap) is None, "logits.softcap",
+                f"must be a positive number up to 1e6 or null, got {short(cap)}", src)
+        return cls(scale=float(scale), softcap=None if cap is None else float(cap))
+
 
 @dataclass(frozen=True)
 class LoRA:
@@ -93,6 +203,25 @@ class LoRA:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
+
+    @classmethod
+    def parse(cls, lo: dict, src) -> "LoRA":
+        targets = lo.get("targets", [])
+        _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
+                f"must be a list of module-name patterns, got {short(targets)}", src)
+        _expect("all-linear" not in targets, "lora.targets",
+                "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
+        for i, t in enumerate(targets):
+            problem = regex_problem(t)
+            _expect(problem is None, f"lora.targets[{i}]", f"{problem}: {t!r}", src)
+        try:
+            re.compile("|".join(f"(?:{t})" for t in targets))
+        except re.error as e:
+            raise RecipeError("lora.targets", f"the patterns do not combine into one regex ({e})", src) from None
+        dropout = lo.get("dropout", 0.0)
+        _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {short(dropout)}", src)
+        return cls(targets=tuple(targets), r=_or_default(_int(lo, "lora", "r", src, minimum=1, optional=True), cls, "r"),
+                    alpha=_or_default(_int(lo, "lora", "alpha", src, minimum=1, optional=True), cls, "alpha"), dropout=float(dropout))
 
 
 @dataclass(frozen=True)
@@ -110,6 +239,39 @@ class Tokenizer:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # the tokenizer sees (pixels in [0, 1] - mean) / std
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     config: dict = field(default_factory=dict)  # kind-specific constructor arguments
+
+    @classmethod
+    def parse(cls, t: Any, image: Image, src) -> "Tokenizer | None":
+        """The optional ``tokenizer:`` section. A stated image_size must agree with image.grid x
+        downsample: a tokenizer whose grid disagrees with the recipe is refused on load."""
+        if t is None:
+            return None
+        _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {short(t)}", src)
+        allowed = {f.name for f in dataclasses.fields(Tokenizer)}
+        k = first_unknown(t, allowed)
+        _expect(k is None, f"tokenizer.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
+        kind = _str(t, "tokenizer", "kind", src)
+        _expect(bool(kind), "tokenizer.kind", "must be a non-empty string", src)
+        down = _int(t, "tokenizer", "downsample", src, minimum=1, optional=True)
+        size = t.get("image_size")
+        if size is not None:
+            _expect(isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size),
+                    "tokenizer.image_size", f"must be [H, W] with positive integers, got {short(size)}", src)
+            size = (int(size[0]), int(size[1]))
+            if down is not None:
+                want = (image.grid[0] * down, image.grid[1] * down)
+                _expect(size == want, "tokenizer.image_size",
+                        f"{list(size)} gives a {size[0] // down}x{size[1] // down} grid of codes, but image.grid is "
+                        f"{list(image.grid)} (image_size must be grid x downsample = {list(want)})", src)
+        channels = _or_default(_int(t, "tokenizer", "channels", src, minimum=1, optional=True), cls, "channels")
+        std = _floats(t, "std", channels, [0.5] * channels, src)
+        _expect(all(s > 0 for s in std), "tokenizer.std", f"must be positive, got {list(std)}", src)
+        cfg = t.get("config", {}) or {}
+        _expect(isinstance(cfg, dict), "tokenizer.config", f"must be a mapping, got {short(cfg)}", src)
+        return cls(kind=kind, module=_str(t, "tokenizer", "module", src, optional=True),
+                         checkpoint=_str(t, "tokenizer", "checkpoint", src, optional=True), downsample=down,
+                         image_size=size, channels=channels, mean=_floats(t, "mean", channels, [0.5] * channels, src),
+                         std=std, config=cfg)
 
 
 @dataclass(frozen=True)
@@ -205,6 +367,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _or_default(value, cls, name: str):
+    """A value the YAML leaves out takes the section dataclass's own default (one place each)."""
+    return value if value is not None else next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _expect(cond: bool, key: str, msg: str, src: str | None) -> None:
     if not cond:
         raise RecipeError(key, msg, src)
@@ -270,12 +437,12 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     _expect(isinstance(desc, str), "description", "must be a string", src)
     match = data.get("match", {}) or {}
     _expect(isinstance(match, dict), "match", f"must be a mapping, got {short(match)}", src)
-    modules, cond = _modules(data["modules"], src), _condition(data["condition"], src)
-    image = _image(data["image"], src)
+    modules, cond = Modules.parse(data["modules"], src), Condition.parse(data["condition"], src)
+    image = Image.parse(data["image"], src)
     return Recipe(name=name, backend=backend, modules=modules, condition=cond, image=image,
-                  flashar=_flashar(data.get("flashar", {}) or {}, src), lora=_lora(data.get("lora", {}) or {}, src),
-                  logits=_logits(data.get("logits", {}) or {}, src), description=desc, match=match,
-                  tokenizer=_tokenizer(data.get("tokenizer"), image, src), source=source)
+                  flashar=FlashAR.parse(data.get("flashar", {}) or {}, src), lora=LoRA.parse(data.get("lora", {}) or {}, src),
+                  logits=Logits.parse(data.get("logits", {}) or {}, src), description=desc, match=match,
+                  tokenizer=Tokenizer.parse(data.get("tokenizer"), image, src), source=source)
 
 
 def _check_keys(data: dict, src) -> None:
@@ -299,168 +466,11 @@ def _check_keys(data: dict, src) -> None:
             _expect(k in (data.get(sec) or {}), f"{sec}.{k}", "is required", src)
 
 
-def _modules(m: dict, src) -> Modules:
-    ie = m.get("image_embed", [])
-    if isinstance(ie, str):
-        ie = [ie]
-    _expect(isinstance(ie, list) and all(isinstance(x, str) for x in ie), "modules.image_embed",
-            f"must be a module path or a list of them, got {short(ie)}", src)
-    an = m.get("after_norm", []) or []
-    if isinstance(an, str):
-        an = [an]
-    _expect(isinstance(an, list) and all(isinstance(x, str) for x in an), "modules.after_norm",
-            f"must be a module path or a list of them, got {short(an)}", src)
-    return Modules(
-        layers=_str(m, "modules", "layers", src), norm=_str(m, "modules", "norm", src),
-        head=_str(m, "modules", "head", src), embed=_str(m, "modules", "embed", src),
-        decoder=_str(m, "modules", "decoder", src, optional=True) or "", image_embed=tuple(ie), after_norm=tuple(an),
-    )
-
-
-def _condition(c: dict, src) -> Condition:
-    kind = c.get("kind")
-    _expect(kind in ("class", "tokens", "features"), "condition.kind",
-            f"must be one of 'class', 'tokens', 'features', got {short(kind)}", src)
-    uncond_default = {"class": "null_class", "tokens": "none", "features": "none"}[kind]
-    uncond = c.get("uncond", uncond_default)
-    allowed_uncond = {"class": ("null_class", "none"), "tokens": ("pad_inner", "ids", "none"),
-                      "features": ("param", "none")}[kind]
-    _expect(uncond in allowed_uncond, "condition.uncond",
-            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {short(uncond)}", src)
-    cond = Condition(
-        kind=kind,
-        embedding=_str(c, "condition", "embedding", src, optional=kind == "tokens"),
-        num_classes=_int(c, "condition", "num_classes", src, minimum=1, optional=kind != "class"),
-        null_class=_int(c, "condition", "null_class", src, minimum=0, optional=not (kind == "class" and uncond == "null_class")),
-        prefix_len=_int(c, "condition", "prefix_len", src, minimum=1, optional=kind == "tokens"),
-        pad_id=_int(c, "condition", "pad_id", src, minimum=0, optional=not (kind == "tokens" and uncond == "pad_inner")),
-        uncond=uncond,
-        uncond_ids=_int_list(c, "condition", "uncond_ids", src),
-        uncond_features=_str(c, "condition", "uncond_features", src, optional=not (kind == "features" and uncond == "param")),
-    )
-    if kind == "tokens" and uncond == "ids":
-        _expect(len(cond.uncond_ids) > 0, "condition.uncond_ids", "is required when condition.uncond is 'ids'", src)
-    if kind == "class" and cond.null_class is not None:
-        _expect(cond.null_class <= cond.num_classes, "condition.null_class",
-                f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}", src)
-    return cond
-
-
-def _image(im: dict, src) -> Image:
-    codebook = _int(im, "image", "codebook_size", src, minimum=2)
-    grid = im.get("grid")
-    _expect(isinstance(grid, (list, tuple)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid),
-            "image.grid", f"must be [H, W] with positive integers, got {short(grid)}", src)
-    before = im.get("before", []) or []
-    _expect(isinstance(before, list), "image.before", f"must be a list, got {short(before)}", src)
-    for i, item in enumerate(before):
-        ok = (_is_int(item) and item >= 0) or item in _GRID_ITEMS
-        _expect(ok, f"image.before[{i}]", f"must be a token id or one of {', '.join(repr(g) for g in _GRID_ITEMS)}, "
-                                          f"got {short(item)}", src)
-    digits = _int_list(im, "image", "digit_ids", src)
-    if any(item in ("{H}", "{W}") for item in before):
-        _expect(len(digits) == 10, "image.digit_ids", "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
-    size_offset = _int(im, "image", "size_token_offset", src, minimum=0, optional=True)
-    size_div = _int(im, "image", "size_token_divisor", src, minimum=1, optional=True) or 1
-    if any(item in ("{size_H}", "{size_W}") for item in before):
-        _expect(size_offset is not None, "image.size_token_offset",
-                "is required when image.before uses {size_H} or {size_W}", src)
-    if size_div > 1:
-        _expect(all(g % size_div == 0 for g in grid), "image.grid",
-                f"{list(grid)} must be divisible by image.size_token_divisor ({size_div})", src)
-    variable = im.get("variable_grid", False)
-    _expect(isinstance(variable, bool), "image.variable_grid", f"must be true or false, got {short(variable)}", src)
-    if im.get("last_row_end") is not None:
-        _expect(im.get("eol_token") is not None, "image.last_row_end",
-                "takes the place of the last row's image.eol_token, so it needs image.eol_token", src)
-    return Image(
-        codebook_size=codebook, grid=(int(grid[0]), int(grid[1])),
-        visual_token_offset=_int(im, "image", "visual_token_offset", src, minimum=0, optional=True) or 0,
-        variable_grid=variable, before=tuple(before), digit_ids=digits,
-        eol_token=_int(im, "image", "eol_token", src, minimum=0, optional=True),
-        size_token_offset=size_offset, size_token_divisor=size_div,
-        last_row_end=_int(im, "image", "last_row_end", src, minimum=0, optional=True),
-    )
-
-
-def _flashar(f: dict, src) -> FlashAR:
-    flash = FlashAR(
-        branch_layer=_int(f, "flashar", "branch_layer", src, optional=True) if "branch_layer" in f else -1,
-        branch_depth=_int(f, "flashar", "branch_depth", src, minimum=1, optional=True) or 1,
-        gate_hidden=_int(f, "flashar", "gate_hidden", src, minimum=1, optional=True),
-    )
-    _expect(flash.gate_hidden is None or flash.gate_hidden <= MAX_GATE_HIDDEN, "flashar.gate_hidden",
-            f"must be <= {MAX_GATE_HIDDEN}, got {flash.gate_hidden} (the paper's gate uses max(64, d/8))", src)
-    return flash
-
-
-def _lora(lo: dict, src) -> LoRA:
-    targets = lo.get("targets", [])
-    _expect(isinstance(targets, list) and all(isinstance(t, str) for t in targets), "lora.targets",
-            f"must be a list of module-name patterns, got {short(targets)}", src)
-    _expect("all-linear" not in targets, "lora.targets",
-            "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
-    for i, t in enumerate(targets):
-        problem = regex_problem(t)
-        _expect(problem is None, f"lora.targets[{i}]", f"{problem}: {t!r}", src)
-    try:
-        re.compile("|".join(f"(?:{t})" for t in targets))
-    except re.error as e:
-        raise RecipeError("lora.targets", f"the patterns do not combine into one regex ({e})", src) from None
-    dropout = lo.get("dropout", 0.0)
-    _expect(isinstance(dropout, (int, float)) and 0 <= dropout < 1, "lora.dropout", f"must be in [0, 1), got {short(dropout)}", src)
-    return LoRA(targets=tuple(targets), r=_int(lo, "lora", "r", src, minimum=1, optional=True) or 16,
-                alpha=_int(lo, "lora", "alpha", src, minimum=1, optional=True) or 32, dropout=float(dropout))
-
-
-def _logits(lg: dict, src) -> Logits:
-    scale = lg.get("scale", 1.0)
-    _expect(Num(0, 1e6, lo_open=True).problem(scale) is None, "logits.scale",
-            f"must be a positive number up to 1e6, got {short(scale)}", src)
-    cap = lg.get("softcap")
-    _expect(Num(0, 1e6, lo_open=True, optional=True).problem(cap) is None, "logits.softcap",
-            f"must be a positive number up to 1e6 or null, got {short(cap)}", src)
-    return Logits(scale=float(scale), softcap=None if cap is None else float(cap))
-
-
 def _floats(t: dict, name: str, n: int, default, src) -> tuple[float, ...]:
     v = t.get(name, default)
     ok = isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
     _expect(ok, f"tokenizer.{name}", f"must be a list of {n} numbers (one per channel), got {short(v)}", src)
     return tuple(float(x) for x in v)
-
-
-def _tokenizer(t: Any, image: Image, src) -> Tokenizer | None:
-    """The optional ``tokenizer:`` section. A stated image_size must agree with image.grid x
-    downsample: a tokenizer whose grid disagrees with the recipe is refused on load."""
-    if t is None:
-        return None
-    _expect(isinstance(t, dict), "tokenizer", f"must be a mapping, got {short(t)}", src)
-    allowed = {f.name for f in dataclasses.fields(Tokenizer)}
-    k = first_unknown(t, allowed)
-    _expect(k is None, f"tokenizer.{k}", "unknown key" + did_you_mean(str(k), allowed), src)
-    kind = _str(t, "tokenizer", "kind", src)
-    _expect(bool(kind), "tokenizer.kind", "must be a non-empty string", src)
-    down = _int(t, "tokenizer", "downsample", src, minimum=1, optional=True)
-    size = t.get("image_size")
-    if size is not None:
-        _expect(isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s >= 1 for s in size),
-                "tokenizer.image_size", f"must be [H, W] with positive integers, got {short(size)}", src)
-        size = (int(size[0]), int(size[1]))
-        if down is not None:
-            want = (image.grid[0] * down, image.grid[1] * down)
-            _expect(size == want, "tokenizer.image_size",
-                    f"{list(size)} gives a {size[0] // down}x{size[1] // down} grid of codes, but image.grid is "
-                    f"{list(image.grid)} (image_size must be grid x downsample = {list(want)})", src)
-    channels = _int(t, "tokenizer", "channels", src, minimum=1, optional=True) or 3
-    std = _floats(t, "std", channels, [0.5] * channels, src)
-    _expect(all(s > 0 for s in std), "tokenizer.std", f"must be positive, got {list(std)}", src)
-    cfg = t.get("config", {}) or {}
-    _expect(isinstance(cfg, dict), "tokenizer.config", f"must be a mapping, got {short(cfg)}", src)
-    return Tokenizer(kind=kind, module=_str(t, "tokenizer", "module", src, optional=True),
-                     checkpoint=_str(t, "tokenizer", "checkpoint", src, optional=True), downsample=down,
-                     image_size=size, channels=channels, mean=_floats(t, "mean", channels, [0.5] * channels, src),
-                     std=std, config=cfg)
 
 
 # Bounds on lora.targets: each is a regex matched against every module name of the model.
