@@ -34,7 +34,7 @@ from .errors import FlashARError
 from .files import apply_umask, escaping_links, inside
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
-from .validate import Is, Num, OneOf, differing_keys, first_problem, short
+from .validate import Is, Num, OneOf, differing_keys, first_problem, short, state_dict_misfit
 
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
@@ -224,9 +224,9 @@ def _attach_adapters(model, out_dir: Path, meta: dict) -> None:
     except FlashARError as e:  # e.g. the recipe names no lora.targets
         raise ExportError(f"{path}: cannot re-attach the adapters: {e}") from None
     own = {k: v.detach() for k, v in lora_named_parameters(model)}
-    bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    bad = state_dict_misfit(own, sd)
     if bad:
-        raise ExportError(f"{path}: adapters do not fit this model/recipe: {bad[:3]}")
+        raise ExportError(f"{path}: adapters do not fit this model/recipe: {bad}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
 
 
@@ -243,12 +243,10 @@ def load_flashar_weights(model, path) -> None:
     if bad_dtype:
         raise ExportError(f"{path}: FlashAR weights must be floating point; {bad_dtype[:3]} are not")
     own = model.flashar.state_dict()
-    missing = sorted(set(own) - set(sd))
-    extra = sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or extra or bad:
+    bad = state_dict_misfit(own, sd)
+    if bad:
         raise ExportError(f"{path}: FlashAR weights do not fit this model/recipe (another recipe or branch setting?): "
-                          f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {bad[:3]}")
+                          f"{bad}")
     model.flashar.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 

@@ -43,7 +43,8 @@ from .errors import FlashARError
 from .files import atomic_write_bytes, exclusive_lock
 from .patching import context, patch
 from .recipe import RecipeError, did_you_mean, load_recipe, safe_yaml
-from .validate import Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, first_unknown, rule, short
+from .validate import (Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, first_unknown, rule,
+                       short, state_dict_misfit)
 
 
 class TrainingError(FlashARError, RuntimeError):
@@ -578,13 +579,12 @@ def _load_trainable(model, state, cfg) -> None:
     if state.get("lora") and not lora_parameters(model):
         add_lora(model)
     params = dict(model.named_parameters())
-    missing = [k for k in state["trainable"] if k not in params]
-    if missing:
-        raise TrainingError(f"checkpoint has weights this model lacks: {missing[:3]} (another recipe or config?)")
+    # only the trained weights are saved: the model may have more, never fewer or other shapes
+    bad = state_dict_misfit(params, state["trainable"], may_miss=params)
+    if bad:
+        raise TrainingError(f"checkpoint weights do not fit this model (another recipe or config?): {bad}")
     with torch.no_grad():
         for k, v in state["trainable"].items():
-            if params[k].shape != v.shape:
-                raise TrainingError(f"checkpoint weight {k} has shape {tuple(v.shape)}, model {tuple(params[k].shape)}")
             params[k].copy_(v)
 
 

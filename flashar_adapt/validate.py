@@ -179,3 +179,15 @@ def first_unknown(keys, allowed):
     """The first of ``keys`` not in ``allowed``, or None: the one unknown-key check of
     recipes and training configs (each reports it with ``did_you_mean``)."""
     return next((k for k in keys if k not in allowed), None)
+
+
+def state_dict_misfit(own: Mapping, given: Mapping, may_miss=()) -> str | None:
+    """How the tensors ``given`` fail to fit a module whose state dict is ``own`` (missing,
+    unexpected and wrong-shape keys, a few of each), or None when they fit: the one check
+    every loader runs before ``load_state_dict``."""
+    missing = sorted(set(own) - set(given) - set(may_miss))
+    extra = sorted(set(given) - set(own))
+    shape = [k for k in own if k in given and tuple(own[k].shape) != tuple(given[k].shape)]
+    if not (missing or extra or shape):
+        return None
+    return f"missing {missing[:4]}, unexpected {extra[:4]}, wrong shape {shape[:4]}"

@@ -54,6 +54,7 @@ from torch import nn
 
 from flashar_adapt.backends import dtype_name, register_backend
 from flashar_adapt.patching import context
+from flashar_adapt.validate import state_dict_misfit
 
 from .hf import TransformersBackend
 
@@ -237,14 +238,9 @@ def load_emu3p5(path, dtype: torch.dtype | None = None, device: str | torch.devi
     sd = _read_weights(path)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    unexpected = sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or bad:
-        raise ValueError(f"{path}: weights do not fit an Emu3.5 decoder of this config: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}, wrong shape {bad[:4]}")
+    bad = state_dict_misfit(own, sd, may_miss=["lm_head.weight"] if config.tie_word_embeddings else [])
+    if bad:
+        raise ValueError(f"{path}: weights do not fit an Emu3.5 decoder of this config: {bad}")
     model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
