@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     result = {"machine": platform.platform(), "torch_threads": torch.get_num_threads(), "cfg_scale": a.cfg,
               "samples_per_row": a.samples, "nll_test_images": len(test_codes), "assets": info, "rows": rows,
               "seconds": round(time.time() - t_start, 1)}
+    old_path = a.out / "fmnist.json"
+    if old_path.is_file() and "data_free" in json.loads(old_path.read_text()):
+        result["data_free"] = json.loads(old_path.read_text())["data_free"]  # measured by fmnist.build data_free
     (a.out / "fmnist.json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
     (a.out / "fmnist.md").write_text(md)
@@ -121,7 +124,27 @@ def markdown(r: dict) -> str:
     cls = r["assets"].get("classifier", {}).get("test_accuracy")
     return (f"Fashion-MNIST, 14x14 codes, CFG {r['cfg_scale']}, {r['samples_per_row']} samples per row, NLL on "
             f"{r['nll_test_images']} test images; classifier test accuracy {cls}; {r['machine']}, "
-            f"{r['torch_threads']} torch threads.\n\n" + head + "\n".join(lines) + "\n")
+            f"{r['torch_threads']} torch threads.\n\n" + head + "\n".join(lines) + "\n" + data_free_markdown(r))
+
+
+def data_free_markdown(r: dict) -> str:
+    """The data-free rows (``python -m flashar_adapt.fmnist.build data_free``), each beside the
+    shipped FlashAR measured with the same number of samples."""
+    d = r.get("data_free")
+    if not d:
+        return ""
+    head = ("| model | post-trained on | teacher sampling | samples per row | NLL bits/token | Frechet dist. | "
+            "sample acc. |\n|---|---|---|---|---|---|---|\n")
+    lines = []
+    for v in d["rows"]:
+        src = (f"{v['teacher_samples']} base samples (CFG {v['teacher_cfg']}), each seen "
+               f"{d['images_seen'] / v['teacher_samples']:.0f}x" if "teacher_samples" in v else
+               f"{d['images_seen']} real images")
+        t = f"{v['teacher_seconds']:.0f} s" if "teacher_seconds" in v else "-"
+        lines.append(f"| {v['label']} | {src} | {t} | {v['samples']} | {v['nll_bits']:.4f} | {v['frechet']:.3f} | "
+                     f"{v['accuracy']:.3f} |")
+    return (f"\nData-free post-training, same budget as the shipped FlashAR ({d['images_seen']} images over "
+            f"{d['steps']} steps); {d['note']}\n\n" + head + "\n".join(lines) + "\n")
 
 
 def plot(r: dict, path: Path) -> None:

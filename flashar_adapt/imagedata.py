@@ -137,7 +137,7 @@ def _fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str)
     return h.hexdigest()
 
 
-def _check_out(out: Path) -> dict | None:
+def resume_state(out: Path) -> dict | None:
     """The saved state of an interrupted run in ``out``, None for a fresh folder; refuses a
     finished data folder or a folder that holds something else."""
     if (out / "manifest.json").exists():
@@ -169,7 +169,7 @@ def tokenize_dataset(items: list[Item], out_dir, tok: ImageTokenizer, recipe: Re
         if over:
             raise DataError(f"class id {over[0].cond} ({over[0].image}) is outside the recipe's {n_cls} classes")
     out = Path(out_dir)
-    state = _check_out(out)
+    state = resume_state(out)
     fp = _fingerprint(items, recipe, shard_size, extra)
     if state is not None and state.get("fingerprint") != fp:
         raise DataError(f"{out}: holds an interrupted run of other inputs or settings; finish it with the same "

@@ -8,6 +8,7 @@ an output folder that exists is refused before any work, so nothing is overwritt
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -102,6 +103,10 @@ def _pick_text_tokenizer(args, recipe, folder):
 def _cmd_tokenize(args) -> int:
     from .imagedata import list_class_folder, read_jsonl, tokenize_dataset
 
+    if args.from_model:
+        return _cmd_from_model(args)
+    if args.source is None:
+        raise GenerateError("give the images (a class folder or a .jsonl file), or --from-model")
     src = Path(args.source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such folder or JSONL file")
@@ -128,6 +133,56 @@ def _cmd_tokenize(args) -> int:
           + (f" (listed in {Path(args.out) / 'tokenize_report.json'})" if rep["num_bad"] else ""))
     for path, why in rep["bad"][:10]:
         print(f"  bad: {path}: {why}")
+    return 0
+
+
+def _teacher_model(args):
+    """(raster model, recipe, text tokenizer folder, its identity for the fingerprint)."""
+    if args.export:
+        raise GenerateError("--from-model samples the original raster model: give --model with --recipe, or --config "
+                            "(its base model); an export's raster mode is the post-trained model, not the original")
+    if args.config:
+        from .patching import context
+        from .training import TrainConfig, build_model
+
+        cfg = TrainConfig.load(args.config)
+        model = build_model(cfg).eval()  # the base model the run post-trains, not its checkpoint
+        model = model.to(args.device) if args.device else model
+        return model, context(model).recipe, None, json.dumps(cfg.model, sort_keys=True, default=str)
+    if not (args.model and args.recipe):
+        raise GenerateError("--from-model needs the raster model: --model PATH with --recipe NAME, or --config RUN.yaml")
+    model, recipe, folder = _load(args)
+    return model, recipe, folder, str(Path(args.model).resolve())
+
+
+def _cmd_from_model(args) -> int:
+    """``tokenize --from-model``: shards sampled from the raster model (data-free post-training)."""
+    from .teacher import TeacherSampling, cycled_prompts, sample_dataset, uniform_classes
+
+    if args.source is not None:
+        raise GenerateError("--from-model takes no images; drop the SRC argument")
+    if args.num_samples is None:
+        raise GenerateError("--from-model needs --num-samples N (how many examples to sample)")
+    model, recipe, folder, ident = _teacher_model(args)
+    if recipe.condition.kind == "class":
+        if args.prompts_file:
+            raise GenerateError(f"recipe {recipe.name!r} is class-conditional: classes are sampled uniformly; "
+                                "drop --prompts-file")
+        conds, text = uniform_classes(args.num_samples, recipe.condition.num_classes), None
+    elif recipe.condition.kind == "tokens":
+        if not args.prompts_file:
+            raise GenerateError(f"recipe {recipe.name!r} is conditioned on prompts: give --prompts-file FILE")
+        conds = cycled_prompts(read_prompts(args.prompts_file), args.num_samples)
+        text = _pick_text_tokenizer(args, recipe, folder)
+    else:
+        raise GenerateError(f"condition.kind {recipe.condition.kind!r}: --from-model samples classes or prompts only")
+    sampling = TeacherSampling(args.cfg, args.cfg_schedule, args.temperature, args.top_k, args.top_p)
+    print(f"sampling {len(conds)} examples from the raster model -> {args.out} (recipe {recipe.name}, "
+          f"{recipe.image.grid[0] * recipe.image.grid[1]} steps each, CFG {args.cfg}, seed {args.seed})")
+    rep = sample_dataset(model, conds, args.out, sampling=sampling, seed=args.seed, text=text,
+                         batch_size=args.batch_size, shard_size=args.shard_size, progress=not args.no_progress,
+                         extra=json.dumps([ident, args.prompt_template]))
+    print(f"wrote {rep['num_examples']} examples in {rep['seconds']:.1f} s of sampling")
     return 0
 
 
@@ -324,15 +379,38 @@ def _model_args(s, need_model: bool) -> None:
     s.add_argument("--no-progress", action="store_true")
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _sampling_args(s) -> None:
+    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--cfg-schedule", default="constant")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+
+
 def add_cli(sub) -> None:
     s = sub.add_parser("tokenize", help="encode an image folder (class sub-folders) or a JSONL of {image, prompt} "
                        "into training shards (resumable)")
-    s.add_argument("source", help="a folder with one sub-folder per class, or a .jsonl file")
+    s.add_argument("source", nargs="?", help="a folder with one sub-folder per class, or a .jsonl file "
+                   "(none with --from-model)")
     s.add_argument("--out", required=True, help="data folder to write (an interrupted run there is continued)")
     _model_args(s, need_model=False)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shard-size", type=int, default=4096)
     s.add_argument("--allow-upscale", action="store_true", help="scale up images smaller than the tokenizer input")
+    t = s.add_argument_group("data-free: --from-model samples the shards from the raster model itself")
+    t.add_argument("--from-model", action="store_true", help="sample the model (--model + --recipe, or --config: "
+                   "its base model) instead of encoding images")
+    t.add_argument("--num-samples", type=_positive, help="examples to sample (classes in turn, or the prompts in turn)")
+    t.add_argument("--prompts-file", help="prompt-conditioned recipes: one prompt per line")
+    _sampling_args(t)
     s.set_defaults(fn=_cmd_tokenize)
 
     s = sub.add_parser("generate", help="generate images (PNG + a labelled grid, or codes) from a model")
@@ -344,11 +422,6 @@ def add_cli(sub) -> None:
     s.add_argument("--prompts-file", help="a file with one prompt per line")
     s.add_argument("--per-cond", type=int, default=1, help="images per class or prompt")
     s.add_argument("--mode", choices=("two_way", "raster"), default="two_way")
-    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--cfg-schedule", default="constant")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    _sampling_args(s)
     s.add_argument("--batch-size", type=int, default=16)
     s.set_defaults(fn=_cmd_generate)

@@ -361,12 +361,29 @@ def _accelerator(cfg: TrainConfig):
     if mp == "fp16" and cpu:
         raise TrainingError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
         # accelerate keeps one process-wide state; a second in-process run (notebooks, tests)
         # with another precision needs it cleared (private API, no public reset exists).
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by accelerate launch
+    try:
+        acc = Accelerator(mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=cfg.grad_accum)
+    except RuntimeError as e:
+        if fsdp and cpu:  # accelerate's FSDP plugin looks for an accelerator when syncing module states
+            raise TrainingError(_fsdp_on_cpu(f"accelerate refused: {e}")) from None
+        raise
+    if fsdp and cpu and acc.distributed_type != DistributedType.FSDP:
+        raise TrainingError(_fsdp_on_cpu(f"accelerate would run {acc.distributed_type.value} instead, unsharded"))
+    return acc
+
+
+def _fsdp_on_cpu(what: str) -> str:
+    import accelerate
+
+    return (f"launched with FSDP on CPU, which accelerate {accelerate.__version__} does not shard ({what}); "
+            "launch with integrations/accelerate/cpu.yaml (DDP over gloo) or on GPUs (docs/training.md)")
 
 
 def _stage_of(step: int, cfg: TrainConfig) -> tuple[int, int]:

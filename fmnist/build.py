@@ -5,6 +5,7 @@
     python -m flashar_adapt.fmnist.build base          # raster base model, from scratch
     python -m flashar_adapt.fmnist.build flashar       # two-stage post-training of the base
     python -m flashar_adapt.fmnist.build variants      # the benchmark's ablations (not shipped)
+    python -m flashar_adapt.fmnist.build data_free     # post-training on the base's own samples (not shipped)
 
 Assets go to ``--assets`` (default: the package's assets folder); scratch to ``--work``.
 """
@@ -98,15 +99,17 @@ def write_shards(assets: Path, work: Path) -> Path:
 
 
 def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STEPS, lora=STAGE2_LORA,
-                fixed_gate=None, branch_layer=None, w_kd_fused=W_KD_FUSED, base: Path | None = None) -> Path:
-    """A training config for one variant; written to work/<name>.yaml."""
+                fixed_gate=None, branch_layer=None, w_kd_fused=W_KD_FUSED, base: Path | None = None,
+                data: Path | None = None) -> Path:
+    """A training config for one variant; written to work/<name>.yaml. ``data``: the shards
+    (default: the real training images, work/shards)."""
     import yaml
 
     work = work.resolve()  # the config's relative paths would resolve against its own folder
     cfg = {"model": {"backend": "llamagen", "checkpoint": str((base or ASSETS) / "base.safetensors"),
                      "model_args": None, "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
                      "dtype": "float32"},
-           "recipe": "fmnist-c2i", "data": str(work / "shards"), "out_dir": str(work / "runs" / name),
+           "recipe": "fmnist-c2i", "data": str(Path(data).resolve() if data else work / "shards"), "out_dir": str(work / "runs" / name),
            "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 10},
            "stage2": {"steps": stage2, "lr": 1e-3, "warmup_steps": 10, "lora": lora, "lora_lr_scale": 3.0},
            "w_kd_fused": w_kd_fused, "batch_size": POST_BATCH, "save_every": 10, "seed": 0, "cpu": True}
@@ -201,6 +204,68 @@ def build_variants(assets: Path, work: Path, only: list[str] | None = None) -> N
         train(post_config(work, name, **kw))
 
 
+# Data-free post-training: as many teacher samples as the shipped model saw real images, drawn
+# with the CFG scale the benchmark samples with, every class in turn.
+TEACHER_CFG = 2.0
+TEACHER_BATCH = 288
+TEACHER_SHARD = 2880  # 3 shards: a killed sampling run loses at most one shard's work
+
+
+def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_samples: int | None = None) -> dict:
+    """Sample the raster base, post-train on its samples with the shipped recipe (the same
+    steps and batch: fewer teacher samples than the budget's images are seen several times),
+    and measure the result as benchmarks/fmnist.py measures its rows. Every stage resumes."""
+    from flashar_adapt.teacher import TeacherSampling, sample_dataset, uniform_classes
+    from flashar_adapt.training import TrainConfig, build_model_from_run, train
+
+    from .evaluate import load_base
+
+    n = teacher_samples or (STAGE1_STEPS + STAGE2_STEPS) * POST_BATCH
+    data = work / f"teacher_{n}"
+    if not (data / "manifest.json").is_file():
+        rep = sample_dataset(load_base(assets), uniform_classes(n, 10), data, sampling=TeacherSampling(TEACHER_CFG),
+                             seed=0, batch_size=TEACHER_BATCH, shard_size=TEACHER_SHARD,
+                             extra=str((assets / "base.safetensors").resolve()))
+        print(f"teacher: {rep['num_examples']} samples in {rep['seconds']:.0f} s")
+    teacher = json.loads((data / "teacher_report.json").read_text())
+    cfg_path = post_config(work, f"data_free_{n}", data=data)
+    run = work / "runs" / f"data_free_{n}"
+    if not (run / "done.json").is_file():
+        import time
+
+        t = time.perf_counter()
+        train(cfg_path)
+        (run / "done.json").write_text(json.dumps({"train_seconds": round(time.perf_counter() - t, 1)}))
+    out = work / f"data_free_{n}_eval{eval_samples}.json"
+    if not out.is_file():
+        model = build_model_from_run(TrainConfig.load(cfg_path)).float().eval()
+        row = {"label": f"FlashAR, data-free: {teacher['num_examples']} samples of the base", **_measure(
+            model, assets, work, eval_samples), "teacher_samples": teacher["num_examples"],
+            "teacher_seconds": teacher["seconds"], "teacher_cfg": TEACHER_CFG,
+            "train_seconds": json.loads((run / "done.json").read_text())["train_seconds"]}
+        out.write_text(json.dumps(row, indent=1))
+    ref = work / f"flashar_shipped_eval{eval_samples}.json"  # the real-image model at the same sample count
+    if not ref.is_file():
+        from .evaluate import load_flashar
+
+        ref.write_text(json.dumps({"label": "FlashAR, shipped (8640 real images)",
+                                   **_measure(load_flashar(assets / "flashar"), assets, work, eval_samples)}, indent=1))
+    rows = [json.loads(ref.read_text()), json.loads(out.read_text())]
+    print(json.dumps(rows, indent=1))
+    return rows[1]
+
+
+def _measure(model, assets: Path, work: Path, eval_samples: int) -> dict:
+    """A two-way model's row, as benchmarks/fmnist.py measures it (same functions, seed and CFG)."""
+    from .evaluate import Judge, decoder, nll_bits, sample_codes
+
+    c = tokenize(assets, work)
+    nll = nll_bits(model, c["test"], c["test_labels"], "two_way")
+    codes, y = sample_codes(decoder(model, "two_way", TEACHER_CFG), eval_samples, batch=500, seed=1, progress="eval")
+    return {"mode": "two_way", "steps": 27, "nll_bits": nll, **Judge(assets)(codes, y), "samples": eval_samples,
+            "nll_test_images": int(c["test"].shape[0]), "torch_threads": torch.get_num_threads()}
+
+
 def _update_info(assets: Path, **sections) -> None:
     p = assets / "info.json"
     info = json.loads(p.read_text()) if p.is_file() else {}
@@ -210,12 +275,15 @@ def _update_info(assets: Path, **sections) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flashar_adapt.fmnist.build")
-    ap.add_argument("what", choices=["tokenizer", "classifier", "base", "flashar", "variants"])
+    ap.add_argument("what", choices=["tokenizer", "classifier", "base", "flashar", "variants", "data_free"])
     ap.add_argument("--assets", type=Path, default=ASSETS)
     ap.add_argument("--work", type=Path, default=Path("runs/fmnist"))
     ap.add_argument("--steps", type=int, default=1400, help="base model: maximum training steps")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--eval-samples", type=int, default=5000, help="data_free: samples for Frechet and accuracy")
+    ap.add_argument("--teacher-samples", type=int, default=None,
+                    help="data_free: samples drawn from the base (default: as many as the post-training budget's images)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -229,6 +297,8 @@ def main(argv=None) -> int:
         build_base(a.assets, a.work, a.steps)
     elif a.what == "flashar":
         build_flashar(a.assets, a.work)
+    elif a.what == "data_free":
+        build_data_free(a.assets, a.work, a.eval_samples, a.teacher_samples)
     else:
         build_variants(a.assets, a.work, a.only)
     return 0

@@ -362,3 +362,27 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, family):
     assert_same_losses(_metrics(tmp_path / "b" / "run"), _metrics(tmp_path / "a" / "run"))
     init = _initial_weights(tmp_path / "a" / "cfg.yaml")
     assert_same_training(dict(model.named_parameters()), dict(plain.named_parameters()), init)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_fsdp_on_cpu_is_refused_not_silently_unsharded(tmp_path, sync):
+    """accelerate (1.15 here) shards with FSDP on accelerators only. Launched with an FSDP
+    config on 2 CPU processes it either refuses in its plugin (sync_module_states: it looks for
+    a GPU) or quietly trains unsharded DDP; both must end in one clear error and no checkpoint,
+    not in a run the user believes is sharded. docs/training.md has the versions and errors."""
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "integrations" / "accelerate" / "fsdp.yaml").read_text())
+    shipped.update(num_processes=2, mixed_precision="no", use_cpu=True)
+    shipped["fsdp_config"].update(fsdp_transformer_layer_cls_to_wrap="TransformerBlock", fsdp_sync_module_states=sync,
+                                  fsdp_cpu_ram_efficient_loading=False)
+    (tmp_path / "fsdp_cpu.yaml").write_text(yaml.safe_dump(shipped))
+    cfg = llamagen_run(tmp_path / "r", stage1=2, stage2=1)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp_cpu.yaml"),
+           "--main_process_port", str(_free_port()), "-m", "flashar_adapt.cli", "train", "--config", str(cfg),
+           "--no-progress"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path / "r")
+    assert r.returncode != 0
+    assert "launched with FSDP on CPU, which accelerate" in r.stderr and "cpu.yaml (DDP over gloo)" in r.stderr
+    assert ("accelerate refused" if sync else "would run MULTI_CPU instead") in r.stderr
+    assert not (tmp_path / "r" / "run" / "checkpoint.pt").exists()
