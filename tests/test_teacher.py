@@ -13,7 +13,7 @@ from flashar_adapt.data import DataError, ShardDataset
 from flashar_adapt.imagedata import STATE
 from flashar_adapt.teacher import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
 
-import tiny
+from tests import tiny
 
 
 def _read(out):
@@ -172,6 +172,7 @@ def test_cli_from_model_bad_input(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_from_model_resumes_after_sigkill(checkpoint, tmp_path):
     """A real kill -9 between shards (sampling slowed in the child so the kill lands there);
     the same command again finishes with exactly the uninterrupted run's shards."""

@@ -364,6 +364,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, family):
     assert_same_training(dict(model.named_parameters()), dict(plain.named_parameters()), init)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sync", [True, False])
 def test_fsdp_on_cpu_is_refused_not_silently_unsharded(tmp_path, sync):
     """accelerate (1.15 here) shards with FSDP on accelerators only. Launched with an FSDP
