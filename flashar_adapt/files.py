@@ -75,13 +75,16 @@ def apply_umask(path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
+def _replace_atomically(path, write) -> None:
+    """``write(tmp)`` a temp file beside ``path``, fsync it (a rename is only as durable as the
+    data before it), give it the umask's mode, then rename it over ``path``; on any failure
+    the temp file goes and ``path`` is untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
@@ -91,18 +94,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    _replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _replace_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                                     metadata=metadata))
 
 
 LOCK_NAME = ".flashar.lock"
