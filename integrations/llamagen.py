@@ -760,17 +760,23 @@ class VQEncoder(nn.Module):
         self.conv_out = nn.Conv2d(cin, a.z_channels, 3, 1, 1)
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for block in self.conv_blocks:
-            for j, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[j](h)
-            if hasattr(block, "downsample"):
-                h = block.downsample(h)
+        h = _run_levels(self.conv_blocks, self.conv_in(x), "downsample")
         for m in self.mid:
             h = m(h)
         return self.conv_out(_swish(self.norm_out(h)))
+
+
+def _run_levels(blocks, h, resample: str):
+    """Each resolution level: its resnet blocks (each followed by its attention block where
+    the level has attention), then its down/up-sampling if it has one."""
+    for block in blocks:
+        for j, res in enumerate(block.res):
+            h = res(h)
+            if len(block.attn):
+                h = block.attn[j](h)
+        if hasattr(block, resample):
+            h = getattr(block, resample)(h)
+    return h
 
 
 class VQDecoder(nn.Module):
@@ -800,13 +806,7 @@ class VQDecoder(nn.Module):
         h = self.conv_in(z)
         for m in self.mid:
             h = m(h)
-        for block in self.conv_blocks:
-            for j, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[j](h)
-            if hasattr(block, "upsample"):
-                h = block.upsample(h)
+        h = _run_levels(self.conv_blocks, h, "upsample")
         return self.conv_out(_swish(self.norm_out(h)))
 
 

@@ -45,3 +45,32 @@ def install(at_step: int | None = None, in_save: int | None = None) -> None:
 if __name__ == "__main__":
     install(*(int(os.environ[k]) if os.environ.get(k) else None for k in (AT_STEP, IN_SAVE)))
     sys.exit(cli.main())
+
+
+def kill_tokenize_mid_run(argv: list[str], state_file, done: int, slow: str) -> None:
+    """Run ``flashar-adapt tokenize *argv`` in a child whose ``slow`` function ("module.name")
+    sleeps 0.3 s a call, and SIGKILL it once ``state_file`` records ``done`` finished shards,
+    so the kill lands between shards of a run that is still going."""
+    import json
+    import subprocess
+    import time
+    from pathlib import Path
+
+    module, name = slow.rsplit(".", 1)
+    code = (f"import sys, time; import {module} as m; f = m.{name}; "
+            f"m.{name} = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
+            "from flashar_adapt.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "tokenize", *argv], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if Path(state_file).is_file() and json.loads(Path(state_file).read_text())["done"] >= done:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the child finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -10,12 +10,7 @@ from tests import tiny
 from flashar_adapt import cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine (see tests/test_zoo.py)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

@@ -31,13 +31,7 @@ DATA = Path(__file__).parent / "data"
 BOS, BSS, BOI, IMG, EOI, EOL, BOV = 151849, 151746, 151852, 151851, 151853, 151846, 151854
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run fastest on one intra-op thread. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- the official decoder, by hand

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +17,9 @@ from flashar_adapt.imagedata import STATE, list_class_folder, read_jsonl, tokeni
 from flashar_adapt.tokenizers import load_tokenizer
 
 from tests import tiny
+from tests.kill_switch import kill_tokenize_mid_run
 
 PIL = pytest.importorskip("PIL.Image")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(path: Path, seed: int, size=(28, 28), mode="L") -> torch.Tensor:
@@ -149,24 +144,7 @@ def test_tokenize_resumes_after_sigkill(tmp_path):
     args = [str(tmp_path / "imgs"), "--recipe", "fmnist-c2i", "--shard-size", "2", "--batch-size", "1", "--no-progress"]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    slow = ("import sys, time; import flashar_adapt.imagedata as m; f = m.load_image; "
-            "m.load_image = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
-            "from flashar_adapt.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", slow, "tokenize", *args, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            st = out / STATE
-            if st.is_file() and json.loads(st.read_text())["done"] >= 3:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the child finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=3, slow="flashar_adapt.imagedata.load_image")
     assert not (out / "manifest.json").exists()
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):

@@ -14,6 +14,7 @@ from flashar_adapt.imagedata import STATE
 from flashar_adapt.teacher import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
 
 from tests import tiny
+from tests.kill_switch import kill_tokenize_mid_run
 
 
 def _read(out):
@@ -176,35 +177,12 @@ def test_cli_from_model_bad_input(checkpoint, tmp_path, capsys):
 def test_cli_from_model_resumes_after_sigkill(checkpoint, tmp_path):
     """A real kill -9 between shards (sampling slowed in the child so the kill lands there);
     the same command again finishes with exactly the uninterrupted run's shards."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
     args = ["--from-model", "--model", str(checkpoint / "backbone" / "llamagen.pt"), "--recipe", "fmnist-c2i",
             "--num-samples", "6", "--batch-size", "1", "--shard-size", "2", "--cfg", "2", "--no-progress"]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    slow = ("import sys, time; import flashar_adapt.teacher as m; f = m.sample_batch; "
-            "m.sample_batch = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
-            "from flashar_adapt.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", slow, "tokenize", *args, "--out", str(out)],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            st = out / STATE
-            if st.is_file() and json.loads(st.read_text())["done"] >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the child finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=2, slow="flashar_adapt.teacher.sample_batch")
     assert not (out / "manifest.json").exists()
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):

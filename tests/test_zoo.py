@@ -21,14 +21,7 @@ from flashar_adapt.inspection import load_model
 from flashar_adapt.matching import match_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two
-    threads fighting other jobs. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _greedy_equals_teacher_forcing(model, cond, mask=None):
