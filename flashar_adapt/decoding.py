@@ -609,19 +609,18 @@ class DecoderState:
         t = self.t if t is None else t
         if not 0 <= t < self.num_steps:
             raise IndexError(f"step {t} is outside 0..{self.num_steps - 1}")
-        dev = self.codes.device
-        if self.mode == "raster":
-            return torch.tensor([t], device=dev)
-        out = self._sched.steps[t].out
-        return torch.arange(out.start, out.stop, device=dev) if isinstance(out, slice) else out
+        out = self._cell_index(t)
+        if isinstance(out, slice):
+            return torch.arange(out.start, out.stop, device=self.codes.device)
+        return out
+
+    def _cell_index(self, t: int):
+        """What ``codes[:, ...]`` takes for step t's cells, as the schedule holds it (a slice
+        where the cells are contiguous): no tensor made per step on the decoding path."""
+        return slice(t, t + 1) if self.mode == "raster" else self._sched.steps[t].out
 
     def image(self) -> torch.Tensor:
         return self.codes.view(self.batch, self.layout.height, self.layout.width)
-
-
-def check_sampling(cfg_scale, temperature, top_k, top_p, cfg_schedule) -> None:
-    """The checks of ``Sampling`` for callers that hold the settings one by one."""
-    Sampling(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def _check_mode(mode) -> None:
@@ -751,7 +750,7 @@ def _step(state: DecoderState, forced=None) -> torch.Tensor:
                            "caches; prefill again (or decode on a copy.deepcopy of the model)")
     lg = (_two_way_logits if state.mode == "two_way" else _raster_logits)(ctx, state)
     lg = lg.reshape(state.batch, -1, lg.shape[-1])
-    out = state.cells()
+    out = state._cell_index(state.t)
     if forced is None:
         tok = sample(lg.reshape(-1, lg.shape[-1]), state.sampling).view(state.batch, -1)
     else:
