@@ -2,7 +2,7 @@
 
     python benchmarks/decode_speed.py                  # CPU, small random LlamaGen models (minutes)
     python benchmarks/decode_speed.py --quick          # CPU, fewer grids, batches and repeats
-    python benchmarks/decode_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, 16x16 and 32x32
+    python benchmarks/decode_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, 16x16 and 32x32, compiled
     python benchmarks/decode_speed.py --hf             # also the transformers backend: static vs DynamicCache
 
 Random-weight models of the LlamaGen architecture (integrations/llamagen.py), patched with
@@ -60,15 +60,6 @@ def build(n_layer, dim, n_head, vocab, branch_layer, grid, device, dtype, seed=0
         "image.codebook_size": vocab, "image.grid": [grid, grid], "flashar.branch_layer": branch_layer})
     fa.patch(model, recipe)
     return model.to(device=device, dtype=dtype)
-
-
-def compile_layers(model) -> None:
-    """torch.compile the attention and MLP of every backbone and branch layer, in place
-    (the layers' own __call__ stays eager, so the branch hook still sees their inputs).
-    Off by default: on CPU the compile time does not pay at these sizes."""
-    for layer in list(model.flashar.ctx.layers) + list(model.flashar.branch_layers):
-        layer.attention.compile(dynamic=True)
-        layer.feed_forward.compile(dynamic=True)
 
 
 def sync(device):
@@ -157,9 +148,9 @@ def matmul_growth(dim: int, rows_raster: int, rows_two_way: int, device, dtype, 
     return out[1] / out[0]
 
 
-def two_way_state(model, cond, use_branch: bool, cfg_scale: float) -> fa.DecoderState:
+def two_way_state(model, cond, use_branch: bool, cfg_scale: float, compile: bool = False) -> fa.DecoderState:
     """A two-way decoder state after the prefill (fa.prefill), with or without the branch."""
-    return fa.prefill(model, cond, vertical=use_branch, cfg_scale=cfg_scale, top_k=0, temperature=1.0)
+    return fa.prefill(model, cond, vertical=use_branch, cfg_scale=cfg_scale, top_k=0, temperature=1.0, compile=compile)
 
 
 @torch.inference_mode()
@@ -183,11 +174,11 @@ def forward_growth(model, cfg_scale: float, device, reps: int = 100) -> float:
     return out[1] / out[0]
 
 
-def two_way_steps(model, cond, use_branch: bool, cfg_scale: float):
+def two_way_steps(model, cond, use_branch: bool, cfg_scale: float, compile: bool = False):
     """The two-way decoding loop (fa.prefill + fa.step) with or without the vertical branch
     (without it every cell takes the horizontal head's logits; the schedule and the backbone
     work are the same). Used to measure what the branch adds to a step; returns the codes."""
-    state = two_way_state(model, cond, use_branch, cfg_scale)
+    state = two_way_state(model, cond, use_branch, cfg_scale, compile)
     while not state.done:
         fa.step(state)
     return state.image()
@@ -196,11 +187,9 @@ def two_way_steps(model, cond, use_branch: bool, cfg_scale: float):
 def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
     n_layer, dim, n_head, vocab, branch_layer, _ = spec
     model = build(n_layer, dim, n_head, vocab, branch_layer, grid, device, dtype)
-    if a.compile:
-        compile_layers(model)
     H = W = grid
     steps_two, steps_raster = H + W - 1, H * W
-    kw = dict(top_k=0, temperature=1.0, cfg_scale=a.cfg)
+    kw = dict(top_k=0, temperature=1.0, cfg_scale=a.cfg, compile=a.compile)
 
     def gen(mode, b):
         cond = torch.arange(b, device=device) % 1000
@@ -234,7 +223,7 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
         else:
             reps = a.batch_repeats
             t = run_pair({"raster": gen("raster", b), "two_way": gen("two_way", b)}, reps, device,
-                         warmup=device.type == "cuda")
+                         warmup=device.type == "cuda" or a.compile)  # a compiled run compiles each new batch size
         row["throughput"][b] = {"raster_img_s": b / t["raster"], "two_way_img_s": b / t["two_way"],
                                 "speedup": t["raster"] / t["two_way"]}
         log(f"{name} {H}x{W} b{b}: throughput speedup {t['raster'] / t['two_way']:.2f}x")
@@ -250,8 +239,8 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
     # the vertical branch's cost: estimate and measured two-way steps with / without it
     row["branch"] = branch_cost(model, grid)
     cond = torch.zeros(1, dtype=torch.long, device=device)
-    t = run_pair({"with": lambda: two_way_steps(model, cond, True, a.cfg),
-                  "without": lambda: two_way_steps(model, cond, False, a.cfg)}, a.repeats, device)
+    t = run_pair({"with": lambda: two_way_steps(model, cond, True, a.cfg, a.compile),
+                  "without": lambda: two_way_steps(model, cond, False, a.cfg, a.compile)}, a.repeats, device)
     row["branch"]["two_way_b1_with_s"] = t["with"]
     row["branch"]["two_way_b1_without_s"] = t["without"]
     row["branch"]["measured_added_fraction"] = t["with"] / t["without"] - 1
@@ -313,7 +302,8 @@ def bench_hf(grid, a, device, dtype, log) -> dict:
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    out = [f"# Decoding speed: two-way vs raster ({res['device']}, {a['dtype']}, threads {res['threads']})", "",
+    out = [f"# Decoding speed: two-way vs raster ({res['device']}, {a['dtype']}, threads {res['threads']}, "
+           f"{'compiled: generate(compile=True)' if a.get('compile') else 'eager'})", "",
            f"Random-weight LlamaGen-architecture models, CFG scale {a['cfg']} (one batched [cond; uncond] forward), "
            f"top-k off, temperature 1. Times are medians of {a['repeats']} interleaved runs; only ratios are meaningful "
            f"across machines. Step ratio = H*W/(H+W-1) (the ideal speedup); step cost = time of one two-way step "
@@ -406,7 +396,9 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--all-batches", action="store_true", help="CPU: throughput on every grid, not the smallest only")
-    p.add_argument("--compile", action="store_true", help="torch.compile attention and MLP of every layer")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="decode with generate(compile=True) (default with --preset gpu: CUDA graphs)")
+    p.add_argument("--eager", dest="compile", action="store_false", help="do not compile (also with --preset gpu)")
     p.add_argument("--quick", action="store_true", help="16x16 (and 14x14) only, fewer batches and repeats")
     p.add_argument("--hf", action="store_true",
                    help="also time the transformers backend (static feed-order cache vs DynamicCache)")
@@ -418,6 +410,8 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     gpu = (a.preset or ("gpu" if device.type == "cuda" else "cpu")) == "gpu"
     models = GPU_MODELS if gpu else CPU_MODELS
+    if a.compile is None:
+        a.compile = gpu
     if a.models:
         models = {k: v for k, v in {**CPU_MODELS, **GPU_MODELS}.items() if k in a.models.split(",")}
     a.batches = [int(b) for b in a.batches.split(",")] if a.batches else ([1, 8, 64] if gpu else [1, 8, 32])

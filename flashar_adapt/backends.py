@@ -56,6 +56,9 @@ class Backend:
     """Interface every backend implements. ``ctx`` is the PatchContext of the model."""
 
     name = "base"
+    #: whether ``new_cache``/``new_branch_cache`` take ``static=True`` and ``run``/``run_with_branch``
+    #: take ``entries``: what ``generate(compile=True)`` needs (see ``run``)
+    static_caches = False
     #: order in which ``inspect`` / ``check`` ask backends to recognise a file (lowest first):
     #: family-specific backends go before generic ones.
     sniff_priority = 0
@@ -88,7 +91,7 @@ class Backend:
         return None
 
     def run(self, ctx, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any) -> torch.Tensor:
+            key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any, entries: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder stack on ``embeds`` [B, T, d].
 
         positions [B, T]: position ids (raster order, left padding removed); slots [T]:
@@ -100,13 +103,22 @@ class Backend:
         a backend with static caches may fill entries in this order (entries [S-T, S) now)
         and attend entries [0, S), so it never needs a scatter or a mask over unused entries. Returns the final,
         normalised hidden states [B, T, d]. The decoder layers must be called through
-        their ``__call__`` so the branch hook sees their inputs."""
+        their ``__call__`` so the branch hook sees their inputs.
+
+        Static caches (``new_cache(..., static=True)``, compiled decoding): the call gets
+        ``entries=`` [T], a tensor of the cache entries the new tokens are written to;
+        attention reads every entry of the cache, ``allowed`` is [B, T, max_len] and
+        ``key_slots`` None. Nothing may depend on a per-call Python value (a compiled graph
+        would specialise on it). Entries nobody has written yet must hold finite values
+        (zeros): a masked key still multiplies its value by zero."""
         raise NotImplementedError
 
-    def new_cache(self, ctx, batch: int, max_len: int) -> Any:
+    def new_cache(self, ctx, batch: int, max_len: int, static: bool = False) -> Any:
+        """Caches for one decoding run of ``batch`` sequences of ``max_len`` tokens; with
+        ``static`` (only when ``static_caches``) exactly ``max_len`` entries, written by index."""
         raise NotImplementedError
 
-    def new_branch_cache(self, ctx, batch: int, max_len: int) -> Any:
+    def new_branch_cache(self, ctx, batch: int, max_len: int, static: bool = False) -> Any:
         raise NotImplementedError
 
     def prepare_branch_layers(self, layers: list[nn.Module]) -> None:
@@ -118,8 +130,8 @@ class Backend:
         raise NotImplementedError
 
     def run_with_branch(self, ctx, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                        key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any,
-                        branch_cache: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any, branch_cache: Any,
+                        entries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Optional decoding fast path: the backbone and the vertical branch in one pass.
 
         Return (final normed hidden [B, T, d], un-normed branch output [B, T, d]), or None to

@@ -8,6 +8,7 @@ and ``FlashARModules.fuse``, so incremental decoding equals teacher forcing by c
 """
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
@@ -281,17 +282,21 @@ def horizontal_logits(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
     return finish_logits(out, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
 
 
-def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, cache, branch_cache, branch: bool):
+def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, cache, branch_cache, branch: bool,
+             entries: torch.Tensor | None = None):
     """Backbone forward; with ``branch`` also the vertical branch from the captured inputs
-    of the branch layer. Returns (final normed hidden, normed branch hidden or None)."""
+    of the branch layer. Returns (final normed hidden, normed branch hidden or None).
+    ``entries`` (static caches only): the cache entries the new tokens are written to."""
+    static = {} if entries is None else {"entries": entries}  # backends without static caches never see it
     if branch and cache is not None:
-        fast = ctx.backend.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache)
+        fast = ctx.backend.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
+                                           **static)
         if fast is not None:
             return fast[0], ctx.flashar.branch_norm(fast[1])
     CAPTURE.layer = ctx.layers[ctx.branch_index] if branch else None
     CAPTURE.captured = None
     try:
-        h = ctx.backend.run(ctx, embeds, positions, slots, key_slots, allowed, cache)
+        h = ctx.backend.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static)
         captured = CAPTURE.captured
     finally:
         CAPTURE.layer = CAPTURE.captured = None
@@ -496,6 +501,97 @@ def _raster_schedule(layout: Layout, dev) -> _Schedule:
     return _Schedule(torch.arange(layout.seq_len, device=dev), ())
 
 
+# ---------------------------------------------------------------- compiled steps: static shapes
+
+# torch.compile specialises a graph on every shape and on every Python int it reads, so
+# the compiled step takes no per-step ints: where it writes and what it sees are tensors
+# (Decoder.feed_at over the whole padded cache), and what it feeds and samples is padded to
+# one bucket size, from 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and their
+# midpoints: at most a third of a step is padding). Graphs per mode and batch size are the
+# buckets the steps reach: about 2 * log2(min(H, W)) for two-way, 2 for raster (one token,
+# or a token and its row's end-of-line), whatever the grid. One graph per length (no
+# padding) would compile min(H, W) + 1 graphs: minutes of compile time on a CPU, past
+# dynamo's default recompile limit for any grid over 7x7, and a CUDA graph each.
+
+def bucket(n: int) -> int:
+    """Padded length of a compiled step that feeds or samples up to ``n`` tokens: the
+    smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... that holds ``n``."""
+    p = 1 << max(n - 1, 0).bit_length()  # the next power of two
+    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p
+
+
+@dataclass(frozen=True)
+class _StaticStep:
+    cells: torch.Tensor  # [Tb] flat cell index of each fed token (pads: 0)
+    eol: torch.Tensor | None  # [Tb] bool, None when the layout has no end-of-line tokens
+    entries: torch.Tensor  # [Tb] cache entries written; pads write entries past the sequence
+    lim: torch.Tensor  # [Tb]: token q sees the entries below lim[q]; [1]: every token sees the same
+    h_idx: torch.Tensor  # [nb] fed token whose hidden state predicts each sampled cell
+    v_idx: torch.Tensor
+    has_h: torch.Tensor
+    has_v: torch.Tensor
+    n: int  # real cells sampled: the first n of nb rows
+
+
+_STATIC: dict = {}
+
+
+def _padded(x, size: int, fill, dev) -> torch.Tensor:
+    x = torch.as_tensor(x, device=dev)
+    return torch.cat([x, torch.full((size - x.numel(),), fill, dtype=x.dtype, device=dev)])
+
+
+def _static_steps(layout: Layout, mode: str, dev) -> tuple[tuple, int]:
+    """Every step after the first padded to its buckets, and the number of padding entries
+    the caches need (the most any step pads). Cached per layout, like ``_schedule``."""
+    key = (layout, mode, str(dev))
+    if key not in _STATIC:
+        if len(_STATIC) > 32:
+            _STATIC.clear()
+        raw = (_two_way_static if mode == "two_way" else _raster_static)(layout, dev)
+        pad = max((bucket(max(len(r[0]), len(r[4]))) - len(r[0]) for r in raw if r is not None), default=0)
+        steps = tuple(None if r is None else _pad_step(layout, r, dev) for r in raw)
+        _STATIC[key] = (steps, pad)
+    return _STATIC[key]
+
+
+def _pad_step(layout: Layout, raw: tuple, dev) -> _StaticStep:
+    cells, eol, entries, lim, h_idx, v_idx, has_h, has_v = raw
+    T, n = len(cells), len(h_idx)
+    Tb = nb = bucket(max(T, n))  # one size for both: the graph count is the number of buckets
+    trash = torch.arange(layout.seq_len, layout.seq_len + Tb - T)
+    return _StaticStep(
+        _padded(cells, Tb, 0, dev), _padded(eol, Tb, False, dev) if layout.eol else None,
+        torch.cat([torch.as_tensor(entries), trash]).to(dev),
+        torch.tensor(lim, device=dev) if len(lim) == 1 else _padded(lim, Tb, max(lim), dev),
+        _padded(h_idx, nb, 0, dev), _padded(v_idx, nb, 0, dev), _padded(has_h, nb, True, dev),
+        _padded(has_v, nb, False, dev), n)
+
+
+def _two_way_static(layout: Layout, dev) -> list:
+    out = [None]  # step 0 (the corner) samples from the prefill: nothing to compile
+    for st in _schedule(layout, "two_way", dev).steps[1:]:
+        fed = list(range(st.stop - st.start))
+        h_idx, v_idx = (fed[i] if isinstance(i, slice) else i.tolist() for i in (st.h_idx, st.v_idx))
+        eol = st.eol.tolist() if st.eol is not None else [False] * len(fed)
+        out.append((st.cells.tolist(), eol, list(range(st.start, st.stop)), [st.stop], h_idx, v_idx,
+                    st.has_h.tolist(), st.has_v.tolist()))
+    return out
+
+
+def _raster_static(layout: Layout, dev) -> list:
+    out = [None]
+    W = layout.width
+    for r in range(1, layout.height * W):
+        pi, pj = divmod(r - 1, W)
+        start = layout.prefix_len + pi * layout.row_len + pj
+        T = 2 if layout.eol and pj == W - 1 else 1  # the row's last code, then its end-of-line token
+        entries = list(range(start, start + T))
+        out.append(([r - 1, 0][:T], [False, True][:T], entries, [e + 1 for e in entries], [T - 1], [0],
+                    [True], [False]))
+    return out
+
+
 # ---------------------------------------------------------------- the decoder (caches + feed)
 
 class Decoder:
@@ -505,21 +601,41 @@ class Decoder:
     first); cache entry e holds slot ``order[e]`` at position ``positions[:, e]``. Building
     allocates the caches; ``prefill()`` runs the prefix; ``feed()`` appends tokens. A
     low-level seam (benchmarks, peers with their own feeding order): most code wants
-    ``prefill``/``step``. Not locked: call it inside one thread."""
+    ``prefill``/``step``. Not locked: call it inside one thread.
 
-    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, order: torch.Tensor, branch: bool):
+    ``pad`` (compiled decoding): the caches get ``pad`` entries more than the sequence and
+    every call attends all of them under a mask (``feed_at``), so a step's shapes depend
+    only on how many tokens it feeds. Padded tokens write those last entries, which no
+    query ever sees."""
+
+    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, order: torch.Tensor, branch: bool,
+                 pad: int | None = None):
         self.ctx, self.pre, self.layout, self.branch = ctx, pre, layout, branch
         Bt = pre.embeds.shape[0]
         dev = pre.embeds.device
         self.dtype = pre.embeds.dtype
         L, P = layout.seq_len, pre.length
-        self.cache = ctx.backend.new_cache(ctx, Bt, L)
-        self.bcache = ctx.backend.new_branch_cache(ctx, Bt, L) if branch else None
+        self.static = pad is not None
+        if self.static:
+            if not ctx.backend.static_caches:
+                raise InputError(f"compile=True needs static caches, which backend {ctx.backend.name!r} does not have")
+            n = L + pad
+            order = torch.cat([order, order.new_zeros(n - order.numel())])  # entries never fed: slot 0
+            self.entry_ids = torch.arange(n, device=dev)
+        else:
+            n = L
+        self.cache = ctx.backend.new_cache(ctx, Bt, n, **self._static_kw)
+        self.bcache = ctx.backend.new_branch_cache(ctx, Bt, n, **self._static_kw) if branch else None
         self.order = order  # key_slots of a step = order[:stop]
-        self.positions = positions(order, pre.n_pad)  # [Bt, L], in cache order
+        self.positions = positions(order, pre.n_pad)  # [Bt, n], in cache order
         # One row per sequence: every image key is visible once cached, prefix keys unless padding.
-        self.key_valid = torch.ones(Bt, 1, L, dtype=torch.bool, device=dev)
+        self.key_valid = torch.ones(Bt, 1, n, dtype=torch.bool, device=dev)
         self.key_valid[:, 0, :P] = pre.valid
+        self.key_valid[:, 0, L:] = False
+
+    @property
+    def _static_kw(self) -> dict:
+        return {"static": True} if self.static else {}
 
     def prefill(self):
         """Run the prefix (causal, padding masked); returns (hidden [Bt, P, d], branch
@@ -529,6 +645,9 @@ class Decoder:
         dev = pre.embeds.device
         self.ctx.guard.epoch += 1
         self.epoch = self.ctx.guard.epoch
+        if self.static:
+            e = torch.arange(P, device=dev)
+            return self.feed_at(pre.embeds, e, e + 1)
         slots = self.order[:P]
         allowed = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None] & pre.valid[:, None, :]
         allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
@@ -541,6 +660,8 @@ class Decoder:
         each other (one anti-diagonal), or, with ``causal``, only the earlier of each other,
         or exactly ``allowed`` [Bt, stop - start, stop] (keys in cache order; padding keys
         of the prefix are masked in any case). Returns (hidden, branch hidden or None)."""
+        if self.static:
+            raise RuntimeError("a decoder with static (padded) caches takes feed_at, not feed")
         if allowed is not None:
             allowed = allowed & self.key_valid[:, :, :stop]
         else:
@@ -551,6 +672,21 @@ class Decoder:
                 allowed[:, :, start:] &= torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
         return _forward(self.ctx, embeds.to(self.dtype), self.positions[:, start:stop], self.order[start:stop],
                         self.order[:stop], allowed, self.cache, self.bcache, self.branch)
+
+    def feed_at(self, embeds: torch.Tensor, entries: torch.Tensor, lim: torch.Tensor):
+        """Static caches: write the tokens at cache ``entries`` [T] (a tensor: no shape or
+        guard depends on where a step writes); token q sees the entries below ``lim[q]``
+        and itself, or, with ``lim`` of one element, every token the entries below it;
+        prefix padding masked. Returns (hidden, branch hidden or None)."""
+        if not self.static:
+            raise RuntimeError("feed_at needs a decoder built with pad= (static caches)")
+        ids = self.entry_ids
+        if lim.numel() == 1:  # one anti-diagonal: one key row for every token (the padded ones see the prefix)
+            allowed = self.key_valid & (ids < lim)  # [Bt, 1, n]
+        else:
+            allowed = (self.key_valid & (ids < lim[:, None])) | (ids == entries[:, None])  # [Bt, T, n]
+        return _forward(self.ctx, embeds.to(self.dtype), self.positions[:, entries], self.order[entries], None,
+                        allowed, self.cache, self.bcache, self.branch, entries)
 
 
 def _eol_embed(ctx: PatchContext, layout: Layout, dev) -> torch.Tensor | None:
@@ -594,6 +730,9 @@ class DecoderState:
     _sched: _Schedule = field(default=None, repr=False)
     _hidden: tuple = field(default=None, repr=False)
     _eol: torch.Tensor | None = field(default=None, repr=False)
+    compiled: bool = False
+    _static: tuple = field(default=None, repr=False)
+    _scales: list = field(default=None, repr=False)
 
     @property
     def num_steps(self) -> int:
@@ -640,7 +779,7 @@ def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
 
 
 def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling, cond_mask,
-             vertical: bool) -> DecoderState:
+             vertical: bool, compile: bool = False) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = _grid(ctx, grid)
     sampling.check_device(cond.device)
@@ -653,27 +792,54 @@ def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling
     dev = pre.embeds.device
     sched = _schedule(layout, mode, dev)
     branch = mode == "two_way" and vertical
-    dec = Decoder(ctx, pre, layout, sched.order, branch)
+    static, pad = _static_steps(layout, mode, dev) if compile else (None, None)
+    dec = Decoder(ctx, pre, layout, sched.order, branch, pad)
     hh, hv = dec.prefill()
     B = cond.shape[0]
     codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
+    n = layout.num_steps_two_way if mode == "two_way" else layout.num_steps_raster
+    # per-step guidance scales as tensors: a compiled step would specialise on a float
+    scales = [torch.tensor(sampling.scale_at(t, n), device=dev) for t in range(n)] if compile else None
     return DecoderState(model, mode, layout, sampling, B, branch, codes, dec,
                         _sched=sched, _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
-                        _eol=_eol_embed(ctx, layout, dev))
+                        _eol=_eol_embed(ctx, layout, dev), compiled=compile, _static=static, _scales=scales)
+
+
+def _check_compile(compile) -> None:
+    if not isinstance(compile, bool):
+        raise InputError(f"compile must be True or False, got {compile!r}")
+
+
+@contextmanager
+def _recompile_room(compile: bool):
+    """Room for the bucketed graphs: dynamo counts graphs per function, across every model
+    and grid a process decodes, and falls back to eager past its limit (8 by default)."""
+    if not compile:
+        yield
+        return
+    import torch._dynamo  # not at module level: importing dynamo costs a second, eager decoding never needs it
+
+    limit = max(torch._dynamo.config.recompile_limit, 256)
+    with torch._dynamo.config.patch(recompile_limit=limit,
+                                    accumulated_recompile_limit=max(torch._dynamo.config.accumulated_recompile_limit,
+                                                                    4 * limit)):
+        yield
 
 
 def prefill(model, cond, *, mode: str = "two_way", grid=None, sampling: Sampling | None = None, cond_mask=None,
-            vertical: bool = True, **sampling_kwargs) -> DecoderState:
+            vertical: bool = True, compile: bool = False, **sampling_kwargs) -> DecoderState:
     """Check the inputs, build the prefix and run it into fresh static caches; returns the
     state that ``step`` advances. Sampling settings as ``sampling=Sampling(...)`` or as its
     keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
     skips the vertical branch and takes the horizontal head everywhere: the backbone work
-    of two-way decoding alone, a speed ablation, not a generator."""
+    of two-way decoding alone, a speed ablation, not a generator. ``compile=True``: every
+    ``step`` after the first runs compiled (see ``generate``)."""
     _check_mode(mode)
+    _check_compile(compile)
     ctx = context(model)
     s = _sampling(sampling, sampling_kwargs)
     with ctx.guard, eval_behaviour(model), torch.inference_mode():
-        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical)
+        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile)
 
 
 def _check_forced(state: DecoderState, forced, n: int) -> torch.Tensor:
@@ -687,17 +853,61 @@ def _check_forced(state: DecoderState, forced, n: int) -> torch.Tensor:
     return forced.to(state.codes.device, torch.long)
 
 
-def _diagonal_logits(ctx: PatchContext, dec: Decoder, codes, eol_emb, cells, eol, h_idx, v_idx, has_h, has_v,
-                     start: int, stop: int, batch: int, scale: torch.Tensor, vertical: bool) -> torch.Tensor:
-    """One two-way step after the first: feed the previous anti-diagonal, return the guided
-    logits of this one. Everything that varies per step is an argument: the unit a compiled
-    step would wrap (see docs/speed.md, "Not done")."""
-    hh, hv = dec.feed(_embed_fed(ctx, codes, cells, eol, eol_emb, dec.pre.embeds.shape[0]), start, stop)
+def _cell_logits(ctx: PatchContext, hh, hv, h_idx, v_idx, has_h, has_v, vertical: bool) -> torch.Tensor:
+    """Logits of the cells a step samples, from the fed tokens' hidden states: fused
+    horizontal and vertical heads, or (``vertical=False``, raster) the horizontal head alone."""
     if vertical:
-        lg = ctx.flashar.fuse(hh[:, h_idx], hv[:, v_idx], has_h, has_v, lambda x: horizontal_logits(ctx, x)).fused
-    else:
-        lg = horizontal_logits(ctx, hh[:, h_idx]).float()
-    return guide(lg, batch, scale)
+        return ctx.flashar.fuse(hh[:, h_idx], hv[:, v_idx], has_h, has_v, lambda x: horizontal_logits(ctx, x)).fused
+    return horizontal_logits(ctx, hh[:, h_idx]).float()
+
+
+def _diagonal_logits(ctx: PatchContext, dec: Decoder, codes, eol_emb, cells, eol, h_idx, v_idx, has_h, has_v,
+                     start: int, stop: int, batch: int, scale: float, vertical: bool) -> torch.Tensor:
+    """One two-way step after the first: feed the previous anti-diagonal, return the guided
+    logits of this one."""
+    hh, hv = dec.feed(_embed_fed(ctx, codes, cells, eol, eol_emb, dec.pre.embeds.shape[0]), start, stop)
+    return guide(_cell_logits(ctx, hh, hv, h_idx, v_idx, has_h, has_v, vertical), batch, scale)
+
+
+def static_logits(ctx: PatchContext, dec: Decoder, codes, eol_emb, cells, eol, entries, lim, h_idx, v_idx, has_h,
+                  has_v, scale: torch.Tensor, batch: int, vertical: bool) -> torch.Tensor:
+    """One step after the first on static caches (a two-way anti-diagonal or a raster
+    token), every input padded to its bucket and every per-step value a tensor: the
+    function ``generate(compile=True)`` compiles, one graph per bucket size. Returns the
+    guided logits of all padded rows; the first ``_StaticStep.n`` are real."""
+    hh, hv = dec.feed_at(_embed_fed(ctx, codes, cells, eol, eol_emb, dec.pre.embeds.shape[0]), entries, lim)
+    return guide(_cell_logits(ctx, hh, hv, h_idx, v_idx, has_h, has_v, vertical), batch, scale)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_step(device_type: str, size: int):
+    """``static_logits`` under torch.compile for one device type and bucket size: static
+    shapes, CUDA graphs on CUDA ("reduce-overhead"). Each bucket gets its own copy of the
+    function's code: dynamo keeps a code object's graphs in one list and checks their guards
+    (hundreds: every module and parameter the step touches) in turn on every call, so with
+    one list a late bucket would pay for the guards of all the earlier ones."""
+    key = (device_type, size)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = static_logits.__code__.replace(co_name=f"static_logits_{size}")
+        copy = types.FunctionType(code, static_logits.__globals__, code.co_name, static_logits.__defaults__)
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        fn = _COMPILED[key] = torch.compile(copy, dynamic=False, mode=mode)
+    return fn
+
+
+def _static_step_logits(ctx: PatchContext, state: "DecoderState") -> torch.Tensor:
+    st = state._static[state.t]
+    dev = state.codes.device
+    if dev.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    step = _compiled_step(dev.type, st.entries.numel())
+    lg = step(ctx, state.decoder, state.codes, state._eol, st.cells, st.eol, st.entries, st.lim, st.h_idx, st.v_idx,
+              st.has_h, st.has_v, state._scales[state.t], state.batch, state.vertical)
+    # a CUDA graph's output is overwritten by its next replay: state.logits must outlive the step
+    return lg[:, :st.n].clone() if dev.type == "cuda" else lg[:, :st.n]
 
 
 def _token_logits(ctx: PatchContext, dec: Decoder, codes, eol_emb, r: int, start: int, with_eol: bool, batch: int,
@@ -719,11 +929,10 @@ def _two_way_logits(ctx: PatchContext, state: DecoderState) -> torch.Tensor:
     scale = state.sampling.scale_at(t, state.num_steps)
     if t == 0:  # the corner, from the prefill's last state: nothing to feed
         hh, hv = state._hidden
-        if state.vertical:
-            lg = ctx.flashar.fuse(hh, hv, st.has_h, st.has_v, lambda x: horizontal_logits(ctx, x)).fused
-        else:
-            lg = horizontal_logits(ctx, hh).float()
-        return guide(lg, state.batch, scale)
+        return guide(_cell_logits(ctx, hh, hv, slice(0, 1), slice(0, 1), st.has_h, st.has_v, state.vertical),
+                     state.batch, scale)
+    if state.compiled:
+        return _static_step_logits(ctx, state)
     return _diagonal_logits(ctx, state.decoder, state.codes, state._eol, st.cells, st.eol, st.h_idx, st.v_idx,
                             st.has_h, st.has_v, st.start, st.stop, state.batch, scale, state.vertical)
 
@@ -735,6 +944,8 @@ def _raster_logits(ctx: PatchContext, state: DecoderState) -> torch.Tensor:
     scale = state.sampling.scale_at(r, state.num_steps)
     if r == 0:
         return guide(horizontal_logits(ctx, state._hidden[0]).float(), state.batch, scale)
+    if state.compiled:
+        return _static_step_logits(ctx, state)
     pi, pj = divmod(r - 1, layout.width)
     start = layout.prefix_len + pi * layout.row_len + pj
     return _token_logits(ctx, state.decoder, state.codes, state._eol, r, start, layout.eol and pj == layout.width - 1,
@@ -769,7 +980,7 @@ def step(state: DecoderState, codes=None) -> torch.Tensor:
     if not isinstance(state, DecoderState):
         raise InputError(f"step needs the DecoderState that prefill returned, got {type(state).__name__}")
     ctx = state.decoder.ctx
-    with ctx.guard, eval_behaviour(state.model), torch.inference_mode():
+    with ctx.guard, eval_behaviour(state.model), torch.inference_mode(), _recompile_room(state.compiled):
         return _step(state, codes)
 
 
@@ -778,14 +989,20 @@ _GENERATE_DEFAULTS = {f.name: f.default for f in fields(Sampling)}  # generate()
 
 def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             cond_mask=None, sampling: Sampling | None = None) -> torch.Tensor:
+             cond_mask=None, sampling: Sampling | None = None, compile: bool = False) -> torch.Tensor:
     """Generate images as codebook indices [B, H, W].
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
     model's own next-token decoding, H*W forwards. CFG runs [cond; uncond] in one batch.
     ``prefill`` + ``step`` until done, under the model's lock and in eval behaviour (the
-    caller's train/eval flags are restored)."""
+    caller's train/eval flags are restored).
+
+    ``compile=True`` runs every step after the first through ``torch.compile`` (CUDA graphs
+    on CUDA): static caches attended whole under a mask, steps padded to power-of-two
+    buckets, so a process compiles a few graphs per mode and grid, once. The first call
+    pays the compile time; the codes are the eager ones (same math, other kernels)."""
     _check_mode(mode)
+    _check_compile(compile)
     ctx = context(model)
     if sampling is None:
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
@@ -793,8 +1010,8 @@ def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float 
         given = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
                      top_p=top_p, generator=generator)
         sampling = _sampling(sampling, {k: v for k, v in given.items() if v != _GENERATE_DEFAULTS[k]})
-    with ctx.guard, eval_behaviour(model), torch.inference_mode():
-        state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True)
+    with ctx.guard, eval_behaviour(model), torch.inference_mode(), _recompile_room(compile):
+        state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile)
         while not state.done:
             _step(state)
         return state.image()

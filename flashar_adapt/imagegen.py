@@ -248,8 +248,10 @@ def steps_per_image(mode: str, grid) -> int:
 
 
 def generate_codes(model, conds: list, *, text=None, mode="two_way", cfg=1.0, cfg_schedule="constant", temperature=1.0,
-                   top_k=0, top_p=1.0, seed=0, batch_size=16, progress=True, log=print) -> tuple[torch.Tensor, list[dict]]:
-    """Codes for every condition, batch by batch, with the steps and wall time of each batch."""
+                   top_k=0, top_p=1.0, seed=0, batch_size=16, progress=True, log=print,
+                   compile=False) -> tuple[torch.Tensor, list[dict]]:
+    """Codes for every condition, batch by batch, with the steps and wall time of each batch
+    (with ``compile``, the first batch of each size includes the compile time)."""
     from tqdm.auto import tqdm
 
     from .patching import context
@@ -270,7 +272,7 @@ def generate_codes(model, conds: list, *, text=None, mode="two_way", cfg=1.0, cf
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         codes = model.generate(cond, mode=mode, cfg_scale=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                               top_k=top_k, top_p=top_p, generator=g, cond_mask=mask)
+                               top_k=top_k, top_p=top_p, generator=g, cond_mask=mask, compile=compile)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
@@ -306,7 +308,7 @@ def labelled_grid(images: torch.Tensor, labels: list[str], per_row: int, min_cel
 def _write_outputs(tmp: Path, codes, conds, timings, args, tok, recipe) -> str:
     labels = [str(c) for c in conds]
     meta = {"recipe": recipe.name, "mode": args.mode, "cfg": args.cfg, "seed": args.seed, "grid": list(codes.shape[1:]),
-            "conditions": labels, "batches": timings}
+            "compile": args.compile, "conditions": labels, "batches": timings}
     atomic_save_safetensors({"codes": codes.to(torch.int32)}, tmp / "codes.safetensors")
     if tok is None:
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
@@ -350,7 +352,7 @@ def _cmd_generate(args) -> int:
         codes, timings = generate_codes(model, conds, text=text, mode=args.mode, cfg=args.cfg,
                                         cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
                                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, compile=args.compile)
         what = _write_outputs(tmp, codes, conds, timings, args, tok, recipe)
         if out.exists():
             raise GenerateError(f"{out}: appeared while generating; results left in {tmp}")
@@ -424,4 +426,6 @@ def add_cli(sub) -> None:
     s.add_argument("--mode", choices=("two_way", "raster"), default="two_way")
     _sampling_args(s)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--compile", action="store_true", help="compile the decoding step (torch.compile; CUDA graphs on "
+                   "CUDA): the first batch, and a smaller last one, pay the compile time")
     s.set_defaults(fn=_cmd_generate)

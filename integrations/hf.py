@@ -20,6 +20,7 @@ import inspect
 import torch
 
 from flashar_adapt.backends import Backend, dtype_name, register_backend
+from flashar_adapt.errors import InputError
 from flashar_adapt.recipe import RecipeError
 
 # The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
@@ -134,16 +135,31 @@ def _feed_order_cache_class():
         is_compileable = False
         is_sliding = False
 
-        def __init__(self, max_len: int):
+        def __init__(self, max_len: int, static: bool = False):
             super().__init__()
-            self.max_len, self.length = max_len, 0
+            self.max_len, self.length, self.static = max_len, 0, static
 
         def lazy_initialization(self, key_states, value_states):
             B, h, _, dk = key_states.shape
-            self.keys = key_states.new_empty((B, h, self.max_len, dk))
-            self.values = value_states.new_empty((B, value_states.shape[1], self.max_len, value_states.shape[-1]))
+            # static caches are attended whole under a mask: unwritten entries must be finite
+            new = key_states.new_zeros if self.static else key_states.new_empty
+            self.keys = new((B, h, self.max_len, dk))
+            self.values = new((B, value_states.shape[1], self.max_len, value_states.shape[-1]))
             self.device = key_states.device
             self.is_initialized = True
+            if self.static and key_states.device.type == "cuda":
+                from torch import _dynamo
+
+                _dynamo.mark_static_address(self.keys)  # CUDA graphs replay on fixed addresses
+                _dynamo.mark_static_address(self.values)
+
+        def write_at(self, key_states, value_states, entries):
+            """Static caches: write at cache ``entries`` (a tensor) and return the whole cache."""
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys.index_copy_(2, entries, key_states)
+            self.values.index_copy_(2, entries, value_states)
+            return self.keys, self.values
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -157,6 +173,8 @@ def _feed_order_cache_class():
             return self.keys[:, :, :stop], self.values[:, :, :stop]
 
         def get_mask_sizes(self, query_length):
+            if self.static:  # a Python int that changed per step would recompile a compiled step
+                return self.max_len, 0
             return self.length + query_length, 0
 
         def get_seq_length(self):
@@ -169,20 +187,27 @@ def _feed_order_cache_class():
             self.length = 0
 
     class FeedOrderCache(Cache):
-        """Static caches for one generate() call, filled in the decoder's feeding order."""
+        """Static caches for one generate() call, filled in the decoder's feeding order, or
+        (``static``, compiled decoding) at the tensor ``entries`` the backend sets per call."""
 
         feed_order = True
 
-        def __init__(self, n_layers: int, max_len: int):
-            super().__init__(layers=[FeedOrderLayer(max_len) for _ in range(n_layers)])
-            self.max_len = max_len
+        def __init__(self, n_layers: int, max_len: int, static: bool = False):
+            super().__init__(layers=[FeedOrderLayer(max_len, static) for _ in range(n_layers)])
+            self.max_len, self.static = max_len, static
+            self.entries = None
             self.key_row = None  # (additive row, entries converted, source storage): see _mask_row
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if self.static:
+                return self.layers[layer_idx].write_at(key_states, value_states, self.entries)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     return FeedOrderCache
 
 
-def _feed_order_cache(n_layers: int, max_len: int):
-    return _feed_order_cache_class()(n_layers, max_len)
+def _feed_order_cache(n_layers: int, max_len: int, static: bool = False):
+    return _feed_order_cache_class()(n_layers, max_len, static)
 
 
 @register_backend("transformers")
@@ -193,6 +218,7 @@ class TransformersBackend(Backend):
     and put into every layer's ``attention_mask`` by a forward pre-hook instead."""
 
     mask_at_layers = False
+    static_caches = True  # for full-attention decoders (new_cache refuses the others)
 
     def validate(self, ctx) -> None:
         dec = ctx.decoder
@@ -284,11 +310,13 @@ class TransformersBackend(Backend):
         limits = [x for x in limits if isinstance(x, int)]
         return min(limits) if limits else None
 
-    def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
+    def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache, entries=None):
         # allowed is [B, T, S] or [B, 1, S] (one row for every query); the model gets a full
         # additive [B, 1, T, S] mask (a bool 4D mask is silently wrong under eager attention).
         B, T, S = allowed.shape[0], embeds.shape[1], allowed.shape[-1]
-        if allowed.shape[1] == 1 and getattr(cache, "feed_order", False):
+        if entries is not None:  # static caches: branch_call hands the same entries to the branch's cache
+            cache.entries = self.entries = entries
+        if entries is None and allowed.shape[1] == 1 and getattr(cache, "feed_order", False):
             mask = _mask_row(cache, allowed, embeds.dtype)[:, :, :, :S].expand(-1, -1, T, -1)
         else:
             mask = torch.zeros((B, T, S), dtype=embeds.dtype, device=embeds.device)
@@ -315,17 +343,38 @@ class TransformersBackend(Backend):
                 hk.remove()
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
-    def new_cache(self, ctx, batch, max_len):
+    def new_cache(self, ctx, batch, max_len, static=False):
         self.cache_key = _cache_kwarg(ctx.decoder.forward)  # the decoder's name for the cache we make
         config = getattr(ctx.decoder, "config", None)
+        if static and (self.mask_at_layers or self._builtin_causal(ctx.layers)):
+            # both swap module state (hooks, buffers) around every forward, which a compiled graph cannot replay
+            raise InputError(f"compile=True is not available for {type(ctx.decoder).__name__}: its mask reaches the "
+                             "attention only through per-call layer hooks or by opening a built-in causal buffer; "
+                             "decode it eagerly (compile=False)")
         if _full_attention_only(config):
-            return _feed_order_cache(len(ctx.layers), max_len)
+            return self._static_cache("backbone", ctx, len(ctx.layers), batch, max_len) if static \
+                else _feed_order_cache(len(ctx.layers), max_len)
+        if static:
+            raise InputError(f"compile=True needs static caches; {type(ctx.decoder).__name__} has sliding-window, "
+                             "chunked, shared-KV or linear-attention layers, which keep transformers' DynamicCache")
         return _dynamic_cache(config)
 
-    def new_branch_cache(self, ctx, batch, max_len):
+    def new_branch_cache(self, ctx, batch, max_len, static=False):
         if _full_attention_only(getattr(ctx.decoder, "config", None)):
-            return _feed_order_cache(len(ctx.flashar.branch_layers), max_len)
+            n = len(ctx.flashar.branch_layers)
+            return self._static_cache("branch", ctx, n, batch, max_len) if static else _feed_order_cache(n, max_len)
         return _dynamic_cache()
+
+    def _static_cache(self, which: str, ctx, n_layers: int, batch: int, max_len: int):
+        """Static caches live from one generate() call to the next of the same shape (a CUDA
+        graph of the compiled step replays on their buffers); stale entries are never seen
+        (every entry a step attends unmasked was written earlier in the same run)."""
+        p = next(ctx.layers.parameters())
+        key = (n_layers, batch, max_len, p.dtype, p.device)
+        held = self.__dict__.setdefault("_static_held", {})
+        if which not in held or held[which][0] != key:
+            held[which] = (key, _feed_order_cache(n_layers, max_len, static=True))
+        return held[which][1]
 
     def prepare_branch_layers(self, layers):
         # Branch layers index their own cache from 0.
@@ -339,6 +388,8 @@ class TransformersBackend(Backend):
         # swapped for the branch's own by type.
         kw = {k: (cache if _is_cache(v) else v) for k, v in kwargs.items()}
         rest = tuple(cache if _is_cache(a) else a for a in args[1:])
+        if getattr(cache, "static", False):
+            cache.entries = self.entries
         if self.mask_at_layers:
             rest, kw = _replace_mask(layer, (hidden, *rest), kw, self.layer_mask)
             rest = rest[1:]

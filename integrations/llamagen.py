@@ -365,6 +365,8 @@ def load_checkpoint(model: Transformer, path: str | os.PathLike, strict: bool = 
 class LlamaGenBackend(Backend):
     """Runs ``model.layers`` with slot-indexed 2D RoPE and static per-layer caches."""
 
+    static_caches = True
+
     def validate(self, ctx) -> None:
         if not isinstance(getattr(ctx.model, "config", None), ModelArgs):
             from flashar_adapt.recipe import RecipeError
@@ -375,9 +377,9 @@ class LlamaGenBackend(Backend):
     def max_positions(self, ctx):
         return ctx.model.freqs_cis.shape[0]
 
-    def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache):
+    def run(self, ctx, embeds, positions, slots, key_slots, allowed, cache, entries=None):
         h = ctx.model.tok_dropout(embeds)
-        freqs, start, mask = _step_inputs(ctx, embeds, slots, key_slots, allowed, cache)
+        freqs, start, mask = _step_inputs(ctx, embeds, slots, key_slots, allowed, cache, entries)
         if ctx.gradient_checkpointing and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -388,23 +390,30 @@ class LlamaGenBackend(Backend):
                 h = layer(h, freqs, start, mask)
         return ctx.norm(h)
 
-    def new_cache(self, ctx, batch, max_len):
-        return _Cache(ctx.model, _ensure_caches(ctx.layers, batch, max_len, ctx.model), max_len)
+    def new_cache(self, ctx, batch, max_len, static=False):
+        return _Cache(ctx.model, _ensure_caches(ctx.layers, batch, max_len, ctx.model, static), max_len)
 
-    def new_branch_cache(self, ctx, batch, max_len):
+    def new_branch_cache(self, ctx, batch, max_len, static=False):
         branch = ctx.flashar.branch_layers
-        if _DualBlock.eligible(ctx.layers[ctx.branch_index], branch):
+        a = ctx.layers[ctx.branch_index]
+        if _DualBlock.eligible(a, branch):
             cache = _Cache(ctx.model, False, max_len)
-            cache.pair = _DualBlock(ctx.layers[ctx.branch_index], branch[0], batch, max_len)
+            key = _DualBlock.key_of(a, branch[0], batch, max_len)
+            pair = self.__dict__.get("pair")
+            if pair is None or pair.key != key:
+                pair = self.pair = _DualBlock(a, branch[0], batch, max_len)
+            else:
+                pair.load(a, branch[0])
+            cache.pair = pair
             return cache
-        return _Cache(ctx.model, _ensure_caches(branch, batch, max_len, ctx.model), max_len)
+        return _Cache(ctx.model, _ensure_caches(branch, batch, max_len, ctx.model, static), max_len)
 
-    def run_with_branch(self, ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache):
+    def run_with_branch(self, ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries=None):
         pair = getattr(branch_cache, "pair", None)
         if pair is None or torch.is_grad_enabled():
             return None
         h = ctx.model.tok_dropout(embeds)
-        freqs, start, mask = _step_inputs(ctx, embeds, slots, key_slots, allowed, cache)
+        freqs, start, mask = _step_inputs(ctx, embeds, slots, key_slots, allowed, cache, entries)
         x = None
         for i, layer in enumerate(ctx.layers):
             if i == ctx.branch_index:
@@ -456,14 +465,17 @@ class LlamaGenBackend(Backend):
         return model.eval()
 
 
-def _step_inputs(ctx, embeds, slots, key_slots, allowed, cache):
+def _step_inputs(ctx, embeds, slots, key_slots, allowed, cache, entries=None):
     """Rotary rows, cache entries to fill and the attention mask of one backend call.
 
     With a cache, entries are filled in feeding order (key_slots order): the new tokens go
     to entries [S - T, S) and attend entries [0, S), so the mask is ``allowed`` itself (a
-    view) and attention never reads past the filled part of the cache."""
+    view) and attention never reads past the filled part of the cache. Static caches get
+    the entries as a tensor and attend the whole cache (``KVCache.update``'s index path)."""
     if cache is None:
         return ctx.model.freqs_cis.to(embeds.device)[slots], None, allowed[:, None]
+    if entries is not None:
+        return cache.freqs(embeds.device)[slots], entries, allowed[:, None]
     S, T = key_slots.shape[0], embeds.shape[1]
     if S > cache.max_len:
         raise ValueError(f"{S} keys do not fit the cache ({cache.max_len} entries)")
@@ -476,27 +488,54 @@ class _DualBlock:
     Both read the same input, so every projection becomes one batched matmul over the two
     stacked weights and the attention one call over both caches. At small decoding batches
     each op costs mostly its fixed overhead, so this makes the branch nearly free instead of
-    one more block per step. Same arithmetic as the two separate calls; built per generate()
-    call (the weights are stacked once, the joint cache holds exactly this batch)."""
+    one more block per step. Same arithmetic as the two separate calls. The backend keeps
+    one between generate() calls of the same blocks, batch and length (a CUDA graph of the
+    compiled step replays on its buffers) and reloads the weights into it at every call
+    (``load``): weights changed in between, even through ``.data``, are always the ones used."""
+
+    _STACKED = {  # name: (weight of a block, stacked layout)
+        "attn_norm": (lambda m: m.attention_norm.weight, "row"),  # [2, 1, D]
+        "ffn_norm": (lambda m: m.ffn_norm.weight, "row"),
+        "wqkv": (lambda m: m.attention.wqkv.weight, "t"),  # [2, D, (H+2Hkv)hd]
+        "wo": (lambda m: m.attention.wo.weight, "t"),
+        "w1": (lambda m: m.feed_forward.w1.weight, "t"),
+        "w3": (lambda m: m.feed_forward.w3.weight, "t"),
+        "w2": (lambda m: m.feed_forward.w2.weight, "t"),
+    }
+
+    @staticmethod
+    def key_of(a, b, batch: int, max_len: int) -> tuple:
+        w = a.attention.wqkv.weight
+        shapes = tuple(get(a).shape for get, _ in _DualBlock._STACKED.values())
+        return id(a), id(b), batch, max_len, w.dtype, w.device, shapes
 
     def __init__(self, a: "TransformerBlock", b: "TransformerBlock", batch: int, max_len: int):
-        def stack(get):
-            return torch.stack([get(a).detach(), get(b).detach()])
-
+        self.key = self.key_of(a, b, batch, max_len)
+        self._base = {}
+        for name, (get, layout) in self._STACKED.items():
+            w = get(a)
+            base = self._base[name] = torch.empty((2, *w.shape), dtype=w.dtype, device=w.device)
+            setattr(self, name, base[:, None] if layout == "row" else base.transpose(1, 2))
+        self.load(a, b)
         self.eps = (a.attention_norm.eps, a.ffn_norm.eps)
-        self.attn_norm = stack(lambda m: m.attention_norm.weight)[:, None]  # [2, 1, D]
-        self.ffn_norm = stack(lambda m: m.ffn_norm.weight)[:, None]
-        self.wqkv = stack(lambda m: m.attention.wqkv.weight).transpose(1, 2)  # [2, D, (H+2Hkv)hd]
-        self.wo = stack(lambda m: m.attention.wo.weight).transpose(1, 2)
-        self.w1 = stack(lambda m: m.feed_forward.w1.weight).transpose(1, 2)
-        self.w3 = stack(lambda m: m.feed_forward.w3.weight).transpose(1, 2)
-        self.w2 = stack(lambda m: m.feed_forward.w2.weight).transpose(1, 2)
         att = a.attention
         self.dim, self.n_head, self.n_kv, self.hd = att.dim, att.n_head, att.n_kv_head, att.head_dim
         w = att.wqkv.weight
         shape = (2 * batch, self.n_kv, max_len, self.hd)  # [backbone rows; branch rows]
-        self.k = torch.empty(shape, dtype=w.dtype, device=w.device)
-        self.v = torch.empty(shape, dtype=w.dtype, device=w.device)
+        # zeros: static decoding attends unwritten entries under the mask (0 * garbage may be NaN)
+        self.k = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.v = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        if w.is_cuda:  # a CUDA graph of the compiled step replays on these very buffers
+            from torch import _dynamo
+
+            for t in (self.k, self.v, *self._base.values()):
+                _dynamo.mark_static_address(t)
+
+    def load(self, a: "TransformerBlock", b: "TransformerBlock") -> None:
+        """Copy both blocks' current weights into the stacked buffers."""
+        for name, (get, _) in self._STACKED.items():
+            self._base[name][0].copy_(get(a).detach())
+            self._base[name][1].copy_(get(b).detach())
 
     @staticmethod
     def eligible(a, branch) -> bool:
@@ -518,7 +557,7 @@ class _DualBlock:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 
-    def __call__(self, x, freqs, start: slice, mask):
+    def __call__(self, x, freqs, start: slice | torch.Tensor, mask):
         B, T, D = x.shape
         N, H, Hkv, hd = B * T, self.n_head, self.n_kv, self.hd
         x = x.reshape(1, N, D)
@@ -528,7 +567,8 @@ class _DualBlock:
         k = apply_rotary_emb(k.reshape(2 * B, T, Hkv, hd), freqs).transpose(1, 2)
         self.k[:, :, start] = k
         self.v[:, :, start] = v.reshape(2 * B, T, Hkv, hd).transpose(1, 2)
-        keys, vals = self.k[:, :, : start.stop], self.v[:, :, : start.stop]
+        keys, vals = (self.k[:, :, : start.stop], self.v[:, :, : start.stop]) if isinstance(start, slice) \
+            else (self.k, self.v)  # static: entries as a tensor, the whole cache under the mask
         if H != Hkv:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)
@@ -555,16 +595,18 @@ class _Cache:
         return f
 
 
-def _ensure_caches(layers, batch: int, max_len: int, model) -> bool:
-    """Static caches of at least [batch, max_len] on every layer; reuses the ones already
-    there when they are big enough (nothing past the filled entries is ever read). Returns
-    whether new buffers were allocated."""
+def _ensure_caches(layers, batch: int, max_len: int, model, exact: bool = False) -> bool:
+    """Static caches of at least [batch, max_len] on every layer (``exact``: exactly max_len
+    entries, which static decoding attends whole); reuses the ones already there when they
+    fit (nothing past the filled entries is ever read, or it is masked). Returns whether
+    new buffers were allocated."""
     dtype = model.tok_embeddings.weight.dtype
     for layer in layers:
         c = layer.attention.kv_cache
         w = layer.attention.wqkv.weight
         if not (isinstance(c, KVCache) and c.k_cache.dtype == dtype and c.k_cache.device == w.device
-                and c.k_cache.shape[0] >= batch and c.k_cache.shape[2] >= max_len):
+                and c.k_cache.shape[0] >= batch and c.k_cache.shape[2] >= max_len
+                and (not exact or c.k_cache.shape[2] == max_len)):
             break
     else:
         return False

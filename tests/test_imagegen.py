@@ -249,6 +249,23 @@ def test_generate_raster_from_checkpoint_plus_recipe_and_codes_only(export_dir, 
     assert load_file(str(tmp_path / "c" / "codes.safetensors"))["codes"].shape == (2, 14, 14)
 
 
+@pytest.mark.slow
+def test_generate_compile_flag_gives_the_eager_codes(export_dir, tmp_path):
+    """--compile reaches generate(compile=True) (raster: one compiled graph) and changes no code."""
+    base = ["generate", "--export", str(export_dir), "--mode", "raster", "--classes", "2", "5", "--top-k", "1",
+            "--no-progress"]
+    from torch._dynamo.utils import counters
+
+    assert main(base + ["--out", str(tmp_path / "eager")]) == 0
+    frames = counters["frames"]["ok"]
+    assert main(base + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert counters["frames"]["ok"] > frames  # the step was compiled
+    codes = [load_file(str(tmp_path / d / "codes.safetensors"))["codes"] for d in ("eager", "compiled")]
+    assert torch.equal(*codes)
+    assert json.loads((tmp_path / "compiled" / "generate.json").read_text())["compile"] is True
+    assert json.loads((tmp_path / "eager" / "generate.json").read_text())["compile"] is False
+
+
 def test_generate_bad_input_is_refused_before_any_work(export_dir, tmp_path, capsys):
     base = ["generate", "--export", str(export_dir), "--no-progress"]
     (tmp_path / "taken").mkdir()

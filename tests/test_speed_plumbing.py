@@ -181,6 +181,26 @@ def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers()
     assert not llamagen._DualBlock.eligible(a, branch)  # autograd on: training uses the generic path
 
 
+def test_llamagen_fused_branch_block_is_kept_and_reloads_changed_weights():
+    """The fused block's buffers live from one call to the next (a CUDA graph replays on
+    them), and weights changed in between, even through ``.data`` (no version bump, as
+    peft's merge does it), are the ones the next call uses."""
+    model, cond = _llamagen()
+    model.generate(cond, top_k=1)
+    backend = model.flashar.ctx.backend
+    pair = backend.pair
+    ctx = model.flashar.ctx
+    with torch.no_grad():
+        model.flashar.branch_layers[0].attention.wqkv.weight.data.mul_(1.7)
+        ctx.layers[ctx.branch_index].feed_forward.w2.weight.data.mul_(-0.6)
+    for mode in ("two_way", "raster"):
+        codes = model.generate(cond, mode=mode, top_k=1)
+        assert torch.equal(fa.logits(model, cond, codes, mode=mode).argmax(-1), codes)
+    assert backend.pair is pair
+    model.generate(cond[:1], top_k=1)  # another batch: new buffers
+    assert backend.pair is not pair
+
+
 # ---------------------------------------------------------------- transformers backend
 
 @pytest.mark.parametrize("name", ["llama", "emu3", "janus", "chameleon"])

@@ -1,0 +1,183 @@
+"""Eager against compiled decoding (``generate(compile=True)``), raster and two-way, in one run.
+
+    python benchmarks/compile_speed.py                 # CPU: the Fashion-MNIST default model and small 16x16, batches 1 and 64
+    python benchmarks/compile_speed.py --quick         # CPU: the Fashion-MNIST default model, batch 1
+    python benchmarks/compile_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, CUDA graphs
+
+Per model, grid and batch: the first compiled call of each mode is timed alone (its excess
+over the steady time is the compile time), then the four decoders (raster and two-way,
+eager and compiled) are timed interleaved, so that machine noise hits all four alike. Also
+checks that greedy compiled codes equal the eager ones, and reports the CPU bound the speed
+doc uses (forward growth: a bare backbone forward on an average anti-diagonal over one on a
+single token). Writes benchmarks/results/compile_speed[_<tag>].{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import decode_speed as ds  # noqa: E402  (the models and timing helpers of the main benchmark)
+
+# "fmnist-default" is the shipped Fashion-MNIST FlashAR model itself (trained weights, L4 d128
+# K256, 14x14); the others are random-weight models of decode_speed.py's shapes.
+CPU_MODELS = {"fmnist-default": (4, 128, 4, 256, -2, (14,)), "small": ds.CPU_MODELS["small"][:5] + ((16,),)}
+GPU_MODELS = ds.GPU_MODELS
+MODES = ("raster", "two_way")
+
+
+def load_model(name, spec, grid, device, dtype):
+    if name == "fmnist-default":
+        from flashar_adapt.fmnist.evaluate import load_flashar
+
+        return load_flashar().to(device=device, dtype=dtype)
+    return ds.build(*spec[:5], grid, device, dtype)
+
+
+def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
+    model = load_model(name, spec, grid, device, dtype)
+    cond = torch.arange(batch, device=device) % model.flashar.ctx.recipe.condition.num_classes
+    kw = dict(top_k=0, temperature=1.0, cfg_scale=a.cfg)
+
+    def gen(mode, compiled, **extra):
+        return lambda: model.generate(cond, mode=mode, compile=compiled, **{**kw, **extra})
+
+    H = W = grid
+    row = {"model": name, "layers": spec[0], "dim": spec[1], "vocab": spec[3], "grid": f"{H}x{W}", "batch": batch,
+           "cfg": a.cfg, "ideal_step_ratio": H * W / (H + W - 1)}
+    eager_once = {m: ds.timed(gen(m, False), device) for m in MODES}  # warm-up, and the reference below
+    first = {m: ds.timed(gen(m, True), device) for m in MODES}  # compiles this batch's graphs
+    fns = {f"{m}_{c}": gen(m, c == "compiled") for c in ("eager", "compiled") for m in MODES}
+    t = ds.run_pair(fns, a.repeats if batch == 1 else a.batch_repeats, device, warmup=False)
+    row["seconds"] = t
+    row["first_compiled_call_s"] = first
+    row["compile_s"] = {m: first[m] - t[f"{m}_compiled"] for m in MODES}
+    row["eager_first_call_s"] = eager_once
+    row["compiled_over_eager"] = {m: t[f"{m}_eager"] / t[f"{m}_compiled"] for m in MODES}
+    row["speedup_eager"] = t["raster_eager"] / t["two_way_eager"]
+    row["speedup_compiled"] = t["raster_compiled"] / t["two_way_compiled"]
+    greedy = {c: [gen(m, c, top_k=1)() for m in MODES] for c in (False, True)}
+    row["greedy_codes_equal"] = all(torch.equal(x, y) for x, y in zip(greedy[False], greedy[True]))
+    if batch == 1:
+        row["forward_growth_b1"] = ds.forward_growth(model, a.cfg, device)
+    log(f"{name} {H}x{W} b{batch}: two-way eager {t['two_way_eager'] * 1e3:.0f} ms -> compiled "
+        f"{t['two_way_compiled'] * 1e3:.0f} ms ({row['compiled_over_eager']['two_way']:.2f}x), raster "
+        f"{t['raster_eager'] * 1e3:.0f} -> {t['raster_compiled'] * 1e3:.0f} ms; two-way/raster speedup eager "
+        f"{row['speedup_eager']:.2f}x, compiled {row['speedup_compiled']:.2f}x of ideal {row['ideal_step_ratio']:.2f}x; "
+        f"compile {row['compile_s']['two_way']:.0f} s + {row['compile_s']['raster']:.0f} s")
+    return row
+
+
+def markdown(res: dict) -> str:
+    a = res["args"]
+    out = [f"# Compiled decoding: eager vs `generate(compile=True)` ({res['device']}, {a['dtype']}, "
+           f"threads {res['threads']})", "",
+           f"The shipped Fashion-MNIST FlashAR model (fmnist-default, both modes on its backbone) and random-weight "
+           f"LlamaGen-architecture models, CFG {a['cfg']}, top-k off, temperature 1. Times are medians "
+           f"of {a['repeats']} (batch 1) / {a['batch_repeats']} (larger batches) interleaved runs of the four decoders; "
+           f"compile = first compiled call minus the steady compiled time (inductor, graphs for this batch size). "
+           f"Speedup = raster time / two-way time in the same mode; of ideal = speedup / (H*W/(H+W-1)); bound = "
+           f"1 / forward growth (see docs/speed.md): the fraction of the ideal reachable if both steps were a bare "
+           f"backbone forward.", "",
+           "| model | grid | batch | two-way eager / compiled | raster eager / compiled | compiled / eager (two-way, "
+           "raster) | speedup eager | speedup compiled | of ideal (compiled) | bound | compile two-way + raster | "
+           "greedy equal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        t, c = r["seconds"], r["compiled_over_eager"]
+        bound = f"{1 / r['forward_growth_b1']:.2f}" if "forward_growth_b1" in r else "-"
+        out.append(f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | {r['batch']} | "
+                   f"{t['two_way_eager'] * 1e3:.0f} / {t['two_way_compiled'] * 1e3:.0f} ms | "
+                   f"{t['raster_eager'] * 1e3:.0f} / {t['raster_compiled'] * 1e3:.0f} ms | "
+                   f"{c['two_way']:.2f}x, {c['raster']:.2f}x | {r['speedup_eager']:.2f}x | {r['speedup_compiled']:.2f}x | "
+                   f"{r['speedup_compiled'] / r['ideal_step_ratio']:.2f} | {bound} | "
+                   f"{r['compile_s']['two_way']:.0f} + {r['compile_s']['raster']:.0f} s | {r['greedy_codes_equal']} |")
+    out += ["", f"Generated by `python benchmarks/compile_speed.py {' '.join(res['argv'])}` on {res['platform']}, "
+            f"torch {res['torch']}.", ""]
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    x = range(len(rows))
+    cols = [("two_way_eager", "two-way eager"), ("two_way_compiled", "two-way compiled"),
+            ("raster_eager", "raster eager"), ("raster_compiled", "raster compiled")]
+    w = 0.8 / len(cols)
+    for k, (key, label) in enumerate(cols):
+        ax.bar([i - 0.4 + (k + 0.5) * w for i in x], [r["batch"] / r["seconds"][key] for r in rows], w, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [f"{r['model']}\n{r['grid']} b{r['batch']}" for r in rows], fontsize=8)
+    ax.set_ylabel("images / s (log)")
+    ax.set_title(f"Eager vs compiled decoding ({res['device']}, {res['args']['dtype']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="model set (default: by device)")
+    p.add_argument("--models", default=None, help="comma-separated subset of the preset's models")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs at batch 1")
+    p.add_argument("--batch-repeats", type=int, default=None, help="interleaved runs at larger batches (CPU 2, GPU 5)")
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="the Fashion-MNIST default model at batch 1 only")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--tag", default=None, help="suffix of the output files (default: device)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    gpu = (a.preset or ("gpu" if device.type == "cuda" else "cpu")) == "gpu"
+    models = GPU_MODELS if gpu else CPU_MODELS
+    if a.models:
+        models = {k: v for k, v in {**CPU_MODELS, **GPU_MODELS}.items() if k in a.models.split(",")}
+    batches = [int(b) for b in a.batches.split(",")]
+    if a.quick:
+        models, batches = {"fmnist-default": CPU_MODELS["fmnist-default"]}, [1]
+    a.batch_repeats = a.batch_repeats or (5 if gpu else 2)
+    jobs = [(n, s, g, b) for n, s in models.items() for g in s[5] for b in batches]
+    from tqdm import tqdm
+
+    bar = tqdm(jobs, desc="compile speed", unit="run")
+    rows = []
+    for name, spec, g, b in bar:
+        bar.set_postfix_str(f"{name} {g}x{g} b{b}")
+        rows.append(bench(name, spec, g, b, a, device, dtype, bar.write))
+    tag = a.tag or (device.type if not a.quick else f"{device.type}_quick")
+    res = {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+           "argv": list(argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+           "args": {"dtype": a.dtype, "cfg": a.cfg, "repeats": a.repeats, "batch_repeats": a.batch_repeats,
+                    "batches": batches}, "rows": rows}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"compile_speed_{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    print(markdown(res))
+    print(f"wrote {stem}.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

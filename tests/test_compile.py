@@ -1,0 +1,243 @@
+"""generate(compile=True): the static-shape step (whole padded caches under a mask, steps
+padded to power-of-two buckets) computes what eager decoding computes, compiled or not, and
+compiles a bounded number of graphs."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import flashar_adapt as fa
+from flashar_adapt import decoding
+from flashar_adapt.errors import InputError
+from tests import tiny
+from tests.numerics import assert_same_math
+
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_HF = {}
+
+
+@contextmanager
+def static_path_uncompiled():
+    """Run compile=True's static step eagerly: the padding, trash entries and whole-cache
+    masks under test without paying inductor's compile time."""
+    old = decoding._compiled_step
+    decoding._compiled_step = lambda device_type, size: decoding.static_logits
+    try:
+        yield
+    finally:
+        decoding._compiled_step = old
+
+
+def _cell_logits(model, cond, mode, mask, **kw):
+    """Decode greedily with compile=True through the step API; return the codes and every
+    cell's logits as the compiled steps computed them [B, H*W, K]."""
+    state = fa.prefill(model, cond, mode=mode, cond_mask=mask, top_k=1, compile=True, **kw)
+    rows = {}
+    while not state.done:
+        cells = state.cells()
+        fa.step(state)
+        rows[tuple(cells.tolist())] = state.logits
+    out = torch.empty(state.batch, state.codes.shape[1], state.logits.shape[-1])
+    for cells, lg in rows.items():
+        out[:, list(cells)] = lg
+    return state.image(), out
+
+
+# ---------------------------------------------------------------- properties (uncompiled static path)
+
+SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+
+
+@pytest.mark.parametrize("n", range(1, 129))
+def test_bucket_is_the_smallest_size_that_holds_n(n):
+    b = decoding.bucket(n)
+    assert b in SIZES and b >= n and all(s < n for s in SIZES if s < b)
+    assert b - n < max(1, b / 3)  # at most a third of a padded step is padding
+
+
+@pytest.mark.numerics
+@SETTINGS
+@given(H=st.integers(1, 6), W=st.integers(1, 6), prefix=st.integers(1, 6), batch=st.integers(1, 3),
+       eol=st.booleans(), meta=st.booleans(), cfg=st.sampled_from([1.0, 2.5]), mode=st.sampled_from(["two_way", "raster"]),
+       seed=st.integers(0, 2**16))
+def test_property_static_path_equals_teacher_forcing(H, W, prefix, batch, eol, meta, cfg, mode, seed):
+    """Any grid, left-padded prompt, end-of-line tokens, meta tokens, batch and CFG: the
+    padded static step decodes exactly what teacher forcing predicts."""
+    if "m" not in _HF:
+        _HF["m"] = tiny.hf_llama(max_pos=512)
+    model = _HF["m"]
+    fa.patch(model, tiny.hf_llama_recipe(eol=99 if eol else None, before=[97, 98] if meta else [], grid=(H, W)))
+    try:
+        tiny.randomize(model.flashar, seed)
+        g = torch.Generator().manual_seed(seed)
+        cond = torch.randint(1, 90, (batch, prefix), generator=g)
+        lengths = torch.randint(1, prefix + 1, (batch,), generator=g)
+        mask = torch.arange(prefix)[None] >= (prefix - lengths)[:, None]
+        cond = cond.masked_fill(~mask, 0)
+        with static_path_uncompiled():
+            codes, got = _cell_logits(model, cond, mode, mask, cfg_scale=cfg)
+        ref = fa.logits(model, cond, codes, mode=mode, cfg_scale=cfg, cond_mask=mask)
+        assert torch.equal(ref.argmax(-1), codes)
+        assert torch.equal(model.generate(cond, mode=mode, top_k=1, cfg_scale=cfg, cond_mask=mask), codes)
+        if cfg == 1.0:  # guided logits amplify each side's round-off by the scale: compare the model's own
+            assert_same_math(got, ref.flatten(1, 2), layers=5, width=32)
+    finally:
+        fa.unpatch(model)
+
+
+@pytest.mark.numerics
+@SETTINGS
+@given(grid=st.integers(1, 5), batch=st.integers(1, 4), cfg=st.sampled_from([1.0, 4.0]),
+       mode=st.sampled_from(["two_way", "raster"]), depth=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_property_static_path_llamagen(grid, batch, cfg, mode, depth, seed):
+    """LlamaGen: the fused branch block (depth 1) and the generic branch (depth 2) on
+    static caches, after eager runs left longer caches on the layers."""
+    model = tiny.llamagen(grid=grid)
+    fa.patch(model, tiny.llamagen_recipe(grid=grid), branch_depth=depth, branch_layer=-3)
+    tiny.randomize(model.flashar, seed)
+    cond = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(seed))
+    eager = model.generate(cond, mode=mode, top_k=1, cfg_scale=cfg)
+    with static_path_uncompiled():
+        codes = model.generate(cond, mode=mode, top_k=1, cfg_scale=cfg, compile=True)
+    assert torch.equal(codes, eager)
+    assert torch.equal(fa.logits(model, cond, codes, mode=mode, cfg_scale=cfg).argmax(-1), codes)
+
+
+@pytest.mark.parametrize("mode", ["two_way", "raster"])
+@pytest.mark.parametrize("family", sorted(tiny.FAMILY_CASES))
+def test_static_path_equals_eager_for_every_family(family, mode):
+    """Every family of the suite (LlamaGen c2i/t2i, Llama, Emu3, Janus, Chameleon: masks
+    through the decoder or at its layers, meta tokens, end-of-line tokens) decodes the same
+    codes on static caches, with CFG."""
+    model, cond, mask = tiny.patched_family(family)
+    kw = dict(mode=mode, cond_mask=mask, top_k=1, cfg_scale=2.0)
+    eager = model.generate(cond, **kw)
+    with static_path_uncompiled():
+        assert torch.equal(model.generate(cond, compile=True, **kw), eager)
+
+
+def test_static_padding_entries_are_never_seen():
+    """Every padded token writes an entry past the sequence, which the key rows mask, and no
+    two steps write the same real entry."""
+    for grid, prefix in (((5, 7), 3), ((8, 8), 1), ((1, 6), 2)):
+        model = tiny.hf_llama()
+        fa.patch(model, tiny.hf_llama_recipe(eol=99, grid=grid))
+        layout = model.flashar.ctx.layout(prefix, grid)
+        for mode in ("two_way", "raster"):
+            steps, pad = decoding._static_steps(layout, mode, torch.device("cpu"))
+            written = []
+            for st_ in steps[1:]:
+                real = st_.entries[st_.entries < layout.seq_len]
+                trash = st_.entries[st_.entries >= layout.seq_len]
+                assert trash.numel() <= pad and bool((trash < layout.seq_len + pad).all())
+                assert bool((real < st_.lim[: real.numel()]).all())
+                written += real.tolist()
+            assert written == list(range(prefix, prefix + len(written)))  # feeding order, each entry once
+
+
+def test_static_caches_live_between_calls_and_stale_entries_stay_unseen():
+    """The transformers backend keeps its static caches from one call to the next (a CUDA
+    graph replays on their buffers); what an earlier run left in them is never attended."""
+    model, cond, mask = tiny.patched_family("llama")
+    backend = model.flashar.ctx.backend
+    with static_path_uncompiled():
+        first = model.generate(cond, cond_mask=mask, top_k=1, compile=True)
+        held = {k: v[1] for k, v in backend._static_held.items()}
+        other = model.generate(cond.flip(0), cond_mask=mask.flip(0), top_k=1, compile=True)  # fills them differently
+        again = model.generate(cond, cond_mask=mask, top_k=1, compile=True)
+    assert set(held) == {"backbone", "branch"}
+    assert all(backend._static_held[k][1] is c for k, c in held.items())
+    assert torch.equal(first, again) and torch.equal(other, first.flip(0))
+
+
+# ---------------------------------------------------------------- compiled (inductor)
+
+def _llamagen():
+    model = tiny.llamagen(grid=3, seed=0)
+    fa.patch(model, tiny.llamagen_recipe(grid=3))
+    tiny.randomize(model.flashar, seed=11)
+    return model, torch.tensor([3, 7]), None
+
+
+def _hf():
+    return tiny.patched_family("llama")  # 3x5 grid, end-of-line and meta tokens, a left-padded prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["two_way", "raster"])
+@pytest.mark.parametrize("make", [_llamagen, _hf], ids=["llamagen", "transformers"])
+def test_compiled_greedy_equals_eager_and_teacher_forcing(make, mode):
+    model, cond, mask = make()
+    eager = model.generate(cond, mode=mode, top_k=1, cond_mask=mask)
+    codes, got = _cell_logits(model, cond, mode, mask)
+    assert torch.equal(codes, eager)
+    ref = fa.logits(model, cond, codes, mode=mode, cond_mask=mask)
+    assert torch.equal(ref.argmax(-1), codes)
+    assert_same_math(got, ref.flatten(1, 2), layers=5, width=32)
+
+
+@pytest.mark.slow
+def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
+    """CFG (a linear schedule: the scale changes every step) and seeded sampling give the
+    eager codes; the first call compiles at most one graph per bucket size, a second none."""
+    model, cond, _ = _llamagen()
+    kw = dict(cfg_scale=3.0, cfg_schedule="linear")
+    before = counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(cond, top_k=1, compile=True, **kw), model.generate(cond, top_k=1, **kw))
+    layout = model.flashar.ctx.layout(1, (3, 3))
+    steps, _ = decoding._static_steps(layout, "two_way", torch.device("cpu"))
+    sizes = {s.entries.numel() for s in steps[1:]}
+    compiled = counters["stats"]["unique_graphs"] - before
+    assert 1 <= compiled <= len(sizes)
+    for seed in (0, 1):
+        a = model.generate(cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
+        b = model.generate(cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed),
+                           compile=True, **kw)
+        assert torch.equal(a, b)
+    assert counters["stats"]["unique_graphs"] - before == compiled  # same shapes: nothing recompiled
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_compile_flag_must_be_a_bool():
+    model, cond, _ = _llamagen()
+    for bad in ("yes", 1, None):
+        with pytest.raises(InputError, match="compile must be True or False"):
+            model.generate(cond, compile=bad)
+        with pytest.raises(InputError, match="compile must be True or False"):
+            fa.prefill(model, cond, compile=bad)
+
+
+def test_compile_refused_for_a_backend_without_static_caches(monkeypatch):
+    model, cond, _ = _llamagen()
+    monkeypatch.setattr(type(model.flashar.ctx.backend), "static_caches", False)
+    with pytest.raises(InputError, match="compile=True needs static caches"):
+        model.generate(cond, compile=True)
+    assert model.generate(cond, top_k=1).shape == (2, 3, 3)  # eager decoding is unaffected
+
+
+def test_compile_refused_where_the_mask_needs_per_call_module_state():
+    """ImageGPT flattens the 4D mask (it goes in by layer hooks) and applies a built-in causal
+    buffer (opened around each forward): refused with one sentence, eager decoding unaffected."""
+    from tests.test_unseen_families import _model, _recipe_from_draft
+
+    model = _model("imagegpt")
+    fa.patch(model, _recipe_from_draft("imagegpt", model)[0])
+    cond = torch.tensor([[0]])
+    with pytest.raises(InputError, match="compile=True is not available for ImageGPT"):
+        model.generate(cond, top_k=1, compile=True)
+    assert model.generate(cond, top_k=1).shape[0] == 1
+
+
+def test_compile_refused_for_windowed_transformers_attention(monkeypatch):
+    from flashar_adapt.integrations import hf
+
+    model, cond, mask = _hf()
+    monkeypatch.setattr(hf, "_full_attention_only", lambda config: False)
+    with pytest.raises(InputError, match="compile=True needs static caches"):
+        model.generate(cond, cond_mask=mask, compile=True)
