@@ -14,8 +14,6 @@ single token). Writes benchmarks/results/compile_speed[_<tag>].{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -130,23 +128,17 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="model set (default: by device)")
-    p.add_argument("--models", default=None, help="comma-separated subset of the preset's models")
+    ds.common_args(p)
     p.add_argument("--batches", default="1,64")
     p.add_argument("--repeats", type=int, default=5, help="interleaved runs at batch 1")
     p.add_argument("--batch-repeats", type=int, default=None, help="interleaved runs at larger batches (CPU 2, GPU 5)")
-    p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="the Fashion-MNIST default model at batch 1 only")
-    p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--tag", default=None, help="suffix of the output files (default: device)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    dtype = ds.DTYPES[a.dtype]
     gpu = (a.preset or ("gpu" if device.type == "cuda" else "cpu")) == "gpu"
     models = GPU_MODELS if gpu else CPU_MODELS
     if a.models:
@@ -164,19 +156,10 @@ def main(argv=None):
         bar.set_postfix_str(f"{name} {g}x{g} b{b}")
         rows.append(bench(name, spec, g, b, a, device, dtype, bar.write))
     tag = a.tag or (device.type if not a.quick else f"{device.type}_quick")
-    res = {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-           "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-           "argv": list(argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+    res = {**ds.machine(device, argv), "date": time.strftime("%Y-%m-%d"),
            "args": {"dtype": a.dtype, "cfg": a.cfg, "repeats": a.repeats, "batch_repeats": a.batch_repeats,
                     "batches": batches}, "rows": rows}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"compile_speed_{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
-    print(f"wrote {stem}.{{json,md,png}}")
+    ds.write_results(res, Path(a.out) / f"compile_speed_{tag}", markdown, plot)
 
 
 if __name__ == "__main__":

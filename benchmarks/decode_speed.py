@@ -385,16 +385,43 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every speed benchmark takes (this one and compile_speed.py)."""
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="model set (default: by device)")
     p.add_argument("--models", default=None, help="comma-separated subset of the preset's models")
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default=None, help="suffix of the output files (default: device)")
+
+
+def machine(device, argv) -> dict:
+    """Where and how a benchmark ran (recorded beside its rows)."""
+    return {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "argv": list(argv if argv is not None else sys.argv[1:])}
+
+
+def write_results(res: dict, stem: Path, markdown, plot) -> None:
+    """``stem``.json, .md (also printed) and .png."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    print(markdown(res))
+    print(f"wrote {stem}.{{json,md,png}}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_args(p)
     p.add_argument("--grids", default=None, help="comma-separated grid sides overriding the models' own")
     p.add_argument("--batches", default=None, help="throughput batch sizes (default cpu 1,8,32; gpu 1,8,64)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--all-batches", action="store_true", help="CPU: throughput on every grid, not the smallest only")
     p.add_argument("--compile", action="store_true", default=None,
@@ -403,12 +430,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="16x16 (and 14x14) only, fewer batches and repeats")
     p.add_argument("--hf", action="store_true",
                    help="also time the transformers backend (static feed-order cache vs DynamicCache)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--tag", default=None, help="suffix of the output files (default: device)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    dtype = DTYPES[a.dtype]
     gpu = (a.preset or ("gpu" if device.type == "cuda" else "cpu")) == "gpu"
     models = GPU_MODELS if gpu else CPU_MODELS
     if a.compile is None:
@@ -441,19 +466,10 @@ def main(argv=None):
         for g in tqdm(hf_grids, desc="transformers backend", unit="grid"):
             hf_rows.append(bench_hf(g, a, device, dtype, tqdm.write))
     tag = a.tag or (device.type if not a.quick else f"{device.type}_quick")
-    res = {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-           "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-           "argv": list(argv if argv is not None else sys.argv[1:]),
-           "args": {"dtype": a.dtype, "cfg": a.cfg, "compile": a.compile, "repeats": a.repeats, "batches": a.batches}, "rows": rows,
-           "hf_rows": hf_rows}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode_speed_{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
-    print(f"wrote {stem}.{{json,md,png}}")
+    res = {**machine(device, argv),
+           "args": {"dtype": a.dtype, "cfg": a.cfg, "compile": a.compile, "repeats": a.repeats, "batches": a.batches},
+           "rows": rows, "hf_rows": hf_rows}
+    write_results(res, Path(a.out) / f"decode_speed_{tag}", markdown, plot)
 
 
 if __name__ == "__main__":
