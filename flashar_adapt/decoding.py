@@ -458,15 +458,19 @@ class _Schedule:
 _SCHEDULES: dict = {}
 
 
-def _schedule(layout: Layout, mode: str, dev) -> _Schedule:
-    """Per-layout precomputation, cached (a handful of layouts per process)."""
+def _per_layout(store: dict, layout: Layout, mode: str, dev, build):
+    """``build(layout, dev)`` once per layout, mode and device (a handful per process)."""
     key = (layout, mode, str(dev))
-    s = _SCHEDULES.get(key)
-    if s is None:
-        if len(_SCHEDULES) > 32:
-            _SCHEDULES.clear()
-        s = _SCHEDULES[key] = (_two_way_schedule if mode == "two_way" else _raster_schedule)(layout, dev)
-    return s
+    if key not in store:
+        if len(store) > 32:
+            store.clear()
+        store[key] = build(layout, dev)
+    return store[key]
+
+
+def _schedule(layout: Layout, mode: str, dev) -> _Schedule:
+    """Per-layout precomputation, cached."""
+    return _per_layout(_SCHEDULES, layout, mode, dev, _two_way_schedule if mode == "two_way" else _raster_schedule)
 
 
 def _two_way_schedule(layout: Layout, dev) -> _Schedule:
@@ -544,15 +548,13 @@ def _padded(x, size: int, fill, dev) -> torch.Tensor:
 def _static_steps(layout: Layout, mode: str, dev) -> tuple[tuple, int]:
     """Every step after the first padded to its buckets, and the number of padding entries
     the caches need (the most any step pads). Cached per layout, like ``_schedule``."""
-    key = (layout, mode, str(dev))
-    if key not in _STATIC:
-        if len(_STATIC) > 32:
-            _STATIC.clear()
+
+    def build(layout: Layout, dev):
         raw = (_two_way_static if mode == "two_way" else _raster_static)(layout, dev)
         pad = max((bucket(max(len(r[0]), len(r[4]))) - len(r[0]) for r in raw if r is not None), default=0)
-        steps = tuple(None if r is None else _pad_step(layout, r, dev) for r in raw)
-        _STATIC[key] = (steps, pad)
-    return _STATIC[key]
+        return tuple(None if r is None else _pad_step(layout, r, dev) for r in raw), pad
+
+    return _per_layout(_STATIC, layout, mode, dev, build)
 
 
 def _pad_step(layout: Layout, raw: tuple, dev) -> _StaticStep:
