@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import copy
 import types
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,7 +17,29 @@ from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
 from .recipe import Recipe, RecipeError, did_you_mean, load_recipe
 
-__all__ = ["PatchContext", "context", "patch", "resolve", "unpatch"]
+__all__ = ["PatchContext", "backbone_only", "backbone_state_dict", "context", "patch", "resolve", "unpatch"]
+
+# The attribute patch() adds; everything under it is FlashAR's, everything else the model's own.
+FLASHAR_ATTR = "flashar"
+
+
+@contextmanager
+def backbone_only(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` without its FlashAR modules for the duration of the block (taken off, then put
+    back exactly, even on error): what saving the backbone in its family's layout or wrapping
+    the backbone with LoRA must see. An unpatched model is yielded as it is."""
+    mods = model._modules.pop(FLASHAR_ATTR, None)
+    try:
+        yield model
+    finally:
+        if mods is not None:
+            model._modules[FLASHAR_ATTR] = mods
+
+
+def backbone_state_dict(model: nn.Module) -> dict:
+    """The model's own state dict: every entry but the FlashAR modules'."""
+    with backbone_only(model):
+        return model.state_dict()
 
 
 def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:

@@ -41,7 +41,7 @@ from .data import ShardDataset
 from .decoding import teacher_forward
 from .errors import FlashARError
 from .files import atomic_write_bytes, exclusive_lock
-from .patching import context, patch
+from .patching import backbone_only, context, patch
 from .recipe import RecipeError, did_you_mean, load_recipe, safe_yaml
 from .validate import (Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, first_unknown, rule,
                        short, state_dict_misfit)
@@ -203,11 +203,8 @@ def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: flo
     pattern = "|".join(f"(?:{t})" for t in lo.targets)
     cfg = LoraConfig(r=r or lo.r, lora_alpha=alpha or lo.alpha, lora_dropout=lo.dropout if dropout is None else dropout,
                      target_modules=pattern, bias="none")
-    flashar = model._modules.pop("flashar")  # the branch is trained in full, never wrapped
-    try:
+    with backbone_only(model):  # the branch is trained in full, never wrapped
         inject_adapter_in_model(cfg, model)
-    finally:
-        model._modules["flashar"] = flashar
     n = len(lora_parameters(model))
     if n == 0:
         raise TrainingError(f"lora.targets {list(lo.targets)} matched no module of the model")

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flashar_adapt.backends import dtype_name, register_backend
-from flashar_adapt.patching import context
+from flashar_adapt.patching import backbone_state_dict, context
 from flashar_adapt.validate import state_dict_misfit
 
 from .hf import TransformersBackend
@@ -259,8 +259,8 @@ def save_emu3p5(model, out_dir, max_shard_bytes: int = 5 * 2**30) -> Path:
     + model.safetensors.index.json (FlashAR modules, if patched, are left out)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-          if not k.startswith("flashar.") and not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v.detach().cpu().contiguous() for k, v in backbone_state_dict(model).items()
+          if not k.endswith("rotary_emb.inv_freq")}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     shards: list[dict] = [{}]

@@ -21,6 +21,7 @@ import torch
 
 from flashar_adapt.backends import Backend, dtype_name, register_backend
 from flashar_adapt.errors import InputError
+from flashar_adapt.patching import backbone_only
 from flashar_adapt.recipe import RecipeError
 
 # The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
@@ -408,12 +409,8 @@ class TransformersBackend(Backend):
         return found[id(module)]
 
     def save_model(self, model, out_dir):
-        mods = model._modules.pop("flashar", None)  # the backbone alone, in save_pretrained layout
-        try:
+        with backbone_only(model):  # the backbone alone, in save_pretrained layout
             model.save_pretrained(str(out_dir), safe_serialization=True)
-        finally:
-            if mods is not None:
-                model._modules["flashar"] = mods
         dtype = dtype_name(next(model.parameters()).dtype)
         return {"path": ".", "class": type(model).__name__, "dtype": dtype}
 

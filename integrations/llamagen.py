@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashar_adapt.backends import Backend, dtype_name, register_backend
+from flashar_adapt.patching import backbone_state_dict
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -431,7 +432,7 @@ class LlamaGenBackend(Backend):
 
     def save_model(self, model, out_dir):
         out_dir = Path(out_dir)
-        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("flashar.")}
+        sd = backbone_state_dict(model)
         torch.save({"model": sd}, out_dir / "llamagen.pt")  # the official {"model": ...} layout
         args = {f.name: getattr(model.config, f.name) for f in fields(ModelArgs)}
         (out_dir / "model_args.json").write_text(json.dumps(args, indent=1))
