@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import flashar_adapt as fa
 from flashar_adapt import decoding
+from flashar_adapt.decoding import compiled
 from flashar_adapt.errors import InputError
 from tests import tiny
 from tests.numerics import assert_same_math
@@ -25,12 +26,12 @@ _HF = {}
 def static_path_uncompiled():
     """Run compile=True's static step eagerly: the padding, trash entries and whole-cache
     masks under test without paying inductor's compile time."""
-    old = decoding._compiled_step
-    decoding._compiled_step = lambda device_type, size: decoding.static_logits
+    old = compiled.compiled_step
+    compiled.compiled_step = lambda device_type, size: decoding.step_logits
     try:
         yield
     finally:
-        decoding._compiled_step = old
+        compiled.compiled_step = old
 
 
 def _cell_logits(model, cond, mode, mask, **kw):
@@ -129,7 +130,8 @@ def test_static_padding_entries_are_never_seen():
         fa.patch(model, tiny.hf_llama_recipe(eol=99, grid=grid))
         layout = model.flashar.ctx.layout(prefix, grid)
         for mode in ("two_way", "raster"):
-            steps, pad = decoding._static_steps(layout, mode, torch.device("cpu"))
+            padded = decoding.padded_schedule(layout, mode, torch.device("cpu"))
+            steps, pad = padded.steps, padded.pad
             written = []
             for st_ in steps[1:]:
                 real = st_.entries[st_.entries < layout.seq_len]
@@ -190,7 +192,7 @@ def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
     before = counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(cond, top_k=1, compile=True, **kw), model.generate(cond, top_k=1, **kw))
     layout = model.flashar.ctx.layout(1, (3, 3))
-    steps, _ = decoding._static_steps(layout, "two_way", torch.device("cpu"))
+    steps = decoding.padded_schedule(layout, "two_way", torch.device("cpu")).steps
     sizes = {s.entries.numel() for s in steps[1:]}
     compiled = counters["stats"]["unique_graphs"] - before
     assert 1 <= compiled <= len(sizes)
