@@ -204,7 +204,8 @@ def has_uncond(ctx: PatchContext) -> bool:
 
 # ---------------------------------------------------------------- the prefix
 
-def condition_prefix(ctx: PatchContext, cond: torch.Tensor, cond_mask: torch.Tensor | None, grid, uncond: bool) -> Prefix:
+def condition_prefix(ctx: PatchContext, cond: torch.Tensor, cond_mask: torch.Tensor | None, grid,
+                     uncond: bool) -> Prefix:
     """The prefix of a checked condition batch: its conditional rows, or with ``uncond`` the
     unconditional ones (null class, unconditional features or prompt)."""
     c = ctx.recipe.condition
