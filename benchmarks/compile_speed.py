@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -103,7 +104,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # the plots extra: only a run that writes its PNG needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,8 +149,6 @@ def main(argv=None):
         models, batches = {"fmnist-default": CPU_MODELS["fmnist-default"]}, [1]
     a.batch_repeats = a.batch_repeats or (5 if gpu else 2)
     jobs = [(n, s, g, b) for n, s in models.items() for g in s[5] for b in batches]
-    from tqdm import tqdm
-
     bar = tqdm(jobs, desc="compile speed", unit="run")
     rows = []
     for name, spec, g, b in bar:

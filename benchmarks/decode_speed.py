@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -253,7 +254,7 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
 
 
 def build_hf(n_layer, dim, n_head, codebook, branch_layer, grid, device, dtype, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # the hf extra: only --hf needs it
 
     torch.manual_seed(seed)
     offset = 256  # text ids below the image codes
@@ -361,7 +362,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # the plots extra: only a run that writes its PNG needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -453,8 +454,6 @@ def main(argv=None):
         if a.quick:
             grids = [g for g in grids if g <= 16] or grids[:1]
         jobs += [(name, spec, g) for g in grids]
-    from tqdm import tqdm
-
     bar = tqdm(jobs, desc="decode speed", unit="grid")
     rows = []
     for name, spec, g in bar:

@@ -129,7 +129,7 @@ def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
     """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
     from .decoding import build_prefix, sequence_embeds
 
-    pre = build_prefix(ctx, cond, None, grid, cfg=False)
+    pre = build_prefix(ctx, cond, None, grid, guided=False)
     B = codes.shape[0]
     embeds = sequence_embeds(ctx, pre, ctx.layout(pre.length, grid), codes)
     out = ctx.decoder(inputs_embeds=embeds, use_cache=False)

@@ -1,5 +1,6 @@
 """Grid geometry: where each image cell sits in the raster sequence, which anti-diagonal it
-belongs to, the proximity mask, and the two-way decoding schedule.
+belongs to, the proximity mask, the teacher-forcing sources and the slots each two-way step
+feeds (what a decoder makes of them: ``decoding.schedules``).
 
 The raster sequence is ``prefix`` (condition + forced meta tokens, ``P`` slots) followed by
 ``H`` rows of ``W`` codes, each row optionally closed by a forced end-of-line token. An
@@ -105,7 +106,7 @@ class Layout:
         has_v[1:, :] = True
         return h_src, v_src.clamp(min=0), has_h, has_v
 
-    # --------------------------------------------------------- two-way schedule
+    # --------------------------------------------------------- two-way steps
     @cached_property
     def diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cells (rows i, cols j) of each anti-diagonal 0..H+W-2, ordered by row."""
@@ -116,7 +117,8 @@ class Layout:
         return out
 
     def fed_slots(self, t: int) -> torch.Tensor:
-        """Slots fed at two-way step t: the codes of diagonal t and the end-of-line tokens on it."""
+        """Slots of anti-diagonal t: its codes and the end-of-line token on it (what two-way
+        decoding feeds at step t + 1)."""
         i, j = self.diagonals[t]
         slots = self.prefix_len + i * self.row_len + j
         if self.eol:
@@ -124,30 +126,3 @@ class Layout:
             if 0 <= r < self.n_eol:
                 slots = torch.cat([slots, torch.tensor([self.prefix_len + r * self.row_len + self.width])])
         return slots
-
-    @cached_property
-    def step_plan(self) -> list["StepPlan"]:
-        """For each step t >= 1: where in the inputs fed at step t-1 the horizontal and
-        vertical sources of diagonal t's cells are."""
-        plans = []
-        for t in range(1, self.height + self.width - 1):
-            prev = self.fed_slots(t - 1).tolist()
-            where = {s: k for k, s in enumerate(prev)}
-            i, j = self.diagonals[t]
-            h_idx, v_idx = [], []
-            for a, b in zip(i.tolist(), j.tolist()):
-                h_idx.append(where.get(self.slot(a, b - 1), 0) if b > 0 else 0)
-                v_idx.append(where.get(self.slot(a - 1, b), 0) if a > 0 else 0)
-            plans.append(StepPlan(
-                h_idx=torch.tensor(h_idx), v_idx=torch.tensor(v_idx),
-                has_h=(i == 0) | (j > 0), has_v=i > 0,
-            ))
-        return plans
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    h_idx: torch.Tensor
-    v_idx: torch.Tensor
-    has_h: torch.Tensor
-    has_v: torch.Tensor

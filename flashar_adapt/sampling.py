@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+
 SCHEDULES = ("constant", "linear")
 
 

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import flashar_adapt as fa
 from flashar_adapt import decoding
 from flashar_adapt.errors import InputError
+from flashar_adapt.grid import Layout
 from tests import tiny
 from tests.numerics import assert_same_math
 
@@ -25,12 +26,12 @@ _HF = {}
 def static_path_uncompiled():
     """Run compile=True's static step eagerly: the padding, trash entries and whole-cache
     masks under test without paying inductor's compile time."""
-    old = decoding._compiled_step
-    decoding._compiled_step = lambda device_type, size: decoding.static_logits
+    old = decoding.compiled.compiled_step
+    decoding.compiled.compiled_step = lambda device_type, size: decoding.step_logits
     try:
         yield
     finally:
-        decoding._compiled_step = old
+        decoding.compiled.compiled_step = old
 
 
 def _cell_logits(model, cond, mode, mask, **kw):
@@ -129,7 +130,8 @@ def test_static_padding_entries_are_never_seen():
         fa.patch(model, tiny.hf_llama_recipe(eol=99, grid=grid))
         layout = model.flashar.ctx.layout(prefix, grid)
         for mode in ("two_way", "raster"):
-            steps, pad = decoding._static_steps(layout, mode, torch.device("cpu"))
+            padded = decoding.padded_schedule(layout, mode, torch.device("cpu"))
+            steps, pad = padded.steps, padded.pad
             written = []
             for st_ in steps[1:]:
                 real = st_.entries[st_.entries < layout.seq_len]
@@ -138,6 +140,32 @@ def test_static_padding_entries_are_never_seen():
                 assert bool((real < st_.lim[: real.numel()]).all())
                 written += real.tolist()
             assert written == list(range(prefix, prefix + len(written)))  # feeding order, each entry once
+
+
+@SETTINGS
+@given(P=st.integers(1, 4), H=st.integers(1, 7), W=st.integers(1, 7), eol=st.booleans(), eol_last=st.booleans(),
+       mode=st.sampled_from(["two_way", "raster"]))
+def test_padded_steps_are_the_eager_steps_padded(P, H, W, eol, eol_last, mode):
+    """One Step type for both paths: a padded step's real part is the eager step, every field."""
+    layout = Layout(P, H, W, eol, eol_last)
+    cpu = torch.device("cpu")
+    eager, padded = decoding.schedule(layout, mode, cpu), decoding.padded_schedule(layout, mode, cpu)
+    assert len(eager.steps) == len(padded.steps) == (H + W - 1 if mode == "two_way" else H * W)
+    assert padded.order is eager.order and padded.steps[0] is eager.steps[0]
+
+    def ids(x, n):
+        return list(range(x.start, x.stop)) if isinstance(x, slice) else x[:n].tolist()
+
+    for e, p in zip(eager.steps[1:], padded.steps[1:]):
+        T = e.entries.stop - e.entries.start
+        assert p.entries.numel() == p.cells.numel() == p.h_idx.numel() == decoding.bucket(max(T, e.n))
+        assert ids(p.entries, T) == ids(e.entries, T) and ids(p.cells, T) == ids(e.cells, T)
+        assert (p.eol is None) == (not eol)
+        assert p.eol is None or p.eol[:T].tolist() == ([False] * T if e.eol is None else e.eol.tolist())
+        assert p.lim[:T].tolist() == e.lim.tolist() and p.causal == e.causal
+        for f in ("h_idx", "v_idx", "has_h", "has_v"):
+            assert ids(getattr(p, f), e.n) == ids(getattr(e, f), e.n), f
+        assert p.out is e.out and p.n == e.n
 
 
 def test_static_caches_live_between_calls_and_stale_entries_stay_unseen():
@@ -190,7 +218,7 @@ def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
     before = counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(cond, top_k=1, compile=True, **kw), model.generate(cond, top_k=1, **kw))
     layout = model.flashar.ctx.layout(1, (3, 3))
-    steps, _ = decoding._static_steps(layout, "two_way", torch.device("cpu"))
+    steps = decoding.padded_schedule(layout, "two_way", torch.device("cpu")).steps
     sizes = {s.entries.numel() for s in steps[1:]}
     compiled = counters["stats"]["unique_graphs"] - before
     assert 1 <= compiled <= len(sizes)

@@ -89,12 +89,11 @@ def test_llamagen_static_caches_are_reused_and_fill_in_order():
 
 def test_schedule_is_computed_once_per_layout():
     model, cond = _llamagen()
-    decoding._SCHEDULES.clear()
-    model.generate(cond, top_k=1)
-    assert len(decoding._SCHEDULES) == 1
-    (sched,) = decoding._SCHEDULES.values()
-    model.generate(cond, top_k=1)
-    assert list(decoding._SCHEDULES.values()) == [sched]
+    first = fa.prefill(model, cond, top_k=1)
+    sched = first.schedule
+    again = fa.prefill(model, cond, top_k=1)
+    assert again.schedule is sched  # the same object: built once per layout, mode and device
+    assert decoding.schedule(first.layout, "two_way", cond.device) is sched
     H, W = model.flashar.ctx.recipe.image.grid
     # cache order: the prefix, then the anti-diagonals one after another, every slot once
     L = sched.order.shape[0]
@@ -167,7 +166,7 @@ def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers()
 
     m = tiny.llamagen(grid=4)
     fa.patch(m, tiny.llamagen_recipe(grid=4))
-    ctx = fa.decoding.context(m)
+    ctx = fa.context(m)
     a, branch = ctx.layers[ctx.branch_index], ctx.flashar.branch_layers
     with torch.inference_mode():
         assert llamagen._DualBlock.eligible(a, branch)

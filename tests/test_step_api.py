@@ -155,13 +155,35 @@ def test_no_benchmark_or_peer_imports_a_private_core_name():
 
 def test_decoding_and_patching_do_not_import_each_other_in_a_cycle():
     core = ROOT / "flashar_adapt"
-    dec = {mod for mod, level, _ in _imports(core / "decoding.py") if level}
+    dec = {mod for f in (core / "decoding").glob("*.py") for mod, level, _ in _imports(f) if level}
     assert "patching" not in dec and "context" in dec
     # patching imports decoding at module level now: no import is left inside its functions
     tree = ast.parse((core / "patching.py").read_text())
     inner = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
              if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert inner == []
+
+
+def test_decoding_modules_talk_through_public_names():
+    """No decoding module imports another module's private name or imports inside a function
+    (but for torch._dynamo, which only compiled decoding pays a second to import), and no
+    test reaches into a private name of the package."""
+    pkg = ROOT / "flashar_adapt" / "decoding"
+    private = [(f.name, mod, n) for f in pkg.glob("*.py") for mod, _, names in _imports(f) for n in names
+               if n.startswith("_")]
+    assert private == []
+    inner = [(f.name, ast.unparse(n)) for f in pkg.glob("*.py") for fn in ast.walk(ast.parse(f.read_text()))
+             if isinstance(fn, ast.FunctionDef) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert inner == [("compiled.py", "import torch._dynamo")]
+    names = {"decoding", *(f.stem for f in pkg.glob("*.py"))}
+
+    def in_package(v) -> bool:  # decoding.x, fa.decoding.x, compiled.x, ...
+        return (isinstance(v, ast.Name) and v.id in names) or (isinstance(v, ast.Attribute) and v.attr in names)
+
+    reached = [(f.name, n.attr) for f in (ROOT / "tests").glob("*.py") for n in ast.walk(ast.parse(f.read_text()))
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and in_package(n.value)]
+    assert reached == []
 
 
 def test_decode_speed_benchmark_runs_on_the_public_seam():

@@ -1,0 +1,208 @@
+"""The public step API: ``prefill`` (a ``DecoderState``), ``step`` (one anti-diagonal, or one
+raster token) and ``generate``, that loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ..context import PatchContext, context
+from ..errors import InputError
+from ..grid import Layout
+from ..sampling import Sampling, guide, sample
+from . import compiled
+from .decoder import Decoder, step_logits
+from .forward import cell_logits
+from .inputs import (build_prefix, check_cond, check_grid, check_mode, check_positions, check_step_codes,
+                     eval_behaviour, has_uncond)
+from .schedules import Schedule, padded_schedule, schedule
+
+
+@dataclass(eq=False)
+class DecoderState:
+    """One decoding run between ``prefill`` and the last ``step``.
+
+    ``codes`` [B, H*W] fills as steps run (``image()`` is the [B, H, W] view); ``t`` is the
+    next step; ``logits`` the guided logits [B, n, K] the last step sampled from;
+    ``schedule.steps[t]`` what step t feeds and samples. A later ``prefill``/``generate`` on
+    the same model makes this state stale (its caches may be reused): stepping it then
+    raises."""
+
+    model: torch.nn.Module = field(repr=False)
+    mode: str
+    layout: Layout
+    sampling: Sampling
+    batch: int
+    vertical: bool
+    codes: torch.Tensor = field(repr=False)
+    decoder: Decoder = field(repr=False)
+    schedule: Schedule = field(repr=False)
+    t: int = 0
+    logits: torch.Tensor | None = field(default=None, repr=False)
+    compiled: bool = False
+    _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
+    _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
+
+    @property
+    def num_steps(self) -> int:
+        L = self.layout
+        return L.num_steps_two_way if self.mode == "two_way" else L.num_steps_raster
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.num_steps
+
+    def cells(self, t: int | None = None) -> torch.Tensor:
+        """Flat cell indices (into ``codes`` [B, H*W]) that step ``t`` (default: the next) samples."""
+        t = self.t if t is None else t
+        if not 0 <= t < self.num_steps:
+            raise IndexError(f"step {t} is outside 0..{self.num_steps - 1}")
+        out = self.schedule.steps[t].out
+        if isinstance(out, slice):
+            return torch.arange(out.start, out.stop, device=self.codes.device)
+        return out
+
+    def image(self) -> torch.Tensor:
+        return self.codes.view(self.batch, self.layout.height, self.layout.width)
+
+
+def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
+    if sampling is None:
+        return Sampling(**kwargs)
+    if not isinstance(sampling, Sampling):
+        raise InputError(f"sampling must be a flashar_adapt.Sampling, got {type(sampling).__name__}")
+    if kwargs:
+        raise InputError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: "
+                         f"{sorted(kwargs)}")
+    return sampling
+
+
+def _check_compile(compile) -> None:
+    if not isinstance(compile, bool):
+        raise InputError(f"compile must be True or False, got {compile!r}")
+
+
+def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling, cond_mask,
+             vertical: bool, compile: bool = False) -> DecoderState:
+    cond, cond_mask = check_cond(ctx, cond, cond_mask)
+    grid = check_grid(ctx, grid)
+    sampling.check_device(cond.device)
+    if sampling.guided and not has_uncond(ctx):
+        raise InputError(f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
+                         f"{ctx.recipe.name!r} defines none (condition.uncond)")
+    pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided)
+    layout = ctx.layout(pre.length, grid)
+    check_positions(ctx, layout)
+    dev = pre.embeds.device
+    sched = (padded_schedule if compile else schedule)(layout, mode, dev)
+    branch = mode == "two_way" and vertical
+    dec = Decoder(ctx, pre, layout, sched.order, branch, sched.pad if compile else None)
+    hh, hv = dec.prefill()
+    B = cond.shape[0]
+    codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
+    n = len(sched.steps)
+    # per-step guidance scales as tensors: a compiled step would specialise on a float
+    scales = [torch.tensor(sampling.scale_at(t, n), device=dev) for t in range(n)] if compile else None
+    return DecoderState(model, mode, layout, sampling, B, branch, codes, dec, sched, compiled=compile,
+                        _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]), _scales=scales)
+
+
+def prefill(model, cond, *, mode: str = "two_way", grid=None, sampling: Sampling | None = None, cond_mask=None,
+            vertical: bool = True, compile: bool = False, **sampling_kwargs) -> DecoderState:
+    """Check the inputs, build the prefix and run it into fresh static caches; returns the
+    state that ``step`` advances. Sampling settings as ``sampling=Sampling(...)`` or as its
+    keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
+    skips the vertical branch and takes the horizontal head everywhere: the backbone work
+    of two-way decoding alone, a speed ablation, not a generator. ``compile=True``: every
+    ``step`` after the first runs compiled (see ``generate``)."""
+    check_mode(mode)
+    _check_compile(compile)
+    ctx = context(model)
+    s = _sampling(sampling, sampling_kwargs)
+    with ctx.guard, eval_behaviour(model), torch.inference_mode():
+        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile)
+
+
+def _logits(state: DecoderState) -> torch.Tensor:
+    """Feed what the previous step sampled (nothing at step 0: the prefill's last state
+    predicts the first cells) and return the guided logits of this step's cells."""
+    t, st, dec = state.t, state.schedule.steps[state.t], state.decoder
+    if t == 0:
+        hh, hv = state._hidden
+        lg = cell_logits(dec.ctx, hh, hv, st.h_idx, st.v_idx, st.has_h, st.has_v, state.vertical)
+        return guide(lg, state.batch, state.sampling.scale_at(t, state.num_steps))
+    if not state.compiled:
+        return step_logits(dec, state.codes, st, state.sampling.scale_at(t, state.num_steps))
+    dev = state.codes.device
+    if dev.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    # looked up on the module at every call: tests run the static path uncompiled by replacing it
+    fn = compiled.compiled_step(dev.type, st.entries.numel())
+    lg = fn(dec, state.codes, st, state._scales[t])
+    # a CUDA graph's output is overwritten by its next replay: state.logits must outlive the step
+    return lg[:, :st.n].clone() if dev.type == "cuda" else lg[:, :st.n]
+
+
+def _step(state: DecoderState, forced=None) -> torch.Tensor:
+    ctx = state.decoder.ctx
+    if state.done:
+        raise RuntimeError(f"all {state.num_steps} steps of this decoder state have run")
+    if state.decoder.epoch != ctx.guard.epoch:
+        raise RuntimeError("this decoder state is stale: a later prefill or generate on the same model reused its "
+                           "caches; prefill again (or decode on a copy.deepcopy of the model)")
+    lg = _logits(state)
+    lg = lg.reshape(state.batch, -1, lg.shape[-1])
+    out = state.schedule.steps[state.t].out
+    if forced is None:
+        tok = sample(lg.reshape(-1, lg.shape[-1]), state.sampling).view(state.batch, -1)
+    else:
+        tok = check_step_codes(ctx, forced, state.t, (state.batch, lg.shape[1]), state.codes.device)
+    state.codes[:, out] = tok
+    state.logits = lg
+    state.t += 1
+    return tok
+
+
+def step(state: DecoderState, codes=None) -> torch.Tensor:
+    """Feed what the last step sampled and sample the next anti-diagonal (two-way) or the
+    next token (raster): returns its codes [B, n] (cells: ``state.cells(state.t - 1)``).
+    ``codes`` [B, n] forces those codes instead of sampling (teacher forcing, continuing
+    known codes); ``state.logits`` still holds what the model predicted."""
+    if not isinstance(state, DecoderState):
+        raise InputError(f"step needs the DecoderState that prefill returned, got {type(state).__name__}")
+    ctx = state.decoder.ctx
+    with ctx.guard, eval_behaviour(state.model), torch.inference_mode(), compiled.recompile_room(state.compiled):
+        return _step(state, codes)
+
+
+_GENERATE_DEFAULTS = {f.name: f.default for f in fields(Sampling)}  # generate()'s keywords are Sampling's fields
+
+
+def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             cond_mask=None, sampling: Sampling | None = None, compile: bool = False) -> torch.Tensor:
+    """Generate images as codebook indices [B, H, W].
+
+    two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
+    model's own next-token decoding, H*W forwards. CFG runs [cond; uncond] in one batch.
+    ``prefill`` + ``step`` until done, under the model's lock and in eval behaviour (the
+    caller's train/eval flags are restored).
+
+    ``compile=True`` runs every step after the first through ``torch.compile`` (CUDA graphs
+    on CUDA): static caches attended whole under a mask, steps padded to power-of-two
+    buckets, so a process compiles a few graphs per mode and grid, once. The first call
+    pays the compile time; the codes are the eager ones (same math, other kernels)."""
+    check_mode(mode)
+    _check_compile(compile)
+    ctx = context(model)
+    if sampling is None:
+        sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
+    else:
+        given = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
+                     top_p=top_p, generator=generator)
+        sampling = _sampling(sampling, {k: v for k, v in given.items() if v != _GENERATE_DEFAULTS[k]})
+    with ctx.guard, eval_behaviour(model), torch.inference_mode(), compiled.recompile_room(compile):
+        state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile)
+        while not state.done:
+            _step(state)
+        return state.image()
