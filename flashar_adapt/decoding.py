@@ -266,7 +266,7 @@ def _grid(ctx: PatchContext, grid) -> tuple[int, int]:
 
 
 def _check_positions(ctx: PatchContext, layout: Layout) -> None:
-    limit = ctx.backend.max_positions(ctx)
+    limit = ctx.runner.max_positions(ctx)
     if limit is not None and layout.fed_len > limit:
         raise InputError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
                          f"{layout.fed_len} tokens; the model has {limit} positions")
@@ -287,28 +287,27 @@ def _forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, ca
     """Backbone forward; with ``branch`` also the vertical branch from the captured inputs
     of the branch layer. Returns (final normed hidden, normed branch hidden or None).
     ``entries`` (static caches only): the cache entries the new tokens are written to."""
-    static = {} if entries is None else {"entries": entries}  # backends without static caches never see it
-    if branch and cache is not None:
-        fast = ctx.backend.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
-                                           **static)
-        if fast is not None:
-            return fast[0], ctx.flashar.branch_norm(fast[1])
+    static = {} if entries is None else {"entries": entries}  # runners without static caches never see it
+    if branch and cache is not None and ctx.runner.fused_branch:
+        h, x = ctx.runner.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
+                                          **static)
+        return h, ctx.flashar.branch_norm(x)
     CAPTURE.layer = ctx.layers[ctx.branch_index] if branch else None
     CAPTURE.captured = None
     try:
-        h = ctx.backend.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static)
+        h = ctx.runner.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static)
         captured = CAPTURE.captured
     finally:
         CAPTURE.layer = CAPTURE.captured = None
     if not branch:
         return h, None
     if captured is None:
-        raise RuntimeError("the branch layer was not called during the backbone forward; check modules.layers / the backend")
+        raise RuntimeError("the branch layer was not called during the backbone forward; check modules.layers / the runner")
     args, kwargs = captured
     x = args[0] if args else kwargs["hidden_states"]
     mods = ctx.flashar
     for layer in mods.branch_layers:
-        x = ctx.backend.branch_call(layer, x, args, kwargs, branch_cache)
+        x = ctx.runner.branch_call(layer, x, args, kwargs, branch_cache)
     return h, mods.branch_norm(x)
 
 
@@ -619,15 +618,15 @@ class Decoder:
         L, P = layout.seq_len, pre.length
         self.static = pad is not None
         if self.static:
-            if not ctx.backend.static_caches:
-                raise InputError(f"compile=True needs static caches, which backend {ctx.backend.name!r} does not have")
+            if not ctx.runner.static_caches:
+                raise InputError(f"compile=True needs static caches, which runner {ctx.runner.name!r} does not have")
             n = L + pad
             order = torch.cat([order, order.new_zeros(n - order.numel())])  # entries never fed: slot 0
             self.entry_ids = torch.arange(n, device=dev)
         else:
             n = L
-        self.cache = ctx.backend.new_cache(ctx, Bt, n, **self._static_kw)
-        self.bcache = ctx.backend.new_branch_cache(ctx, Bt, n, **self._static_kw) if branch else None
+        self.cache = ctx.runner.new_cache(ctx, Bt, n, **self._static_kw)
+        self.bcache = ctx.runner.new_branch_cache(ctx, Bt, n, **self._static_kw) if branch else None
         self.order = order  # key_slots of a step = order[:stop]
         self.positions = positions(order, pre.n_pad)  # [Bt, n], in cache order
         # One row per sequence: every image key is visible once cached, prefix keys unless padding.
