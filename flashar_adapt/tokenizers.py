@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .context import context
 from .errors import InputError
 from .plugins import TOKENIZERS, MissingDependency, Registry
 from .recipe import Recipe, RecipeError, Tokenizer, load_recipe
@@ -178,8 +179,6 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, ImageTokenizer]" = weakref.WeakKey
 
 def tokenizer_of(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> ImageTokenizer:
     """The tokenizer of a patched model's recipe (built once per model and kept)."""
-    from .patching import context
-
     if checkpoint is None and model in _CACHE:
         return _CACHE[model]
     tok = load_tokenizer(context(model).recipe, model, checkpoint=checkpoint)
