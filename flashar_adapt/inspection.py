@@ -12,7 +12,6 @@ import inspect as _inspect
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn

@@ -53,9 +53,8 @@ class Registry:
 
     ``what`` names the kind in messages ("runner", "model format", "tokenizer kind"). A class
     registered here gets its registry name as its ``name`` attribute unless its own body
-    declares one;
-    an entry point whose name differs from the class's declared ``name`` is an alias of it
-    (an old name kept so that files written with it still load)."""
+    declares one; an entry point whose name differs from the class's declared ``name`` is an
+    alias of it (an old name kept so that files written with it still load)."""
 
     def __init__(self, group: str, what: str):
         self.group, self.what = group, what
@@ -65,7 +64,7 @@ class Registry:
         self._warned: set[str] = set()
 
     def entry_points(self) -> dict[str, EntryPoint]:
-        """This group's entry points by name (read once per process; ``rescan`` reads again)."""
+        """This group's entry points by name (read once per process)."""
         if self._points is None:
             points: dict[str, EntryPoint] = {}
             for ep in entry_points(group=self.group):
@@ -77,11 +76,6 @@ class Registry:
             self._points = points
         return self._points
 
-    def rescan(self) -> None:
-        """Read the installed entry points again (after installing a plugin in a running process)."""
-        self._points = None
-        self.hidden.clear()
-
     def register(self, name: str, obj: Any) -> Any:
         """Make ``obj`` available as ``name``; another object under a taken name is an error,
         the same one again (a module reloaded) replaces itself."""
@@ -91,6 +85,7 @@ class Registry:
                              f"register {getattr(obj, '__qualname__', obj)!r} under another name")
         _name(obj, name)
         self._loaded[name] = obj
+        self.hidden.pop(name, None)  # registered here: no longer the entry point that could not load
         return obj
 
     def get(self, name: str, hidden_ok: bool = False) -> Any | None:

@@ -15,6 +15,7 @@ import inspect
 import json
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,6 +318,13 @@ def test_a_plugin_whose_dependency_is_missing_is_hidden_and_a_broken_one_raises(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert reg.names() == ["fine"]  # warned once
+    # two packages declaring one name for different objects: refused, naming both
+    group = "flashar_adapt_contract.clash"
+    for d, target in (("c", "contract_fine:FineRunner"), ("d", "contract_needs:NeedsRunner")):
+        _fake_distribution(tmp_path / d, f"contract_fake_{d}", group, {"same": target}, {})
+        monkeypatch.syspath_prepend(str(tmp_path / d))
+    with pytest.raises(fa.FlashARError, match="two installed packages declare the runner 'same'"):
+        plugins.Registry(group, "runner").get("same")
 
 
 def test_shipped_plugins_come_from_entry_points():
@@ -349,3 +357,40 @@ def test_in_process_registration_keeps_working(tmp_path):
     assert format_of(model) is get_format("llamagen")  # the shipped format owns it first
     spec = {"format": "contract-format", **ContractFormat.save(model, tmp_path)}
     assert type(load_spec(spec, tmp_path)) is type(model)
+
+
+@pytest.mark.slow
+def test_without_transformers_its_plugins_are_hidden_and_the_rest_works():
+    """transformers is an optional dependency of the core: in a process where it cannot be
+    imported, the plugins that need it are listed as unavailable (naming the package), asking
+    for them says what to install, and a LlamaGen model patches and decodes."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["transformers"] = None  # import transformers now fails as if it were not installed
+        import torch
+        import flashar_adapt as fa
+        from tests import tiny
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            print(fa.list_runners(), fa.list_formats(), "transformers-vq" in fa.tokenizers.list_tokenizers())
+        print(sorted({str(w.message) for w in seen}))
+        try:
+            fa.runners.get_runner("transformers")
+        except fa.RecipeError as e:
+            print(e)
+        model = tiny.llamagen()
+        fa.patch(model, tiny.llamagen_recipe())
+        print(tuple(model.generate(torch.tensor([1, 2]), top_k=1).shape))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "['llamagen'] ['llamagen'] True", lines
+    assert "runner 'transformers' is unavailable: it needs the package 'transformers'" in lines[1]
+    assert "model format 'emu3p5' is unavailable: it needs the package 'transformers'" in lines[1]
+    assert lines[2].startswith("backend: the runner 'transformers'") and "needs the package 'transformers'" in lines[2]
+    assert lines[3] == "(2, 4, 4)"
