@@ -278,15 +278,15 @@ def bench_hf(grid, a, device, dtype, log) -> dict:
     model = build_hf(*spec[:5], grid, device, dtype)
     cond = torch.tensor([[1, 5, 6, 7]], device=device)
     kw = dict(top_k=0, temperature=1.0, cfg_scale=a.cfg)
-    static = hf._full_attention_only
+    static = hf.full_attention_only
 
     def gen(mode, use_static):
         def run():
-            hf._full_attention_only = static if use_static else (lambda config: False)
+            hf.full_attention_only = static if use_static else (lambda config: False)
             try:
                 model.generate(cond, mode=mode, **kw)
             finally:
-                hf._full_attention_only = static
+                hf.full_attention_only = static
         return run
 
     fns = {f"{m}_{c}": gen(m, c == "static") for m in ("raster", "two_way") for c in ("static", "dynamic")}

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends import Backend
 from .errors import InputError
 from .grid import Layout
 from .heads import FlashARModules
 from .recipe import Recipe
+from .runners import Runner
 
 
 class ModelGuard:
@@ -78,7 +78,7 @@ class PatchContext:
     """What patch() resolved from the recipe; kept on ``model.flashar.ctx``."""
 
     recipe: Recipe
-    backend: Backend
+    runner: Runner
     model: Any = field(repr=False)
     decoder: nn.Module = field(repr=False)
     layers: nn.ModuleList = field(repr=False)
@@ -93,7 +93,7 @@ class PatchContext:
     vocab_size: int | None
     after_norm: list = field(default_factory=list, repr=False)
     hook_id: int | None = None
-    gradient_checkpointing: bool = False  # backends that run their own layer loop honour it
+    gradient_checkpointing: bool = False  # runners that run their own layer loop honour it
     had_generate: bool = False
     old_generate: Any = field(default=None, repr=False)
     guard: ModelGuard = field(default_factory=ModelGuard, repr=False)

@@ -3,7 +3,7 @@
 1. patch: the recipe fits the model (paths, ids, positions) -- else the RecipeError's key.
 2. raster: the patched raster logits equal the model's own next-token logits for the same
    sequence (prompt, forced meta tokens, codes at their vocabulary ids, end-of-line tokens).
-   The reference is, in order: the backend's own reference forward (if it has one); the
+   The reference is, in order: the runner's own reference forward (if it declares one); the
    model's forward on input ids sliced to the visual ids; and, when that forward alters
    image logits (some models mask them), the family-agnostic rule "apply the recipe's head
    to the decoder's last_hidden_state" run with the decoder's *own* default causal mask
@@ -195,10 +195,9 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
     from .decoding import logits
 
     ours = logits(model, cond, codes, mode="raster").float()
-    with torch.no_grad():
-        ref = ctx.backend.reference_logits(ctx, cond, codes)
-    if ref is not None:
-        ref = ref.float()
+    if ctx.runner.reference_forward:
+        with torch.no_grad():
+            ref = ctx.runner.reference_logits(ctx, cond, codes).float()
         d = (ours - ref).abs().max().item()
         if d <= atol:
             return rep.add("raster", PASS, f"patched raster logits equal the model's own forward (max diff {d:.2e})")
@@ -231,7 +230,7 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
                                            f"logits; the unmasked ones equal ours and all of ours {how}")
         if hidden_ok is False:
             return rep.add("raster", FAIL, f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
-                                           "the decoder run by the backend is not the model's decoder",
+                                           "the decoder run by the runner is not the model's decoder",
                            key="modules.decoder")
         if hidden_ok:
             with torch.no_grad():
@@ -249,7 +248,7 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
                                        "decoder's hidden states agree: the recipe's head is not the one the model uses",
                        key="modules.head")
     if hidden_ok is None:
-        return rep.add("raster", SKIP, "no reference: the backend has no reference forward and the decoder takes no "
+        return rep.add("raster", SKIP, "no reference: the runner has no reference forward and the decoder takes no "
                                        "inputs_embeds")
     if hidden_ok:
         return rep.add("raster", PASS, f"patched raster logits equal head(last_hidden_state) (max diff {hidden_d:.2e})")
@@ -386,7 +385,7 @@ def _load(path: str, overrides: dict):
         raise InputError(f"{path}: no such file or folder")
     try:
         return load_model(path, overrides)
-    except ValueError as e:  # no backend recognises it, or the files do not fit the backend
+    except ValueError as e:  # no model format recognises it, or the files do not fit the format
         if isinstance(e, InputError):
             raise
         raise InputError(" ".join(str(e).split())) from e

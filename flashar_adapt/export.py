@@ -5,7 +5,7 @@ An export folder::
     backbone/               the model in its native layout (save_pretrained dir, LlamaGen .pt, ...)
     flashar.safetensors     everything under model.flashar (branch, norm, vertical head, gate)
     recipe.yaml             the recipe the model was patched with
-    flashar_config.json     format, backend, backbone spec, patch options, library version
+    flashar_config.json     format, backbone spec (it names its model format), patch options, library version
 
 The folder is built beside its destination and renamed into place, so a failure at any
 point leaves either the previous export or nothing, never half a folder. An existing
@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import base_layers_in_place, lora_layers, lora_named_parameters, merge_lora
-from .backends import get_backend
 from .errors import FlashARError
 from .files import apply_umask, escaping_links, inside
+from .formats import FormatError, save_model, spec_format
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
 from .validate import Is, Num, OneOf, differing_keys, first_problem, short, state_dict_misfit
@@ -39,8 +39,9 @@ from .validate import Is, Num, OneOf, differing_keys, first_problem, short, stat
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
 EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors")
-CONFIG_RULES = {"format": OneOf((FORMAT,)), "backend": Is((str,), "a backend name"),
-                "backbone": Is((dict,), "a mapping (the backend's model spec)"),
+# ``backend``: where exports written before model formats named the backbone's format
+CONFIG_RULES = {"format": OneOf((FORMAT,)), "backend": Is((str,), "a model format name", optional=True),
+                "backbone": {"format": Is((str,), "a model format name", optional=True)},
                 "fixed_gate": Num(0, 1, optional=True)}
 _ADAPTER_RULES = {"file": Is((str,), "a file name"), "r": Num(1, integer=True), "alpha": Num(1, integer=True)}
 # Recipe keys that do not change what the exported weights compute.
@@ -87,14 +88,14 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     try:
         (tmp / "backbone").mkdir()
         with base_layers_in_place(model):
-            spec = ctx.backend.save_model(model, tmp / "backbone")
+            spec = save_model(model, tmp / "backbone")
         save_file(_flashar_state(model), str(tmp / "flashar.safetensors"), metadata={"format": FORMAT})
         if lora_meta is not None:
             save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
         (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
         from . import __version__
 
-        cfg = {"format": FORMAT, "backend": ctx.recipe.backend, "recipe": ctx.recipe.name, "backbone": spec,
+        cfg = {"format": FORMAT, "recipe": ctx.recipe.name, "backbone": spec,
                "fixed_gate": model.flashar.fixed_gate, "lora_layers_merged": merged, "flashar_adapt": __version__,
                "recipe_config": ctx.recipe.to_dict()}
         if lora_meta is not None:
@@ -147,18 +148,18 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     cfg = _read_config(out_dir)
     recipe = _read_recipe(out_dir, cfg)
     try:
-        backend = get_backend(cfg["backend"])
-    except RecipeError as e:
+        fmt, spec = spec_format(cfg["backbone"], legacy=cfg.get("backend"))
+    except FormatError as e:
         raise ExportError(f"{cfg_path}: {e}") from None
     root = inside(out_dir, "backbone", ExportError, "backbone folder")
-    for v in cfg["backbone"].values():  # every file name the spec holds stays in backbone/
+    for v in spec.values():  # every file name the spec holds stays in backbone/
         if isinstance(v, str):
             inside(root, v, ExportError, "backbone file")
     links = escaping_links(out_dir)
     if links:
         raise ExportError(f"{links[0]}: a symbolic link leading outside the export folder; refused")
     try:
-        model = backend.load_model(cfg["backbone"], root)
+        model = fmt.load(spec, root)
     except Exception as e:  # noqa: BLE001 - a damaged backbone raises many types; report which file
         raise ExportError(f"{root}: cannot load the backbone ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if device is not None:

@@ -8,42 +8,28 @@ meta tokens) -- is left as a loud ``TODO`` that fails recipe validation until fi
 """
 from __future__ import annotations
 
-import importlib
 import inspect as _inspect
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from .formats import open_path
 
 TODO = "TODO"
 
 
 # ---------------------------------------------------------------- loading files
 
-def _backends_that_sniff() -> list[type]:
-    from .backends import _REGISTRY
-
-    importlib.import_module("flashar_adapt.integrations")
-    return sorted(_REGISTRY.values(), key=lambda c: c.sniff_priority)
-
-
 def load_model(path: str | os.PathLike, overrides: dict | None = None) -> tuple[nn.Module, str]:
-    """Load a model from a folder or checkpoint file with the first backend that recognises
-    it (each integration decides from the files alone; local files only). Returns
-    (model in eval mode, backend name). ``overrides`` go to the backend's constructor (e.g.
-    sizes a checkpoint does not record)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    for cls in _backends_that_sniff():
-        spec = cls.sniff(path)
-        if spec is not None:
-            return cls.load_sniffed(spec, overrides or {}), cls.name
-    raise ValueError(f"{path}: no backend recognises it (a transformers save_pretrained folder, a LlamaGen "
-                     f".pt/.pth/.safetensors checkpoint, or another integration's layout)")
+    """Load a model from a folder or checkpoint file with the first model format that
+    recognises it (each decides from the files alone; local files only). Returns (model in
+    eval mode, the runner a recipe names for it). ``overrides`` go to the format's
+    constructor (e.g. sizes a checkpoint does not record)."""
+    model, fmt = open_path(path, overrides)
+    return model, fmt.runner
 
 
 # ---------------------------------------------------------------- structure

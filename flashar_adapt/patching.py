@@ -9,13 +9,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .backends import get_backend
 from .context import PatchContext, capture_hook, context
 from .decoding import generate
 from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
 from .recipe import Recipe, RecipeError, did_you_mean, load_recipe
+from .runners import get_runner
 
 __all__ = ["PatchContext", "backbone_only", "backbone_state_dict", "context", "patch", "resolve", "unpatch"]
 
@@ -86,7 +86,7 @@ def _check_ids(ids, key, vocab, src):
 def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     src = recipe.source
     m = recipe.modules
-    backend = get_backend(recipe.backend)
+    runner = get_runner(recipe.backend)()  # one runner per patched model
     layers = _module(model, m.layers, "modules.layers", src, (nn.ModuleList, nn.Sequential))
     norm = _module(model, m.norm, "modules.norm", src)
     head = _module(model, m.head, "modules.head", src)
@@ -154,11 +154,11 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     if b + k > n:
         raise RecipeError("flashar.branch_depth", f"{k} layers from layer {b} run past the last of {n} layers", src)
 
-    ctx = PatchContext(recipe=recipe, backend=backend, model=model, decoder=decoder, layers=layers, norm=norm,
+    ctx = PatchContext(recipe=recipe, runner=runner, model=model, decoder=decoder, layers=layers, norm=norm,
                        head=head, embed=embed, image_embed=image_embed, cond_embed=cond_embed,
                        uncond_features=uncond_features, branch_index=b, dim=dim, vocab_size=vocab, after_norm=after_norm)
-    backend.validate(ctx)
-    limit = backend.max_positions(ctx)
+    runner.bind(ctx)
+    limit = runner.max_positions(ctx)
     if limit is not None:
         _check_fits(ctx, limit, src)
     return ctx
@@ -203,7 +203,7 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
 
     b, k = ctx.branch_index, recipe.flashar.branch_depth
     branch = [copy.deepcopy(ctx.layers[i]) for i in range(b, b + k)]
-    ctx.backend.prepare_branch_layers(branch)
+    ctx.runner.prepare_branch_layers(branch)
     ref = next(ctx.norm.parameters(), None)
     if ref is None:
         ref = next(ctx.head.parameters())

@@ -5,31 +5,34 @@ Every tokenizer maps pixels to this model's codes and back::
     codes  = tok.encode(images)   # float [N, C, H, W] in [0, 1] at tok.image_size -> long [N, h, w]
     images = tok.decode(codes)    # long [N, h, w] -> float [N, C, H, W] in [0, 1]
 
-Integrations register kinds with ``register_tokenizer("kind")`` on a factory
-``(spec, model, root) -> ImageTokenizer``; ``spec`` is the recipe's Tokenizer section,
-``model`` the (optional) model whose checkpoint carries the VQ module, ``root`` the folder
-relative checkpoint paths start from. The kind ``color-clusters`` (one code per pixel: the
-nearest of K colours, a palette read from a safetensors or a JSON file) lives here because
-it needs no family code.
+A kind is a factory ``(spec, model, root) -> ImageTokenizer``; ``spec`` is the recipe's
+Tokenizer section, ``model`` the (optional) model whose checkpoint carries the VQ module,
+``root`` the folder relative checkpoint paths start from. Kinds are plugins
+(``flashar_adapt.plugins``): entry points of the group ``flashar_adapt.tokenizers`` (the
+shipped integrations and the Fashion-MNIST demo declare theirs in ``pyproject.toml``), or
+factories registered in-process with ``@register_tokenizer("kind")``. The kind
+``color-clusters`` (one code per pixel: the nearest of K colours, a palette read from a
+safetensors or a JSON file) lives here because it needs no family code.
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import os
 import weakref
 from pathlib import Path
-from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from .context import context
 from .errors import InputError
+from .plugins import TOKENIZERS, MissingDependency, Registry
 from .recipe import Recipe, RecipeError, Tokenizer, load_recipe
+from .validate import did_you_mean
 
-# Modules whose import registers the shipped tokenizer kinds.
-_PROVIDERS = ("flashar_adapt.integrations", "flashar_adapt.fmnist.tokenizer")
-_REGISTRY: dict[str, Callable] = {}
+REGISTRY = Registry(TOKENIZERS, "tokenizer kind")
 
 
 class TokenizerError(InputError):
@@ -93,26 +96,18 @@ def denormalize(x: torch.Tensor, spec: Tokenizer) -> torch.Tensor:
 # ---------------------------------------------------------------- registry
 
 def register_tokenizer(kind: str):
-    """Decorator: make a factory ``(spec, model, root) -> ImageTokenizer`` available as ``kind``."""
+    """Decorator: make a factory ``(spec, model, root) -> ImageTokenizer`` available as ``kind``
+    (a kind already taken by another factory is an error)."""
 
     def deco(fn):
-        _REGISTRY[kind] = fn
-        return fn
+        return REGISTRY.register(kind, fn)
 
     return deco
 
 
 def list_tokenizers() -> list[str]:
-    _import_providers()
-    return sorted(_REGISTRY)
-
-
-def _import_providers() -> None:
-    for name in _PROVIDERS:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
+    """Every usable tokenizer kind."""
+    return REGISTRY.names()
 
 
 def resolve_checkpoint(spec: Tokenizer, root: str | os.PathLike | None) -> Path | None:
@@ -144,13 +139,14 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
         spec = recipe.tokenizer
     if root is None and recipe.source:
         root = Path(recipe.source).parent
-    _import_providers()
-    factory = _REGISTRY.get(spec.kind)
+    try:
+        factory = REGISTRY.get(spec.kind)
+    except MissingDependency as e:
+        raise RecipeError("tokenizer.kind", str(e), recipe.source) from None
     if factory is None:
-        from .recipe import did_you_mean
-
-        raise RecipeError("tokenizer.kind", f"unknown tokenizer kind {spec.kind!r}{did_you_mean(spec.kind, _REGISTRY)}; "
-                          f"known: {', '.join(sorted(_REGISTRY))}", recipe.source)
+        known = list_tokenizers()
+        raise RecipeError("tokenizer.kind", f"unknown tokenizer kind {spec.kind!r}{did_you_mean(spec.kind, known)}; "
+                          f"known: {', '.join(known)}", recipe.source)
     if spec.downsample is None and spec.image_size is None:
         spec = _with_size(spec, recipe, 1)
     elif spec.image_size is None:
@@ -161,8 +157,6 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
 
 
 def _with_size(spec: Tokenizer, recipe: Recipe, down: int) -> Tokenizer:
-    import dataclasses
-
     g = recipe.image.grid
     return dataclasses.replace(spec, image_size=(g[0] * down, g[1] * down))
 
@@ -185,8 +179,6 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, ImageTokenizer]" = weakref.WeakKey
 
 def tokenizer_of(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> ImageTokenizer:
     """The tokenizer of a patched model's recipe (built once per model and kept)."""
-    from .patching import context
-
     if checkpoint is None and model in _CACHE:
         return _CACHE[model]
     tok = load_tokenizer(context(model).recipe, model, checkpoint=checkpoint)
@@ -246,8 +238,6 @@ def _color_clusters(spec: Tokenizer, model, root) -> ColorClusters:
             raise TokenizerError(f"{path}: no 'clusters' list in it")
         clusters = torch.tensor(data["clusters"], dtype=torch.float32)
     else:
-        from safetensors.torch import load_file
-
         try:
             clusters = load_file(str(path))["clusters"]
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files

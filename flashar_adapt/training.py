@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import adapters_disabled, lora_parameters
-from .backends import get_backend
 from .data import ShardDataset
 from .decoding import teacher_forward
 from .errors import FlashARError
 from .files import atomic_write_bytes, exclusive_lock
+from .formats import load_spec
 from .patching import backbone_only, context, patch
 from .recipe import RecipeError, did_you_mean, load_recipe, safe_yaml
 from .validate import (Is, Num, OneOf, Seq, dataclass_rules, differing_keys, first_problem, first_unknown, rule,
@@ -68,7 +68,7 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
-    model: dict = rule(Is((dict,), "a mapping with a 'backend' key"))
+    model: dict = rule(Is((dict,), "a mapping with a 'format' key"))
     recipe: str = rule(_STR)
     data: str = rule(_STR)
     out_dir: str = rule(_STR)
@@ -130,8 +130,9 @@ class TrainConfig:
         for k in ("model", "recipe", "data", "out_dir"):
             if k not in data:
                 raise TrainingError(f"{source}: missing key {k!r}")
-        if not isinstance(data["model"], dict) or "backend" not in data["model"]:
-            raise TrainingError(f"{source}: model must be a mapping with a 'backend' key (and how to load it)")
+        if not isinstance(data["model"], dict) or not {"format", "backend"} & set(data["model"]):
+            raise TrainingError(f"{source}: model must be a mapping with a 'format' key (the model format; 'backend' "
+                                "is its old name) and how to load it")
         kw = dict(data)
         if kw.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
             kw["mixed_precision"] = "no"
@@ -166,9 +167,7 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """Load the base model, patch it, and (for a resumed stage-2 LoRA run) add adapters."""
-    spec = dict(cfg.model)
-    backend = get_backend(spec.pop("backend"))
-    model = backend.load_model(spec)
+    model = load_spec(cfg.model)
     recipe = load_recipe(cfg.recipe)
     if cfg.recipe_overrides:
         recipe = recipe.replace(**cfg.recipe_overrides)

@@ -81,7 +81,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- the tokenizer interface
 
-from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, register_tokenizer  # noqa: E402
+from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, resolve_checkpoint  # noqa: E402
 
 
 class PatchVQTokenizer(ImageTokenizer):
@@ -113,11 +113,9 @@ def _float_patches(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(N, H // PATCH, W // PATCH, PATCH * PATCH)
 
 
-@register_tokenizer("fmnist-patch-vq")
-def _fmnist_patch_vq(spec, model, root) -> PatchVQTokenizer:
-    """The shipped k-means tokenizer (or tokenizer.checkpoint, a PatchVQ.save file)."""
-    from flashar_adapt.tokenizers import resolve_checkpoint
-
+def fmnist_patch_vq(spec, model, root) -> PatchVQTokenizer:
+    """The tokenizer kind ``fmnist-patch-vq``: the shipped k-means tokenizer (or
+    tokenizer.checkpoint, a PatchVQ.save file)."""
     from . import ASSETS
 
     if spec.channels != 1:

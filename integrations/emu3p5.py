@@ -1,5 +1,5 @@
-"""Emu3.5 (BAAI): load the official checkpoint without ``trust_remote_code`` and run it
-with the transformers backend.
+"""Emu3.5 (BAAI): the model format of the official checkpoint, loaded without
+``trust_remote_code``; the model runs with the transformers runner.
 
 Emu3.5's modelling code is not in transformers; it ships as ``src/emu3p5/modeling_emu3.py``
 in github.com/baaivision/Emu3.5 (the FlashAR fork lxazjk/Emu3.5-FlashAR wraps the same
@@ -52,16 +52,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flashar_adapt.backends import dtype_name, register_backend
+# transformers is an optional dependency of the core: without it this plugin's import fails
+# and the plugin registry hides the "emu3p5" format, naming the package.
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from flashar_adapt.formats import ModelFormat, dtype_name
 from flashar_adapt.patching import backbone_state_dict, context
 from flashar_adapt.validate import state_dict_misfit
-
-from .hf import TransformersBackend
-
-try:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-except ImportError:  # transformers is an optional dependency; the backend then cannot load models
-    Qwen3Config = Qwen3ForCausalLM = None
 
 # official config.json key -> Qwen3Config key (same meaning)
 _SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -134,30 +131,24 @@ def _drop_embeddings(module, args, kwargs):
     return args, kwargs
 
 
-if Qwen3ForCausalLM is not None:
+class Emu3p5ForCausalLM(Qwen3ForCausalLM):
+    """Emu3.5's ``Emu3ForCausalLM`` (same module names, same math), loadable without remote code."""
 
-    class Emu3p5ForCausalLM(Qwen3ForCausalLM):
-        """Emu3.5's ``Emu3ForCausalLM`` (same module names, same math), loadable without remote code."""
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
-        _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
-
-        def __init__(self, config):
-            super().__init__(config)
-            p = float(getattr(config, "attention_dropout", 0.0) or 0.0)  # also the attention probabilities' rate
-            self.model.dropout = nn.Dropout(p)
-            self.model.register_forward_pre_hook(_drop_embeddings, with_kwargs=True)
-            for layer in self.model.layers:
-                for block in (layer.self_attn, layer.mlp):
-                    block.output_dropout = nn.Dropout(p)  # a child of the block, so deep copies get their own
-                    block.register_forward_hook(_drop_output)
-else:  # pragma: no cover
-    Emu3p5ForCausalLM = None
+    def __init__(self, config):
+        super().__init__(config)
+        p = float(getattr(config, "attention_dropout", 0.0) or 0.0)  # also the attention probabilities' rate
+        self.model.dropout = nn.Dropout(p)
+        self.model.register_forward_pre_hook(_drop_embeddings, with_kwargs=True)
+        for layer in self.model.layers:
+            for block in (layer.self_attn, layer.mlp):
+                block.output_dropout = nn.Dropout(p)  # a child of the block, so deep copies get their own
+                block.register_forward_hook(_drop_output)
 
 
 def config_from_official(cfg: dict):
     """Map an official Emu3.5 ``config.json`` dict onto a Qwen3Config (with the token ids kept)."""
-    if Qwen3Config is None:
-        raise ImportError("Emu3.5 support needs transformers: pip install 'flashar-adapt[hf]'")
     if cfg.get("pretraining_tp", 1) != 1:
         raise NotImplementedError("pretraining_tp > 1 is not supported (it only re-slices the same math)")
     kw = {k: cfg[k] for k in _SIZE_KEYS if cfg.get(k) is not None}
@@ -285,41 +276,42 @@ def save_emu3p5(model, out_dir, max_shard_bytes: int = 5 * 2**30) -> Path:
     return out_dir
 
 
-@register_backend("emu3p5")
-class Emu3p5Backend(TransformersBackend):
-    """The transformers backend, reading and writing Emu3.5's official checkpoint layout."""
+class Emu3p5Format(ModelFormat):
+    """Emu3.5's official checkpoint layout (config.json with model_type "Emu3" + safetensors
+    shards); ``Emu3p5ForCausalLM`` runs with the transformers runner. Spec: ``{path: the
+    folder, dtype}``; ``overrides`` go to :func:`load_emu3p5` (``dtype``, ``device``)."""
 
-    def save_model(self, model, out_dir):
-        save_emu3p5(model, out_dir)
-        dtype = dtype_name(next(model.parameters()).dtype)
-        return {"path": ".", "dtype": dtype}
+    name = "emu3p5"
+    runner = "transformers"
+    priority = 0
 
-    def load_model(self, spec, root=None):
+    @classmethod
+    def owns(cls, model):
+        return isinstance(model, Emu3p5ForCausalLM)
+
+    @classmethod
+    def sniff(cls, path):
+        """An official Emu3.5 folder: config.json with model_type "Emu3" (transformers' own Emu3
+        uses "emu3" and nests text_config)."""
+        path = Path(path)
+        cfg = path / "config.json"
+        if not (path.is_dir() and cfg.is_file()):
+            return None
+        try:
+            data = json.loads(cfg.read_text())
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("model_type") != "Emu3" or "text_config" in data:
+            return None
+        return {"path": str(path.resolve())}
+
+    @classmethod
+    def load(cls, spec, root=None, overrides=None):
         path = Path(root or ".") / spec.get("path", ".")
-        dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
-        return load_emu3p5(path, dtype=dtype)
+        kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
+        return load_emu3p5(path, **{**kw, **(overrides or {})})
 
-
-def _sniff(path) -> dict | None:
-    """An official Emu3.5 folder: config.json with model_type "Emu3" (transformers' own Emu3
-    uses "emu3" and nests text_config)."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if not (path.is_dir() and cfg.is_file()):
-        return None
-    try:
-        data = json.loads(cfg.read_text())
-    except ValueError:
-        return None
-    if data.get("model_type") != "Emu3" or "text_config" in data:
-        return None
-    return {"path": str(path.resolve())}
-
-
-def _load_sniffed(spec: dict, overrides: dict | None = None):
-    return load_emu3p5(spec["path"], **(overrides or {}))
-
-
-Emu3p5Backend.sniff = staticmethod(_sniff)
-Emu3p5Backend.load_sniffed = staticmethod(_load_sniffed)
-Emu3p5Backend.sniff_priority = 0
+    @classmethod
+    def save(cls, model, out_dir):
+        save_emu3p5(model, out_dir)
+        return {"path": ".", "dtype": dtype_name(next(model.parameters()).dtype)}

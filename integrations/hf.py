@@ -1,4 +1,4 @@
-"""Backend for transformers decoder stacks (Llama-style, Emu3, Janus, Chameleon, ...).
+"""The transformers runner and model format (Llama-style, Emu3, Janus, Chameleon, ...).
 
 Runs the recipe's ``modules.decoder`` (the text model, e.g. ``model.text_model``) with
 ``inputs_embeds``, an additive 4D float mask (a bool 4D mask is silently wrong under eager
@@ -16,13 +16,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
+from pathlib import Path
 
 import torch
+# transformers is an optional dependency of the core: without it this plugin's import fails
+# and the plugin registry hides the "transformers" runner and format, naming the package.
+import transformers
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from flashar_adapt.backends import Backend, dtype_name, register_backend
 from flashar_adapt.errors import InputError
+from flashar_adapt.formats import ModelFormat, dtype_name
 from flashar_adapt.patching import backbone_only
 from flashar_adapt.recipe import RecipeError
+from flashar_adapt.runners import Runner
 
 # The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
 # -> cache); its layers may use any name (layer_past, cache, ...) or take it positionally, so
@@ -39,8 +47,6 @@ def _cache_kwarg(fn) -> str:
 
 
 def _is_cache(x) -> bool:
-    from transformers.cache_utils import Cache
-
     return isinstance(x, Cache)
 
 
@@ -90,8 +96,6 @@ def _sliding_window(config) -> int | None:
     if config is None:
         return None
     try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
         text = config.get_text_config(decoder=True)
         types, _ = get_layer_types_and_kwargs(text)
     except Exception:  # noqa: BLE001 - an unusual config: no window we can read
@@ -103,125 +107,118 @@ def _sliding_window(config) -> int | None:
 
 
 def _dynamic_cache(config=None):
-    from transformers import DynamicCache
-
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
-def _full_attention_only(config) -> bool:
+def full_attention_only(config) -> bool:
     """Whether every layer is plain full attention (no sliding window, chunks, shared KV or
     linear attention): the layouts FeedOrderCache can hold; anything else keeps DynamicCache."""
     if config is None:
         return True
     try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
         types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     except Exception:  # noqa: BLE001 - an unusual config: stay on the generic cache
         return False
     return all(t == "full_attention" for t in types)
 
 
-@functools.cache
-def _feed_order_cache_class():
-    """FeedOrderCache, defined on first use so that importing this module does not import
-    transformers."""
-    from transformers.cache_utils import Cache, CacheLayerMixin
+class FeedOrderLayer(CacheLayerMixin):
+    """One layer's static K/V buffers [B, heads, max_len, head_dim], allocated at the first
+    update (the prefill) and filled in feeding order; update returns views of the filled entries."""
 
-    class FeedOrderLayer(CacheLayerMixin):
-        """One layer's static K/V buffers [B, heads, max_len, head_dim], allocated at the
-        first update (the prefill) and filled in feeding order; update returns views of the
-        filled entries."""
+    is_compileable = False
+    is_sliding = False
 
-        is_compileable = False
-        is_sliding = False
+    def __init__(self, max_len: int, static: bool = False):
+        super().__init__()
+        self.max_len, self.length, self.static = max_len, 0, static
 
-        def __init__(self, max_len: int, static: bool = False):
-            super().__init__()
-            self.max_len, self.length, self.static = max_len, 0, static
+    def lazy_initialization(self, key_states, value_states):
+        B, h, _, dk = key_states.shape
+        # static caches are attended whole under a mask: unwritten entries must be finite
+        new = key_states.new_zeros if self.static else key_states.new_empty
+        self.keys = new((B, h, self.max_len, dk))
+        self.values = new((B, value_states.shape[1], self.max_len, value_states.shape[-1]))
+        self.device = key_states.device
+        self.is_initialized = True
+        if self.static and key_states.device.type == "cuda":
+            from torch import _dynamo  # heavy to import, and only CUDA graphs need it
 
-        def lazy_initialization(self, key_states, value_states):
-            B, h, _, dk = key_states.shape
-            # static caches are attended whole under a mask: unwritten entries must be finite
-            new = key_states.new_zeros if self.static else key_states.new_empty
-            self.keys = new((B, h, self.max_len, dk))
-            self.values = new((B, value_states.shape[1], self.max_len, value_states.shape[-1]))
-            self.device = key_states.device
-            self.is_initialized = True
-            if self.static and key_states.device.type == "cuda":
-                from torch import _dynamo
+            _dynamo.mark_static_address(self.keys)  # CUDA graphs replay on fixed addresses
+            _dynamo.mark_static_address(self.values)
 
-                _dynamo.mark_static_address(self.keys)  # CUDA graphs replay on fixed addresses
-                _dynamo.mark_static_address(self.values)
+    def write_at(self, key_states, value_states, entries):
+        """Static caches: write at cache ``entries`` (a tensor) and return the whole cache."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.index_copy_(2, entries, key_states)
+        self.values.index_copy_(2, entries, value_states)
+        return self.keys, self.values
 
-        def write_at(self, key_states, value_states, entries):
-            """Static caches: write at cache ``entries`` (a tensor) and return the whole cache."""
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            self.keys.index_copy_(2, entries, key_states)
-            self.values.index_copy_(2, entries, value_states)
-            return self.keys, self.values
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, stop = self.length, self.length + key_states.shape[-2]
+        if stop > self.max_len:
+            raise ValueError(f"{stop} keys do not fit the cache ({self.max_len} entries)")
+        self.keys[:, :, start:stop] = key_states
+        self.values[:, :, start:stop] = value_states
+        self.length = stop
+        return self.keys[:, :, :stop], self.values[:, :, :stop]
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start, stop = self.length, self.length + key_states.shape[-2]
-            if stop > self.max_len:
-                raise ValueError(f"{stop} keys do not fit the cache ({self.max_len} entries)")
-            self.keys[:, :, start:stop] = key_states
-            self.values[:, :, start:stop] = value_states
-            self.length = stop
-            return self.keys[:, :, :stop], self.values[:, :, :stop]
+    def get_mask_sizes(self, query_length):
+        if self.static:  # a Python int that changed per step would recompile a compiled step
+            return self.max_len, 0
+        return self.length + query_length, 0
 
-        def get_mask_sizes(self, query_length):
-            if self.static:  # a Python int that changed per step would recompile a compiled step
-                return self.max_len, 0
-            return self.length + query_length, 0
+    def get_seq_length(self):
+        return self.length
 
-        def get_seq_length(self):
-            return self.length
+    def get_max_length(self):
+        return self.max_len
 
-        def get_max_length(self):
-            return self.max_len
-
-        def reset(self):
-            self.length = 0
-
-    class FeedOrderCache(Cache):
-        """Static caches for one generate() call, filled in the decoder's feeding order, or
-        (``static``, compiled decoding) at the tensor ``entries`` the backend sets per call."""
-
-        feed_order = True
-
-        def __init__(self, n_layers: int, max_len: int, static: bool = False):
-            super().__init__(layers=[FeedOrderLayer(max_len, static) for _ in range(n_layers)])
-            self.max_len, self.static = max_len, static
-            self.entries = None
-            self.key_row = None  # (additive row, entries converted, source storage): see _mask_row
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            if self.static:
-                return self.layers[layer_idx].write_at(key_states, value_states, self.entries)
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    return FeedOrderCache
+    def reset(self):
+        self.length = 0
 
 
-def _feed_order_cache(n_layers: int, max_len: int, static: bool = False):
-    return _feed_order_cache_class()(n_layers, max_len, static)
+class FeedOrderCache(Cache):
+    """Static caches for one generate() call, filled in the decoder's feeding order, or
+    (``static``, compiled decoding) at the tensor ``entries`` the runner sets per call."""
+
+    feed_order = True
+
+    def __init__(self, n_layers: int, max_len: int, static: bool = False):
+        super().__init__(layers=[FeedOrderLayer(max_len, static) for _ in range(n_layers)])
+        self.max_len, self.static = max_len, static
+        self.entries = None
+        self.key_row = None  # (additive row, entries converted, source storage): see mask_row
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.static:
+            return self.layers[layer_idx].write_at(key_states, value_states, self.entries)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-@register_backend("transformers")
-class TransformersBackend(Backend):
+class TransformersRunner(Runner):
     """transformers decoders. What each layer must see reaches it however the family threads
     it: the cache is found by type, and when the decoder module rewrites or flattens the 4D
     mask it is given (``mask_at_layers``), the additive mask is passed to the decoder as None
     and put into every layer's ``attention_mask`` by a forward pre-hook instead."""
 
-    mask_at_layers = False
+    name = "transformers"
     static_caches = True  # for full-attention decoders (new_cache refuses the others)
 
-    def validate(self, ctx) -> None:
+    def __init__(self):
+        self.cache_key = "cache"  # the decoder forward's name for its cache argument (bind reads it)
+        self.mask_at_layers = False  # bind's probe decides: the mask goes to every layer, not the decoder
+        self.layer_mask: torch.Tensor | None = None  # the additive mask of the current call, when at layers
+        self.entries: torch.Tensor | None = None  # static caches: the entries of the current call
+        # static caches kept from one generate() call to the next: "backbone"/"branch" -> (key, cache)
+        self.static_held: dict[str, tuple] = {}
+        # id(module) -> the built-in causal buffers inside it (the modules live as long as the patch)
+        self.causal_found: dict[int, list[tuple]] = {}
+
+    def bind(self, ctx) -> None:
         dec = ctx.decoder
         name = type(dec).__name__
         params = inspect.signature(dec.forward).parameters if hasattr(dec, "forward") else {}
@@ -318,11 +315,11 @@ class TransformersBackend(Backend):
         if entries is not None:  # static caches: branch_call hands the same entries to the branch's cache
             cache.entries = self.entries = entries
         if entries is None and allowed.shape[1] == 1 and getattr(cache, "feed_order", False):
-            mask = _mask_row(cache, allowed, embeds.dtype)[:, :, :, :S].expand(-1, -1, T, -1)
+            mask = mask_row(cache, allowed, embeds.dtype)[:, :, :, :S].expand(-1, -1, T, -1)
         else:
             mask = torch.zeros((B, T, S), dtype=embeds.dtype, device=embeds.device)
             mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
-        kwargs = {getattr(self, "cache_key", "cache"): cache}
+        kwargs = {self.cache_key: cache}
         hooks = []
         if self.mask_at_layers:
             self.layer_mask = mask  # branch_call gives the branch layers the same mask
@@ -345,25 +342,24 @@ class TransformersBackend(Backend):
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def new_cache(self, ctx, batch, max_len, static=False):
-        self.cache_key = _cache_kwarg(ctx.decoder.forward)  # the decoder's name for the cache we make
         config = getattr(ctx.decoder, "config", None)
         if static and (self.mask_at_layers or self._builtin_causal(ctx.layers)):
             # both swap module state (hooks, buffers) around every forward, which a compiled graph cannot replay
             raise InputError(f"compile=True is not available for {type(ctx.decoder).__name__}: its mask reaches the "
                              "attention only through per-call layer hooks or by opening a built-in causal buffer; "
                              "decode it eagerly (compile=False)")
-        if _full_attention_only(config):
+        if full_attention_only(config):
             return self._static_cache("backbone", ctx, len(ctx.layers), batch, max_len) if static \
-                else _feed_order_cache(len(ctx.layers), max_len)
+                else FeedOrderCache(len(ctx.layers), max_len)
         if static:
             raise InputError(f"compile=True needs static caches; {type(ctx.decoder).__name__} has sliding-window, "
                              "chunked, shared-KV or linear-attention layers, which keep transformers' DynamicCache")
         return _dynamic_cache(config)
 
     def new_branch_cache(self, ctx, batch, max_len, static=False):
-        if _full_attention_only(getattr(ctx.decoder, "config", None)):
+        if full_attention_only(getattr(ctx.decoder, "config", None)):
             n = len(ctx.flashar.branch_layers)
-            return self._static_cache("branch", ctx, n, batch, max_len) if static else _feed_order_cache(n, max_len)
+            return self._static_cache("branch", ctx, n, batch, max_len) if static else FeedOrderCache(n, max_len)
         return _dynamic_cache()
 
     def _static_cache(self, which: str, ctx, n_layers: int, batch: int, max_len: int):
@@ -372,9 +368,9 @@ class TransformersBackend(Backend):
         (every entry a step attends unmasked was written earlier in the same run)."""
         p = next(ctx.layers.parameters())
         key = (n_layers, batch, max_len, p.dtype, p.device)
-        held = self.__dict__.setdefault("_static_held", {})
+        held = self.static_held
         if which not in held or held[which][0] != key:
-            held[which] = (key, _feed_order_cache(n_layers, max_len, static=True))
+            held[which] = (key, FeedOrderCache(n_layers, max_len, static=True))
         return held[which][1]
 
     def prepare_branch_layers(self, layers):
@@ -403,34 +399,13 @@ class TransformersBackend(Backend):
         return out[0] if isinstance(out, tuple) else out
 
     def _builtin_causal(self, module) -> list[tuple]:
-        found = self.__dict__.setdefault("_causal_found", {})
-        if id(module) not in found:  # the modules live as long as the patch (this backend instance)
+        found = self.causal_found
+        if id(module) not in found:
             found[id(module)] = _causal_buffers(module)
         return found[id(module)]
 
-    def save_model(self, model, out_dir):
-        with backbone_only(model):  # the backbone alone, in save_pretrained layout
-            model.save_pretrained(str(out_dir), safe_serialization=True)
-        dtype = dtype_name(next(model.parameters()).dtype)
-        return {"path": ".", "class": type(model).__name__, "dtype": dtype}
 
-    def load_model(self, spec, root=None):
-        """spec: {path: save_pretrained directory, class: optional class name (defaults to the
-        config's architectures[0]), dtype}. Local files only."""
-        import transformers
-        from pathlib import Path
-
-        path = Path(root or ".") / spec["path"]
-        cls_name = spec.get("class")
-        if not cls_name:
-            cfg = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-            cls_name = (cfg.architectures or ["AutoModelForCausalLM"])[0]
-        cls = getattr(transformers, cls_name)
-        kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
-        return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kw).eval()
-
-
-def _mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
+def mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
     """The additive [B, 1, 1, max_len] key row of a FeedOrderCache, converted from the bool
     rows the decoder passes as keys arrive. The decoder's rows are slices of one key-validity
     row per generate() call, so while they come from the same storage each step converts only
@@ -450,39 +425,48 @@ def _mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
     return row
 
 
-# ---------------------------------------------------------------- discovery (inspect / check)
+# ---------------------------------------------------------------- files
 
-def _sniff(path) -> dict | None:
-    """A save_pretrained folder (config.json + weights) -> a load spec."""
-    from pathlib import Path
+class TransformersFormat(ModelFormat):
+    """A ``save_pretrained`` folder: config.json + weights. Spec: ``{path: the folder,
+    class: a transformers class name (default: the config's ``architectures`` that
+    transformers has, then AutoModelForCausalLM, then AutoModel), dtype}``."""
 
-    path = Path(path)
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        return None
-    return {"path": str(path.resolve())}
+    name = "transformers"
+    runner = "transformers"
+    priority = 10  # generic: family-specific formats get the first look
 
+    @classmethod
+    def owns(cls, model):
+        return isinstance(model, transformers.PreTrainedModel)
 
-def _load_sniffed(spec: dict, overrides: dict | None = None):
-    """Local files only: the config's architectures class if transformers has it, else
-    AutoModelForCausalLM, else AutoModel."""
-    import json
-    from pathlib import Path
+    @classmethod
+    def sniff(cls, path):
+        path = Path(path)
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            return None
+        return {"path": str(path.resolve())}
 
-    import transformers
+    @classmethod
+    def load(cls, spec, root=None, overrides=None):
+        path = Path(root or ".") / spec.get("path", ".")
+        if spec.get("class"):
+            names = [spec["class"]]
+        else:
+            archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+            names = [a for a in archs if hasattr(transformers, a)] + ["AutoModelForCausalLM", "AutoModel"]
+        kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
+        kw.update(overrides or {})
+        err = None
+        for name in names:
+            try:
+                return getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **kw).eval()
+            except (ValueError, KeyError, OSError) as e:  # this Auto class does not know the config
+                err = e
+        raise ValueError(f"{path}: transformers could not load this folder ({err})")
 
-    path = Path(spec["path"])
-    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    names = [a for a in archs if hasattr(transformers, a)] + ["AutoModelForCausalLM", "AutoModel"]
-    err = None
-    for name in names:
-        try:
-            model = getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **(overrides or {}))
-            return model.eval()
-        except (ValueError, KeyError, OSError) as e:  # this Auto class does not know the config
-            err = e
-    raise ValueError(f"{path}: transformers could not load this folder ({err})")
-
-
-TransformersBackend.sniff = staticmethod(_sniff)
-TransformersBackend.load_sniffed = staticmethod(_load_sniffed)
-TransformersBackend.sniff_priority = 10  # generic: family-specific backends get the first look
+    @classmethod
+    def save(cls, model, out_dir):
+        with backbone_only(model):  # the backbone alone, in save_pretrained layout
+            model.save_pretrained(str(out_dir), safe_serialization=True)
+        return {"path": ".", "class": type(model).__name__, "dtype": dtype_name(next(model.parameters()).dtype)}

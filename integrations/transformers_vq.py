@@ -15,7 +15,7 @@ import inspect
 import torch
 
 from flashar_adapt.patching import resolve
-from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, denormalize, normalize, register_tokenizer
+from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, denormalize, normalize
 
 
 def _downsample(vq) -> int:
@@ -79,8 +79,8 @@ class TransformersVQTokenizer(ImageTokenizer):
         return denormalize(out.float().cpu(), self.spec)
 
 
-@register_tokenizer("transformers-vq")
-def _transformers_vq(spec, model, root) -> TransformersVQTokenizer:
+def transformers_vq_tokenizer(spec, model, root) -> TransformersVQTokenizer:
+    """The tokenizer kind ``transformers-vq``: the VQ module at ``tokenizer.module`` in ``model``."""
     if model is None:
         raise TokenizerError("the transformers-vq tokenizer lives inside the model's checkpoint: load the model "
                              "(--model / --export) to use it")

@@ -169,17 +169,17 @@ def test_padded_steps_are_the_eager_steps_padded(P, H, W, eol, eol_last, mode):
 
 
 def test_static_caches_live_between_calls_and_stale_entries_stay_unseen():
-    """The transformers backend keeps its static caches from one call to the next (a CUDA
+    """The transformers runner keeps its static caches from one call to the next (a CUDA
     graph replays on their buffers); what an earlier run left in them is never attended."""
     model, cond, mask = tiny.patched_family("llama")
-    backend = model.flashar.ctx.backend
+    runner = model.flashar.ctx.runner
     with static_path_uncompiled():
         first = model.generate(cond, cond_mask=mask, top_k=1, compile=True)
-        held = {k: v[1] for k, v in backend._static_held.items()}
+        held = {k: v[1] for k, v in runner.static_held.items()}
         other = model.generate(cond.flip(0), cond_mask=mask.flip(0), top_k=1, compile=True)  # fills them differently
         again = model.generate(cond, cond_mask=mask, top_k=1, compile=True)
     assert set(held) == {"backbone", "branch"}
-    assert all(backend._static_held[k][1] is c for k, c in held.items())
+    assert all(runner.static_held[k][1] is c for k, c in held.items())
     assert torch.equal(first, again) and torch.equal(other, first.flip(0))
 
 
@@ -241,9 +241,9 @@ def test_compile_flag_must_be_a_bool():
             fa.prefill(model, cond, compile=bad)
 
 
-def test_compile_refused_for_a_backend_without_static_caches(monkeypatch):
+def test_compile_refused_for_a_runner_without_static_caches(monkeypatch):
     model, cond, _ = _llamagen()
-    monkeypatch.setattr(type(model.flashar.ctx.backend), "static_caches", False)
+    monkeypatch.setattr(type(model.flashar.ctx.runner), "static_caches", False)
     with pytest.raises(InputError, match="compile=True needs static caches"):
         model.generate(cond, compile=True)
     assert model.generate(cond, top_k=1).shape == (2, 3, 3)  # eager decoding is unaffected
@@ -266,6 +266,6 @@ def test_compile_refused_for_windowed_transformers_attention(monkeypatch):
     from flashar_adapt.integrations import hf
 
     model, cond, mask = _hf()
-    monkeypatch.setattr(hf, "_full_attention_only", lambda config: False)
+    monkeypatch.setattr(hf, "full_attention_only", lambda config: False)
     with pytest.raises(InputError, match="compile=True needs static caches"):
         model.generate(cond, cond_mask=mask, compile=True)

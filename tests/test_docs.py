@@ -308,7 +308,7 @@ def test_api_signatures():
                                                   f"the code has {inspect.signature(getattr(fa, name))}"
         _check_defaults(name, getattr(fa, name), m.group(2))
         seen.add(name)
-    for name in ("score", "check", "train", "load_adapted", "inspect_model", "teacher_forward", "list_backends",
+    for name in ("score", "check", "train", "load_adapted", "inspect_model", "teacher_forward", "list_runners",
                  "logits", "patch", "load_recipe", "list_recipes", "export_merged", "recipe_from_dict", "sample"):
         assert name in seen, f"api.md has no `fa.{name}(...) -> ...` signature"
     gen = re.search(r"codes = model\.generate\((cond, \*[^)]*)\)", text, re.S)
@@ -318,7 +318,7 @@ def test_api_signatures():
 
 def test_exports_a_user_looks_for():
     assert fa.TrainConfig.from_dict is not None and "TrainConfig" in fa.__all__
-    assert set(fa.list_backends()) >= {"transformers", "llamagen"}
+    assert set(fa.list_runners()) >= {"transformers", "llamagen"}
 
 
 def test_config_reference_table_is_generated_from_the_class():

@@ -23,10 +23,10 @@ def _hf():
 
 
 class _Spy:
-    def __init__(self, backend, names):
-        self.backend, self.calls, self.saved = backend, {n: [] for n in names}, {}
+    def __init__(self, runner, names):
+        self.runner, self.calls, self.saved = runner, {n: [] for n in names}, {}
         for n in names:
-            orig = getattr(backend, n)
+            orig = getattr(runner, n)
             self.saved[n] = orig
 
             def wrap(*a, _n=n, _orig=orig, **k):
@@ -34,21 +34,21 @@ class _Spy:
                 self.calls[_n].append((a, k, out))
                 return out
 
-            setattr(backend, n, wrap)
+            setattr(runner, n, wrap)
 
     def close(self):
         for n in self.saved:
-            delattr(self.backend, n)
+            delattr(self.runner, n)
 
 
 @pytest.mark.parametrize("make", [_llamagen, _hf])
 @pytest.mark.parametrize("mode,cfg", [("two_way", 1.0), ("raster", 1.0), ("two_way", 2.0)])
 def test_caches_allocated_once_per_call(make, mode, cfg):
     model, cond = make()
-    backend = model.flashar.ctx.backend
+    runner = model.flashar.ctx.runner
     if cfg != 1.0 and not decoding.has_uncond(model.flashar.ctx):
         pytest.skip("no unconditional prefix")
-    spy = _Spy(backend, ["new_cache", "new_branch_cache", "run", "run_with_branch"])
+    spy = _Spy(runner, ["new_cache", "new_branch_cache", "run", "run_with_branch"])
     try:
         model.generate(cond, mode=mode, top_k=1, cfg_scale=cfg)
     finally:
@@ -56,7 +56,7 @@ def test_caches_allocated_once_per_call(make, mode, cfg):
     assert len(spy.calls["new_cache"]) == 1
     assert len(spy.calls["new_branch_cache"]) == (1 if mode == "two_way" else 0)
     H, W = model.flashar.ctx.recipe.image.grid
-    # a backbone forward is either the backend's fused backbone+branch pass or a plain run
+    # a backbone forward is either the runner's fused backbone+branch pass or a plain run
     fused = [c for c in spy.calls["run_with_branch"] if c[2] is not None]
     assert not (fused and spy.calls["run"])
     runs = fused or spy.calls["run"]
@@ -110,21 +110,6 @@ def test_two_way_equals_teacher_forcing_after_cache_reuse():
         assert torch.equal(fa.logits(model, cond, codes, mode=mode).argmax(-1), codes)
 
 
-def _fast_path_calls(model):
-    """Count the decoding steps that ran the LlamaGen fused backbone+branch block."""
-    from flashar_adapt.integrations import llamagen
-
-    calls = []
-    orig = llamagen._DualBlock.__call__
-
-    def spy(self, *a, **k):
-        calls.append(1)
-        return orig(self, *a, **k)
-
-    llamagen._DualBlock.__call__ = spy
-    return calls, lambda: setattr(llamagen._DualBlock, "__call__", orig)
-
-
 @pytest.mark.numerics
 @pytest.mark.parametrize("n_kv_head,cfg,batch", [(None, 1.0, 1), (None, 3.0, 3), (2, 3.0, 2)])
 def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head, cfg, batch):
@@ -145,19 +130,30 @@ def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head,
         return out
 
     monkeypatch.setattr(m.flashar, "fuse", record)
-    calls, restore = _fast_path_calls(m)
-    try:
-        fast = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
-    finally:
-        restore()
+    calls = []  # the decoding steps that ran the fused backbone+branch block
+    fused_call = llamagen.FusedBranchBlock.__call__
+    monkeypatch.setattr(llamagen.FusedBranchBlock, "__call__", lambda self, *a: calls.append(1) or fused_call(self, *a))
+    fast = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
     fast_steps, steps[:] = list(steps), []
     assert len(calls) == 7  # prefill + one per fed anti-diagonal on a 4x4 grid
-    monkeypatch.setattr(llamagen._DualBlock, "eligible", staticmethod(lambda *a: False))
-    slow = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
+    # the runner's own loop without the fused block (blocks it may not fuse), and the core's
+    # generic path (capture hook + branch_call), which a runner without fused_branch gets
+    other = {}
+    for name, owner, attr, value in (("unfused", llamagen.FusedBranchBlock, "eligible", staticmethod(lambda *a: False)),
+                                     ("generic", llamagen.LlamaGenRunner, "fused_branch", False)):
+        with monkeypatch.context() as mp:
+            mp.setattr(owner, attr, value)
+            codes = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
+        other[name], steps[:] = (codes, list(steps)), []
+    assert len(calls) == 7  # neither took the fused block
+    # the same arithmetic in the same order: equal bit for bit
+    assert torch.equal(other["unfused"][0], other["generic"][0])
+    assert all(torch.equal(a, b) for a, b in zip(other["unfused"][1], other["generic"][1], strict=True))
+    slow, slow_steps = other["generic"]
     # Sampled codes match exactly: the two paths' probabilities differ by float32 round-off, so
     # a draw flips only if it lands within ~1e-6 of a bin edge (odds ~1e-4 over these 48 draws).
     assert torch.equal(fast, slow)
-    for a, b in zip(fast_steps, steps, strict=True):  # the batched block sums in another order
+    for a, b in zip(fast_steps, slow_steps, strict=True):  # the batched block sums in another order
         assert_same_math(a, b, layers=5, width=96)
 
 
@@ -169,15 +165,15 @@ def test_llamagen_fused_branch_block_is_skipped_for_wrapped_or_training_layers()
     ctx = fa.context(m)
     a, branch = ctx.layers[ctx.branch_index], ctx.flashar.branch_layers
     with torch.inference_mode():
-        assert llamagen._DualBlock.eligible(a, branch)
-        assert not llamagen._DualBlock.eligible(a, list(branch) * 2)  # branch_depth 2
+        assert llamagen.FusedBranchBlock.eligible(a, branch)
+        assert not llamagen.FusedBranchBlock.eligible(a, list(branch) * 2)  # branch_depth 2
         branch[0].train()
-        assert not llamagen._DualBlock.eligible(a, branch)
+        assert not llamagen.FusedBranchBlock.eligible(a, branch)
         branch[0].eval()
         h = branch[0].feed_forward.w1.register_forward_hook(lambda *x: None)  # e.g. an adapter's hook
-        assert not llamagen._DualBlock.eligible(a, branch)
+        assert not llamagen.FusedBranchBlock.eligible(a, branch)
         h.remove()
-    assert not llamagen._DualBlock.eligible(a, branch)  # autograd on: training uses the generic path
+    assert not llamagen.FusedBranchBlock.eligible(a, branch)  # autograd on: training uses the generic path
 
 
 def test_llamagen_fused_branch_block_is_kept_and_reloads_changed_weights():
@@ -186,8 +182,8 @@ def test_llamagen_fused_branch_block_is_kept_and_reloads_changed_weights():
     peft's merge does it), are the ones the next call uses."""
     model, cond = _llamagen()
     model.generate(cond, top_k=1)
-    backend = model.flashar.ctx.backend
-    pair = backend.pair
+    runner = model.flashar.ctx.runner
+    pair = runner.pair
     ctx = model.flashar.ctx
     with torch.no_grad():
         model.flashar.branch_layers[0].attention.wqkv.weight.data.mul_(1.7)
@@ -195,12 +191,12 @@ def test_llamagen_fused_branch_block_is_kept_and_reloads_changed_weights():
     for mode in ("two_way", "raster"):
         codes = model.generate(cond, mode=mode, top_k=1)
         assert torch.equal(fa.logits(model, cond, codes, mode=mode).argmax(-1), codes)
-    assert backend.pair is pair
+    assert runner.pair is pair
     model.generate(cond[:1], top_k=1)  # another batch: new buffers
-    assert backend.pair is not pair
+    assert runner.pair is not pair
 
 
-# ---------------------------------------------------------------- transformers backend
+# ---------------------------------------------------------------- transformers runner
 
 @pytest.mark.parametrize("name", ["llama", "emu3", "janus", "chameleon"])
 @pytest.mark.parametrize("mode,cfg", [("two_way", 1.0), ("raster", 1.0), ("two_way", 3.0)])
@@ -210,10 +206,10 @@ def test_transformers_caches_are_static_and_filled_in_feeding_order(name, mode, 
     model, cond, mask = tiny.patched_family(name)
     if cfg != 1.0 and not decoding.has_uncond(model.flashar.ctx):
         pytest.skip("no unconditional prefix")
-    backend = model.flashar.ctx.backend
-    spy = _Spy(backend, ["new_cache", "new_branch_cache"])
+    runner = model.flashar.ctx.runner
+    spy = _Spy(runner, ["new_cache", "new_branch_cache"])
     seen = []  # per step: (cache, buffer addresses, filled length) after the step
-    orig_run = backend.run
+    orig_run = runner.run
 
     def run(ctx, embeds, positions, slots, key_slots, allowed, cache):
         out = orig_run(ctx, embeds, positions, slots, key_slots, allowed, cache)
@@ -224,11 +220,11 @@ def test_transformers_caches_are_static_and_filled_in_feeding_order(name, mode, 
     masks = []
     hook = model.flashar.ctx.decoder.register_forward_pre_hook(
         lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
-    backend.run = run
+    runner.run = run
     try:
         codes = model.generate(cond, mode=mode, cfg_scale=cfg, top_k=1, cond_mask=mask)
     finally:
-        del backend.run
+        del runner.run
         hook.remove()
         spy.close()
     H = model.flashar.ctx.recipe.image.grid[0]
@@ -256,12 +252,12 @@ def test_transformers_keeps_dynamic_cache_for_windowed_attention(monkeypatch):
 
     from flashar_adapt.integrations import hf
 
-    assert hf._full_attention_only(LlamaConfig())
-    assert not hf._full_attention_only(MistralConfig(sliding_window=8))
+    assert hf.full_attention_only(LlamaConfig())
+    assert not hf.full_attention_only(MistralConfig(sliding_window=8))
     model, cond, mask = tiny.patched_family("llama")
-    monkeypatch.setattr(hf, "_full_attention_only", lambda config: False)
-    backend = model.flashar.ctx.backend
-    spy = _Spy(backend, ["new_cache", "new_branch_cache"])
+    monkeypatch.setattr(hf, "full_attention_only", lambda config: False)
+    runner = model.flashar.ctx.runner
+    spy = _Spy(runner, ["new_cache", "new_branch_cache"])
     try:
         codes = model.generate(cond, top_k=1, cond_mask=mask)
     finally:
@@ -275,10 +271,10 @@ def test_transformers_mask_row_follows_a_changed_key_row():
     decoder's one key row; a row from another tensor (e.g. a peer decoder) is converted whole."""
     from flashar_adapt.integrations import hf
 
-    cache = hf._feed_order_cache(1, 6)
+    cache = hf.FeedOrderCache(1, 6)
     keys = torch.tensor([[[False, True, True, True, True, True]]])
     neg = torch.finfo(torch.float32).min
-    assert hf._mask_row(cache, keys[:, :, :3], torch.float32)[0, 0, 0, :3].tolist() == [neg, 0, 0]
-    assert hf._mask_row(cache, keys[:, :, :5], torch.float32)[0, 0, 0, :5].tolist() == [neg, 0, 0, 0, 0]
+    assert hf.mask_row(cache, keys[:, :, :3], torch.float32)[0, 0, 0, :3].tolist() == [neg, 0, 0]
+    assert hf.mask_row(cache, keys[:, :, :5], torch.float32)[0, 0, 0, :5].tolist() == [neg, 0, 0, 0, 0]
     other = torch.tensor([[[True, True, False, True, True]]])
-    assert hf._mask_row(cache, other, torch.float32)[0, 0, 0, :5].tolist() == [0, 0, neg, 0, 0]
+    assert hf.mask_row(cache, other, torch.float32)[0, 0, 0, :5].tolist() == [0, 0, neg, 0, 0]

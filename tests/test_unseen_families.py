@@ -244,22 +244,6 @@ def test_inspect_leaves_prefix_len_for_the_user():
     assert any(t.startswith("condition.prefix_len") and "64 positions" in t for t in ins.todo)
 
 
-def test_backend_contract_and_duplicate_names():
-    from flashar_adapt.backends import Backend, register_backend
-
-    for name in ("sniff", "load_sniffed", "reference_logits", "sniff_priority"):
-        assert name in Backend.__dict__
-    assert Backend.sniff("anything") is None and Backend().reference_logits(None, None, None) is None
-    with pytest.raises(ValueError, match="already taken"):
-        @register_backend("transformers")
-        class Impostor(Backend):
-            pass
-    assert "transformers" in fa.list_backends()
-    from flashar_adapt.backends import get_backend
-
-    assert type(get_backend("transformers")).__name__ == "TransformersBackend"
-
-
 # ---------------------------------------------------------------- shipped ImageGPT recipes
 
 @pytest.mark.numerics
@@ -302,12 +286,12 @@ def test_imagegpt_clusters_turn_codes_into_pixels(tmp_path):
 
 
 def test_mask_goes_to_the_layers_only_when_the_decoder_rewrites_it():
-    """ImageGPT flattens the 4D mask to 2D: the backend delivers it at the layer boundary
+    """ImageGPT flattens the 4D mask to 2D: the runner delivers it at the layer boundary
     instead. Qwen2 passes a 4D mask through: the decoder gets it directly (no hooks)."""
     for name, at_layers in (("imagegpt", True), ("qwen2", False)):
         model = _model(name)
         fa.patch(model, _recipe_from_draft(name, model)[0])
-        assert fa.context(model).backend.mask_at_layers is at_layers
+        assert fa.context(model).runner.mask_at_layers is at_layers
         fa.unpatch(model)
 
 

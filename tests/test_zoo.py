@@ -205,8 +205,9 @@ def test_emu3p5_official_layout_to_export(tmp_path):
     cfg = tiny.emu3p5_official_config()
     sd = tiny.emu3p5_state_dict(cfg)
     tiny.write_emu3p5_official(tmp_path / "Emu3.5-Image", cfg, sd)
-    model, backend = load_model(tmp_path / "Emu3.5-Image")
-    assert backend == "emu3p5" and model.config.eoi_token_id == 151853
+    model, runner = load_model(tmp_path / "Emu3.5-Image")  # the Emu3.5 format; its model runs with transformers
+    assert runner == "transformers" and type(model).__name__ == "Emu3p5ForCausalLM"
+    assert model.config.eoi_token_id == 151853
     assert set(model.state_dict()) == set(sd)  # the official module names, nothing more
     ids = torch.tensor([[151849, 30, 31, 151852, 17, 9, 18, 151851, 151854 + 7, 151854 + 99, 151846]])
     with torch.no_grad():

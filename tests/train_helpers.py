@@ -39,7 +39,7 @@ def llamagen_run(root: Path, *, stage1: int = 6, stage2: int = 4, lora: bool = F
         codes, cls = structured_codes(n, 4, 48)
         w.add(codes, cls)
         w.close()
-    cfg = dict(model={"backend": "llamagen", "checkpoint": "base.pt", "config": LLAMAGEN_ARGS},
+    cfg = dict(model={"format": "llamagen", "checkpoint": "base.pt", "config": LLAMAGEN_ARGS},
                recipe="llamagen-c2i-b", recipe_overrides=LLAMAGEN_OVERRIDES, data="data", out_dir="run",
                stage1={"steps": stage1, "lr": 3e-3, "warmup_steps": 2},
                stage2={"steps": stage2, "lr": 3e-3, "lora": lora}, batch_size=8, save_every=3, cpu=True)
@@ -62,7 +62,7 @@ def hf_run(root: Path, *, stage1: int = 3, stage2: int = 3, lora: bool = False) 
     w.close()
     over = {"image.codebook_size": 40, "image.visual_token_offset": 100, "image.grid": [3, 4],
             "condition.prefix_len": 16, "condition.pad_id": 0}
-    cfg = dict(model={"backend": "transformers", "path": "base"}, recipe="llama-image-ar", recipe_overrides=over,
+    cfg = dict(model={"format": "transformers", "path": "base"}, recipe="llama-image-ar", recipe_overrides=over,
                data="data", out_dir="run", stage1={"steps": stage1, "lr": 3e-3}, stage2={"steps": stage2, "lr": 3e-3, "lora": lora},
                batch_size=4, save_every=2, cpu=True)
     path = root / "cfg.yaml"

@@ -40,15 +40,15 @@ class Decoder:
         L, P = layout.seq_len, pre.length
         self.static = pad is not None
         if self.static:
-            if not ctx.backend.static_caches:
-                raise InputError(f"compile=True needs static caches, which backend {ctx.backend.name!r} does not have")
+            if not ctx.runner.static_caches:
+                raise InputError(f"compile=True needs static caches, which runner {ctx.runner.name!r} does not have")
             n = L + pad
             order = torch.cat([order, order.new_zeros(n - order.numel())])  # entries never fed: slot 0
             self.entry_ids = torch.arange(n, device=dev)
         else:
             n = L
-        self.cache = ctx.backend.new_cache(ctx, Bt, n, **self._static_kw)
-        self.bcache = ctx.backend.new_branch_cache(ctx, Bt, n, **self._static_kw) if branch else None
+        self.cache = ctx.runner.new_cache(ctx, Bt, n, **self._static_kw)
+        self.bcache = ctx.runner.new_branch_cache(ctx, Bt, n, **self._static_kw) if branch else None
         self.order = order  # key_slots of a step = order[:stop]
         self.positions = positions(order, pre.n_pad)  # [Bt, n], in cache order
         # One row per sequence: every image key is visible once cached, prefix keys unless padding.

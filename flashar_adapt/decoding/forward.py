@@ -27,28 +27,27 @@ def backbone_forward(ctx: PatchContext, embeds, positions, slots, key_slots, all
     """Backbone forward; with ``branch`` also the vertical branch from the captured inputs
     of the branch layer. Returns (final normed hidden, normed branch hidden or None).
     ``entries`` (static caches only): the cache entries the new tokens are written to."""
-    static = {} if entries is None else {"entries": entries}  # backends without static caches never see it
-    if branch and cache is not None:
-        fast = ctx.backend.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
-                                           **static)
-        if fast is not None:
-            return fast[0], ctx.flashar.branch_norm(fast[1])
+    static = {} if entries is None else {"entries": entries}  # runners without static caches never see it
+    if branch and cache is not None and ctx.runner.fused_branch:
+        h, x = ctx.runner.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
+                                          **static)
+        return h, ctx.flashar.branch_norm(x)
     CAPTURE.layer = ctx.layers[ctx.branch_index] if branch else None
     CAPTURE.captured = None
     try:
-        h = ctx.backend.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static)
+        h = ctx.runner.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static)
         captured = CAPTURE.captured
     finally:
         CAPTURE.layer = CAPTURE.captured = None
     if not branch:
         return h, None
     if captured is None:
-        raise RuntimeError("the branch layer was not called during the backbone forward; check modules.layers / the backend")
+        raise RuntimeError("the branch layer was not called during the backbone forward; check modules.layers / the runner")
     args, kwargs = captured
     x = args[0] if args else kwargs["hidden_states"]
     mods = ctx.flashar
     for layer in mods.branch_layers:
-        x = ctx.backend.branch_call(layer, x, args, kwargs, branch_cache)
+        x = ctx.runner.branch_call(layer, x, args, kwargs, branch_cache)
     return h, mods.branch_norm(x)
 
 

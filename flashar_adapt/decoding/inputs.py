@@ -178,7 +178,7 @@ def check_grid(ctx: PatchContext, grid) -> tuple[int, int]:
 
 def check_positions(ctx: PatchContext, layout: Layout) -> None:
     """Refuse a layout that feeds more tokens than the model has positions."""
-    limit = ctx.backend.max_positions(ctx)
+    limit = ctx.runner.max_positions(ctx)
     if limit is not None and layout.fed_len > limit:
         raise InputError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
                          f"{layout.fed_len} tokens; the model has {limit} positions")
