@@ -1,7 +1,5 @@
 """flashar-adapt: turn a pre-trained raster AR image generator into a FlashAR two-way
 parallel generator (H+W-1 decoding steps instead of H*W) with one call."""
-__version__ = "0.1.0"  # first: modules that record the version import it from here
-
 from .backends import Backend, list_backends, register_backend
 from .decoding import DecoderState, generate, logits, prefill, score, step, teacher_forward
 from .doctor import Report, check
@@ -16,6 +14,7 @@ from .tokenizers import ImageTokenizer, decode_images, load_tokenizer, register_
 from .recipe import Recipe, RecipeError, list_recipes, load_recipe, recipe_from_dict
 from .sampling import Sampling, sample
 from .training import StageConfig, TrainConfig, TrainingError, train
+from .version import __version__
 
 __all__ = [
     "Backend", "DecoderState", "FlashARError", "FlashARModules", "ImageTokenizer", "Report", "Sampling", "check",

@@ -14,6 +14,7 @@ it needs no family code.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -22,10 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import InputError
+from .patching import context
 from .recipe import Recipe, RecipeError, Tokenizer, load_recipe
+from .validate import did_you_mean
 
 # Modules whose import registers the shipped tokenizer kinds.
 _PROVIDERS = ("flashar_adapt.integrations", "flashar_adapt.fmnist.tokenizer")
@@ -147,8 +151,6 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
     _import_providers()
     factory = _REGISTRY.get(spec.kind)
     if factory is None:
-        from .recipe import did_you_mean
-
         raise RecipeError("tokenizer.kind", f"unknown tokenizer kind {spec.kind!r}{did_you_mean(spec.kind, _REGISTRY)}; "
                           f"known: {', '.join(sorted(_REGISTRY))}", recipe.source)
     if spec.downsample is None and spec.image_size is None:
@@ -161,8 +163,6 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
 
 
 def _with_size(spec: Tokenizer, recipe: Recipe, down: int) -> Tokenizer:
-    import dataclasses
-
     g = recipe.image.grid
     return dataclasses.replace(spec, image_size=(g[0] * down, g[1] * down))
 
@@ -185,8 +185,6 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, ImageTokenizer]" = weakref.WeakKey
 
 def tokenizer_of(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> ImageTokenizer:
     """The tokenizer of a patched model's recipe (built once per model and kept)."""
-    from .patching import context
-
     if checkpoint is None and model in _CACHE:
         return _CACHE[model]
     tok = load_tokenizer(context(model).recipe, model, checkpoint=checkpoint)
@@ -246,8 +244,6 @@ def _color_clusters(spec: Tokenizer, model, root) -> ColorClusters:
             raise TokenizerError(f"{path}: no 'clusters' list in it")
         clusters = torch.tensor(data["clusters"], dtype=torch.float32)
     else:
-        from safetensors.torch import load_file
-
         try:
             clusters = load_file(str(path))["clusters"]
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files

@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from flashar_adapt.data import atomic_save_safetensors
+from flashar_adapt.files import atomic_save_safetensors
+from flashar_adapt.tokenizers import resolve_checkpoint
+
+from . import ASSETS
 
 PATCH = 2
 
@@ -68,8 +72,6 @@ class PatchVQ:
 
     @classmethod
     def load(cls, path) -> "PatchVQ":
-        from safetensors.torch import load_file
-
         return cls(load_file(str(path))["centroids"])
 
 
@@ -116,10 +118,6 @@ def _float_patches(x: torch.Tensor) -> torch.Tensor:
 @register_tokenizer("fmnist-patch-vq")
 def _fmnist_patch_vq(spec, model, root) -> PatchVQTokenizer:
     """The shipped k-means tokenizer (or tokenizer.checkpoint, a PatchVQ.save file)."""
-    from flashar_adapt.tokenizers import resolve_checkpoint
-
-    from . import ASSETS
-
     if spec.channels != 1:
         raise TokenizerError(f"tokenizer.channels: the Fashion-MNIST tokenizer is greyscale (1), got {spec.channels}")
     if spec.downsample not in (None, PATCH):

@@ -1,5 +1,5 @@
 """Data-free post-training data: ``flashar-adapt tokenize --from-model`` samples the shards
-from the raster model itself (flashar_adapt.teacher), reproducibly and resumably."""
+from the raster model itself (flashar_adapt.datafree), reproducibly and resumably."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-from flashar_adapt.cli import main
-from flashar_adapt.data import DataError, ShardDataset
-from flashar_adapt.imagedata import STATE
-from flashar_adapt.teacher import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
+from flashar_adapt.commands import main
+from flashar_adapt.shards import STATE, DataError, ShardDataset
+from flashar_adapt.datafree import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
 
 from tests import tiny
 from tests.kill_switch import kill_tokenize_mid_run
@@ -182,7 +181,7 @@ def test_cli_from_model_resumes_after_sigkill(checkpoint, tmp_path):
             "--num-samples", "6", "--batch-size", "1", "--shard-size", "2", "--cfg", "2", "--no-progress"]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=2, slow="flashar_adapt.teacher.sample_batch")
+    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=2, slow="flashar_adapt.datafree.sample_batch")
     assert not (out / "manifest.json").exists()
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):

@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from importlib import resources
-from importlib.metadata import entry_points
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ def _entry_point_dirs() -> list[Path]:
     importlib Traversable) or to a callable returning one. A broken entry point is skipped
     with a warning, never fatal: one bad plugin must not hide every other recipe."""
     out: list[Path] = []
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
             obj = ep.load()
             if callable(obj) and not isinstance(obj, (str, os.PathLike)):

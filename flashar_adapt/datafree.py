@@ -19,14 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from .data import DataError, ShardWriter, atomic_write_bytes
-from .imagedata import STATE, resume_state
+from .files import atomic_write_bytes
+from .patching import context
+from .shards import STATE, DataError, ShardWriter, resume_state
 
 REPORT = "teacher_report.json"
 
@@ -76,8 +79,6 @@ def encode_prompts(prompts: list[str], text: Callable[[str], list[int]], prefix_
 def sample_batch(model, conds: list, b: int, *, seed: int, sampling: TeacherSampling,
                  text: Callable[[str], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes, cond, prompt lengths or None) of one batch, sampled by raster decoding."""
-    from .patching import context
-
     dev = next(model.parameters()).device
     if text is None:
         cond, mask, lens = torch.tensor(conds, dtype=torch.long), None, None
@@ -104,12 +105,6 @@ def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = T
     a data folder at ``out_dir``; continues an interrupted run there. ``extra`` names the model
     (it joins the fingerprint, so a run is never continued with another model). Returns the
     report (examples, seconds spent sampling in this and earlier runs)."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from .patching import context
-
     recipe = context(model).recipe
     kind = recipe.condition.kind
     if kind not in ("class", "tokens") or (kind == "tokens") != (text is not None):
