@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import flashar_adapt as fa
 from flashar_adapt.commands import main
-from flashar_adapt.shards import STATE, DataError, ShardDataset
 from flashar_adapt.image_folders import list_class_folder, read_jsonl, tokenize_dataset, to_pil
+from flashar_adapt.shards import STATE, DataError, ShardDataset
 from flashar_adapt.tokenizers import load_tokenizer
 
 from tests import tiny
@@ -355,3 +355,8 @@ def test_generate_from_prompts_file_with_the_models_own_text_tokenizer(tmp_path,
     assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g2"), "--prompts-file",
                  str(tmp_path / "bad.txt"), "--no-progress"]) == 2
     assert "line 2 is empty" in capsys.readouterr().err and not (tmp_path / "g2").exists()
+    # a prompt longer than condition.prefix_len (16 tokens) fails in generation: nothing is left behind
+    assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g3"), "--prompts", "a " * 20,
+                 "--no-progress"]) == 2
+    assert "condition.prefix_len allows 1..16" in capsys.readouterr().err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".g3", "g3"))]

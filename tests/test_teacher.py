@@ -9,8 +9,8 @@ import torch
 
 import flashar_adapt as fa
 from flashar_adapt.commands import main
-from flashar_adapt.shards import STATE, DataError, ShardDataset
 from flashar_adapt.datafree import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
+from flashar_adapt.shards import STATE, DataError, ShardDataset
 
 from tests import tiny
 from tests.kill_switch import kill_tokenize_mid_run
@@ -37,15 +37,15 @@ def c2i():
     return fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe())
 
 
-@pytest.mark.parametrize("n,batch,shard,cfg,top_k,seed", [(7, 3, 2, 1.0, 0, 0), (10, 4, 4, 2.5, 5, 3),
+@pytest.mark.parametrize("n,batch,shard,cfg_scale,top_k,seed", [(7, 3, 2, 1.0, 0, 0), (10, 4, 4, 2.5, 5, 3),
                                                           (5, 8, 3, 1.5, 0, 1)])
-def test_shards_equal_raster_generate_with_the_same_seeds(c2i, tmp_path, n, batch, shard, cfg, top_k, seed):
-    s = TeacherSampling(cfg_scale=cfg, top_k=top_k, temperature=0.9)
+def test_shards_equal_raster_generate_with_the_same_seeds(c2i, tmp_path, n, batch, shard, cfg_scale, top_k, seed):
+    s = TeacherSampling(cfg_scale=cfg_scale, top_k=top_k, temperature=0.9)
     rep = sample_dataset(c2i, uniform_classes(n, 10), tmp_path / "d", sampling=s, seed=seed, batch_size=batch,
                          shard_size=shard, progress=False)
     codes, cond, _ = _read(tmp_path / "d")
     assert rep["num_examples"] == n and torch.equal(cond, torch.arange(n) % 10)  # every class in turn
-    want = _by_hand(c2i, torch.arange(n) % 10, batch, seed, cfg_scale=cfg, top_k=top_k, temperature=0.9)
+    want = _by_hand(c2i, torch.arange(n) % 10, batch, seed, cfg_scale=cfg_scale, top_k=top_k, temperature=0.9)
     assert torch.equal(codes, want)
     assert not (tmp_path / "d" / STATE).exists()
     assert json.loads((tmp_path / "d" / "teacher_report.json").read_text())["num_examples"] == n
