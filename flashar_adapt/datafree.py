@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .files import atomic_write_bytes
 from .patching import context
 from .shards import STATE, DataError, ShardWriter, resume_state
+from .validate import Num
 
 REPORT = "teacher_report.json"
 
@@ -115,7 +116,8 @@ def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = T
     if batch_size < 1 or shard_size < 1:
         raise DataError("batch_size and shard_size must be >= 1")
     if kind == "class":
-        bad = [c for c in conds if not (isinstance(c, int) and 0 <= c < recipe.condition.num_classes)]
+        class_id = Num(0, recipe.condition.num_classes, hi_open=True, integer=True)
+        bad = [c for c in conds if class_id.problem(c) is not None]
         if bad:
             raise DataError(f"class id {bad[0]!r} is outside the recipe's {recipe.condition.num_classes} classes")
     out = Path(out_dir)

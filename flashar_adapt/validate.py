@@ -1,9 +1,10 @@
 """One validation layer for the toolkit's configuration data.
 
-A config class declares, per field, the rule its value obeys (``field(metadata=rule(...))``);
-a manifest or export config declares the same rules in a plain mapping. ``first_problem``
-walks them and returns the first ``(dotted key, message)`` that fails, so every caller
-raises its own error type with the key named and every check lives in one place.
+A config class (the training config, each recipe section) declares, per field, the rule its
+value obeys (``field(metadata=rule(...))``); a manifest or export config declares the same
+rules in a plain mapping. ``first_problem`` walks them and returns the first ``(dotted key,
+message)`` that fails, so every caller raises its own error type with the key named and
+every check lives in one place.
 NaN and infinities fail every numeric rule.
 """
 from __future__ import annotations
@@ -111,8 +112,8 @@ class Seq:
     optional: bool = False
 
     def problem(self, v: Any) -> str | None:
-        if v is None and self.optional:
-            return None
+        if v is None:
+            return None if self.optional else "is required"
         if not isinstance(v, (list, tuple)):
             return f"must be a list, got {short(v)}"
         if self.length is not None and len(v) != self.length:
@@ -138,8 +139,8 @@ class AnyOf:
     optional: bool = False
 
     def problem(self, v: Any) -> str | None:
-        if v is None and self.optional:
-            return None
+        if v is None:
+            return None if self.optional else "is required"
         if any(r.problem(v) is None for r in self.rules):
             return None
         return f"must be {self.name}, got {short(v)}"
@@ -161,7 +162,9 @@ class Named:
 
     def problem(self, v: Any) -> str | None:
         p = self.rule.problem(v)
-        return None if p is None or v is None else f"must be {self.name}, got {short(v)}"
+        if p is None or v is None:  # a missing value: the rule's own "is required"
+            return p
+        return f"must be {self.name}, got {short(v)}"
 
     def describe(self) -> str:
         return self.name

@@ -51,7 +51,8 @@ _INT = Num(integer=True, optional=True)
 _ID = Num(0, integer=True, optional=True)  # a token id, or a count that may be 0
 _COUNT = Num(1, integer=True, optional=True)
 _PATH = Text(optional=True)  # a module path inside the model ("" is the model itself)
-_PATHS = Named(AnyOf((Text(), Seq(Text())), "a module path or a list of them"), "a module path or a list of them")
+_PATHS = Named(AnyOf((Text(), Seq(Text())), "a module path or a list of them", optional=True),
+               "a module path or a list of them")
 _IDS = Seq(Num(0, integer=True), optional=True)
 _GRID = Named(Seq(Num(1, integer=True), length=2, optional=True), "[H, W] with positive integers")
 
@@ -234,6 +235,7 @@ class LoRA:
 
 
 _CHANNEL_VALUES = Seq(Num(), optional=True)
+MAX_CHANNELS = 64  # a default mean/std is built per channel: a huge count is refused, not allocated
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class Tokenizer:
     checkpoint: str | None = rule(Text(optional=True), default=None)  # weights file; relative paths are relative to the recipe file
     downsample: int | None = rule(_COUNT, default=None)  # pixels per code, per side
     image_size: tuple[int, int] | None = rule(_GRID, default=None)
-    channels: int = rule(_COUNT, default=3)
+    channels: int = rule(Num(1, MAX_CHANNELS, integer=True, optional=True), default=3)
     mean: tuple[float, ...] = rule(_CHANNEL_VALUES, default=(0.5, 0.5, 0.5))  # the tokenizer sees (pixels in [0, 1] - mean) / std
     std: tuple[float, ...] = rule(_CHANNEL_VALUES, default=(0.5, 0.5, 0.5))
     config: dict = rule(Is((dict,), "a mapping", optional=True), default_factory=dict)  # kind-specific constructor arguments
