@@ -1,7 +1,5 @@
 """flashar-adapt: turn a pre-trained raster AR image generator into a FlashAR two-way
 parallel generator (H+W-1 decoding steps instead of H*W) with one call."""
-__version__ = "0.1.0"  # first: modules that record the version import it from here
-
 from .decoding import DecoderState, generate, logits, prefill, score, step, teacher_forward
 from .doctor import Report, check
 from .errors import FlashARError
@@ -17,6 +15,7 @@ from .recipe import Recipe, RecipeError, list_recipes, load_recipe, recipe_from_
 from .runners import Runner, list_runners, register_runner
 from .sampling import Sampling, sample
 from .training import StageConfig, TrainConfig, TrainingError, train
+from .version import __version__
 
 __all__ = [
     "DecoderState", "FlashARError", "FlashARModules", "ImageTokenizer", "Report", "Sampling", "check",

@@ -15,7 +15,7 @@ from torch import nn
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every peft LoRA layer in ``model``; none without peft installed."""
     try:
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # optional dependency (the "train" extra)
     except ImportError:
         return []
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]

@@ -11,7 +11,7 @@
 3. two-way: greedy two-way decoding equals teacher forcing (argmax of fa.logits == codes).
 4. steps: the two-way decoder calls the first decoder layer H+W-1 times.
 
-Also available as ``flashar-adapt check MODEL RECIPE`` and, with ``inspect``, from the CLI.
+Also available as ``flashar-adapt check MODEL RECIPE`` (``flashar_adapt.commands.inspect_check``).
 """
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .decoding import build_prefix, logits, sequence_embeds
 from .errors import InputError
-from .heads import finish_logits
+from .heads import finish_logits, fit_logit_map
+from .patching import context, patch, unpatch
 from .recipe import Recipe, RecipeError, load_recipe
+from .validate import Num
 
 PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
 
@@ -127,8 +130,6 @@ def _visual_slice(ctx, full):
 
 def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
     """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
-    from .decoding import build_prefix, sequence_embeds
-
     pre = build_prefix(ctx, cond, None, grid, guided=False)
     B = codes.shape[0]
     embeds = sequence_embeds(ctx, pre, ctx.layout(pre.length, grid), codes)
@@ -167,33 +168,7 @@ def _find_offset(ours, full, tol):
 _LOGIT_MAP_WORDS = {"logits.scale": "times a logit scale of", "logits.softcap": "soft-capped (tanh) at"}
 
 
-def fit_logit_map(raw: torch.Tensor, own: torch.Tensor, atol: float) -> tuple[str, float] | None:
-    """Does ``own`` equal ``raw`` (the head's output) times a constant, or soft-capped as
-    c * tanh(raw / c)? Returns ("logits.scale", s) or ("logits.softcap", c), or None."""
-    raw, own = raw.double().flatten(), own.double().flatten()
-    ok = torch.isfinite(own)
-    raw, own = raw[ok], own[ok]
-    if raw.numel() == 0 or float(raw.abs().max()) == 0:
-        return None
-    s = float((raw * own).sum() / (raw * raw).sum())
-    if s > 0 and abs(s - 1) > 1e-6 and torch.allclose(raw * s, own, atol=atol, rtol=1e-5):
-        return "logits.scale", s
-    i = int(raw.abs().argmax())
-    r, y = abs(float(raw[i])), abs(float(own[i]))
-    if 0 < y < r:  # c * tanh(r / c) grows from 0 to r with c: bisect for the cap that maps r to y
-        lo, hi = y, y * 1e6
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if mid * torch.tanh(torch.tensor(r / mid, dtype=torch.float64)) < y else (lo, mid)
-        c = (lo + hi) / 2
-        if torch.allclose(torch.tanh(raw / c) * c, own, atol=atol, rtol=1e-5):
-            return "logits.softcap", c
-    return None
-
-
 def _check_raster(ctx, model, rep, cond, codes, grid, atol):
-    from .decoding import logits
-
     ours = logits(model, cond, codes, mode="raster").float()
     if ctx.runner.reference_forward:
         with torch.no_grad():
@@ -297,10 +272,7 @@ def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, co
           **overrides) -> Report:
     """Verify ``recipe`` on ``model`` (patched here and unpatched afterwards; an already
     patched model is checked as it is). Returns a Report; ``report.ok`` is the verdict."""
-    from .decoding import logits
-    from .patching import context, patch, unpatch
-
-    if not (isinstance(atol, (int, float)) and not isinstance(atol, bool) and 0 <= atol < float("inf")):
+    if Num(0).problem(atol) is not None:
         raise InputError(f"atol must be a finite number >= 0, got {atol!r}")
     already = getattr(model, "flashar", None) is not None
     name = None
@@ -359,83 +331,3 @@ def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, co
         if not already:
             unpatch(model)
     return rep
-
-
-# ---------------------------------------------------------------- CLI
-
-def _overrides(pairs) -> dict:
-    import yaml
-
-    out = {}
-    for p in pairs or []:
-        k, sep, v = p.partition("=")
-        if not sep:
-            raise InputError(f"--set expects KEY=VALUE, got {p!r}")
-        out[k] = yaml.safe_load(v)
-    return out
-
-
-def _load(path: str, overrides: dict):
-    """The model at ``path`` for a command: a missing or unrecognised file is bad input."""
-    from pathlib import Path
-
-    from .inspection import load_model
-
-    if not Path(path).exists():
-        raise InputError(f"{path}: no such file or folder")
-    try:
-        return load_model(path, overrides)
-    except ValueError as e:  # no model format recognises it, or the files do not fit the format
-        if isinstance(e, InputError):
-            raise
-        raise InputError(" ".join(str(e).split())) from e
-
-
-def _cmd_inspect(args) -> int:
-    from .inspection import inspect_model
-
-    model, backend = _load(args.model, _overrides(args.set))
-    ins = inspect_model(model, backend=backend)
-    print(ins)
-    print()
-    text = ins.draft_yaml()
-    if args.out:
-        from .files import atomic_write_bytes
-
-        atomic_write_bytes(args.out, text.encode())
-        print(f"draft recipe written to {args.out}")
-    else:
-        print(text, end="")
-    return 0
-
-
-def _cmd_check(args) -> int:
-    recipe = None if args.recipe in (None, "auto") else load_recipe(args.recipe, args.recipe_dir)
-    model, _ = _load(args.model, _overrides(args.set))
-    grid = tuple(args.grid) if args.grid else None
-    rep = check(model, recipe, grid=grid, atol=args.atol)
-    print(rep)
-    if rep.ok:
-        return 0
-    # the recipe does not fit the model (a RecipeError at the patch stage): a recipe error, 2
-    return 2 if any(i.name == "patch" and i.status == FAIL for i in rep.items) else 1
-
-
-def add_cli(sub) -> None:
-    from .cli import non_negative_float as _non_negative_float
-
-    s = sub.add_parser("inspect", help="show a model's decoder layers, heads, norms, embeddings and draft a recipe")
-    s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
-    s.add_argument("--out", help="write the draft recipe YAML here")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
-    s.set_defaults(fn=_cmd_inspect)
-    s = sub.add_parser("check", help="verify a recipe on the real model (raster equality, two-way = teacher forcing, "
-                                     "H+W-1 steps)")
-    s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
-    s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
-    s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
-    s.add_argument("--atol", type=_non_negative_float, default=1e-4)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
-    s.set_defaults(fn=_cmd_check)

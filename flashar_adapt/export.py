@@ -34,7 +34,9 @@ from .files import apply_umask, escaping_links, inside
 from .formats import FormatError, save_model, spec_format
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
+from .training import add_lora
 from .validate import Is, Num, OneOf, differing_keys, first_problem, short, state_dict_misfit
+from .version import __version__
 
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
@@ -93,8 +95,6 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
         if lora_meta is not None:
             save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
         (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
-        from . import __version__
-
         cfg = {"format": FORMAT, "recipe": ctx.recipe.name, "backbone": spec,
                "fixed_gate": model.flashar.fixed_gate, "lora_layers_merged": merged, "flashar_adapt": __version__,
                "recipe_config": ctx.recipe.to_dict()}
@@ -210,8 +210,6 @@ def _read_recipe(out_dir: Path, cfg: dict):
 
 def _attach_adapters(model, out_dir: Path, meta: dict) -> None:
     """Re-inject LoRA on the recipe's targets and load the exported factors, checking they fit."""
-    from .training import add_lora
-
     bad = first_problem({"lora_adapters": meta}, {"lora_adapters": _ADAPTER_RULES})
     if bad:
         raise ExportError(f"{out_dir / CONFIG}: {bad[0]}: {bad[1]}")
@@ -249,23 +247,3 @@ def load_flashar_weights(model, path) -> None:
         raise ExportError(f"{path}: FlashAR weights do not fit this model/recipe (another recipe or branch setting?): "
                           f"{bad}")
     model.flashar.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
-
-
-def add_cli(sub) -> None:
-    s = sub.add_parser("export", help="merge LoRA and export an adapted model from a training run")
-    s.add_argument("--config", required=True, help="the training config YAML of the run")
-    s.add_argument("--out", required=True, help="export folder to write")
-    s.add_argument("--keep-adapters", action="store_true",
-                   help="keep LoRA adapters unmerged (adapters.safetensors): raster mode with adapters off is the "
-                        "original model exactly")
-    s.set_defaults(fn=_cmd_export)
-
-
-def _cmd_export(args) -> int:
-    from .training import TrainConfig, build_model_from_run
-
-    cfg = TrainConfig.load(args.config)
-    model = build_model_from_run(cfg)
-    export_merged(model, args.out, merge=not getattr(args, "keep_adapters", False))
-    print(f"exported to {args.out}")
-    return 0

@@ -14,11 +14,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import yaml
 from torch import nn
 
 from .formats import open_path
-
-TODO = "TODO"
+from .heads import fit_logit_map
+from .recipe import TODO
 
 
 # ---------------------------------------------------------------- loading files
@@ -59,8 +61,6 @@ class Inspection:
     todo: list[str] = field(default_factory=list)
 
     def draft_yaml(self) -> str:
-        import yaml
-
         text = yaml.safe_dump(self.draft, sort_keys=False, width=120)
         notes = ["# Draft recipe written by `flashar-adapt inspect`. Every value 'TODO' must be filled in",
                  "# (the loader rejects it, naming the key). Then run `flashar-adapt check MODEL THIS.yaml`."]
@@ -276,8 +276,6 @@ def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str 
     """One short forward of ``model(input_ids=...)``, watched by hooks: which embedding looks
     up the input ids (the token table), what width the decoder layers read, the decoder's
     last hidden state and the model's logits. Empty if the model does not run that way."""
-    import torch
-
     if not embeds or not layers_path:
         return {}
     rows = max(m.num_embeddings for _, m in embeds)
@@ -338,10 +336,6 @@ def _token_embedding(embeds, head: nn.Module | None, probe: dict, decoder: str |
 
 def _fit_head(probe: dict, head: nn.Module | None, after_norm) -> tuple[str, float] | None:
     """A logit scale or soft-cap between ``head(last hidden state)`` and the model's logits."""
-    import torch
-
-    from .doctor import fit_logit_map
-
     hidden, lg = probe.get("hidden"), probe.get("logits")
     if head is None or hidden is None or lg is None:
         return None

@@ -14,7 +14,8 @@ from .decoding import generate
 from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
-from .recipe import Recipe, RecipeError, did_you_mean, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
+from .validate import did_you_mean
 from .runners import get_runner
 
 __all__ = ["PatchContext", "backbone_only", "backbone_state_dict", "context", "patch", "resolve", "unpatch"]

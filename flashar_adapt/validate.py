@@ -1,9 +1,10 @@
 """One validation layer for the toolkit's configuration data.
 
-A config class declares, per field, the rule its value obeys (``field(metadata=rule(...))``);
-a manifest or export config declares the same rules in a plain mapping. ``first_problem``
-walks them and returns the first ``(dotted key, message)`` that fails, so every caller
-raises its own error type with the key named and every check lives in one place.
+A config class (the training config, each recipe section) declares, per field, the rule its
+value obeys (``field(metadata=rule(...))``); a manifest or export config declares the same
+rules in a plain mapping. ``first_problem`` walks them and returns the first ``(dotted key,
+message)`` that fails, so every caller raises its own error type with the key named and
+every check lives in one place.
 NaN and infinities fail every numeric rule.
 """
 from __future__ import annotations
@@ -86,13 +87,33 @@ class OneOf:
 
 
 @dataclass(frozen=True)
+class Text:
+    """A string (``nonempty``: with at least one character)."""
+    nonempty: bool = False
+    optional: bool = False
+
+    def problem(self, v: Any) -> str | None:
+        if v is None:
+            return None if self.optional else "is required"
+        if not isinstance(v, str) or (self.nonempty and not v):
+            return f"must be {self.describe()}, got {short(v)}"
+        return None
+
+    def describe(self) -> str:
+        return "a non-empty string" if self.nonempty else "a string"
+
+
+@dataclass(frozen=True)
 class Seq:
     """A list (or tuple) of ``length`` items (any length if None), each obeying ``item``."""
     item: Any
     length: int | None = None
     min_length: int = 0
+    optional: bool = False
 
     def problem(self, v: Any) -> str | None:
+        if v is None:
+            return None if self.optional else "is required"
         if not isinstance(v, (list, tuple)):
             return f"must be a list, got {short(v)}"
         if self.length is not None and len(v) != self.length:
@@ -108,6 +129,50 @@ class Seq:
     def describe(self) -> str:
         n = f"{self.length} " if self.length is not None else ""
         return f"a list of {n}({self.item.describe()})"
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """A value that obeys at least one of ``rules``; ``name`` says what that is."""
+    rules: tuple
+    name: str
+    optional: bool = False
+
+    def problem(self, v: Any) -> str | None:
+        if v is None:
+            return None if self.optional else "is required"
+        if any(r.problem(v) is None for r in self.rules):
+            return None
+        return f"must be {self.name}, got {short(v)}"
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Named:
+    """``rule`` with its failures said in one phrase ("[H, W] with positive integers") instead
+    of the rule's own words; a missing required value is still "is required"."""
+    rule: Any
+    name: str
+
+    @property
+    def optional(self) -> bool:
+        return self.rule.optional
+
+    def problem(self, v: Any) -> str | None:
+        p = self.rule.problem(v)
+        if p is None or v is None:  # a missing value: the rule's own "is required"
+            return p
+        return f"must be {self.name}, got {short(v)}"
+
+    def describe(self) -> str:
+        return self.name
+
+
+def required(r):
+    """The same rule with a missing value refused ("is required")."""
+    return Named(required(r.rule), r.name) if isinstance(r, Named) else dataclasses.replace(r, optional=False)
 
 
 def rule(r, **kw) -> dataclasses.Field:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from flashar_adapt.data import atomic_save_safetensors, atomic_write_bytes
+from flashar_adapt.files import atomic_save_safetensors, atomic_write_bytes
 from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
 
 GRID = 14
@@ -77,8 +78,6 @@ def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tens
     model.train()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=steps, initial=state["step"], desc="base model", dynamic_ncols=True)
     t0 = time.perf_counter()
     while state["step"] < steps and state["bad_evals"] < patience:

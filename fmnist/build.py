@@ -14,12 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from flashar_adapt.datafree import TeacherSampling, sample_dataset, uniform_classes
+from flashar_adapt.export import export_merged
+from flashar_adapt.files import atomic_save_safetensors
+from flashar_adapt.integrations.llamagen import read_state_dict
+from flashar_adapt.shards import ShardWriter
+from flashar_adapt.training import TrainConfig, build_model_from_run, train
 
 from . import ASSETS
+from .base import train_base
+from .classifier import train_classifier
 from .data import load_fmnist
+from .evaluate import Judge, decoder, load_base, load_flashar, nll_bits, sample_codes
 from .tokenizer import PatchVQ, psnr
 
 # Post-training budget: stage 1 and stage 2 steps at a batch of POST_BATCH images, 9.6% of
@@ -60,8 +73,6 @@ def build_tokenizer(assets: Path, work: Path) -> None:
 
 
 def build_classifier(assets: Path, work: Path) -> None:
-    from .classifier import train_classifier
-
     x, y = load_fmnist("train")
     xt, yt = load_fmnist("test")
     acc = train_classifier(x, y, xt, yt, assets / "classifier.safetensors")
@@ -70,8 +81,6 @@ def build_classifier(assets: Path, work: Path) -> None:
 
 
 def build_base(assets: Path, work: Path, steps: int) -> None:
-    from .base import train_base
-
     c = tokenize(assets, work)
     g = torch.Generator().manual_seed(0)
     sub = torch.randperm(10_000, generator=g)[:2000]  # fixed test subset for the learning curve
@@ -86,8 +95,6 @@ def build_base(assets: Path, work: Path, steps: int) -> None:
 
 
 def write_shards(assets: Path, work: Path) -> Path:
-    from flashar_adapt.data import ShardWriter
-
     out = work / "shards"
     if (out / "manifest.json").is_file():
         return out
@@ -103,8 +110,6 @@ def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STE
                 data: Path | None = None) -> Path:
     """A training config for one variant; written to work/<name>.yaml. ``data``: the shards
     (default: the real training images, work/shards)."""
-    import yaml
-
     work = work.resolve()  # the config's relative paths would resolve against its own folder
     cfg = {"model": {"backend": "llamagen", "checkpoint": str((base or ASSETS) / "base.safetensors"),
                      "model_args": None, "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
@@ -126,8 +131,6 @@ def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STE
 def _stage1(work: Path) -> Path:
     """Stage 1 of the main recipe, trained once and shared by the runs that differ only in
     stage 2 (resuming at the stage boundary is exact, so this equals training each alone)."""
-    from flashar_adapt import train
-
     run = work / "runs" / "flashar_stage1"
     if not (run / "checkpoint.pt").is_file():
         train(post_config(work, "flashar_stage1", stage2=0))
@@ -141,8 +144,6 @@ def _from_stage1(work: Path, name: str) -> None:
 
 
 def build_flashar(assets: Path, work: Path) -> None:
-    from flashar_adapt import export_merged, train
-
     imgs = (STAGE1_STEPS + STAGE2_STEPS) * POST_BATCH
     base_imgs = json.loads((assets / "info.json").read_text())["base"]["images_seen"]
     if imgs > 0.1 * base_imgs:
@@ -159,9 +160,6 @@ def build_flashar(assets: Path, work: Path) -> None:
 
 def _ship_export(src: Path, dst: Path) -> None:
     """Ship the export with the backbone in fp16 safetensors (half the size of the .pt)."""
-    from flashar_adapt.data import atomic_save_safetensors
-    from flashar_adapt.integrations.llamagen import read_state_dict
-
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
@@ -172,8 +170,6 @@ def _ship_export(src: Path, dst: Path) -> None:
     cfg["backbone"]["checkpoint"] = "llamagen.safetensors"
     cfg["backbone"]["dtype"] = "float32"  # stored in fp16, computed in fp32 on CPU
     (tmp / "flashar_config.json").write_text(json.dumps(cfg, indent=1))
-    from safetensors.torch import load_file, save_file
-
     fl = load_file(str(tmp / "flashar.safetensors"))
     save_file({k: v.half() for k, v in fl.items()}, str(tmp / "flashar.safetensors"))
     shutil.rmtree(dst, ignore_errors=True)
@@ -193,8 +189,6 @@ VARIANTS = {
 def build_variants(assets: Path, work: Path, only: list[str] | None = None) -> None:
     """Ablation runs for the benchmark. stage1_only and full_ft resume from the main run's
     stage-1 checkpoint (same stage 1, different stage 2); the others train both stages."""
-    from flashar_adapt.training import train
-
     write_shards(assets, work)
     for name, kw in VARIANTS.items():
         if only and name not in only:
@@ -206,7 +200,7 @@ def build_variants(assets: Path, work: Path, only: list[str] | None = None) -> N
 
 # Data-free post-training: as many teacher samples as the shipped model saw real images, drawn
 # with the CFG scale the benchmark samples with, every class in turn.
-TEACHER_CFG = 2.0
+TEACHER_CFG_SCALE = 2.0
 TEACHER_BATCH = 288
 TEACHER_SHARD = 2880  # 3 shards: a killed sampling run loses at most one shard's work
 
@@ -215,15 +209,10 @@ def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_
     """Sample the raster base, post-train on its samples with the shipped recipe (the same
     steps and batch: fewer teacher samples than the budget's images are seen several times),
     and measure the result as benchmarks/fmnist.py measures its rows. Every stage resumes."""
-    from flashar_adapt.teacher import TeacherSampling, sample_dataset, uniform_classes
-    from flashar_adapt.training import TrainConfig, build_model_from_run, train
-
-    from .evaluate import load_base
-
     n = teacher_samples or (STAGE1_STEPS + STAGE2_STEPS) * POST_BATCH
     data = work / f"teacher_{n}"
     if not (data / "manifest.json").is_file():
-        rep = sample_dataset(load_base(assets), uniform_classes(n, 10), data, sampling=TeacherSampling(TEACHER_CFG),
+        rep = sample_dataset(load_base(assets), uniform_classes(n, 10), data, sampling=TeacherSampling(TEACHER_CFG_SCALE),
                              seed=0, batch_size=TEACHER_BATCH, shard_size=TEACHER_SHARD,
                              extra=str((assets / "base.safetensors").resolve()))
         print(f"teacher: {rep['num_examples']} samples in {rep['seconds']:.0f} s")
@@ -231,8 +220,6 @@ def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_
     cfg_path = post_config(work, f"data_free_{n}", data=data)
     run = work / "runs" / f"data_free_{n}"
     if not (run / "done.json").is_file():
-        import time
-
         t = time.perf_counter()
         train(cfg_path)
         (run / "done.json").write_text(json.dumps({"train_seconds": round(time.perf_counter() - t, 1)}))
@@ -241,13 +228,11 @@ def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_
         model = build_model_from_run(TrainConfig.load(cfg_path)).float().eval()
         row = {"label": f"FlashAR, data-free: {teacher['num_examples']} samples of the base", **_measure(
             model, assets, work, eval_samples), "teacher_samples": teacher["num_examples"],
-            "teacher_seconds": teacher["seconds"], "teacher_cfg": TEACHER_CFG,
+            "teacher_seconds": teacher["seconds"], "teacher_cfg": TEACHER_CFG_SCALE,
             "train_seconds": json.loads((run / "done.json").read_text())["train_seconds"]}
         out.write_text(json.dumps(row, indent=1))
     ref = work / f"flashar_shipped_eval{eval_samples}.json"  # the real-image model at the same sample count
     if not ref.is_file():
-        from .evaluate import load_flashar
-
         ref.write_text(json.dumps({"label": "FlashAR, shipped (8640 real images)",
                                    **_measure(load_flashar(assets / "flashar"), assets, work, eval_samples)}, indent=1))
     rows = [json.loads(ref.read_text()), json.loads(out.read_text())]
@@ -257,11 +242,9 @@ def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_
 
 def _measure(model, assets: Path, work: Path, eval_samples: int) -> dict:
     """A two-way model's row, as benchmarks/fmnist.py measures it (same functions, seed and CFG)."""
-    from .evaluate import Judge, decoder, nll_bits, sample_codes
-
     c = tokenize(assets, work)
     nll = nll_bits(model, c["test"], c["test_labels"], "two_way")
-    codes, y = sample_codes(decoder(model, "two_way", TEACHER_CFG), eval_samples, batch=500, seed=1, progress="eval")
+    codes, y = sample_codes(decoder(model, "two_way", TEACHER_CFG_SCALE), eval_samples, batch=500, seed=1, progress="eval")
     return {"mode": "two_way", "steps": 27, "nll_bits": nll, **Judge(assets)(codes, y), "samples": eval_samples,
             "nll_test_images": int(c["test"].shape[0]), "torch_threads": torch.get_num_threads()}
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from flashar_adapt.data import atomic_save_safetensors
+from flashar_adapt.files import atomic_save_safetensors
 
 
 class SmallCNN(nn.Module):
@@ -39,8 +41,6 @@ def train_classifier(x, y, xt, yt, out: Path, epochs: int = 3, seed: int = 0) ->
     net = SmallCNN()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     xf, xtf = x.float() / 255, xt.float() / 255
-    from tqdm.auto import tqdm
-
     for ep in range(epochs):
         perm = torch.randperm(x.shape[0])
         for i in tqdm(range(0, x.shape[0], 128), desc=f"classifier epoch {ep + 1}/{epochs}"):
@@ -56,8 +56,6 @@ def train_classifier(x, y, xt, yt, out: Path, epochs: int = 3, seed: int = 0) ->
 
 
 def load_classifier(path) -> SmallCNN:
-    from safetensors.torch import load_file
-
     net = SmallCNN()
     net.load_state_dict(load_file(str(path)))
     return net.eval()

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 import flashar_adapt as fa
 from flashar_adapt.integrations.llamagen import ModelArgs, Transformer, load_checkpoint
 
 from . import ASSETS
 from .classifier import batched, frechet_distance, load_classifier
+from .data import load_fmnist
 from .tokenizer import PatchVQ
 
 
@@ -43,8 +46,7 @@ Decoder = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 def decoder(model, mode: str, cfg_scale: float, **kw) -> Decoder:
     """A function (labels, generator) -> codes, for mode 'two_way', 'raster' or 'zipar<w>'."""
     if mode.startswith("zipar"):
-        import sys
-
+        # the ZipAR peer is benchmark code beside the package, not part of it: found at run time
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         from zipar import generate_zipar
 
@@ -69,8 +71,6 @@ def sample_codes(dec: Decoder, n: int, batch: int = 500, seed: int = 0, progress
     out = []
     rng = range(0, n, batch)
     if progress:
-        from tqdm.auto import tqdm
-
         rng = tqdm(rng, desc=progress, leave=False)
     for i in rng:
         out.append(dec(labels[i:i + batch], g))
@@ -85,8 +85,6 @@ class Judge:
         self.vq = PatchVQ.load(assets / "tokenizer.safetensors")
         self.net = load_classifier(assets / "classifier.safetensors")
         if test_images is None:
-            from .data import load_fmnist
-
             test_images = load_fmnist("test")[0]
         self.test_feats = batched(self.net.features, test_images.float() / 255)
 
@@ -136,7 +134,7 @@ def image_grid(codes: torch.Tensor, vq: PatchVQ, rows: int) -> torch.Tensor:
 
 def save_side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str], path: Path,
                       row_labels: list[str]) -> None:
-    import matplotlib
+    import matplotlib  # optional dependency (the "plots" extra): only the demo's picture needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

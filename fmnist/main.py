@@ -15,28 +15,35 @@ from pathlib import Path
 
 import torch
 
-from . import ASSETS
+from flashar_adapt import export_merged, load_recipe, logits, patch, train
+from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
+from flashar_adapt.patching import backbone_only
+
+from . import ASSETS, data
+from .build import post_config, tokenize, write_shards
 from .data import CLASS_NAMES
+from .evaluate import (Judge, decoder, image_grid, load_base, load_flashar, nll_bits, sample_codes, save_side_by_side,
+                       speed, steps_of, timed)
+from .tokenizer import PatchVQ
 
 
-def missing_inputs(args) -> str | None:
+def missing_inputs(out: str | os.PathLike, *, retrain: bool = False, samples: int = 1, nll_images: int = 1,
+                   repeat: int = 1) -> str | None:
     """What the demo cannot run without, as one line naming the fix; None when all is there.
     Checked before any long work, so a fresh machine fails in a second, not after the timings."""
-    from .data import DEFAULT_DIR, dataset_files
-
-    absent = [p for p in dataset_files(DEFAULT_DIR) if not p.is_file()]
+    absent = [p for p in data.dataset_files(data.DEFAULT_DIR) if not p.is_file()]
     if absent:
         return (f"Fashion-MNIST is missing ({absent[0]} not found): run `apt-get install -y dataset-fashion-mnist` "
                 "as root (scripts/demo.sh does this), or set FMNIST_DIR to a folder holding the idx files")
-    if args.retrain:
+    if retrain:
         for mod in ("accelerate", "peft", "transformers"):
             if importlib.util.find_spec(mod) is None:
                 return (f"--retrain needs the training extras ({mod} is not installed): "
                         "run `pip install -c constraints.txt -e '.[train]'` (scripts/demo.sh does this)")
-    for bad in ("samples", "nll_images", "repeat"):
-        if getattr(args, bad) < 1:
-            return f"--{bad.replace('_', '-')} must be at least 1, got {getattr(args, bad)}"
-    out = Path(args.out)
+    for bad, value in (("samples", samples), ("nll_images", nll_images), ("repeat", repeat)):
+        if value < 1:
+            return f"--{bad.replace('_', '-')} must be at least 1, got {value}"
+    out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -46,24 +53,20 @@ def missing_inputs(args) -> str | None:
     return None
 
 
-def run(args) -> int:
-    from .evaluate import (Judge, decoder, image_grid, load_base, load_flashar, nll_bits, sample_codes,
-                           save_side_by_side, speed, steps_of)
-
+def run(out: str | os.PathLike = "out/demo", *, retrain: bool = False, cfg_scale: float = 2.0, samples: int = 500,
+        nll_images: int = 1000, repeat: int = 2, tiny_grid: int = 16, tiny_batch: int = 4) -> int:
+    """The demo: a labelled sample grid (PNG), then steps, speed and quality of both models.
+    Without the shipped assets it runs ``tiny_demo(tiny_grid, tiny_batch)`` instead."""
     if not (ASSETS / "flashar" / "flashar_config.json").is_file():
         print(f"the shipped Fashion-MNIST assets are missing under {ASSETS}; running the tiny random-model demo")
-        return tiny_demo(args)
-    problem = missing_inputs(args)
+        return tiny_demo(tiny_grid, tiny_batch)
+    problem = missing_inputs(out, retrain=retrain, samples=samples, nll_images=nll_images, repeat=repeat)
     if problem:
         print(f"flashar-adapt demo: {problem}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(out)
     base = load_base()
-    if args.retrain:
-        from flashar_adapt import export_merged, train
-
-        from .build import post_config, write_shards
-
+    if retrain:
         work = out / "retrain"
         write_shards(ASSETS, work)
         model = train(post_config(work, "flashar"))
@@ -73,12 +76,13 @@ def run(args) -> int:
         flash = load_flashar()
         source = "shipped"
     info = json.loads((ASSETS / "info.json").read_text()) if (ASSETS / "info.json").is_file() else {}
-    print(f"raster base: LlamaGen architecture, {sum(p.numel() for n, p in base.named_parameters() if not n.startswith('flashar')) / 1e6:.2f}M "
+    with backbone_only(base):
+        base_params = sum(p.numel() for p in base.parameters())
+    print(f"raster base: LlamaGen architecture, {base_params / 1e6:.2f}M "
           f"parameters, 14x14 grid of a 256-code k-means VQ (test PSNR {info.get('tokenizer', {}).get('test_psnr_db', '?')} dB)")
     print(f"FlashAR: {source}; branch of {len(flash.flashar.branch_layers)} layer(s) from layer "
           f"{flash.flashar.ctx.branch_index}, {sum(p.numel() for p in flash.flashar.parameters()) / 1e6:.2f}M added parameters")
-    cfg = args.cfg
-    decs = {"raster": decoder(base, "raster", cfg), "two_way": decoder(flash, "two_way", cfg)}
+    decs = {"raster": decoder(base, "raster", cfg_scale), "two_way": decoder(flash, "two_way", cfg_scale)}
 
     # 1. the picture
     g = torch.Generator().manual_seed(0)
@@ -88,10 +92,10 @@ def run(args) -> int:
     save_side_by_side(grids["raster"], grids["two_way"],
                       (f"raster base: {steps_of('raster')} steps", f"FlashAR two-way: {steps_of('two_way')} steps"),
                       png, CLASS_NAMES)
-    print(f"sample grid (CFG {cfg}): {png}")
+    print(f"sample grid (CFG {cfg_scale}): {png}")
 
     # 2. speed, side by side
-    sp = speed(decs, big_batch=64, repeat=args.repeat)
+    sp = speed(decs, big_batch=64, repeat=repeat)
     print(f"\n{'':10s} {'steps':>6s} {'batch-1 latency':>16s} {'batch-64 img/s':>15s}")
     for k in decs:
         print(f"{k:10s} {steps_of(k):6d} {sp[k]['latency_s'] * 1000:13.1f} ms {sp[k]['throughput']:15.1f}")
@@ -100,13 +104,11 @@ def run(args) -> int:
           f"{sp['two_way']['throughput'] / sp['raster']['throughput']:14.2f}x")
 
     # 3. quality on a quick sample
-    from .build import tokenize
-
-    n = args.samples
-    codes = tokenize(ASSETS, Path(args.out) / "cache")
-    sub = torch.arange(args.nll_images)
+    n = samples
+    codes = tokenize(ASSETS, out / "cache")
+    sub = torch.arange(nll_images)
     judge = Judge()
-    print(f"\nquality (NLL on {len(sub)} test images; {n} samples per model at CFG {cfg}):")
+    print(f"\nquality (NLL on {len(sub)} test images; {n} samples per model at CFG {cfg_scale}):")
     print(f"{'':10s} {'NLL bits/token':>15s} {'Frechet dist.':>14s} {'sample acc.':>12s}")
     for k, model in (("raster", base), ("two_way", flash)):
         nll = nll_bits(model, codes["test"][sub], codes["test_labels"][sub], k)
@@ -121,42 +123,25 @@ _VQ = {}
 
 
 def _vq():
-    from .tokenizer import PatchVQ
-
     if "vq" not in _VQ:
         _VQ["vq"] = PatchVQ.load(ASSETS / "tokenizer.safetensors")
     return _VQ["vq"]
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--retrain", action="store_true", help="re-run the post-training from the shipped base")
-    p.add_argument("--out", default="out/demo", help="where the PNG (and any re-trained model) go")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--samples", type=int, default=500, help="samples per model for the quick quality numbers")
-    p.add_argument("--nll-images", type=int, default=1000, help="test images for the quick NLL")
-    p.add_argument("--repeat", type=int, default=2, help="timing repeats (best of)")
-
-
-def tiny_demo(args) -> int:
-    """Patch a small random LlamaGen-architecture model and decode both ways."""
-    import torch
-
-    from flashar_adapt import load_recipe, logits, patch
-    from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
-
-    from .evaluate import timed
-
+def tiny_demo(grid: int = 16, batch: int = 4) -> int:
+    """Patch a small random LlamaGen-architecture model (a ``grid`` x ``grid`` image) and
+    decode ``batch`` images both ways."""
     torch.manual_seed(0)
-    g = args.grid
+    g = grid
     model = Transformer(ModelArgs(dim=256, n_layer=8, n_head=8, vocab_size=1024, num_classes=10, block_size=g * g,
                                   token_dropout_p=0, resid_dropout_p=0, ffn_dropout_p=0)).eval()
     torch.nn.init.normal_(model.output.weight, std=0.02)
     recipe = load_recipe("llamagen-c2i-b").replace(**{"image.codebook_size": 1024, "condition.num_classes": 10,
                                                       "condition.null_class": 10, "image.grid": [g, g]})
     patch(model, recipe)
-    cond = torch.arange(args.batch) % 10
+    cond = torch.arange(batch) % 10
     H, W = recipe.image.grid
-    print(f"random LlamaGen-architecture model: 8 layers, dim 256, grid {H}x{W}, batch {args.batch}, CFG 4.0")
+    print(f"random LlamaGen-architecture model: 8 layers, dim 256, grid {H}x{W}, batch {batch}, CFG 4.0")
     out = {}
     for mode in ("raster", "two_way"):
         out[mode] = timed(lambda: model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1), repeat=2)  # warms up once

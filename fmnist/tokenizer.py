@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from flashar_adapt.data import atomic_save_safetensors
+from flashar_adapt.files import atomic_save_safetensors
+from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, resolve_checkpoint
+
+from . import ASSETS
 
 PATCH = 2
 
@@ -68,8 +72,6 @@ class PatchVQ:
 
     @classmethod
     def load(cls, path) -> "PatchVQ":
-        from safetensors.torch import load_file
-
         return cls(load_file(str(path))["centroids"])
 
 
@@ -80,9 +82,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- the tokenizer interface
-
-from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, resolve_checkpoint  # noqa: E402
-
 
 class PatchVQTokenizer(ImageTokenizer):
     """PatchVQ behind flashar_adapt's interface: float [N, 1, 28, 28] in [0, 1] <-> codes [N, 14, 14].
@@ -116,8 +115,6 @@ def _float_patches(x: torch.Tensor) -> torch.Tensor:
 def fmnist_patch_vq(spec, model, root) -> PatchVQTokenizer:
     """The tokenizer kind ``fmnist-patch-vq``: the shipped k-means tokenizer (or
     tokenizer.checkpoint, a PatchVQ.save file)."""
-    from . import ASSETS
-
     if spec.channels != 1:
         raise TokenizerError(f"tokenizer.channels: the Fashion-MNIST tokenizer is greyscale (1), got {spec.channels}")
     if spec.downsample not in (None, PATCH):

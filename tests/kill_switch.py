@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from flashar_adapt import cli, training
+from flashar_adapt import commands
+from flashar_adapt.training import checkpoints, loop
 
 AT_STEP = "FLASHAR_TEST_KILL_AT_STEP"
 IN_SAVE = "FLASHAR_TEST_KILL_IN_SAVE"
@@ -24,7 +25,8 @@ def _die() -> None:
 
 
 def install(at_step: int | None = None, in_save: int | None = None) -> None:
-    save_if_due, save_checkpoint = training._save_if_due, training.save_checkpoint
+    # the loop calls save_if_due through its own module, save_if_due calls save_checkpoint through checkpoints'
+    save_if_due, save_checkpoint = loop.save_if_due, checkpoints.save_checkpoint
 
     def save_if_due_or_die(acc, loss_mod, opt, sched, ckpt_path, recipe_name, cfg, step):
         if step == at_step:
@@ -39,12 +41,12 @@ def install(at_step: int | None = None, in_save: int | None = None) -> None:
             _die()
         save_checkpoint(path, state)
 
-    training._save_if_due, training.save_checkpoint = save_if_due_or_die, save_or_die
+    loop.save_if_due, checkpoints.save_checkpoint = save_if_due_or_die, save_or_die
 
 
 if __name__ == "__main__":
     install(*(int(os.environ[k]) if os.environ.get(k) else None for k in (AT_STEP, IN_SAVE)))
-    sys.exit(cli.main())
+    sys.exit(commands.main())
 
 
 def kill_tokenize_mid_run(argv: list[str], state_file, done: int, slow: str) -> None:
@@ -59,7 +61,7 @@ def kill_tokenize_mid_run(argv: list[str], state_file, done: int, slow: str) -> 
     module, name = slow.rsplit(".", 1)
     code = (f"import sys, time; import {module} as m; f = m.{name}; "
             f"m.{name} = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
-            "from flashar_adapt.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "tokenize", *argv], cwd=Path(__file__).resolve().parents[1],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

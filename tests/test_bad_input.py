@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 
 import flashar_adapt as fa
 from tests import tiny
-from flashar_adapt import cli
-from flashar_adapt.data import DataError, ShardDataset, ShardWriter
+from flashar_adapt import commands
 from flashar_adapt.errors import FlashARError
 from flashar_adapt.export import ExportError
 from flashar_adapt.files import exclusive_lock, inside
+from flashar_adapt.shards import DataError, ShardDataset, ShardWriter
 from flashar_adapt.training import TrainConfig, TrainingError, train
 from tests.train_helpers import llamagen_run, structured_codes
 
@@ -248,7 +248,7 @@ def test_resume_with_a_changed_config_is_refused(trained, tmp_path):
     cfg = TrainConfig.load(cfg_path)
     cfg.log_every = 5  # changes nothing the run computes: no complaint
     train(cfg, progress=False)
-    rc = subprocess.run([sys.executable, "-m", "flashar_adapt.cli", "train", "--help"], env=ENV, capture_output=True,
+    rc = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "train", "--help"], env=ENV, capture_output=True,
                         text=True, timeout=120)
     assert "--allow-config-change" in rc.stdout
 
@@ -568,7 +568,7 @@ def test_fuzzed_data_folders_fail_only_with_data_error(shards, data):
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
     try:
-        rc = cli.main([str(a) for a in argv])
+        rc = commands.main([str(a) for a in argv])
     except SystemExit as e:  # argparse usage errors
         rc = e.code
     out = capsys.readouterr()
@@ -608,9 +608,32 @@ def test_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_cli_keeps_the_traceback_of_a_bug(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_cmd_show", lambda args: {}["a bug"])
+    monkeypatch.setattr(commands.recipes, "load_recipe", lambda *a: {}["a bug"])
     with pytest.raises(KeyError):
-        cli.main(["show", "x"])
+        commands.main(["show", "x"])
+
+
+COMMANDS = ("recipes", "show", "demo", "inspect", "check", "train", "export", "tokenize", "generate")
+# A child process in which the optional dependencies are not importable.
+_WITHOUT_EXTRAS = ("import sys; sys.modules.update(dict.fromkeys(['accelerate', 'peft', 'transformers', 'matplotlib'])); "
+                   "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_every_command_is_listed_and_a_missing_optional_dependency_is_one_line(tmp_path):
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *map(str, argv)], env=ENV, capture_output=True,
+                              text=True, timeout=120)
+
+    r = cli("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS), r.stdout
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"backend": "llamagen"}, "recipe": "llamagen-c2i-b", "data": "data",
+                                   "out_dir": "run"}))
+    r = cli("train", "--config", cfg)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    _one_line(r.stderr, "error: flashar-adapt train needs accelerate", "pip install 'flashar-adapt[train]'")
+    r = cli("--debug", "train", "--config", cfg)
+    assert r.returncode == 2 and "ModuleNotFoundError" in r.stderr
 
 
 def test_recipes_lists_the_good_ones_beside_a_broken_one(tmp_path, capsys):

@@ -252,10 +252,10 @@ def test_compile_refused_for_a_runner_without_static_caches(monkeypatch):
 def test_compile_refused_where_the_mask_needs_per_call_module_state():
     """ImageGPT flattens the 4D mask (it goes in by layer hooks) and applies a built-in causal
     buffer (opened around each forward): refused with one sentence, eager decoding unaffected."""
-    from tests.test_unseen_families import _model, _recipe_from_draft
+    from tests.test_unseen_families import family_model, recipe_from_draft
 
-    model = _model("imagegpt")
-    fa.patch(model, _recipe_from_draft("imagegpt", model)[0])
+    model = family_model("imagegpt")
+    fa.patch(model, recipe_from_draft("imagegpt", model)[0])
     cond = torch.tensor([[0]])
     with pytest.raises(InputError, match="compile=True is not available for ImageGPT"):
         model.generate(cond, top_k=1, compile=True)

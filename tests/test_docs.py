@@ -44,7 +44,7 @@ import yaml
 
 import flashar_adapt as fa
 from tests import tiny
-from flashar_adapt import cli
+from flashar_adapt import commands
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDES = ["README.md", "docs/api.md", "docs/training.md", "docs/writing-a-recipe.md"]
@@ -130,7 +130,7 @@ def _cli(argv: list[str]) -> tuple[int, str]:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
-                rc = cli.main(argv[1:])
+                rc = commands.main(argv[1:])
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else 1
     finally:

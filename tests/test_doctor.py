@@ -7,14 +7,14 @@ import yaml
 
 import flashar_adapt as fa
 from tests import tiny
-from flashar_adapt import cli
+from flashar_adapt import commands
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
-    rc = cli.main([str(a) for a in argv])
+    rc = commands.main([str(a) for a in argv])
     return rc, capsys.readouterr().out
 
 

@@ -104,11 +104,11 @@ def model_recipe(out):
 def test_cli_train_then_export(tmp_path):
     cfg = llamagen_run(tmp_path, stage1=2, stage2=1)
     env = {"OMP_NUM_THREADS": "1", "PATH": ""}
-    r = subprocess.run([sys.executable, "-m", "flashar_adapt.cli", "train", "--config", str(cfg)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "train", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "flashar train" in r.stderr  # the progress bar
-    r = subprocess.run([sys.executable, "-m", "flashar_adapt.cli", "export", "--config", str(cfg), "--out",
+    r = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "export", "--config", str(cfg), "--out",
                         str(tmp_path / "exp")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     m = fa.load_adapted(tmp_path / "exp")

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import flashar_adapt as fa
-from flashar_adapt.cli import main
-from flashar_adapt.data import DataError, ShardDataset
-from flashar_adapt.imagedata import STATE, list_class_folder, read_jsonl, tokenize_dataset, to_pil
+from flashar_adapt.commands import main
+from flashar_adapt.image_folders import list_class_folder, read_jsonl, tokenize_dataset, to_pil
+from flashar_adapt.shards import STATE, DataError, ShardDataset
 from flashar_adapt.tokenizers import load_tokenizer
 
 from tests import tiny
@@ -82,7 +82,7 @@ def test_upscaling_and_centre_crop(tmp_path):
     tok = load_tokenizer("fmnist-c2i")
     p = tmp_path / "a" / "wide.png"
     x = _png(p, 3, size=(56, 28))  # twice as wide: no scaling, the middle 28 columns are kept
-    from flashar_adapt.imagedata import BadImage, load_image
+    from flashar_adapt.image_folders import BadImage, load_image
 
     assert torch.equal(load_image(p, tok), x[:, :, 14:42])
     _png(p, 3, size=(14, 14))
@@ -144,7 +144,7 @@ def test_tokenize_resumes_after_sigkill(tmp_path):
     args = [str(tmp_path / "imgs"), "--recipe", "fmnist-c2i", "--shard-size", "2", "--batch-size", "1", "--no-progress"]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=3, slow="flashar_adapt.imagedata.load_image")
+    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=3, slow="flashar_adapt.image_folders.load_image")
     assert not (out / "manifest.json").exists()
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):
@@ -294,7 +294,7 @@ def test_generate_bad_input_is_refused_before_any_work(export_dir, tmp_path, cap
 
 
 def test_prompts_file_with_empty_lines_is_an_error(tmp_path):
-    from flashar_adapt.imagegen import GenerateError, read_prompts
+    from flashar_adapt.generation import GenerateError, read_prompts
 
     p = tmp_path / "p.txt"
     p.write_text("a red car\n\na blue sky\n\n")
@@ -355,3 +355,8 @@ def test_generate_from_prompts_file_with_the_models_own_text_tokenizer(tmp_path,
     assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g2"), "--prompts-file",
                  str(tmp_path / "bad.txt"), "--no-progress"]) == 2
     assert "line 2 is empty" in capsys.readouterr().err and not (tmp_path / "g2").exists()
+    # a prompt longer than condition.prefix_len (16 tokens) fails in generation: nothing is left behind
+    assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g3"), "--prompts", "a " * 20,
+                 "--no-progress"]) == 2
+    assert "condition.prefix_len allows 1..16" in capsys.readouterr().err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".g3", "g3"))]

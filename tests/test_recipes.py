@@ -149,3 +149,18 @@ def test_overrides_through_patch():
     fa.unpatch(model)
     with pytest.raises(fa.RecipeError, match="not a recipe key"):
         fa.patch(model, tiny.llamagen_recipe(grid=4), branch_lyer=1)
+
+
+def test_a_null_value_takes_the_default_and_sizes_are_bounded():
+    d = _mutate("flashar.branch_layer", None)
+    d["modules"]["image_embed"] = None
+    r = fa.recipe_from_dict(d)
+    assert r.flashar.branch_layer == -1 and r.modules.image_embed == ()
+    with pytest.raises(fa.RecipeError, match="is required") as e:
+        fa.recipe_from_dict(_mutate("image.grid", None))
+    assert e.value.key == "image.grid"
+    d = _base()
+    d["tokenizer"] = {"kind": "color-clusters", "channels": 10**12}  # its default mean/std would not fit in memory
+    with pytest.raises(fa.RecipeError) as e:
+        fa.recipe_from_dict(d)
+    assert e.value.key == "tokenizer.channels"

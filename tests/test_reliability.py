@@ -139,7 +139,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     points = sorted(rng.sample(range(1, total), 3))
     print(f"kill points {points} (seed {seed})")
     ref = llamagen_run(tmp_path / "ref", stage1=5, stage2=4)
-    cmd = [sys.executable, "-m", "flashar_adapt.cli", "train", "--no-progress", "--config"]
+    cmd = [sys.executable, "-m", "flashar_adapt.commands", "train", "--no-progress", "--config"]
     assert subprocess.run(cmd + [str(ref)], env=ENV, capture_output=True, timeout=300).returncode == 0
     cfg = llamagen_run(tmp_path / "kill", stage1=5, stage2=4)
     for p in points:

@@ -1,5 +1,5 @@
 """Data-free post-training data: ``flashar-adapt tokenize --from-model`` samples the shards
-from the raster model itself (flashar_adapt.teacher), reproducibly and resumably."""
+from the raster model itself (flashar_adapt.datafree), reproducibly and resumably."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import flashar_adapt as fa
-from flashar_adapt.cli import main
-from flashar_adapt.data import DataError, ShardDataset
-from flashar_adapt.imagedata import STATE
-from flashar_adapt.teacher import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
+from flashar_adapt.commands import main
+from flashar_adapt.datafree import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
+from flashar_adapt.shards import STATE, DataError, ShardDataset
 
 from tests import tiny
 from tests.kill_switch import kill_tokenize_mid_run
@@ -38,15 +37,15 @@ def c2i():
     return fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe())
 
 
-@pytest.mark.parametrize("n,batch,shard,cfg,top_k,seed", [(7, 3, 2, 1.0, 0, 0), (10, 4, 4, 2.5, 5, 3),
+@pytest.mark.parametrize("n,batch,shard,cfg_scale,top_k,seed", [(7, 3, 2, 1.0, 0, 0), (10, 4, 4, 2.5, 5, 3),
                                                           (5, 8, 3, 1.5, 0, 1)])
-def test_shards_equal_raster_generate_with_the_same_seeds(c2i, tmp_path, n, batch, shard, cfg, top_k, seed):
-    s = TeacherSampling(cfg_scale=cfg, top_k=top_k, temperature=0.9)
+def test_shards_equal_raster_generate_with_the_same_seeds(c2i, tmp_path, n, batch, shard, cfg_scale, top_k, seed):
+    s = TeacherSampling(cfg_scale=cfg_scale, top_k=top_k, temperature=0.9)
     rep = sample_dataset(c2i, uniform_classes(n, 10), tmp_path / "d", sampling=s, seed=seed, batch_size=batch,
                          shard_size=shard, progress=False)
     codes, cond, _ = _read(tmp_path / "d")
     assert rep["num_examples"] == n and torch.equal(cond, torch.arange(n) % 10)  # every class in turn
-    want = _by_hand(c2i, torch.arange(n) % 10, batch, seed, cfg_scale=cfg, top_k=top_k, temperature=0.9)
+    want = _by_hand(c2i, torch.arange(n) % 10, batch, seed, cfg_scale=cfg_scale, top_k=top_k, temperature=0.9)
     assert torch.equal(codes, want)
     assert not (tmp_path / "d" / STATE).exists()
     assert json.loads((tmp_path / "d" / "teacher_report.json").read_text())["num_examples"] == n
@@ -182,7 +181,7 @@ def test_cli_from_model_resumes_after_sigkill(checkpoint, tmp_path):
             "--num-samples", "6", "--batch-size", "1", "--shard-size", "2", "--cfg", "2", "--no-progress"]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=2, slow="flashar_adapt.teacher.sample_batch")
+    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=2, slow="flashar_adapt.datafree.sample_batch")
     assert not (out / "manifest.json").exists()
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):

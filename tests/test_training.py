@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashar_adapt.data import DataError, ShardDataset, ShardWriter
+from flashar_adapt.shards import DataError, ShardDataset, ShardWriter
 from flashar_adapt.training import TrainConfig, TrainingError, build_model, load_checkpoint, train
 from tests.numerics import assert_same_losses, assert_same_training
 from tests.train_helpers import llamagen_run, structured_codes
@@ -36,11 +36,11 @@ def _cli(cfg: Path, extra_env: dict | None = None, nproc: int = 1) -> subprocess
     tests/kill_switch.py, which installs that kill -9 first."""
     if nproc == 1:
         killing = any(k.startswith("FLASHAR_TEST_KILL_") for k in extra_env or {})
-        main = "tests.kill_switch" if killing else "flashar_adapt.cli"
+        main = "tests.kill_switch" if killing else "flashar_adapt.commands"
         cmd = [sys.executable, "-m", main, "train", "--config", str(cfg), "--no-progress"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "flashar_adapt.cli", "train", "--config", str(cfg), "--no-progress"]
+               str(_free_port()), "-m", "flashar_adapt.commands", "train", "--config", str(cfg), "--no-progress"]
     return subprocess.run(cmd, env={**ENV, **(extra_env or {})}, capture_output=True, text=True, timeout=300)
 
 
@@ -134,21 +134,21 @@ def test_stage1_trains_branch_and_gate_only(tmp_path):
 @pytest.mark.parametrize("stage,lora", [(1, False), (2, False), (2, True)])
 def test_param_groups_are_pure_and_set_trainable_freezes_the_rest(tmp_path, stage, lora):
     from flashar_adapt.adapters import lora_parameters
-    from flashar_adapt.training import _param_groups, _set_trainable, add_lora, backbone_parameters
+    from flashar_adapt.training import add_lora, backbone_parameters, param_groups, set_trainable
 
     cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=1, stage2=1, lora=lora))
     model = build_model(cfg)
     if lora:
         add_lora(model)
     model.requires_grad_(False)
-    groups = _param_groups(model, cfg, stage)
+    groups = param_groups(model, cfg, stage)
     assert not any(p.requires_grad for p in model.parameters())  # building the groups changes nothing
     assert [g["name"] for g in groups] == ["flashar"] + ([] if stage == 1 else ["lora" if lora else "backbone"])
     if stage == 2:
         want = lora_parameters(model) if lora else backbone_parameters(model)
         assert [id(p) for p in groups[1]["params"]] == [id(p) for p in want]
     model.requires_grad_(True)
-    _set_trainable(model, groups)
+    set_trainable(model, groups)
     chosen = {id(p) for g in groups for p in g["params"]}
     assert [p.requires_grad for p in model.parameters()] == [id(p) in chosen for p in model.parameters()]
 
@@ -178,7 +178,7 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     in full stage 2 the teacher is a frozen copy of the original that never moves and never
     reaches the optimizer or the checkpoint."""
     from flashar_adapt.decoding import teacher_forward
-    from flashar_adapt.training import FlashARLoss, _frozen_teacher, _kd
+    from flashar_adapt.training import FlashARLoss, frozen_teacher, kd_loss
 
     cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=2, stage2=3, lora=lora, w_kd_fused=1.0,
                                         kd_fused_temperature=1.5))
@@ -200,7 +200,7 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     assert not any(k.startswith("teacher") for k in ck["trainable"])
 
     codes, cls = structured_codes(4, 4, 48)
-    teacher = None if lora else _frozen_teacher(cfg, "cpu")
+    teacher = None if lora else frozen_teacher(cfg, "cpu")
     loss = FlashARLoss(model, cfg, 2, teacher)
     assert "teacher" not in dict(loss.named_modules()) and all(
         not n.startswith("teacher") for n, _ in loss.named_parameters())
@@ -212,7 +212,7 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     assert not torch.allclose(want_t, moved, atol=1e-4)  # stage 2 did move the raster model
     # The loss recomputes the same logits with the same kernels on the same batch; only the final
     # mean over ~10^3 terms may sum in another order: float32 relative round-off ~sqrt(n)*eps32 < 1e-5.
-    torch.testing.assert_close(got, _kd(fused, want_t, 1.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, kd_loss(fused, want_t, 1.5), rtol=1e-5, atol=1e-6)
     by_hand = (want_t / 1.5).softmax(-1) * ((want_t / 1.5).log_softmax(-1) - (fused / 1.5).log_softmax(-1))
     torch.testing.assert_close(got, by_hand.sum(-1).mean() * 1.5 ** 2, rtol=1e-5, atol=1e-6)
 
@@ -380,7 +380,7 @@ def test_fsdp_on_cpu_is_refused_not_silently_unsharded(tmp_path, sync):
     (tmp_path / "fsdp_cpu.yaml").write_text(yaml.safe_dump(shipped))
     cfg = llamagen_run(tmp_path / "r", stage1=2, stage2=1)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp_cpu.yaml"),
-           "--main_process_port", str(_free_port()), "-m", "flashar_adapt.cli", "train", "--config", str(cfg),
+           "--main_process_port", str(_free_port()), "-m", "flashar_adapt.commands", "train", "--config", str(cfg),
            "--no-progress"]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path / "r")
     assert r.returncode != 0

@@ -102,12 +102,12 @@ def _atol(model, layers: int = 4, width: int = 128) -> float:
         return reorder_bound(model(input_ids=ids).logits, layers, width)
 
 
-def _model(name: str):
+def family_model(name: str):
     cls, cfg_cls, cfg, _ = FAMILIES[name]
     return _build(cls, cfg_cls, **cfg)
 
 
-def _recipe_from_draft(name: str, model) -> tuple[fa.Recipe, dict]:
+def recipe_from_draft(name: str, model) -> tuple[fa.Recipe, dict]:
     """inspect's draft, with only the token layout filled in."""
     draft = fa.inspect_model(model).draft
     structure = {k: v for k, v in draft.items() if k not in ("name", "condition", "image")}
@@ -143,8 +143,8 @@ def test_families_are_diverse_and_unseen():
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", PASSING)
 def test_inspect_draft_passes_check_and_exports(name, tmp_path):
-    model = _model(name)
-    recipe, _ = _recipe_from_draft(name, model)
+    model = family_model(name)
+    recipe, _ = recipe_from_draft(name, model)
     # The patched raster pass and the model's own forward run the same weights on the same
     # tokens; only the mask (our additive 4D mask vs the model's causal one) and the attention
     # kernel it selects differ, which changes float summation order: see _atol.
@@ -172,8 +172,8 @@ def test_inspect_draft_passes_check_and_exports(name, tmp_path):
 
 @pytest.mark.parametrize("name", REFUSED)
 def test_unsupported_families_are_refused_at_patch(name):
-    model = _model(name)
-    recipe, _ = _recipe_from_draft(name, model)
+    model = family_model(name)
+    recipe, _ = recipe_from_draft(name, model)
     key, phrase = FAMILIES[name][3]
     with pytest.raises(fa.RecipeError) as e:
         fa.patch(model, recipe)
@@ -186,20 +186,20 @@ def test_unsupported_families_are_refused_at_patch(name):
 def test_inspect_finds_the_head_chain():
     """OPT ends with a projection after the final norm; Gemma2 soft-caps and Cohere scales the
     head's output: inspect proposes each, from what the modules connect to and a probe forward."""
-    _, opt = _recipe_from_draft("opt", _model("opt"))
+    _, opt = recipe_from_draft("opt", family_model("opt"))
     assert opt["modules"]["after_norm"] == ["model.decoder.project_out"]
     assert opt["modules"]["embed"] == "model.decoder.embed_tokens"
-    assert fa.inspect_model(_model("opt")).dim == 64  # what the layers read, not the 48-wide embedding
-    assert _recipe_from_draft("gemma2", _model("gemma2"))[1]["logits"] == {"softcap": 3.0}
-    assert _recipe_from_draft("cohere", _model("cohere"))[1]["logits"] == {"scale": 0.25}
+    assert fa.inspect_model(family_model("opt")).dim == 64  # what the layers read, not the 48-wide embedding
+    assert recipe_from_draft("gemma2", family_model("gemma2"))[1]["logits"] == {"softcap": 3.0}
+    assert recipe_from_draft("cohere", family_model("cohere"))[1]["logits"] == {"scale": 0.25}
     for name in ("qwen2", "gpt_neox", "imagegpt"):  # nothing between head and logits: no logits section
-        assert "logits" not in _recipe_from_draft(name, _model(name))[1]
+        assert "logits" not in recipe_from_draft(name, family_model(name))[1]
 
 
 @pytest.mark.parametrize("name, key, value", [("cohere", "logits.scale", "0.25"), ("gemma2", "logits.softcap", "3")])
 def test_check_names_a_logit_map_the_recipe_misses(name, key, value):
-    model = _model(name)
-    recipe, _ = _recipe_from_draft(name, model)
+    model = family_model(name)
+    recipe, _ = recipe_from_draft(name, model)
     plain = recipe.replace(**{"logits.scale": 1.0, "logits.softcap": None})
     rep = fa.check(model, plain, atol=_atol(model))
     assert rep.item("raster").status == "fail" and rep.item("raster").key == key
@@ -222,15 +222,15 @@ def test_positions_count_the_tokens_fed():
     left beside the grid blames condition.prefix_len, with the number that fits."""
     model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=V + 1, n_embd=32, n_layer=2,
                    n_head=4, n_positions=36)
-    recipe, _ = _recipe_from_draft("imagegpt", model)
+    recipe, _ = recipe_from_draft("imagegpt", model)
     rep = fa.check(model, recipe, atol=_atol(model), cond=_cond("imagegpt"))
     assert rep.ok, str(rep)
     with pytest.raises(fa.RecipeError) as e:
         fa.patch(model, recipe, grid=[6, 7])
     assert e.value.key == "image.grid" and "feeds 42 tokens" in str(e.value)
 
-    qwen = _model("qwen2")  # 64 positions; a 3x4 grid feeds prompt + 11 tokens
-    recipe, _ = _recipe_from_draft("qwen2", qwen)
+    qwen = family_model("qwen2")  # 64 positions; a 3x4 grid feeds prompt + 11 tokens
+    recipe, _ = recipe_from_draft("qwen2", qwen)
     fa.patch(qwen, recipe.replace(**{"condition.prefix_len": 53}))  # 53 + 11 = 64: fits (the prompt is the big part)
     fa.unpatch(qwen)
     with pytest.raises(fa.RecipeError) as e:
@@ -239,7 +239,7 @@ def test_positions_count_the_tokens_fed():
 
 
 def test_inspect_leaves_prefix_len_for_the_user():
-    ins = fa.inspect_model(_model("qwen2"))
+    ins = fa.inspect_model(family_model("qwen2"))
     assert ins.draft["condition"]["prefix_len"] == "TODO"
     assert any(t.startswith("condition.prefix_len") and "64 positions" in t for t in ins.todo)
 
@@ -289,8 +289,8 @@ def test_mask_goes_to_the_layers_only_when_the_decoder_rewrites_it():
     """ImageGPT flattens the 4D mask to 2D: the runner delivers it at the layer boundary
     instead. Qwen2 passes a 4D mask through: the decoder gets it directly (no hooks)."""
     for name, at_layers in (("imagegpt", True), ("qwen2", False)):
-        model = _model(name)
-        fa.patch(model, _recipe_from_draft(name, model)[0])
+        model = family_model(name)
+        fa.patch(model, recipe_from_draft(name, model)[0])
         assert fa.context(model).runner.mask_at_layers is at_layers
         fa.unpatch(model)
 
@@ -325,8 +325,8 @@ def test_builtin_causal_mask_refuses_gradient_checkpointing():
     """ImageGPT's attention applies its own causal buffer; FlashAR opens it during its forwards.
     A checkpointed layer would be recomputed in backward with the buffer closed (silently wrong
     gradients), so that combination is an error, not a wrong result."""
-    model = _model("imagegpt")
-    recipe, _ = _recipe_from_draft("imagegpt", model)
+    model = family_model("imagegpt")
+    recipe, _ = recipe_from_draft("imagegpt", model)
     fa.patch(model, recipe)
     codes = torch.randint(0, V, (1, 6, 6), generator=torch.Generator().manual_seed(0))
     fa.teacher_forward(model, _cond("imagegpt")[:1], codes).fused.sum().backward()  # fine without checkpointing

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from tests import tiny
-from flashar_adapt.data import ShardWriter
+from flashar_adapt.shards import ShardWriter
 
 LLAMAGEN_ARGS = dict(dim=32, n_layer=5, n_head=4, multiple_of=16, vocab_size=48, num_classes=10, block_size=16,
                      token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)

@@ -19,14 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from .data import DataError, ShardWriter, atomic_write_bytes
-from .imagedata import STATE, resume_state
+from .files import atomic_write_bytes
+from .patching import context
+from .shards import STATE, DataError, ShardWriter, resume_state
+from .validate import Num
 
 REPORT = "teacher_report.json"
 
@@ -76,8 +80,6 @@ def encode_prompts(prompts: list[str], text: Callable[[str], list[int]], prefix_
 def sample_batch(model, conds: list, b: int, *, seed: int, sampling: TeacherSampling,
                  text: Callable[[str], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes, cond, prompt lengths or None) of one batch, sampled by raster decoding."""
-    from .patching import context
-
     dev = next(model.parameters()).device
     if text is None:
         cond, mask, lens = torch.tensor(conds, dtype=torch.long), None, None
@@ -104,12 +106,6 @@ def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = T
     a data folder at ``out_dir``; continues an interrupted run there. ``extra`` names the model
     (it joins the fingerprint, so a run is never continued with another model). Returns the
     report (examples, seconds spent sampling in this and earlier runs)."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from .patching import context
-
     recipe = context(model).recipe
     kind = recipe.condition.kind
     if kind not in ("class", "tokens") or (kind == "tokens") != (text is not None):
@@ -120,7 +116,8 @@ def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = T
     if batch_size < 1 or shard_size < 1:
         raise DataError("batch_size and shard_size must be >= 1")
     if kind == "class":
-        bad = [c for c in conds if not (isinstance(c, int) and 0 <= c < recipe.condition.num_classes)]
+        class_id = Num(0, recipe.condition.num_classes, hi_open=True, integer=True)
+        bad = [c for c in conds if class_id.problem(c) is not None]
         if bad:
             raise DataError(f"class id {bad[0]!r} is outside the recipe's {recipe.condition.num_classes} classes")
     out = Path(out_dir)

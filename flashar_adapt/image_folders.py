@@ -1,5 +1,5 @@
 """``flashar-adapt tokenize``: an image folder (one sub-folder per class) or a JSONL file of
-``{"image": path, "prompt": text}`` (or ``"class": id``) -> training shards (flashar_adapt.data).
+``{"image": path, "prompt": text}`` (or ``"class": id``) -> training shards (flashar_adapt.shards).
 
 The run is resumable: inputs are taken in a fixed order, and after every shard a small state
 file records how many inputs the written shards cover. A killed run started again with the
@@ -18,17 +18,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from .data import DataError, ShardWriter, atomic_write_bytes
 from .errors import InputError
+from .files import atomic_write_bytes
 from .recipe import Recipe
+from .shards import STATE, DataError, ShardWriter, resume_state
 from .tokenizers import ImageTokenizer
+from .validate import Num
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # High-bit-depth / float modes: converting them to 8-bit colour clips silently, so they are refused.
 _REFUSED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
-STATE = ".tokenize_state.json"
 REPORT = "tokenize_report.json"
+
+
+_CLASS_ID = Num(0, integer=True)
 
 
 class BadImage(InputError):
@@ -77,7 +83,7 @@ def read_jsonl(path: Path, cond_kind: str) -> list[Item]:
         cond = rec[key]
         if key == "prompt" and not (isinstance(cond, str) and cond.strip()):
             raise DataError(f"{path}:{n}: 'prompt' must be a non-empty string")
-        if key == "class" and not (isinstance(cond, int) and not isinstance(cond, bool) and cond >= 0):
+        if key == "class" and _CLASS_ID.problem(cond) is not None:
             raise DataError(f"{path}:{n}: 'class' must be a non-negative integer")
         img = Path(rec["image"])
         items.append(Item(img if img.is_absolute() else path.parent / img, cond))
@@ -91,8 +97,6 @@ def read_jsonl(path: Path, cond_kind: str) -> list[Item]:
 def load_image(path: Path, tok: ImageTokenizer, allow_upscale: bool = False) -> torch.Tensor:
     """One image as float [C, H, W] in [0, 1] at the tokenizer's input size: scaled so it
     covers that size, then centre-cropped. Raises BadImage with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -119,8 +123,6 @@ def load_image(path: Path, tok: ImageTokenizer, allow_upscale: bool = False) -> 
 
 def to_pil(image: torch.Tensor):
     """float [C, H, W] in [0, 1] -> a PIL image (L or RGB)."""
-    from PIL import Image
-
     x = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
     if x.shape[0] == 1:
         return Image.fromarray(x[0].numpy(), "L")
@@ -135,21 +137,6 @@ def _fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str)
     for it in items:
         h.update(f"{it.image}\0{it.cond}\n".encode())
     return h.hexdigest()
-
-
-def resume_state(out: Path) -> dict | None:
-    """The saved state of an interrupted run in ``out``, None for a fresh folder; refuses a
-    finished data folder or a folder that holds something else."""
-    if (out / "manifest.json").exists():
-        raise DataError(f"{out}: already holds a finished data folder (manifest.json); choose another --out")
-    if (out / STATE).is_file():
-        try:
-            return json.loads((out / STATE).read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{out / STATE}: unreadable state of the interrupted run ({e})") from None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: exists and is not an interrupted tokenize run; choose another --out")
-    return None
 
 
 def tokenize_dataset(items: list[Item], out_dir, tok: ImageTokenizer, recipe: Recipe, *,
@@ -199,8 +186,6 @@ class _Run:
         self.bad: list[tuple[int, str, str]] = [(-1, b[0], b[1]) for b in state["bad"]]
 
     def go(self, batch_size: int, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         start = self.state["done"]
         bar = tqdm(total=len(self.items), initial=start, desc="tokenize", unit="img", disable=not progress)
         imgs, conds, idx = [], [], []

@@ -25,10 +25,10 @@ from .errors import FlashARError
 from .files import atomic_save_safetensors, atomic_write_bytes, inside
 from .validate import Is, Num, OneOf, Seq, first_problem, short
 
-__all__ = ["FORMAT", "Batch", "DataError", "ShardDataset", "ShardWriter", "atomic_save_safetensors",
-           "atomic_write_bytes"]
-
 FORMAT = "flashar-shards/1"
+# The state of a run that is still writing a data folder (tokenize, data-free sampling): what
+# the shards written so far hold, so the same command started again continues after them.
+STATE = ".tokenize_state.json"
 
 
 class DataError(FlashARError, ValueError):
@@ -284,3 +284,18 @@ class ShardDataset:
                 yield step, order[pos * batch_size:(pos + 1) * batch_size]
                 pos += 1
                 step += 1
+
+
+def resume_state(out: Path) -> dict | None:
+    """The saved state of an interrupted run in ``out``, None for a fresh folder; refuses a
+    finished data folder or a folder that holds something else."""
+    if (out / "manifest.json").exists():
+        raise DataError(f"{out}: already holds a finished data folder (manifest.json); choose another --out")
+    if (out / STATE).is_file():
+        try:
+            return json.loads((out / STATE).read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{out / STATE}: unreadable state of the interrupted run ({e})") from None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not an interrupted tokenize run; choose another --out")
+    return None

@@ -1,0 +1,54 @@
+"""``flashar-adapt inspect`` (a model's structure and a draft recipe) and ``check`` (the
+recipe doctor on the real model)."""
+from __future__ import annotations
+
+from ..doctor import FAIL, check
+from ..files import atomic_write_bytes
+from ..inspection import inspect_model
+from ..model_sources import load_model_file
+from ..recipe import load_recipe
+from .types import key_values, non_negative_float
+
+
+def _inspect(args) -> int:
+    model, backend = load_model_file(args.model, key_values(args.set))
+    ins = inspect_model(model, backend=backend)
+    print(ins)
+    print()
+    text = ins.draft_yaml()
+    if args.out:
+        atomic_write_bytes(args.out, text.encode())
+        print(f"draft recipe written to {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _check(args) -> int:
+    recipe = None if args.recipe in (None, "auto") else load_recipe(args.recipe, args.recipe_dir)
+    model, _ = load_model_file(args.model, key_values(args.set))
+    grid = tuple(args.grid) if args.grid else None
+    rep = check(model, recipe, grid=grid, atol=args.atol)
+    print(rep)
+    if rep.ok:
+        return 0
+    # the recipe does not fit the model (a RecipeError at the patch stage): a recipe error, 2
+    return 2 if any(i.name == "patch" and i.status == FAIL for i in rep.items) else 1
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("inspect", help="show a model's decoder layers, heads, norms, embeddings and draft a recipe")
+    s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
+    s.add_argument("--out", help="write the draft recipe YAML here")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
+    s.set_defaults(fn=_inspect)
+    s = sub.add_parser("check", help="verify a recipe on the real model (raster equality, two-way = teacher forcing, "
+                                     "H+W-1 steps)")
+    s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
+    s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
+    s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
+    s.add_argument("--atol", type=non_negative_float, default=1e-4)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
+    s.set_defaults(fn=_check)

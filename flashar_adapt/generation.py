@@ -1,0 +1,204 @@
+"""Images from a model, batch by batch, into a new folder: codes, PNG files and a labelled grid
+(``flashar-adapt generate``; ``fa.decode_images`` is the Python form of the last step).
+
+The folder is built beside its destination and renamed into place, so a failure leaves no
+half-written results; an output folder that exists is refused before any work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .files import apply_umask, atomic_save_safetensors
+from .image_folders import to_pil
+from .patching import context
+from .recipe import Recipe
+from .tokenizers import ImageTokenizer, TokenizerError
+
+
+class GenerateError(InputError):
+    """Bad input to ``generate`` (conditions, prompts file, output folder)."""
+
+
+def read_prompts(path) -> list[str]:
+    """One prompt per line; an empty line is an error naming it (it would be a silent empty prompt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"{path}: prompts file not found")
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # a trailing newline or blank tail is not a prompt
+    empty = [n for n, ln in enumerate(lines, 1) if not ln.strip()]
+    if empty:
+        raise GenerateError(f"{path}: line {empty[0]} is empty ({len(empty)} empty line(s)); remove them")
+    if not lines:
+        raise GenerateError(f"{path}: no prompts in it")
+    return [ln.strip() for ln in lines]
+
+
+def conditions(recipe: Recipe, *, classes: list[int] | None = None, prompts: list[str] | None = None,
+               prompts_file: str | None = None, per_cond: int = 1) -> list:
+    """What to generate, one entry per image (each condition repeated ``per_cond`` times):
+    the ``classes`` (default: every class) of a class recipe, the ``prompts`` and the lines
+    of ``prompts_file`` of a prompt recipe."""
+    if recipe.condition.kind == "class":
+        if prompts or prompts_file:
+            raise GenerateError(f"recipe {recipe.name!r} is class-conditional: give --classes, not prompts")
+        n = recipe.condition.num_classes
+        classes = classes if classes else list(range(n))
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad:
+            raise GenerateError(f"--classes: {bad[0]} is outside 0..{n - 1}")
+        conds = classes
+    elif recipe.condition.kind == "tokens":
+        if classes:
+            raise GenerateError(f"recipe {recipe.name!r} is conditioned on prompts: give --prompts or --prompts-file")
+        conds = list(prompts or []) + (read_prompts(prompts_file) if prompts_file else [])
+        if not conds:
+            raise GenerateError("give --prompts TEXT ... or --prompts-file FILE")
+        if any(not p.strip() for p in conds):
+            raise GenerateError("--prompts: empty prompt")
+    else:
+        raise GenerateError(f"condition.kind {recipe.condition.kind!r}: generate takes classes or prompts only")
+    return [c for c in conds for _ in range(per_cond)]
+
+
+def _prompt_batch(prompts: list[str], text, prefix_len: int):
+    ids = [list(text(p)) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if not i or len(i) > prefix_len:
+            raise GenerateError(f"prompt {p[:40]!r} is {len(i)} tokens; condition.prefix_len allows 1..{prefix_len}")
+    T = max(len(i) for i in ids)
+    cond = torch.zeros(len(ids), T, dtype=torch.long)
+    mask = torch.zeros(len(ids), T, dtype=torch.bool)
+    for k, i in enumerate(ids):  # left-padded
+        cond[k, T - len(i):] = torch.tensor(i)
+        mask[k, T - len(i):] = True
+    return cond, mask
+
+
+def steps_per_image(mode: str, grid) -> int:
+    """Serial decoding steps after the prefix: H+W-1 anti-diagonals, or H*W tokens."""
+    return grid[0] + grid[1] - 1 if mode == "two_way" else grid[0] * grid[1]
+
+
+def generate_codes(model, conds: list, *, text=None, mode="two_way", cfg_scale=1.0, cfg_schedule="constant",
+                   temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=16, progress=True, log=print,
+                   compile=False) -> tuple[torch.Tensor, list[dict]]:
+    """Codes for every condition, batch by batch, with the steps and wall time of each batch
+    (with ``compile``, the first batch of each size includes the compile time)."""
+    ctx = context(model)
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    grid = ctx.recipe.image.grid
+    out, timings = [], []
+    starts = range(0, len(conds), batch_size)
+    for b, i in enumerate(tqdm(starts, desc=f"generate ({mode})", disable=not progress)):
+        part = conds[i:i + batch_size]
+        if text is None:
+            cond, mask = torch.tensor(part, dtype=torch.long, device=dev), None
+        else:
+            cond, mask = (t.to(dev) for t in _prompt_batch(part, text, ctx.recipe.condition.prefix_len))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        codes = model.generate(cond, mode=mode, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature,
+                               top_k=top_k, top_p=top_p, generator=g, cond_mask=mask, compile=compile)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t0
+        steps = steps_per_image(mode, grid)
+        timings.append({"batch": b, "images": len(part), "steps": steps, "seconds": round(dt, 4)})
+        log(f"batch {b + 1}/{len(starts)}: {len(part)} images, {steps} steps, {dt:.2f} s")
+        out.append(codes.cpu())
+    return torch.cat(out), timings
+
+
+def labelled_grid(images: torch.Tensor, labels: list[str], per_row: int, min_cell: int = 64):
+    """One PIL image: a row per condition, its label on the left."""
+    N, C, H, W = images.shape
+    zoom = max(1, -(-min_cell // max(H, W)))
+    h, w = H * zoom, W * zoom
+    rows = -(-N // per_row)
+    label_w = 8 + 7 * min(28, max((len(s) for s in labels), default=0))
+    canvas = Image.new("RGB", (label_w + per_row * (w + 2), rows * (h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k in range(N):
+        r, c = divmod(k, per_row)
+        tile = to_pil(images[k]).convert("RGB").resize((w, h), Image.Resampling.NEAREST)
+        canvas.paste(tile, (label_w + c * (w + 2), r * (h + 2)))
+        if c == 0:
+            draw.text((4, r * (h + 2) + h // 2 - 6), labels[k][:28], fill="black")
+    return canvas
+
+
+def _write_outputs(tmp: Path, codes, labels: list[str], meta: dict, tok: ImageTokenizer | None, recipe: Recipe,
+                   per_row: int) -> str:
+    atomic_save_safetensors({"codes": codes.to(torch.int32)}, tmp / "codes.safetensors")
+    if tok is None:
+        (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
+        return f"codes only (recipe {recipe.name!r} has no tokenizer section): codes.safetensors"
+    try:
+        images = tok.decode(codes)
+    except TokenizerError as e:
+        meta["decode_error"] = str(e)
+        (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
+        return f"codes only ({e})"
+    (tmp / "images").mkdir()
+    for k in range(images.shape[0]):
+        safe = "".join(ch if ch.isalnum() else "_" for ch in labels[k][:32])
+        to_pil(images[k]).save(tmp / "images" / f"{k:05d}_{safe}.png")
+    labelled_grid(images, labels, per_row).save(tmp / "grid.png")  # one labelled row per condition
+    (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
+    return f"{images.shape[0]} PNG files in images/, grid.png, codes.safetensors"
+
+
+def refuse_existing(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; an existing one is refused (nothing is ever written over)."""
+    out = Path(out)
+    if out.exists():
+        raise GenerateError(f"{out}: exists; choose a new --out (nothing was written)")
+    return out
+
+
+def generate_to_folder(model, conds: list, out: str | os.PathLike, *, tok: ImageTokenizer | None = None,
+                       text: Callable[[str], list[int]] | None = None, mode: str = "two_way", cfg_scale: float = 1.0,
+                       cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int = 0, batch_size: int = 16, per_cond: int = 1, progress: bool = True,
+                       compile: bool = False) -> str:
+    """Generate one image per entry of ``conds`` into the new folder ``out``: codes.safetensors,
+    generate.json (settings and per-batch timings) and, when ``tok`` decodes them, PNG files and
+    grid.png (``per_cond`` images a row). Returns what was written, in words."""
+    out = refuse_existing(out)
+    recipe = context(model).recipe
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    keep = False  # the results stay in tmp only when something took their place meanwhile
+    try:
+        codes, timings = generate_codes(model, conds, text=text, mode=mode, cfg_scale=cfg_scale,
+                                        cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        seed=seed, batch_size=batch_size, progress=progress, compile=compile)
+        labels = [str(c) for c in conds]
+        meta = {"recipe": recipe.name, "mode": mode, "cfg": cfg_scale, "seed": seed, "grid": list(codes.shape[1:]),
+                "compile": compile, "conditions": labels, "batches": timings}
+        what = _write_outputs(tmp, codes, labels, meta, tok, recipe, per_cond)
+        if out.exists():
+            keep = True
+            raise GenerateError(f"{out}: appeared while generating; results left in {tmp}")
+        apply_umask(tmp)  # mkdtemp made it 0700; the results are read like any file
+        os.replace(tmp, out)
+    except BaseException:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return what

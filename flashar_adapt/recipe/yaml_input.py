@@ -1,0 +1,50 @@
+"""YAML from files the toolkit did not write (recipes, training configs): plain data only,
+bounded in size, no aliases that expand."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from .sections import RecipeError
+
+MAX_YAML_BYTES = 1 << 20
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (same constructors: plain data only) that refuses an alias
+    to a mapping or a list, since a few such aliases expand a 1 KB file into gigabytes
+    ("billion laughs"), and reads ``5e-5`` as a number, as YAML 1.2 does (YAML 1.1 needs a dot)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            node = self.anchors.get(ev.anchor)
+            if node is not None and not isinstance(node, yaml.ScalarNode):
+                raise yaml.composer.ComposerError(None, None, f"alias *{ev.anchor} repeats a mapping or list; "
+                                                  "aliases that expand are refused (write the value out)", ev.start_mark)
+        return super().compose_node(parent, index)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
+    """Parse YAML text from a file we did not write: UTF-8, at most MAX_YAML_BYTES, plain data
+    only (as ``yaml.safe_load``), no aliases that expand. Errors are a RecipeError (key ``<yaml>``)."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_YAML_BYTES:
+            raise RecipeError("<yaml>", f"file is {len(data)} bytes; more than {MAX_YAML_BYTES} is refused", source)
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError("<yaml>", f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", source) from None
+    loader = _Loader(data)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise RecipeError("<yaml>", "not valid YAML: " + " ".join(str(e).split()), source) from None
+    finally:
+        loader.dispose()
