@@ -1,7 +1,7 @@
 """Eager against compiled decoding (``generate(compile=True)``), raster and two-way, in one run.
 
-    python benchmarks/compile_speed.py                 # CPU: the Fashion-MNIST default model and small 16x16, batches 1 and 64
-    python benchmarks/compile_speed.py --quick         # CPU: the Fashion-MNIST default model, batch 1
+    python benchmarks/compile_speed.py          # CPU: the Fashion-MNIST default model and small 16x16, batches 1, 64
+    python benchmarks/compile_speed.py --quick  # CPU: the Fashion-MNIST default model, batch 1
     python benchmarks/compile_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, CUDA graphs
 
 Per model, grid and batch: the first compiled call of each mode is timed alone (its excess
@@ -11,6 +11,7 @@ checks that greedy compiled codes equal the eager ones, and reports the CPU boun
 doc uses (forward growth: a bare backbone forward on an average anti-diagonal over one on a
 single token). Writes benchmarks/results/compile_speed[_<tag>].{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,16 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
         return lambda: model.generate(cond, mode=mode, compile=compiled, **{**kw, **extra})
 
     H = W = grid
-    row = {"model": name, "layers": spec[0], "dim": spec[1], "vocab": spec[3], "grid": f"{H}x{W}", "batch": batch,
-           "cfg": a.cfg, "ideal_step_ratio": H * W / (H + W - 1)}
+    row = {
+        "model": name,
+        "layers": spec[0],
+        "dim": spec[1],
+        "vocab": spec[3],
+        "grid": f"{H}x{W}",
+        "batch": batch,
+        "cfg": a.cfg,
+        "ideal_step_ratio": H * W / (H + W - 1),
+    }
     eager_once = {m: ds.timed(gen(m, False), device) for m in MODES}  # warm-up, and the reference below
     first = {m: ds.timed(gen(m, True), device) for m in MODES}  # compiles this batch's graphs
     fns = {f"{m}_{c}": gen(m, c == "compiled") for c in ("eager", "compiled") for m in MODES}
@@ -67,39 +76,53 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
     row["greedy_codes_equal"] = all(torch.equal(x, y) for x, y in zip(greedy[False], greedy[True]))
     if batch == 1:
         row["forward_growth_b1"] = ds.forward_growth(model, a.cfg, device)
-    log(f"{name} {H}x{W} b{batch}: two-way eager {t['two_way_eager'] * 1e3:.0f} ms -> compiled "
+    log(
+        f"{name} {H}x{W} b{batch}: two-way eager {t['two_way_eager'] * 1e3:.0f} ms -> compiled "
         f"{t['two_way_compiled'] * 1e3:.0f} ms ({row['compiled_over_eager']['two_way']:.2f}x), raster "
         f"{t['raster_eager'] * 1e3:.0f} -> {t['raster_compiled'] * 1e3:.0f} ms; two-way/raster speedup eager "
-        f"{row['speedup_eager']:.2f}x, compiled {row['speedup_compiled']:.2f}x of ideal {row['ideal_step_ratio']:.2f}x; "
-        f"compile {row['compile_s']['two_way']:.0f} s + {row['compile_s']['raster']:.0f} s")
+        f"{row['speedup_eager']:.2f}x, compiled {row['speedup_compiled']:.2f}x "
+        f"of ideal {row['ideal_step_ratio']:.2f}x; "
+        f"compile {row['compile_s']['two_way']:.0f} s + {row['compile_s']['raster']:.0f} s"
+    )
     return row
 
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    out = [f"# Compiled decoding: eager vs `generate(compile=True)` ({res['device']}, {a['dtype']}, "
-           f"threads {res['threads']})", "",
-           f"The shipped Fashion-MNIST FlashAR model (fmnist-default, both modes on its backbone) and random-weight "
-           f"LlamaGen-architecture models, CFG {a['cfg']}, top-k off, temperature 1. Times are medians "
-           f"of {a['repeats']} (batch 1) / {a['batch_repeats']} (larger batches) interleaved runs of the four decoders; "
-           f"compile = first compiled call minus the steady compiled time (inductor, graphs for this batch size). "
-           f"Speedup = raster time / two-way time in the same mode; of ideal = speedup / (H*W/(H+W-1)); bound = "
-           f"1 / forward growth (see docs/speed.md): the fraction of the ideal reachable if both steps were a bare "
-           f"backbone forward.", "",
-           "| model | grid | batch | two-way eager / compiled | raster eager / compiled | compiled / eager (two-way, "
-           "raster) | speedup eager | speedup compiled | of ideal (compiled) | bound | compile two-way + raster | "
-           "greedy equal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"# Compiled decoding: eager vs `generate(compile=True)` ({res['device']}, {a['dtype']}, "
+        f"threads {res['threads']})",
+        "",
+        f"The shipped Fashion-MNIST FlashAR model (fmnist-default, both modes on its backbone) and random-weight "
+        f"LlamaGen-architecture models, CFG {a['cfg']}, top-k off, temperature 1. Times are medians "
+        f"of {a['repeats']} (batch 1) / {a['batch_repeats']} (larger batches) interleaved runs of the four decoders; "
+        f"compile = first compiled call minus the steady compiled time (inductor, graphs for this batch size). "
+        f"Speedup = raster time / two-way time in the same mode; of ideal = speedup / (H*W/(H+W-1)); bound = "
+        f"1 / forward growth (see docs/speed.md): the fraction of the ideal reachable if both steps were a bare "
+        f"backbone forward.",
+        "",
+        "| model | grid | batch | two-way eager / compiled | raster eager / compiled | compiled / eager (two-way, "
+        "raster) | speedup eager | speedup compiled | of ideal (compiled) | bound | compile two-way + raster | "
+        "greedy equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         t, c = r["seconds"], r["compiled_over_eager"]
         bound = f"{1 / r['forward_growth_b1']:.2f}" if "forward_growth_b1" in r else "-"
-        out.append(f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | {r['batch']} | "
-                   f"{t['two_way_eager'] * 1e3:.0f} / {t['two_way_compiled'] * 1e3:.0f} ms | "
-                   f"{t['raster_eager'] * 1e3:.0f} / {t['raster_compiled'] * 1e3:.0f} ms | "
-                   f"{c['two_way']:.2f}x, {c['raster']:.2f}x | {r['speedup_eager']:.2f}x | {r['speedup_compiled']:.2f}x | "
-                   f"{r['speedup_compiled'] / r['ideal_step_ratio']:.2f} | {bound} | "
-                   f"{r['compile_s']['two_way']:.0f} + {r['compile_s']['raster']:.0f} s | {r['greedy_codes_equal']} |")
-    out += ["", f"Generated by `python benchmarks/compile_speed.py {' '.join(res['argv'])}` on {res['platform']}, "
-            f"torch {res['torch']}.", ""]
+        out.append(
+            f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | {r['batch']} | "
+            f"{t['two_way_eager'] * 1e3:.0f} / {t['two_way_compiled'] * 1e3:.0f} ms | "
+            f"{t['raster_eager'] * 1e3:.0f} / {t['raster_compiled'] * 1e3:.0f} ms | "
+            f"{c['two_way']:.2f}x, {c['raster']:.2f}x | {r['speedup_eager']:.2f}x | {r['speedup_compiled']:.2f}x | "
+            f"{r['speedup_compiled'] / r['ideal_step_ratio']:.2f} | {bound} | "
+            f"{r['compile_s']['two_way']:.0f} + {r['compile_s']['raster']:.0f} s | {r['greedy_codes_equal']} |"
+        )
+    out += [
+        "",
+        f"Generated by `python benchmarks/compile_speed.py {' '.join(res['argv'])}` on {res['platform']}, "
+        f"torch {res['torch']}.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -112,8 +135,12 @@ def plot(res: dict, path: Path) -> None:
     rows = res["rows"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     x = range(len(rows))
-    cols = [("two_way_eager", "two-way eager"), ("two_way_compiled", "two-way compiled"),
-            ("raster_eager", "raster eager"), ("raster_compiled", "raster compiled")]
+    cols = [
+        ("two_way_eager", "two-way eager"),
+        ("two_way_compiled", "two-way compiled"),
+        ("raster_eager", "raster eager"),
+        ("raster_compiled", "raster compiled"),
+    ]
     w = 0.8 / len(cols)
     for k, (key, label) in enumerate(cols):
         ax.bar([i - 0.4 + (k + 0.5) * w for i in x], [r["batch"] / r["seconds"][key] for r in rows], w, label=label)
@@ -155,9 +182,18 @@ def main(argv=None):
         bar.set_postfix_str(f"{name} {g}x{g} b{b}")
         rows.append(bench(name, spec, g, b, a, device, dtype, bar.write))
     tag = a.tag or (device.type if not a.quick else f"{device.type}_quick")
-    res = {**ds.machine(device, argv), "date": time.strftime("%Y-%m-%d"),
-           "args": {"dtype": a.dtype, "cfg": a.cfg, "repeats": a.repeats, "batch_repeats": a.batch_repeats,
-                    "batches": batches}, "rows": rows}
+    res = {
+        **ds.machine(device, argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "args": {
+            "dtype": a.dtype,
+            "cfg": a.cfg,
+            "repeats": a.repeats,
+            "batch_repeats": a.batch_repeats,
+            "batches": batches,
+        },
+        "rows": rows,
+    }
     ds.write_results(res, Path(a.out) / f"compile_speed_{tag}", markdown, plot)
 
 

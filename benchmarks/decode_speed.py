@@ -2,7 +2,7 @@
 
     python benchmarks/decode_speed.py                  # CPU, small random LlamaGen models (minutes)
     python benchmarks/decode_speed.py --quick          # CPU, fewer grids, batches and repeats
-    python benchmarks/decode_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, 16x16 and 32x32, compiled
+    python benchmarks/decode_speed.py --device cuda --dtype bf16 --preset gpu  # LlamaGen-B, 16x16 + 32x32, compiled
     python benchmarks/decode_speed.py --hf             # also the transformers backend: static vs DynamicCache
 
 Random-weight models of the LlamaGen architecture (integrations/llamagen.py), patched with
@@ -17,6 +17,7 @@ torch.cuda.max_memory_allocated on GPU), the vertical branch's added parameters 
 and the measured time of the two-way steps with and without the branch. Writes
 benchmarks/results/decode_speed[_<tag>].{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,23 @@ HF_MODEL = ("hf-llama-small", (8, 256, 8, 4096, -4, (16, 32)))
 
 def build(n_layer, dim, n_head, vocab, branch_layer, grid, device, dtype, seed=0):
     torch.manual_seed(seed)
-    args = ModelArgs(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, num_classes=1000,
-                     block_size=grid * grid, cls_token_num=1, token_dropout_p=0.0, resid_dropout_p=0.0,
-                     ffn_dropout_p=0.0)
+    args = ModelArgs(
+        dim=dim,
+        n_layer=n_layer,
+        n_head=n_head,
+        vocab_size=vocab,
+        num_classes=1000,
+        block_size=grid * grid,
+        cls_token_num=1,
+        token_dropout_p=0.0,
+        resid_dropout_p=0.0,
+        ffn_dropout_p=0.0,
+    )
     model = Transformer(args).eval()
     torch.nn.init.normal_(model.output.weight, std=0.02)  # the zero init would make every logit equal
-    recipe = fa.load_recipe("llamagen-c2i-b").replace(**{
-        "image.codebook_size": vocab, "image.grid": [grid, grid], "flashar.branch_layer": branch_layer})
+    recipe = fa.load_recipe("llamagen-c2i-b").replace(
+        **{"image.codebook_size": vocab, "image.grid": [grid, grid], "flashar.branch_layer": branch_layer}
+    )
     fa.patch(model, recipe)
     return model.to(device=device, dtype=dtype)
 
@@ -123,8 +134,13 @@ def branch_cost(model, grid: int) -> dict:
     per_layer = n(ctx.layers[0])
     backbone = per_layer * len(ctx.layers) + n(ctx.head)
     added = n(model.flashar.branch_layers) + n(model.flashar.vertical_head) + n(model.flashar.gate)
-    return {"backbone_params": backbone, "added_params": added, "added_flops_fraction": added / backbone,
-            "branch_layers": len(model.flashar.branch_layers), "backbone_layers": len(ctx.layers)}
+    return {
+        "backbone_params": backbone,
+        "added_params": added,
+        "added_flops_fraction": added / backbone,
+        "branch_layers": len(model.flashar.branch_layers),
+        "backbone_layers": len(ctx.layers),
+    }
 
 
 @torch.inference_mode()
@@ -169,9 +185,13 @@ def forward_growth(model, cfg_scale: float, device, reps: int = 100) -> float:
     out = []
     for T in (1, round(H * W / (H + W - 1))):
         e = torch.randn(Bt, T, d, device=device, dtype=dec.dtype)
+
+        def feed(e=e, T=T):
+            return dec.feed(e, start, start + T)
+
         for _ in range(10):
-            dec.feed(e, start, start + T)
-        out.append(statistics.median(timed(lambda: dec.feed(e, start, start + T), device) for _ in range(reps)))
+            feed()
+        out.append(statistics.median(timed(feed, device) for _ in range(reps)))
     return out[1] / out[0]
 
 
@@ -196,8 +216,17 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
         cond = torch.arange(b, device=device) % 1000
         return lambda: model.generate(cond, mode=mode, **kw)
 
-    row = {"model": name, "layers": n_layer, "dim": dim, "heads": n_head, "vocab": vocab, "grid": f"{H}x{W}",
-           "branch_layer": branch_layer, "cfg": a.cfg, "ideal_step_ratio": steps_raster / steps_two}
+    row = {
+        "model": name,
+        "layers": n_layer,
+        "dim": dim,
+        "heads": n_head,
+        "vocab": vocab,
+        "grid": f"{H}x{W}",
+        "branch_layer": branch_layer,
+        "cfg": a.cfg,
+        "ideal_step_ratio": steps_raster / steps_two,
+    }
     Bt = 2 if a.cfg != 1.0 else 1
     row["matmul_growth_b1"] = matmul_growth(dim, Bt, round(Bt * H * W / steps_two), device, dtype)
     row["forward_growth_b1"] = forward_growth(model, a.cfg, device)
@@ -214,8 +243,10 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
     row["fraction_of_ideal_b1"] = row["speedup_b1"] / row["ideal_step_ratio"]
     # cost of one two-way step (a whole anti-diagonal) relative to one raster step (one token)
     row["step_cost_ratio_b1"] = (lat["two_way"] / steps_two) / (lat["raster"] / steps_raster)
-    log(f"{name} {H}x{W} b1: raster {lat['raster']*1e3:.0f} ms, two-way {lat['two_way']*1e3:.0f} ms, "
-        f"speedup {row['speedup_b1']:.2f}x of ideal {row['ideal_step_ratio']:.2f}x")
+    log(
+        f"{name} {H}x{W} b1: raster {lat['raster'] * 1e3:.0f} ms, two-way {lat['two_way'] * 1e3:.0f} ms, "
+        f"speedup {row['speedup_b1']:.2f}x of ideal {row['ideal_step_ratio']:.2f}x"
+    )
     row["throughput"] = {}
     for b in a.batches:
         if b > 1 and a.skip_batch_grids == "smallest-only" and grid != min(spec[5]) and not a.grids:
@@ -224,10 +255,17 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
             t = lat  # the latency runs above are batch-1 throughput runs
         else:
             reps = a.batch_repeats
-            t = run_pair({"raster": gen("raster", b), "two_way": gen("two_way", b)}, reps, device,
-                         warmup=device.type == "cuda" or a.compile)  # a compiled run compiles each new batch size
-        row["throughput"][b] = {"raster_img_s": b / t["raster"], "two_way_img_s": b / t["two_way"],
-                                "speedup": t["raster"] / t["two_way"]}
+            t = run_pair(
+                {"raster": gen("raster", b), "two_way": gen("two_way", b)},
+                reps,
+                device,
+                warmup=device.type == "cuda" or a.compile,
+            )  # a compiled run compiles each new batch size
+        row["throughput"][b] = {
+            "raster_img_s": b / t["raster"],
+            "two_way_img_s": b / t["two_way"],
+            "speedup": t["raster"] / t["two_way"],
+        }
         log(f"{name} {H}x{W} b{b}: throughput speedup {t['raster'] / t['two_way']:.2f}x")
     if device.type == "cuda":  # the allocator's peak at the largest batch, fresh caches
         for m in ("raster", "two_way"):
@@ -241,15 +279,21 @@ def bench_grid(name, spec, grid, a, device, dtype, log) -> dict:
     # the vertical branch's cost: estimate and measured two-way steps with / without it
     row["branch"] = branch_cost(model, grid)
     cond = torch.zeros(1, dtype=torch.long, device=device)
-    t = run_pair({"with": lambda: two_way_steps(model, cond, True, a.cfg, a.compile),
-                  "without": lambda: two_way_steps(model, cond, False, a.cfg, a.compile)}, a.repeats, device)
+    t = run_pair(
+        {
+            "with": lambda: two_way_steps(model, cond, True, a.cfg, a.compile),
+            "without": lambda: two_way_steps(model, cond, False, a.cfg, a.compile),
+        },
+        a.repeats,
+        device,
+    )
     row["branch"]["two_way_b1_with_s"] = t["with"]
     row["branch"]["two_way_b1_without_s"] = t["without"]
     row["branch"]["measured_added_fraction"] = t["with"] / t["without"] - 1
     # how far the loop is from its own limit: the two-way loop without the branch costs the
     # backbone forwards of H+W-1 anti-diagonals; compare that to the raster step cost
     row["two_way_no_branch_step_cost_ratio_b1"] = (t["without"] / steps_two) / (lat["raster"] / steps_raster)
-    del model
+    model = None  # free the weights before the next grid
     return row
 
 
@@ -258,13 +302,27 @@ def build_hf(n_layer, dim, n_head, codebook, branch_layer, grid, device, dtype, 
 
     torch.manual_seed(seed)
     offset = 256  # text ids below the image codes
-    cfg = LlamaConfig(vocab_size=offset + codebook, hidden_size=dim, intermediate_size=find_multiple(int(2 * 4 * dim / 3), 32),
-                      num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
-                      max_position_embeddings=grid * grid + 64, tie_word_embeddings=False, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=offset + codebook,
+        hidden_size=dim,
+        intermediate_size=find_multiple(int(2 * 4 * dim / 3), 32),
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head,
+        max_position_embeddings=grid * grid + 64,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(cfg).eval()
-    recipe = fa.load_recipe("llama-image-ar").replace(**{
-        "image.codebook_size": codebook, "image.visual_token_offset": offset, "image.grid": [grid, grid],
-        "condition.prefix_len": 16, "flashar.branch_layer": branch_layer})
+    recipe = fa.load_recipe("llama-image-ar").replace(
+        **{
+            "image.codebook_size": codebook,
+            "image.visual_token_offset": offset,
+            "image.grid": [grid, grid],
+            "condition.prefix_len": 16,
+            "flashar.branch_layer": branch_layer,
+        }
+    )
     fa.patch(model, recipe)
     return model.to(device=device, dtype=dtype)
 
@@ -287,77 +345,115 @@ def bench_hf(grid, a, device, dtype, log) -> dict:
                 model.generate(cond, mode=mode, **kw)
             finally:
                 hf.full_attention_only = static
+
         return run
 
     fns = {f"{m}_{c}": gen(m, c == "static") for m in ("raster", "two_way") for c in ("static", "dynamic")}
     t = run_pair(fns, a.repeats, device)
     H = W = grid
-    row = {"model": name, "layers": spec[0], "dim": spec[1], "vocab": spec[3], "grid": f"{H}x{W}", "cfg": a.cfg,
-           "ideal_step_ratio": H * W / (H + W - 1), "latency_b1_s": t,
-           "speedup_static": t["raster_static"] / t["two_way_static"],
-           "speedup_dynamic": t["raster_dynamic"] / t["two_way_dynamic"]}
-    log(f"{name} {H}x{W} b1: static cache raster {t['raster_static']*1e3:.0f} ms / two-way "
-        f"{t['two_way_static']*1e3:.0f} ms; DynamicCache {t['raster_dynamic']*1e3:.0f} / {t['two_way_dynamic']*1e3:.0f} ms")
-    del model
+    row = {
+        "model": name,
+        "layers": spec[0],
+        "dim": spec[1],
+        "vocab": spec[3],
+        "grid": f"{H}x{W}",
+        "cfg": a.cfg,
+        "ideal_step_ratio": H * W / (H + W - 1),
+        "latency_b1_s": t,
+        "speedup_static": t["raster_static"] / t["two_way_static"],
+        "speedup_dynamic": t["raster_dynamic"] / t["two_way_dynamic"],
+    }
+    log(
+        f"{name} {H}x{W} b1: static cache raster {t['raster_static'] * 1e3:.0f} ms / two-way "
+        f"{t['two_way_static'] * 1e3:.0f} ms; DynamicCache {t['raster_dynamic'] * 1e3:.0f} / "
+        f"{t['two_way_dynamic'] * 1e3:.0f} ms"
+    )
+    model = None  # free the weights before the next grid
     return row
 
 
 def markdown(res: dict) -> str:
     a = res["args"]
-    out = [f"# Decoding speed: two-way vs raster ({res['device']}, {a['dtype']}, threads {res['threads']}, "
-           f"{'compiled: generate(compile=True)' if a.get('compile') else 'eager'})", "",
-           f"Random-weight LlamaGen-architecture models, CFG scale {a['cfg']} (one batched [cond; uncond] forward), "
-           f"top-k off, temperature 1. Times are medians of {a['repeats']} interleaved runs; only ratios are meaningful "
-           f"across machines. Step ratio = H*W/(H+W-1) (the ideal speedup); step cost = time of one two-way step "
-           f"(a whole anti-diagonal, vertical branch included) / time of one raster step. Matmul growth = time of a "
-           f"[d -> 3d] matmul on the rows of an average anti-diagonal / on one token's rows: near 1, a step costs the "
-           f"same whatever it feeds (latency bound, the ideal is reachable); near the row count, the machine is "
-           f"compute bound and both modes do the same total work, so the speedup can only come from per-step overhead. "
-           f"Forward growth = one bare backbone forward (no branch, head or sampling) on an average anti-diagonal's "
-           f"tokens / one on a single token, half-way through the image; 1 / forward growth (in brackets) is the fraction "
-           f"of the ideal a decoder would reach if both steps were that bare forward alone. "
-           f"Branch +FLOPs: parameters of the branch layers, vertical head and gate over the backbone's (per token); "
-           f"branch +time: two-way decoding with vs without the branch, measured.", "",
-           "| model | grid | forwards raster / two-way | ideal | speedup b1 | of ideal | step cost b1 | matmul growth | "
-           "forward growth (bound) | "
-           + " | ".join(f"thr. speedup b{b}" for b in a["batches"]) + " | branch +FLOPs est. | branch +time meas. | "
-           "KV cache b1 raster / two-way |",
-           "|---|---|---|---|---|---|---|---|---|" + "---|" * len(a["batches"]) + "---|---|---|"]
+    out = [
+        f"# Decoding speed: two-way vs raster ({res['device']}, {a['dtype']}, threads {res['threads']}, "
+        f"{'compiled: generate(compile=True)' if a.get('compile') else 'eager'})",
+        "",
+        f"Random-weight LlamaGen-architecture models, CFG scale {a['cfg']} (one batched [cond; uncond] forward), "
+        f"top-k off, temperature 1. Times are medians of {a['repeats']} interleaved runs; only ratios are meaningful "
+        f"across machines. Step ratio = H*W/(H+W-1) (the ideal speedup); step cost = time of one two-way step "
+        f"(a whole anti-diagonal, vertical branch included) / time of one raster step. Matmul growth = time of a "
+        f"[d -> 3d] matmul on the rows of an average anti-diagonal / on one token's rows: near 1, a step costs the "
+        f"same whatever it feeds (latency bound, the ideal is reachable); near the row count, the machine is "
+        f"compute bound and both modes do the same total work, so the speedup can only come from per-step overhead. "
+        f"Forward growth = one bare backbone forward (no branch, head or sampling) on an average anti-diagonal's "
+        f"tokens / one on a single token, half-way through the image; 1 / forward growth (in brackets) is the fraction "
+        f"of the ideal a decoder would reach if both steps were that bare forward alone. "
+        f"Branch +FLOPs: parameters of the branch layers, vertical head and gate over the backbone's (per token); "
+        f"branch +time: two-way decoding with vs without the branch, measured.",
+        "",
+        "| model | grid | forwards raster / two-way | ideal | speedup b1 | of ideal | step cost b1 | matmul growth | "
+        "forward growth (bound) | "
+        + " | ".join(f"thr. speedup b{b}" for b in a["batches"])
+        + " | branch +FLOPs est. | branch +time meas. | "
+        "KV cache b1 raster / two-way |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(a["batches"]) + "---|---|---|",
+    ]
     for r in res["rows"]:
         thr = [f"{r['throughput'][b]['speedup']:.2f}x" if b in r["throughput"] else "-" for b in a["batches"]]
         m = r["memory"]
-        out.append(f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | "
-                   f"{r['forwards']['raster']} / {r['forwards']['two_way']} | {r['ideal_step_ratio']:.2f}x | "
-                   f"{r['speedup_b1']:.2f}x | {r['fraction_of_ideal_b1']:.2f} | {r['step_cost_ratio_b1']:.2f} | "
-                   f"{r['matmul_growth_b1']:.2f} | {r['forward_growth_b1']:.2f} ({1 / r['forward_growth_b1']:.2f}) | "
-                   + " | ".join(thr) + f" | {100 * r['branch']['added_flops_fraction']:.0f}% | "
-                   f"{100 * r['branch']['measured_added_fraction']:.0f}% | "
-                   f"{m['raster']['kv_cache_bytes_b1'] / 2**20:.1f} / {m['two_way']['kv_cache_bytes_b1'] / 2**20:.1f} MiB |")
+        out.append(
+            f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | "
+            f"{r['forwards']['raster']} / {r['forwards']['two_way']} | {r['ideal_step_ratio']:.2f}x | "
+            f"{r['speedup_b1']:.2f}x | {r['fraction_of_ideal_b1']:.2f} | {r['step_cost_ratio_b1']:.2f} | "
+            f"{r['matmul_growth_b1']:.2f} | {r['forward_growth_b1']:.2f} ({1 / r['forward_growth_b1']:.2f}) | "
+            + " | ".join(thr)
+            + f" | {100 * r['branch']['added_flops_fraction']:.0f}% | "
+            f"{100 * r['branch']['measured_added_fraction']:.0f}% | "
+            f"{m['raster']['kv_cache_bytes_b1'] / 2**20:.1f} / {m['two_way']['kv_cache_bytes_b1'] / 2**20:.1f} MiB |"
+        )
     if any("peak_bytes_above_weights" in r["memory"]["raster"] for r in res["rows"]):
         out += ["", f"GPU peak memory above the weights at batch {max(a['batches'])}:", ""]
         for r in res["rows"]:
             m = r["memory"]
-            out.append(f"- {r['model']} {r['grid']}: raster {m['raster']['peak_bytes_above_weights'] / 2**20:.0f} MiB, "
-                       f"two-way {m['two_way']['peak_bytes_above_weights'] / 2**20:.0f} MiB")
+            out.append(
+                f"- {r['model']} {r['grid']}: raster {m['raster']['peak_bytes_above_weights'] / 2**20:.0f} MiB, "
+                f"two-way {m['two_way']['peak_bytes_above_weights'] / 2**20:.0f} MiB"
+            )
     if res.get("hf_rows"):
-        out += ["", "transformers backend (random LlamaForCausalLM, llama-image-ar recipe), batch-1 latency with the "
-                "static feed-order cache (default) and with transformers' DynamicCache, timed interleaved:", "",
-                "| model | grid | raster static / dynamic | two-way static / dynamic | speedup static | speedup dynamic "
-                "| of ideal (static) |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "transformers backend (random LlamaForCausalLM, llama-image-ar recipe), batch-1 latency with the "
+            "static feed-order cache (default) and with transformers' DynamicCache, timed interleaved:",
+            "",
+            "| model | grid | raster static / dynamic | two-way static / dynamic | speedup static | speedup dynamic "
+            "| of ideal (static) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in res["hf_rows"]:
             t = r["latency_b1_s"]
-            out.append(f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | "
-                       f"{t['raster_static'] * 1e3:.0f} / {t['raster_dynamic'] * 1e3:.0f} ms | "
-                       f"{t['two_way_static'] * 1e3:.0f} / {t['two_way_dynamic'] * 1e3:.0f} ms | "
-                       f"{r['speedup_static']:.2f}x | {r['speedup_dynamic']:.2f}x | "
-                       f"{r['speedup_static'] / r['ideal_step_ratio']:.2f} |")
-    out += ["", "Throughput (images/s, this machine):", "",
-            "| model | grid | batch | raster | two-way |", "|---|---|---|---|---|"]
+            out.append(
+                f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | "
+                f"{t['raster_static'] * 1e3:.0f} / {t['raster_dynamic'] * 1e3:.0f} ms | "
+                f"{t['two_way_static'] * 1e3:.0f} / {t['two_way_dynamic'] * 1e3:.0f} ms | "
+                f"{r['speedup_static']:.2f}x | {r['speedup_dynamic']:.2f}x | "
+                f"{r['speedup_static'] / r['ideal_step_ratio']:.2f} |"
+            )
+    out += [
+        "",
+        "Throughput (images/s, this machine):",
+        "",
+        "| model | grid | batch | raster | two-way |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         for b, t in r["throughput"].items():
             out.append(f"| {r['model']} | {r['grid']} | {b} | {t['raster_img_s']:.2f} | {t['two_way_img_s']:.2f} |")
-    out += ["", f"Generated by `python benchmarks/decode_speed.py {' '.join(res['argv'])}` on {res['platform']}, "
-            f"torch {res['torch']}.", ""]
+    out += [
+        "",
+        f"Generated by `python benchmarks/decode_speed.py {' '.join(res['argv'])}` on {res['platform']}, "
+        f"torch {res['torch']}.",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -372,11 +468,17 @@ def plot(res: dict, path: Path) -> None:
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     w = 0.8 / (2 + len(res["args"]["batches"]))
-    ax.bar([i - 0.4 + w / 2 for i in x], [r["ideal_step_ratio"] for r in rows], w, label="ideal (step ratio)", color="#bbb")
+    ax.bar(
+        [i - 0.4 + w / 2 for i in x], [r["ideal_step_ratio"] for r in rows], w, label="ideal (step ratio)", color="#bbb"
+    )
     ax.bar([i - 0.4 + 1.5 * w for i in x], [r["speedup_b1"] for r in rows], w, label="latency b1")
     for k, b in enumerate(res["args"]["batches"]):
-        ax.bar([i - 0.4 + (2.5 + k) * w for i in x], [r["throughput"].get(b, {}).get("speedup", 0) for r in rows], w,
-               label=f"throughput b{b}")
+        ax.bar(
+            [i - 0.4 + (2.5 + k) * w for i in x],
+            [r["throughput"].get(b, {}).get("speedup", 0) for r in rows],
+            w,
+            label=f"throughput b{b}",
+        )
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("speedup over raster (x)")
     ax.set_title(f"FlashAR two-way vs raster decoding ({res['device']}, {res['args']['dtype']})")
@@ -402,9 +504,13 @@ def common_args(p: argparse.ArgumentParser) -> None:
 
 def machine(device, argv) -> dict:
     """Where and how a benchmark ran (recorded beside its rows)."""
-    return {"device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-            "argv": list(argv if argv is not None else sys.argv[1:])}
+    return {
+        "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+    }
 
 
 def write_results(res: dict, stem: Path, markdown, plot) -> None:
@@ -425,12 +531,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--all-batches", action="store_true", help="CPU: throughput on every grid, not the smallest only")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="decode with generate(compile=True) (default with --preset gpu: CUDA graphs)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="decode with generate(compile=True) (default with --preset gpu: CUDA graphs)",
+    )
     p.add_argument("--eager", dest="compile", action="store_false", help="do not compile (also with --preset gpu)")
     p.add_argument("--quick", action="store_true", help="16x16 (and 14x14) only, fewer batches and repeats")
-    p.add_argument("--hf", action="store_true",
-                   help="also time the transformers backend (static feed-order cache vs DynamicCache)")
+    p.add_argument(
+        "--hf", action="store_true", help="also time the transformers backend (static feed-order cache vs DynamicCache)"
+    )
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
@@ -465,9 +576,12 @@ def main(argv=None):
         for g in tqdm(hf_grids, desc="transformers backend", unit="grid"):
             hf_rows.append(bench_hf(g, a, device, dtype, tqdm.write))
     tag = a.tag or (device.type if not a.quick else f"{device.type}_quick")
-    res = {**machine(device, argv),
-           "args": {"dtype": a.dtype, "cfg": a.cfg, "compile": a.compile, "repeats": a.repeats, "batches": a.batches},
-           "rows": rows, "hf_rows": hf_rows}
+    res = {
+        **machine(device, argv),
+        "args": {"dtype": a.dtype, "cfg": a.cfg, "compile": a.compile, "repeats": a.repeats, "batches": a.batches},
+        "rows": rows,
+        "hf_rows": hf_rows,
+    }
     write_results(res, Path(a.out) / f"decode_speed_{tag}", markdown, plot)
 
 

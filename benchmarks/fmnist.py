@@ -12,6 +12,7 @@ serial steps, batch-1 latency, batch-64 throughput, and speedups over raster mea
 by side. Writes benchmarks/results/fmnist.{json,md,png}. Ablation models come from
 ``python -m flashar_adapt.fmnist.build variants`` (trained on the spot if missing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from flashar_adapt import export_merged  # noqa: E402
-from flashar_adapt.fmnist import ASSETS  # noqa: E402
-from flashar_adapt.fmnist.build import VARIANTS, build_variants, post_config, tokenize  # noqa: E402
-from flashar_adapt.fmnist.evaluate import (Judge, decoder, load_base, load_flashar, nll_bits,  # noqa: E402
-                                           sample_codes, speed, steps_of)
-from flashar_adapt.training import TrainConfig, build_model_from_run  # noqa: E402
+from flashar_adapt import export_merged
+from flashar_adapt.fmnist import ASSETS
+from flashar_adapt.fmnist.build import VARIANTS, build_variants, post_config, tokenize
+from flashar_adapt.fmnist.evaluate import (
+    Judge,
+    decoder,
+    load_base,
+    load_flashar,
+    nll_bits,
+    sample_codes,
+    speed,
+    steps_of,
+)
+from flashar_adapt.training import TrainConfig, build_model_from_run
 
 LABELS = {
     "raster": "raster base (original decoding)",
@@ -61,8 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--nll-images", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--speed-only", action="store_true",
-                    help="keep the quality columns of the existing JSON, re-measure speed (on a quiet machine)")
+    ap.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="keep the quality columns of the existing JSON, re-measure speed (on a quiet machine)",
+    )
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -82,12 +94,13 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     rows = {}
+    judge = None
     if a.speed_only:
         old = json.loads((a.out / "fmnist.json").read_text())
         rows = old["rows"]
         a.samples, test_codes = old["samples_per_row"], test_codes[: old["nll_test_images"]]
     for name, (model, mode) in tqdm([] if a.speed_only else models.items(), desc="quality"):
-        judge = judge if "judge" in locals() else Judge()
+        judge = judge or Judge()
         nll_mode = "raster" if mode.startswith("zipar") else mode  # ZipAR keeps the raster model's likelihood
         nll = nll_bits(model, test_codes, test_labels, nll_mode)
         c, y = sample_codes(decoder(model, mode, a.cfg), a.samples, batch=500, seed=1, progress=name)
@@ -101,9 +114,16 @@ def main(argv=None) -> int:
         rows[k]["step_ratio"] = rows["raster"]["steps"] / rows[k]["steps"]
 
     info = json.loads((ASSETS / "info.json").read_text()) if (ASSETS / "info.json").is_file() else {}
-    result = {"machine": platform.platform(), "torch_threads": torch.get_num_threads(), "cfg_scale": a.cfg,
-              "samples_per_row": a.samples, "nll_test_images": len(test_codes), "assets": info, "rows": rows,
-              "seconds": round(time.time() - t_start, 1)}
+    result = {
+        "machine": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "cfg_scale": a.cfg,
+        "samples_per_row": a.samples,
+        "nll_test_images": len(test_codes),
+        "assets": info,
+        "rows": rows,
+        "seconds": round(time.time() - t_start, 1),
+    }
     old_path = a.out / "fmnist.json"
     if old_path.is_file() and "data_free" in json.loads(old_path.read_text()):
         result["data_free"] = json.loads(old_path.read_text())["data_free"]  # measured by fmnist.build data_free
@@ -116,15 +136,22 @@ def main(argv=None) -> int:
 
 
 def markdown(r: dict) -> str:
-    head = ("| model | steps | NLL bits/token | Frechet dist. | sample acc. | batch-1 latency | batch-64 img/s "
-            "| latency speedup | throughput speedup |\n|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {v['label']} | {v['steps']} | {v['nll_bits']:.4f} | {v['frechet']:.3f} | {v['accuracy']:.3f} | "
-             f"{v['latency_s'] * 1000:.0f} ms | {v['throughput']:.1f} | {v['latency_speedup']:.2f}x | "
-             f"{v['throughput_speedup']:.2f}x |" for v in r["rows"].values()]
+    head = (
+        "| model | steps | NLL bits/token | Frechet dist. | sample acc. | batch-1 latency | batch-64 img/s "
+        "| latency speedup | throughput speedup |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {v['label']} | {v['steps']} | {v['nll_bits']:.4f} | {v['frechet']:.3f} | {v['accuracy']:.3f} | "
+        f"{v['latency_s'] * 1000:.0f} ms | {v['throughput']:.1f} | {v['latency_speedup']:.2f}x | "
+        f"{v['throughput_speedup']:.2f}x |"
+        for v in r["rows"].values()
+    ]
     cls = r["assets"].get("classifier", {}).get("test_accuracy")
-    return (f"Fashion-MNIST, 14x14 codes, CFG {r['cfg_scale']}, {r['samples_per_row']} samples per row, NLL on "
-            f"{r['nll_test_images']} test images; classifier test accuracy {cls}; {r['machine']}, "
-            f"{r['torch_threads']} torch threads.\n\n" + head + "\n".join(lines) + "\n" + data_free_markdown(r))
+    return (
+        f"Fashion-MNIST, 14x14 codes, CFG {r['cfg_scale']}, {r['samples_per_row']} samples per row, NLL on "
+        f"{r['nll_test_images']} test images; classifier test accuracy {cls}; {r['machine']}, "
+        f"{r['torch_threads']} torch threads.\n\n" + head + "\n".join(lines) + "\n" + data_free_markdown(r)
+    )
 
 
 def data_free_markdown(r: dict) -> str:
@@ -133,18 +160,27 @@ def data_free_markdown(r: dict) -> str:
     d = r.get("data_free")
     if not d:
         return ""
-    head = ("| model | post-trained on | teacher sampling | samples per row | NLL bits/token | Frechet dist. | "
-            "sample acc. |\n|---|---|---|---|---|---|---|\n")
+    head = (
+        "| model | post-trained on | teacher sampling | samples per row | NLL bits/token | Frechet dist. | "
+        "sample acc. |\n|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for v in d["rows"]:
-        src = (f"{v['teacher_samples']} base samples (CFG {v['teacher_cfg']}), each seen "
-               f"{d['images_seen'] / v['teacher_samples']:.0f}x" if "teacher_samples" in v else
-               f"{d['images_seen']} real images")
+        src = (
+            f"{v['teacher_samples']} base samples (CFG {v['teacher_cfg']}), each seen "
+            f"{d['images_seen'] / v['teacher_samples']:.0f}x"
+            if "teacher_samples" in v
+            else f"{d['images_seen']} real images"
+        )
         t = f"{v['teacher_seconds']:.0f} s" if "teacher_seconds" in v else "-"
-        lines.append(f"| {v['label']} | {src} | {t} | {v['samples']} | {v['nll_bits']:.4f} | {v['frechet']:.3f} | "
-                     f"{v['accuracy']:.3f} |")
-    return (f"\nData-free post-training, same budget as the shipped FlashAR ({d['images_seen']} images over "
-            f"{d['steps']} steps); {d['note']}\n\n" + head + "\n".join(lines) + "\n")
+        lines.append(
+            f"| {v['label']} | {src} | {t} | {v['samples']} | {v['nll_bits']:.4f} | {v['frechet']:.3f} | "
+            f"{v['accuracy']:.3f} |"
+        )
+    return (
+        f"\nData-free post-training, same budget as the shipped FlashAR ({d['images_seen']} images over "
+        f"{d['steps']} steps); {d['note']}\n\n" + head + "\n".join(lines) + "\n"
+    )
 
 
 def plot(r: dict, path: Path) -> None:

@@ -9,6 +9,7 @@ newest state of the row above (the approximation that makes the method training-
 Built on the public decoding seam (``Decoder`` with its own feeding order, ``Sampling``);
 the FlashAR modules are not used.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,18 @@ def _feeding(H: int, W: int, window: int) -> list[list[tuple[int, int]]]:
     return [[(i, t - i * window) for i in range(H) if 0 <= t - i * window < W] for t in range((H - 1) * window + W)]
 
 
-def generate_zipar(model, cond, window: int, *, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, generator=None, count: list | None = None) -> torch.Tensor:
+def generate_zipar(
+    model,
+    cond,
+    window: int,
+    *,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator=None,
+    count: list | None = None,
+) -> torch.Tensor:
     ctx = context(model)
     if not (isinstance(window, int) and window >= 1):
         raise ValueError(f"window must be an integer >= 1, got {window!r}")

@@ -5,6 +5,7 @@ Adapters are injected with ``peft.inject_adapter_in_model``, which keeps the use
 not there; each function below does what those do, layer by layer, with peft's own layer API
 (``merge``, ``enable_adapters``, ``get_base_layer``).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ keeps generation calls on one model from corrupting each other.
 Both ``patching`` (which builds the context) and ``decoding`` (which runs it) import this
 module; neither imports the other's internals.
 """
+
 from __future__ import annotations
 
 import threading
@@ -42,8 +43,10 @@ class ModelGuard:
     def __enter__(self):
         me = threading.get_ident()
         if self._owner == me:
-            raise RuntimeError("re-entrant FlashAR call: this thread is already inside a generate/logits/step call "
-                               "on this model (e.g. from a forward hook); use a copy.deepcopy of the model instead")
+            raise RuntimeError(
+                "re-entrant FlashAR call: this thread is already inside a generate/logits/step call "
+                "on this model (e.g. from a forward hook); use a copy.deepcopy of the model instead"
+            )
         self._lock.acquire()
         self._owner = me
         return self
@@ -116,8 +119,10 @@ class PatchContext:
             elif item in ("{size_H}", "{size_W}"):
                 value = grid[0] if item == "{size_H}" else grid[1]
                 if value % im.size_token_divisor:
-                    raise InputError(f"grid {list(grid)} is not a multiple of image.size_token_divisor "
-                                     f"({im.size_token_divisor}) of recipe {self.recipe.name!r}")
+                    raise InputError(
+                        f"grid {list(grid)} is not a multiple of image.size_token_divisor "
+                        f"({im.size_token_divisor}) of recipe {self.recipe.name!r}"
+                    )
                 out.append(im.size_token_offset + value // im.size_token_divisor)
             else:
                 out.append(int(item))

@@ -14,15 +14,16 @@ hold; a killed run started again with the same command resamples the batch it wa
 what the shards lack, and so neither duplicates nor loses an example. The manifest is written
 last, so a half-done folder is never mistaken for a finished one.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +39,7 @@ REPORT = "teacher_report.json"
 @dataclass(frozen=True)
 class TeacherSampling:
     """How the teacher samples: the arguments of ``model.generate(mode="raster", ...)``."""
+
     cfg_scale: float = 1.0
     cfg_schedule: str = "constant"
     temperature: float = 1.0
@@ -71,14 +73,15 @@ def encode_prompts(prompts: list[str], text: Callable[[str], list[int]], prefix_
         ids = list(text(p))
         if not ids or len(ids) > prefix_len:
             raise DataError(f"prompt {p[:40]!r} is {len(ids)} tokens; condition.prefix_len allows 1..{prefix_len}")
-        cond[k, prefix_len - len(ids):] = torch.tensor(ids)
+        cond[k, prefix_len - len(ids) :] = torch.tensor(ids)
         lens[k] = len(ids)
     mask = torch.arange(prefix_len)[None, :] >= (prefix_len - lens)[:, None]
     return cond, mask, lens
 
 
-def sample_batch(model, conds: list, b: int, *, seed: int, sampling: TeacherSampling,
-                 text: Callable[[str], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def sample_batch(
+    model, conds: list, b: int, *, seed: int, sampling: TeacherSampling, text: Callable[[str], list[int]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes, cond, prompt lengths or None) of one batch, sampled by raster decoding."""
     dev = next(model.parameters()).device
     if text is None:
@@ -86,22 +89,34 @@ def sample_batch(model, conds: list, b: int, *, seed: int, sampling: TeacherSamp
     else:
         cond, mask, lens = encode_prompts(conds, text, context(model).recipe.condition.prefix_len)
     g = torch.Generator(device=dev).manual_seed(batch_seed(seed, b))
-    codes = model.generate(cond.to(dev), mode="raster", cond_mask=None if mask is None else mask.to(dev),
-                           generator=g, **asdict(sampling))
+    codes = model.generate(
+        cond.to(dev), mode="raster", cond_mask=None if mask is None else mask.to(dev), generator=g, **asdict(sampling)
+    )
     return codes.cpu(), cond, lens
 
 
-def _fingerprint(conds: list, recipe_name: str, sampling: TeacherSampling, seed: int, batch_size: int,
-                 shard_size: int, extra: str) -> str:
+def _fingerprint(
+    conds: list, recipe_name: str, sampling: TeacherSampling, seed: int, batch_size: int, shard_size: int, extra: str
+) -> str:
     h = hashlib.sha256(json.dumps([recipe_name, asdict(sampling), seed, batch_size, shard_size, extra]).encode())
     for c in conds:
         h.update(f"{c}\n".encode())
     return h.hexdigest()
 
 
-def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = TeacherSampling(), seed: int = 0,
-                   text: Callable[[str], list[int]] | None = None, batch_size: int = 64, shard_size: int = 4096,
-                   progress: bool = True, extra: str = "") -> dict:
+def sample_dataset(
+    model,
+    conds: list,
+    out_dir,
+    *,
+    sampling: TeacherSampling = TeacherSampling(),
+    seed: int = 0,
+    text: Callable[[str], list[int]] | None = None,
+    batch_size: int = 64,
+    shard_size: int = 4096,
+    progress: bool = True,
+    extra: str = "",
+) -> dict:
     """Sample one raster image per entry of ``conds`` (class ids, or prompts with ``text``) into
     a data folder at ``out_dir``; continues an interrupted run there. ``extra`` names the model
     (it joins the fingerprint, so a run is never continued with another model). Returns the
@@ -109,8 +124,9 @@ def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = T
     recipe = context(model).recipe
     kind = recipe.condition.kind
     if kind not in ("class", "tokens") or (kind == "tokens") != (text is not None):
-        raise DataError(f"condition.kind {kind!r}: give class ids (class recipes) or prompts with a text tokenizer "
-                        "(prompt recipes)")
+        raise DataError(
+            f"condition.kind {kind!r}: give class ids (class recipes) or prompts with a text tokenizer (prompt recipes)"
+        )
     if not conds:
         raise DataError("nothing to sample: no conditions")
     if batch_size < 1 or shard_size < 1:
@@ -124,38 +140,56 @@ def sample_dataset(model, conds: list, out_dir, *, sampling: TeacherSampling = T
     state = resume_state(out)
     fp = _fingerprint(conds, recipe.name, sampling, seed, batch_size, shard_size, extra)
     if state is not None and state.get("fingerprint") != fp:
-        raise DataError(f"{out}: holds an interrupted run of other conditions, settings or model; finish it with the "
-                        "same command, or choose another --out")
+        raise DataError(
+            f"{out}: holds an interrupted run of other conditions, settings or model; finish it with the "
+            "same command, or choose another --out"
+        )
     if state is None:  # recorded before the first shard, so a folder with shards always has its state
         state = {"fingerprint": fp, "done": 0, "shards": [], "seconds": 0.0}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / STATE, json.dumps(state).encode())
     T = recipe.condition.prefix_len if kind == "tokens" else None
-    writer = ShardWriter(out, recipe.image.grid, recipe.image.codebook_size, kind, recipe.name, shard_size, T,
-                         num_classes=recipe.condition.num_classes if kind == "class" else None)
+    writer = ShardWriter(
+        out,
+        recipe.image.grid,
+        recipe.image.codebook_size,
+        kind,
+        recipe.name,
+        shard_size,
+        T,
+        num_classes=recipe.condition.num_classes if kind == "class" else None,
+    )
     writer.shards = list(state["shards"])
     done, n = state["done"], len(conds)
     bar = tqdm(total=n, initial=done, desc="sample (raster teacher)", unit="img", disable=not progress)
     t_run = time.perf_counter()
     for b in range(done // batch_size, -(-n // batch_size)):
         start = b * batch_size
-        codes, cond, lens = sample_batch(model, conds[start:start + batch_size], b, seed=seed, sampling=sampling,
-                                         text=text)
+        codes, cond, lens = sample_batch(
+            model, conds[start : start + batch_size], b, seed=seed, sampling=sampling, text=text
+        )
         skip = max(0, done - start)  # a resumed run's first batch: the shards already hold its head
         before = len(writer.shards)
         writer.add(codes[skip:], cond[skip:], None if lens is None else lens[skip:])
         done = start + codes.shape[0]
         if len(writer.shards) != before:  # a shard was written: record what the shards hold
-            state.update(done=sum(s["num_examples"] for s in writer.shards), shards=list(writer.shards),
-                         seconds=state["seconds"] + time.perf_counter() - t_run)
+            state.update(
+                done=sum(s["num_examples"] for s in writer.shards),
+                shards=list(writer.shards),
+                seconds=state["seconds"] + time.perf_counter() - t_run,
+            )
             t_run = time.perf_counter()
             atomic_write_bytes(out / STATE, json.dumps(state).encode())
         bar.update(codes.shape[0] - skip)
     bar.close()
     writer.close()
-    report = {"num_examples": sum(s["num_examples"] for s in writer.shards),
-              "seconds": round(state["seconds"] + time.perf_counter() - t_run, 2), "seed": seed,
-              "batch_size": batch_size, "sampling": asdict(sampling)}
+    report = {
+        "num_examples": sum(s["num_examples"] for s in writer.shards),
+        "seconds": round(state["seconds"] + time.perf_counter() - t_run, 2),
+        "seed": seed,
+        "batch_size": batch_size,
+        "sampling": asdict(sampling),
+    }
     atomic_write_bytes(out / REPORT, json.dumps(report, indent=1).encode())
     if (out / STATE).exists():
         os.unlink(out / STATE)

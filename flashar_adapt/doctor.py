@@ -13,6 +13,7 @@
 
 Also available as ``flashar-adapt check MODEL RECIPE`` (``flashar_adapt.commands.inspect_check``).
 """
+
 from __future__ import annotations
 
 import inspect as _inspect
@@ -69,12 +70,19 @@ class Report:
     def __str__(self) -> str:
         head = f"recipe {self.recipe or '?'} on {self.model_class}" + (f", grid {list(self.grid)}" if self.grid else "")
         lines = [head] + [str(i) for i in self.items]
-        lines.append("RESULT: " + ("pass" if self.ok else "FAIL" + (f" (check {', '.join(dict.fromkeys(self.failed_keys))})"
-                                                                   if self.failed_keys else "")))
+        lines.append(
+            "RESULT: "
+            + (
+                "pass"
+                if self.ok
+                else "FAIL" + (f" (check {', '.join(dict.fromkeys(self.failed_keys))})" if self.failed_keys else "")
+            )
+        )
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- inputs
+
 
 def _sample_inputs(ctx, grid, batch: int = 2, seed: int = 0):
     c = ctx.recipe.condition
@@ -103,6 +111,7 @@ def _default_grid(recipe: Recipe) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- references
 
+
 def _image_ids(ctx, codes):
     """Codes at their vocabulary ids, rows closed by the end-of-line token, the last row by
     ``image.last_row_end`` where the recipe has one: [B, H * row_len]."""
@@ -125,7 +134,7 @@ def _visual_slice(ctx, full):
     im = ctx.recipe.image
     if full.shape[-1] == im.codebook_size:
         return full
-    return full[..., im.visual_token_offset: im.visual_token_offset + im.codebook_size]
+    return full[..., im.visual_token_offset : im.visual_token_offset + im.codebook_size]
 
 
 def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
@@ -147,7 +156,7 @@ def _own_forward(ctx, cond, codes, grid):
     meta = torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1)
     P = cond.shape[1] + meta.shape[1]
     # only the tokens ever fed (the last code predicts nothing), as the patched model runs them
-    seq = torch.cat([cond, meta, _image_ids(ctx, codes)], 1)[:, :ctx.layout(P, grid).fed_len]
+    seq = torch.cat([cond, meta, _image_ids(ctx, codes)], 1)[:, : ctx.layout(P, grid).fed_len]
     out = ctx.model(input_ids=seq, use_cache=False)
     lg = out.logits if hasattr(out, "logits") else out[0]
     idx = _pred_index(ctx, P, grid)
@@ -160,7 +169,7 @@ def _find_offset(ours, full, tol):
     f = full.reshape(-1, full.shape[-1])[0]
     K = a.shape[0]
     for o in torch.nonzero((f[: f.shape[0] - K + 1] - a[0]).abs() <= tol).flatten().tolist()[:64]:
-        if torch.allclose(f[o:o + K], a, atol=tol, rtol=0):
+        if torch.allclose(f[o : o + K], a, atol=tol, rtol=0):
             return o
     return None
 
@@ -176,8 +185,12 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
         d = (ours - ref).abs().max().item()
         if d <= atol:
             return rep.add("raster", PASS, f"patched raster logits equal the model's own forward (max diff {d:.2e})")
-        return rep.add("raster", FAIL, f"patched raster logits differ from the model's own forward by {d:.3g}",
-                       key="modules.layers")
+        return rep.add(
+            "raster",
+            FAIL,
+            f"patched raster logits differ from the model's own forward by {d:.3g}",
+            key="modules.layers",
+        )
     hidden_ok = None
     if hasattr(ctx.decoder, "forward") and "inputs_embeds" in _inspect.signature(ctx.decoder.forward).parameters:
         with torch.no_grad():
@@ -190,45 +203,75 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
             with torch.no_grad():
                 full = _own_forward(ctx, cond, codes, grid)
         except Exception as e:  # noqa: BLE001 - a forward that does not take input_ids: rely on the hidden rule
-            rep.add("forward", SKIP, f"model(input_ids=...) failed ({type(e).__name__}: {e}); using the hidden-state rule")
+            rep.add(
+                "forward", SKIP, f"model(input_ids=...) failed ({type(e).__name__}: {e}); using the hidden-state rule"
+            )
     if full is not None:
         own = _visual_slice(ctx, full)
         d = (ours - own).abs().max().item()
         if d <= atol:
-            return rep.add("raster", PASS, f"patched raster logits equal the model's own forward sliced to the visual ids "
-                                           f"(max diff {d:.2e})")
+            return rep.add(
+                "raster",
+                PASS,
+                f"patched raster logits equal the model's own forward sliced to the visual ids (max diff {d:.2e})",
+            )
         masked = ~torch.isfinite(own) | (own < -1e30)  # some forwards mask image logits (set them to -inf / min)
         rest = (ours - own)[~masked].abs().max().item() if (~masked).any() else 0.0
         if masked.any() and rest <= atol and hidden_ok is not False:
             how = f"equal head(last_hidden_state) (max diff {hidden_d:.2e})" if hidden_ok else "were not compared"
-            return rep.add("raster", PASS, f"the model's forward masks {masked.float().mean().item():.0%} of the image "
-                                           f"logits; the unmasked ones equal ours and all of ours {how}")
+            return rep.add(
+                "raster",
+                PASS,
+                f"the model's forward masks {masked.float().mean().item():.0%} of the image "
+                f"logits; the unmasked ones equal ours and all of ours {how}",
+            )
         if hidden_ok is False:
-            return rep.add("raster", FAIL, f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
-                                           "the decoder run by the runner is not the model's decoder",
-                           key="modules.decoder")
+            return rep.add(
+                "raster",
+                FAIL,
+                f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
+                "the decoder run by the runner is not the model's decoder",
+                key="modules.decoder",
+            )
         if hidden_ok:
             with torch.no_grad():
                 found = fit_logit_map(_hidden_rule(ctx, cond, codes, grid, finish=False), own, atol)
             if found is not None:
                 key, value = found
-                return rep.add("raster", FAIL, f"the model's logits are its head's output {_LOGIT_MAP_WORDS[key]} {value:.6g}; "
-                                               f"the recipe says {getattr(ctx.recipe.logits, key.split('.')[1])}: set {key}: {value:.6g}",
-                               key=key)
+                return rep.add(
+                    "raster",
+                    FAIL,
+                    f"the model's logits are its head's output {_LOGIT_MAP_WORDS[key]} {value:.6g}; "
+                    f"the recipe says {getattr(ctx.recipe.logits, key.split('.')[1])}: set {key}: {value:.6g}",
+                    key=key,
+                )
         o = _find_offset(ours, full, atol)
         if o is not None and o != ctx.recipe.image.visual_token_offset:
-            return rep.add("raster", FAIL, f"codebook logits found at vocabulary offset {o}, recipe says "
-                                           f"{ctx.recipe.image.visual_token_offset}", key="image.visual_token_offset")
-        return rep.add("raster", FAIL, f"patched raster logits differ from the model's own forward by {d:.3g} while the "
-                                       "decoder's hidden states agree: the recipe's head is not the one the model uses",
-                       key="modules.head")
+            return rep.add(
+                "raster",
+                FAIL,
+                f"codebook logits found at vocabulary offset {o}, recipe says {ctx.recipe.image.visual_token_offset}",
+                key="image.visual_token_offset",
+            )
+        return rep.add(
+            "raster",
+            FAIL,
+            f"patched raster logits differ from the model's own forward by {d:.3g} while the "
+            "decoder's hidden states agree: the recipe's head is not the one the model uses",
+            key="modules.head",
+        )
     if hidden_ok is None:
-        return rep.add("raster", SKIP, "no reference: the runner has no reference forward and the decoder takes no "
-                                       "inputs_embeds")
+        return rep.add(
+            "raster", SKIP, "no reference: the runner has no reference forward and the decoder takes no inputs_embeds"
+        )
     if hidden_ok:
         return rep.add("raster", PASS, f"patched raster logits equal head(last_hidden_state) (max diff {hidden_d:.2e})")
-    return rep.add("raster", FAIL, f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}",
-                   key="modules.decoder")
+    return rep.add(
+        "raster",
+        FAIL,
+        f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}",
+        key="modules.decoder",
+    )
 
 
 def _check_layout_hints(ctx, rep, cond, codes, grid):
@@ -248,11 +291,17 @@ def _check_layout_hints(ctx, rep, cond, codes, grid):
     if im.eol_token is not None and grid[0] > 1:
         meta = len(ctx.meta_ids(grid))
         lay = ctx.layout(cond.shape[1] + meta, grid)
-        seq = torch.cat([cond, torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1),
-                         _image_ids(ctx, codes)], 1)
+        seq = torch.cat(
+            [
+                cond,
+                torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1),
+                _image_ids(ctx, codes),
+            ],
+            1,
+        )
         # Only the tokens decoding ever feeds (the positions check counts those): the last
         # row's end is predicted from the last code, which is never fed, so it is not checked.
-        seq = seq[:, :lay.fed_len]
+        seq = seq[:, : lay.fed_len]
         try:
             with torch.no_grad():
                 out = ctx.model(input_ids=seq, use_cache=False)
@@ -262,14 +311,19 @@ def _check_layout_hints(ctx, rep, cond, codes, grid):
         ends = lay.cell_slots[:-1, -1]  # the output at each row's last code predicts the row's end token
         eol_hit = (lg[:, ends.to(lg.device)].argmax(-1) == im.eol_token).float().mean().item()
         msg += f", the row-end token at {eol_hit:.0%} of row ends"
-    rep.add("layout", INFO, msg + " (near 100% on a trained model; else check image.visual_token_offset / "
-                                  "image.before / image.eol_token)")
+    rep.add(
+        "layout",
+        INFO,
+        msg + " (near 100% on a trained model; else check image.visual_token_offset / image.before / image.eol_token)",
+    )
 
 
 # ---------------------------------------------------------------- check
 
-def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, cond=None, atol: float = 1e-4,
-          **overrides) -> Report:
+
+def check(
+    model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, cond=None, atol: float = 1e-4, **overrides
+) -> Report:
     """Verify ``recipe`` on ``model`` (patched here and unpatched afterwards; an already
     patched model is checked as it is). Returns a Report; ``report.ok`` is the verdict."""
     if Num(0).problem(atol) is not None:
@@ -290,8 +344,13 @@ def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, co
             return rep
     ctx = context(model)
     rep = Report(ctx.recipe.name, type(model).__name__)
-    rep.add("patch", PASS, "recipe fits the model (paths, layer indices, token ids, positions)"
-            if not already else "model was already patched; checking it as it is")
+    rep.add(
+        "patch",
+        PASS,
+        "recipe fits the model (paths, layer indices, token ids, positions)"
+        if not already
+        else "model was already patched; checking it as it is",
+    )
     try:
         g = tuple(int(x) for x in grid) if grid is not None else _default_grid(ctx.recipe)
         rep.grid = g
@@ -314,13 +373,19 @@ def check(model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, co
                 hook.remove()
             tf = logits(model, s_cond, gen).argmax(-1)
             same = (tf == gen).float().mean().item()
-            rep.add("two_way", PASS if same == 1.0 else FAIL,
-                    f"greedy two-way decoding equals teacher forcing at {same:.1%} of cells",
-                    key=None if same == 1.0 else "backend")
+            rep.add(
+                "two_way",
+                PASS if same == 1.0 else FAIL,
+                f"greedy two-way decoding equals teacher forcing at {same:.1%} of cells",
+                key=None if same == 1.0 else "backend",
+            )
             want = g[0] + g[1] - 1
-            rep.add("steps", PASS if len(calls) == want else FAIL,
-                    f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid (H+W-1 = {want}, raster {g[0] * g[1]})",
-                    key=None if len(calls) == want else "modules.layers")
+            rep.add(
+                "steps",
+                PASS if len(calls) == want else FAIL,
+                f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid (H+W-1 = {want}, raster {g[0] * g[1]})",
+                key=None if len(calls) == want else "modules.layers",
+            )
         finally:
             model.train(was_training)
     except RecipeError as e:

@@ -5,6 +5,7 @@ arguments) is reported with a subclass of ``FlashARError``; the command line tur
 them into one line on stderr and exit code 2. Any other exception is a bug and keeps its
 traceback.
 """
+
 from __future__ import annotations
 
 

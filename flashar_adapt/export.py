@@ -17,6 +17,7 @@ Loading treats the folder as untrusted: every file it names must resolve inside 
 recipe must equal the one the weights were exported with (recorded in the config), and
 any defect is an ``ExportError``.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,12 @@ FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
 EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors")
 # ``backend``: where exports written before model formats named the backbone's format
-CONFIG_RULES = {"format": OneOf((FORMAT,)), "backend": Is((str,), "a model format name", optional=True),
-                "backbone": {"format": Is((str,), "a model format name", optional=True)},
-                "fixed_gate": Num(0, 1, optional=True)}
+CONFIG_RULES = {
+    "format": OneOf((FORMAT,)),
+    "backend": Is((str,), "a model format name", optional=True),
+    "backbone": {"format": Is((str,), "a model format name", optional=True)},
+    "fixed_gate": Num(0, 1, optional=True),
+}
 _ADAPTER_RULES = {"file": Is((str,), "a file name"), "r": Num(1, integer=True), "alpha": Num(1, integer=True)}
 # Recipe keys that do not change what the exported weights compute.
 _RECIPE_FREE = ("name", "description", "match", "lora", "tokenizer")
@@ -60,7 +64,12 @@ def _adapter_state(model) -> tuple[dict, dict | None]:
         return {}, None
     m = layers[0][1]
     name = m.active_adapters[0] if getattr(m, "active_adapters", None) else "default"
-    meta = {"file": "adapters.safetensors", "r": int(m.r[name]), "alpha": int(m.lora_alpha[name]), "layers": len(layers)}
+    meta = {
+        "file": "adapters.safetensors",
+        "r": int(m.r[name]),
+        "alpha": int(m.lora_alpha[name]),
+        "layers": len(layers),
+    }
     sd = {k: v.detach().cpu().contiguous() for k, v in lora_named_parameters(model)}
     return sd, meta
 
@@ -84,7 +93,9 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     adapters, lora_meta = ({}, None) if merge else _adapter_state(model)
     merged = merge_lora(model) if merge else 0
-    for stale in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+    for stale in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(
+        out_dir.parent.glob(f".{out_dir.name}.old-*")
+    ):
         shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -95,9 +106,15 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
         if lora_meta is not None:
             save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
         (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
-        cfg = {"format": FORMAT, "recipe": ctx.recipe.name, "backbone": spec,
-               "fixed_gate": model.flashar.fixed_gate, "lora_layers_merged": merged, "flashar_adapt": __version__,
-               "recipe_config": ctx.recipe.to_dict()}
+        cfg = {
+            "format": FORMAT,
+            "recipe": ctx.recipe.name,
+            "backbone": spec,
+            "fixed_gate": model.flashar.fixed_gate,
+            "lora_layers_merged": merged,
+            "flashar_adapt": __version__,
+            "recipe_config": ctx.recipe.to_dict(),
+        }
         if lora_meta is not None:
             cfg["lora_adapters"] = lora_meta
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
@@ -133,8 +150,10 @@ def _check_replaceable(out_dir: Path) -> None:
         is_export = False
     if foreign or not is_export:
         what = ", ".join((foreign or entries)[:6]) + (", ..." if len(foreign or entries) > 6 else "")
-        raise ExportError(f"{out_dir} is not a flashar-adapt export (it holds {what}); refusing to replace it. "
-                          "Export to a new or empty folder, or to a previous export")
+        raise ExportError(
+            f"{out_dir} is not a flashar-adapt export (it holds {what}); refusing to replace it. "
+            "Export to a new or empty folder, or to a previous export"
+        )
 
 
 def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.Module:
@@ -161,7 +180,9 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     try:
         model = fmt.load(spec, root)
     except Exception as e:  # noqa: BLE001 - a damaged backbone raises many types; report which file
-        raise ExportError(f"{root}: cannot load the backbone ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+        raise ExportError(
+            f"{root}: cannot load the backbone ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from None
     if device is not None:
         model = model.to(device)
     try:
@@ -203,8 +224,10 @@ def _read_recipe(out_dir: Path, cfg: dict):
         diff = differing_keys(saved, recipe.to_dict(), ignore=_RECIPE_FREE)
         if diff:
             what = ", ".join(f"{k} ({short(old, 30)} -> {short(new, 30)})" for k, old, new in diff[:5])
-            raise ExportError(f"{path} differs from the recipe the weights were exported with at {what}; "
-                              "restore it (the exported recipe is in flashar_config.json) or export again")
+            raise ExportError(
+                f"{path} differs from the recipe the weights were exported with at {what}; "
+                "restore it (the exported recipe is in flashar_config.json) or export again"
+            )
     return recipe
 
 
@@ -244,6 +267,7 @@ def load_flashar_weights(model, path) -> None:
     own = model.flashar.state_dict()
     bad = state_dict_misfit(own, sd)
     if bad:
-        raise ExportError(f"{path}: FlashAR weights do not fit this model/recipe (another recipe or branch setting?): "
-                          f"{bad}")
+        raise ExportError(
+            f"{path}: FlashAR weights do not fit this model/recipe (another recipe or branch setting?): {bad}"
+        )
     model.flashar.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})

@@ -8,6 +8,7 @@
   any other tool (``mkstemp``/``mkdtemp`` would leave 0600/0700).
 - ``exclusive_lock``: an advisory lock on a folder, so two runs cannot share it.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    _replace_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                                                     metadata=metadata))
+    _replace_atomically(
+        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    )
 
 
 LOCK_NAME = ".flashar.lock"
@@ -123,8 +125,9 @@ def exclusive_lock(folder, error: type[Exception], what: str = "run"):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise error(f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or "
-                        f"use another out_dir") from None
+            raise error(
+                f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or use another out_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -12,6 +12,7 @@ hold one. ``backend:`` is read as the old name of ``format:`` (the three shipped
 carry the names the shipped backends had), so configs and exports written before the split
 into runners and formats still load.
 """
+
 from __future__ import annotations
 
 import abc
@@ -47,14 +48,15 @@ def register_format(name: str):
 
     def deco(cls):
         if inspect.isabstract(cls):
-            raise TypeError(f"model format {cls.__qualname__} does not implement "
-                            f"{', '.join(sorted(cls.__abstractmethods__))}")
+            raise TypeError(
+                f"model format {cls.__qualname__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
+            )
         return REGISTRY.register(name, cls)
 
     return deco
 
 
-def get_format(name: str) -> type["ModelFormat"]:
+def get_format(name: str) -> type[ModelFormat]:
     """The format called ``name``; FormatError naming the known ones if there is none."""
     try:
         cls = REGISTRY.get(name)
@@ -71,7 +73,7 @@ def list_formats() -> list[str]:
     return REGISTRY.names()
 
 
-def formats_in_order() -> list[type["ModelFormat"]]:
+def formats_in_order() -> list[type[ModelFormat]]:
     """Every usable format, in the order they are asked (``priority``, lowest first)."""
     found = {cls for cls in REGISTRY.items().values()}  # an alias names a class twice
     return sorted(found, key=lambda cls: (cls.priority, cls.name))
@@ -120,8 +122,10 @@ def format_of(model: nn.Module) -> type[ModelFormat]:
     for cls in formats_in_order():
         if cls.owns(model):
             return cls
-    raise FormatError(f"no model format owns a {type(model).__name__} (known: {', '.join(list_formats())}); "
-                      "register one with flashar_adapt.register_format")
+    raise FormatError(
+        f"no model format owns a {type(model).__name__} (known: {', '.join(list_formats())}); "
+        "register one with flashar_adapt.register_format"
+    )
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike) -> dict:
@@ -139,8 +143,9 @@ def spec_format(spec: dict, legacy: str | None = None) -> tuple[type[ModelFormat
     old = rest.pop(LEGACY_KEY, None)
     name = name if name is not None else old if old is not None else legacy
     if not isinstance(name, str) or not name:
-        raise FormatError(f"a model spec needs '{FORMAT_KEY}': the name of a model format "
-                          f"({', '.join(list_formats())}), got {name!r}")
+        raise FormatError(
+            f"a model spec needs '{FORMAT_KEY}': the name of a model format ({', '.join(list_formats())}), got {name!r}"
+        )
     return get_format(name), rest
 
 

@@ -4,6 +4,7 @@
 The folder is built beside its destination and renamed into place, so a failure leaves no
 half-written results; an output folder that exists is refused before any work.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -46,8 +47,14 @@ def read_prompts(path) -> list[str]:
     return [ln.strip() for ln in lines]
 
 
-def conditions(recipe: Recipe, *, classes: list[int] | None = None, prompts: list[str] | None = None,
-               prompts_file: str | None = None, per_cond: int = 1) -> list:
+def conditions(
+    recipe: Recipe,
+    *,
+    classes: list[int] | None = None,
+    prompts: list[str] | None = None,
+    prompts_file: str | None = None,
+    per_cond: int = 1,
+) -> list:
     """What to generate, one entry per image (each condition repeated ``per_cond`` times):
     the ``classes`` (default: every class) of a class recipe, the ``prompts`` and the lines
     of ``prompts_file`` of a prompt recipe."""
@@ -82,8 +89,8 @@ def _prompt_batch(prompts: list[str], text, prefix_len: int):
     cond = torch.zeros(len(ids), T, dtype=torch.long)
     mask = torch.zeros(len(ids), T, dtype=torch.bool)
     for k, i in enumerate(ids):  # left-padded
-        cond[k, T - len(i):] = torch.tensor(i)
-        mask[k, T - len(i):] = True
+        cond[k, T - len(i) :] = torch.tensor(i)
+        mask[k, T - len(i) :] = True
     return cond, mask
 
 
@@ -92,9 +99,23 @@ def steps_per_image(mode: str, grid) -> int:
     return grid[0] + grid[1] - 1 if mode == "two_way" else grid[0] * grid[1]
 
 
-def generate_codes(model, conds: list, *, text=None, mode="two_way", cfg_scale=1.0, cfg_schedule="constant",
-                   temperature=1.0, top_k=0, top_p=1.0, seed=0, batch_size=16, progress=True, log=print,
-                   compile=False) -> tuple[torch.Tensor, list[dict]]:
+def generate_codes(
+    model,
+    conds: list,
+    *,
+    text=None,
+    mode="two_way",
+    cfg_scale=1.0,
+    cfg_schedule="constant",
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    batch_size=16,
+    progress=True,
+    log=print,
+    compile=False,
+) -> tuple[torch.Tensor, list[dict]]:
     """Codes for every condition, batch by batch, with the steps and wall time of each batch
     (with ``compile``, the first batch of each size includes the compile time)."""
     ctx = context(model)
@@ -104,7 +125,7 @@ def generate_codes(model, conds: list, *, text=None, mode="two_way", cfg_scale=1
     out, timings = [], []
     starts = range(0, len(conds), batch_size)
     for b, i in enumerate(tqdm(starts, desc=f"generate ({mode})", disable=not progress)):
-        part = conds[i:i + batch_size]
+        part = conds[i : i + batch_size]
         if text is None:
             cond, mask = torch.tensor(part, dtype=torch.long, device=dev), None
         else:
@@ -112,8 +133,18 @@ def generate_codes(model, conds: list, *, text=None, mode="two_way", cfg_scale=1
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        codes = model.generate(cond, mode=mode, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature,
-                               top_k=top_k, top_p=top_p, generator=g, cond_mask=mask, compile=compile)
+        codes = model.generate(
+            cond,
+            mode=mode,
+            cfg_scale=cfg_scale,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=g,
+            cond_mask=mask,
+            compile=compile,
+        )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
@@ -142,8 +173,9 @@ def labelled_grid(images: torch.Tensor, labels: list[str], per_row: int, min_cel
     return canvas
 
 
-def _write_outputs(tmp: Path, codes, labels: list[str], meta: dict, tok: ImageTokenizer | None, recipe: Recipe,
-                   per_row: int) -> str:
+def _write_outputs(
+    tmp: Path, codes, labels: list[str], meta: dict, tok: ImageTokenizer | None, recipe: Recipe, per_row: int
+) -> str:
     atomic_save_safetensors({"codes": codes.to(torch.int32)}, tmp / "codes.safetensors")
     if tok is None:
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
@@ -171,11 +203,25 @@ def refuse_existing(out: str | os.PathLike) -> Path:
     return out
 
 
-def generate_to_folder(model, conds: list, out: str | os.PathLike, *, tok: ImageTokenizer | None = None,
-                       text: Callable[[str], list[int]] | None = None, mode: str = "two_way", cfg_scale: float = 1.0,
-                       cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       seed: int = 0, batch_size: int = 16, per_cond: int = 1, progress: bool = True,
-                       compile: bool = False) -> str:
+def generate_to_folder(
+    model,
+    conds: list,
+    out: str | os.PathLike,
+    *,
+    tok: ImageTokenizer | None = None,
+    text: Callable[[str], list[int]] | None = None,
+    mode: str = "two_way",
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    per_cond: int = 1,
+    progress: bool = True,
+    compile: bool = False,
+) -> str:
     """Generate one image per entry of ``conds`` into the new folder ``out``: codes.safetensors,
     generate.json (settings and per-batch timings) and, when ``tok`` decodes them, PNG files and
     grid.png (``per_cond`` images a row). Returns what was written, in words."""
@@ -185,12 +231,32 @@ def generate_to_folder(model, conds: list, out: str | os.PathLike, *, tok: Image
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     keep = False  # the results stay in tmp only when something took their place meanwhile
     try:
-        codes, timings = generate_codes(model, conds, text=text, mode=mode, cfg_scale=cfg_scale,
-                                        cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        seed=seed, batch_size=batch_size, progress=progress, compile=compile)
+        codes, timings = generate_codes(
+            model,
+            conds,
+            text=text,
+            mode=mode,
+            cfg_scale=cfg_scale,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            compile=compile,
+        )
         labels = [str(c) for c in conds]
-        meta = {"recipe": recipe.name, "mode": mode, "cfg": cfg_scale, "seed": seed, "grid": list(codes.shape[1:]),
-                "compile": compile, "conditions": labels, "batches": timings}
+        meta = {
+            "recipe": recipe.name,
+            "mode": mode,
+            "cfg": cfg_scale,
+            "seed": seed,
+            "grid": list(codes.shape[1:]),
+            "compile": compile,
+            "conditions": labels,
+            "batches": timings,
+        }
         what = _write_outputs(tmp, codes, labels, meta, tok, recipe, per_cond)
         if out.exists():
             keep = True

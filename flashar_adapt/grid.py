@@ -11,6 +11,7 @@ With ``eol_last=False`` the last row has no end-of-line token: the sequence ends
 last code (models such as Emu3.5 follow it with an end-of-image token instead, which no code
 ever attends to, so it is not a slot of the layout).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ class Layout:
         """[L] anti-diagonal of every slot; -1 for prefix slots."""
         d = torch.full((self.seq_len,), -1, dtype=torch.long)
         r = torch.arange(self.seq_len - self.prefix_len)
-        d[self.prefix_len:] = r // self.row_len + r % self.row_len
+        d[self.prefix_len :] = r // self.row_len + r % self.row_len
         return d
 
     def attention(self, mode: str) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The modules FlashAR adds to a raster model: the vertical branch and the fusion gate."""
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,15 +17,15 @@ class ImageHead(nn.Module):
     (already codebook-sized, e.g. a separate image-generation MLP) is deep-copied.
     """
 
-    def __init__(self, head: nn.Module, offset: int, codebook_size: int, scale: float = 1.0,
-                 softcap: float | None = None):
+    def __init__(
+        self, head: nn.Module, offset: int, codebook_size: int, scale: float = 1.0, softcap: float | None = None
+    ):
         super().__init__()
         self.scale, self.softcap = scale, softcap  # the model's own logit scale / soft-cap (recipe ``logits``)
         rows = visual_rows(head, offset, codebook_size)
         if rows is not None:
             w, b = (None if t is None else t.detach() for t in rows)
-            self.proj = nn.Linear(head.in_features, codebook_size, bias=b is not None,
-                                  device=w.device, dtype=w.dtype)
+            self.proj = nn.Linear(head.in_features, codebook_size, bias=b is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 self.proj.weight.copy_(w)
                 if b is not None:
@@ -42,8 +43,8 @@ def visual_rows(head: nn.Module, offset: int, codebook_size: int):
     is not a plain linear layer (then it is used whole)."""
     if not isinstance(head, nn.Linear) or (offset == 0 and head.out_features == codebook_size):
         return None
-    b = None if head.bias is None else head.bias[offset:offset + codebook_size]
-    return head.weight[offset:offset + codebook_size], b
+    b = None if head.bias is None else head.bias[offset : offset + codebook_size]
+    return head.weight[offset : offset + codebook_size], b
 
 
 def finish_logits(x: torch.Tensor, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
@@ -105,8 +106,14 @@ class FusionGate(nn.Module):
 class FlashARModules(nn.Module):
     """Everything patch() adds, under ``model.flashar``: train it, save it, ship it."""
 
-    def __init__(self, layers: list[nn.Module], norm: nn.Module, head: ImageHead, gate: FusionGate,
-                 fixed_gate: float | None = None):
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        norm: nn.Module,
+        head: ImageHead,
+        gate: FusionGate,
+        fixed_gate: float | None = None,
+    ):
         super().__init__()
         self.branch_layers = nn.ModuleList(layers)
         self.branch_norm = norm
@@ -116,8 +123,14 @@ class FlashARModules(nn.Module):
         self.fixed_gate = fixed_gate
         self.ctx = None  # PatchContext, set by patch(); a plain attribute, not a submodule
 
-    def fuse(self, h_h: torch.Tensor, h_v: torch.Tensor, has_h: torch.Tensor, has_v: torch.Tensor,
-             horizontal_head: Callable[[torch.Tensor], torch.Tensor]) -> "Fused":
+    def fuse(
+        self,
+        h_h: torch.Tensor,
+        h_v: torch.Tensor,
+        has_h: torch.Tensor,
+        has_v: torch.Tensor,
+        horizontal_head: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Fused:
         """Logits for cells whose horizontal source state is ``h_h`` (final, normed backbone
         state) and vertical source state ``h_v`` (normed branch state). ``has_h``/``has_v``
         broadcast over the cell dims: row 0 is horizontal only, column 0 vertical only."""

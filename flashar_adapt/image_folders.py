@@ -8,14 +8,15 @@ manifest only at the very end, so no example is lost or written twice, and a hal
 is never mistaken for a finished one. Unreadable images, modes that do not convert to 8-bit
 colour, and images smaller than the tokenizer's input are counted and listed, never fatal.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +50,7 @@ class Item:
 
 # ---------------------------------------------------------------- sources
 
+
 def list_class_folder(root: Path) -> tuple[list[Item], list[str]]:
     """Items of an image folder with one sub-folder per class (sorted names -> ids 0..n-1)."""
     root = Path(root)
@@ -60,8 +62,9 @@ def list_class_folder(root: Path) -> tuple[list[Item], list[str]]:
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         items += [Item(p, cid) for p in files]
     if not items:
-        raise DataError(f"{root}: no images in its {len(classes)} class sub-folder(s) "
-                        f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(
+            f"{root}: no images in its {len(classes)} class sub-folder(s) (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
     return items, classes
 
 
@@ -93,6 +96,7 @@ def read_jsonl(path: Path, cond_kind: str) -> list[Item]:
 
 
 # ---------------------------------------------------------------- images
+
 
 def load_image(path: Path, tok: ImageTokenizer, allow_upscale: bool = False) -> torch.Tensor:
     """One image as float [C, H, W] in [0, 1] at the tokenizer's input size: scaled so it
@@ -131,6 +135,7 @@ def to_pil(image: torch.Tensor):
 
 # ---------------------------------------------------------------- the run
 
+
 def _fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([recipe.name, list(recipe.image.grid), recipe.image.codebook_size, shard_size, extra]).encode())
@@ -139,10 +144,19 @@ def _fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str)
     return h.hexdigest()
 
 
-def tokenize_dataset(items: list[Item], out_dir, tok: ImageTokenizer, recipe: Recipe, *,
-                     text_tokenizer: Callable[[str], list[int]] | None = None, batch_size: int = 32,
-                     shard_size: int = 4096, allow_upscale: bool = False, progress: bool = True,
-                     extra: str = "") -> dict:
+def tokenize_dataset(
+    items: list[Item],
+    out_dir,
+    tok: ImageTokenizer,
+    recipe: Recipe,
+    *,
+    text_tokenizer: Callable[[str], list[int]] | None = None,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    allow_upscale: bool = False,
+    progress: bool = True,
+    extra: str = "",
+) -> dict:
     """Encode ``items`` into a data folder at ``out_dir``; resumes an interrupted run there.
     Returns the report (examples written, bad images with reasons)."""
     kind = recipe.condition.kind
@@ -159,16 +173,22 @@ def tokenize_dataset(items: list[Item], out_dir, tok: ImageTokenizer, recipe: Re
     state = resume_state(out)
     fp = _fingerprint(items, recipe, shard_size, extra)
     if state is not None and state.get("fingerprint") != fp:
-        raise DataError(f"{out}: holds an interrupted run of other inputs or settings; finish it with the same "
-                        "command, or choose another --out")
+        raise DataError(
+            f"{out}: holds an interrupted run of other inputs or settings; finish it with the same "
+            "command, or choose another --out"
+        )
     T = recipe.condition.prefix_len if kind == "tokens" else None
     writer = ShardWriter(out, recipe.image.grid, recipe.image.codebook_size, kind, recipe.name, shard_size, T)
     state = state or {"fingerprint": fp, "done": 0, "shards": [], "bad": []}
     writer.shards = list(state["shards"])
     run = _Run(items, writer, tok, state, out, T, text_tokenizer, allow_upscale)
     run.go(batch_size, progress)
-    report = {"num_examples": sum(s["num_examples"] for s in writer.shards), "num_inputs": len(items),
-              "num_bad": len(state["bad"]), "bad": state["bad"]}
+    report = {
+        "num_examples": sum(s["num_examples"] for s in writer.shards),
+        "num_inputs": len(items),
+        "num_bad": len(state["bad"]),
+        "bad": state["bad"],
+    }
     atomic_write_bytes(out / REPORT, json.dumps(report, indent=1).encode())
     os.unlink(out / STATE)
     if report["num_examples"] == 0:
@@ -214,7 +234,7 @@ class _Run:
         if not ids or len(ids) > self.T:
             raise BadImage(f"prompt is {len(ids)} tokens; condition.prefix_len allows 1..{self.T}")
         row = torch.zeros(self.T, dtype=torch.int32)
-        row[self.T - len(ids):] = torch.tensor(ids, dtype=torch.int32)  # left-padded, as the shards store prompts
+        row[self.T - len(ids) :] = torch.tensor(ids, dtype=torch.int32)  # left-padded, as the shards store prompts
         return row, len(ids)
 
     def _encode(self, imgs, conds, idx) -> None:
@@ -224,7 +244,7 @@ class _Run:
         while len(self.pending) >= self.writer.shard_size:
             chunk = self.pending[: self.writer.shard_size]
             self._write(chunk, chunk[-1][0] + 1)
-            self.pending = self.pending[self.writer.shard_size:]
+            self.pending = self.pending[self.writer.shard_size :]
 
     def _add(self, chunk) -> None:
         codes = torch.stack([c for _, c, _, _ in chunk])

@@ -6,6 +6,7 @@ decoder owns is the token embedding, Linear layers outside the stack that read t
 size are candidate heads. What structure cannot tell -- the token layout (visual ids, grid,
 meta tokens) -- is left as a loud ``TODO`` that fails recipe validation until filled in.
 """
+
 from __future__ import annotations
 
 import inspect as _inspect
@@ -22,8 +23,8 @@ from .formats import open_path
 from .heads import fit_logit_map
 from .recipe import TODO
 
-
 # ---------------------------------------------------------------- loading files
+
 
 def load_model(path: str | os.PathLike, overrides: dict | None = None) -> tuple[nn.Module, str]:
     """Load a model from a folder or checkpoint file with the first model format that
@@ -35,6 +36,7 @@ def load_model(path: str | os.PathLike, overrides: dict | None = None) -> tuple[
 
 
 # ---------------------------------------------------------------- structure
+
 
 @dataclass
 class Entry:
@@ -62,8 +64,10 @@ class Inspection:
 
     def draft_yaml(self) -> str:
         text = yaml.safe_dump(self.draft, sort_keys=False, width=120)
-        notes = ["# Draft recipe written by `flashar-adapt inspect`. Every value 'TODO' must be filled in",
-                 "# (the loader rejects it, naming the key). Then run `flashar-adapt check MODEL THIS.yaml`."]
+        notes = [
+            "# Draft recipe written by `flashar-adapt inspect`. Every value 'TODO' must be filled in",
+            "# (the loader rejects it, naming the key). Then run `flashar-adapt check MODEL THIS.yaml`.",
+        ]
         for t in self.todo:
             notes.append(f"# TODO {t}")
         return "\n".join(notes) + "\n" + text
@@ -100,8 +104,10 @@ def _takes_embeds(mod: nn.Module) -> bool:
 
 
 def _is_norm(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) \
+    return (
+        isinstance(mod, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
         or "norm" in type(mod).__name__.lower()
+    )
 
 
 def _norm_dim(mod: nn.Module) -> int | None:
@@ -113,8 +119,12 @@ def _lora_targets(layers_path: str, layer: nn.Module) -> list[str]:
     groups: dict[str, list[str]] = {}
     for name, mod in layer.named_modules():
         w = getattr(mod, "weight", None)
-        proj = isinstance(mod, nn.Linear) or (not list(mod.children()) and isinstance(w, nn.Parameter) and w.dim() == 2
-                                              and not isinstance(mod, nn.Embedding))
+        proj = isinstance(mod, nn.Linear) or (
+            not list(mod.children())
+            and isinstance(w, nn.Parameter)
+            and w.dim() == 2
+            and not isinstance(mod, nn.Embedding)
+        )
         if proj and name:
             parent, _, leaf = name.rpartition(".")
             groups.setdefault(parent, []).append(leaf)
@@ -127,8 +137,9 @@ def _lora_targets(layers_path: str, layer: nn.Module) -> list[str]:
     return out
 
 
-def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = None,
-                  overrides: dict | None = None) -> Inspection:
+def inspect_model(
+    model: nn.Module | str | os.PathLike, backend: str | None = None, overrides: dict | None = None
+) -> Inspection:
     """Describe ``model`` (a module, or a path loaded with :func:`load_model`) and draft a recipe."""
     if not isinstance(model, nn.Module):
         model, backend = load_model(model, overrides)
@@ -150,8 +161,22 @@ def inspect_model(model: nn.Module | str | os.PathLike, backend: str | None = No
         backend = "transformers"
     draft, todo = _draft(model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds, probe)
     head_entries = [Entry(p, "head", f"{m_out} outputs") for m_out, p in heads]
-    return Inspection(type(model).__name__, backend, layers, others, decoder, norms, final_norm, emb_entries, embed_path,
-                      head_entries, head, dim, draft, todo)
+    return Inspection(
+        type(model).__name__,
+        backend,
+        layers,
+        others,
+        decoder,
+        norms,
+        final_norm,
+        emb_entries,
+        embed_path,
+        head_entries,
+        head,
+        dim,
+        draft,
+        todo,
+    )
 
 
 def _decoder_stack(named: dict) -> tuple[Entry | None, list[Entry]]:
@@ -200,16 +225,33 @@ def _norms(named: dict, lp: str | None, others: list[Entry]) -> tuple[list[Entry
 def _head_chain(named: dict, lp, others, decoder, dim, embeds, probe) -> tuple[list[str], list, str | None, str | None]:
     """(projections after the final norm, head candidates [(outputs, path)], the LM head, the
     token embedding), found by what they connect to: widths, and the table the head indexes."""
-    linears = [(p, m) for p, m in named.items() if isinstance(m, nn.Linear) and not _inside(p, lp)
-               and not any(_inside(p, e.path) for e in others)]
+    linears = [
+        (p, m)
+        for p, m in named.items()
+        if isinstance(m, nn.Linear) and not _inside(p, lp) and not any(_inside(p, e.path) for e in others)
+    ]
     # a projection the decoder applies after its final norm (reads the hidden size, inside the decoder)
-    after_norm = [p for p, m in linears if dim and m.in_features == dim and m.out_features != dim
-                  and decoder is not None and _inside(p, decoder) and decoder != ""]
+    after_norm = [
+        p
+        for p, m in linears
+        if dim
+        and m.in_features == dim
+        and m.out_features != dim
+        and decoder is not None
+        and _inside(p, decoder)
+        and decoder != ""
+    ]
     head_in = named[after_norm[0]].out_features if len(after_norm) == 1 else dim
     if len(after_norm) != 1:
         after_norm = []
-    heads = sorted(((m.out_features, p) for p, m in linears if p not in after_norm
-                    and (head_in is None or m.in_features == head_in)), reverse=True)
+    heads = sorted(
+        (
+            (m.out_features, p)
+            for p, m in linears
+            if p not in after_norm and (head_in is None or m.in_features == head_in)
+        ),
+        reverse=True,
+    )
     head = heads[0][1] if heads else None
     embed_path = _token_embedding(embeds, named.get(head), probe, decoder)
     embed_mod = named.get(embed_path)
@@ -219,14 +261,19 @@ def _head_chain(named: dict, lp, others, decoder, dim, embeds, probe) -> tuple[l
     return after_norm, heads, head, embed_path
 
 
-def _draft(model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds,
-           probe) -> tuple[dict, list[str]]:
+def _draft(
+    model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds, probe
+) -> tuple[dict, list[str]]:
     """The draft recipe (TODO where structure cannot tell) and what to review in it."""
     embed_mod = named.get(embed_path)
     vocab = embed_mod.num_embeddings if embed_mod is not None else None
     todo = []
-    draft: dict[str, Any] = {"name": TODO, "description": f"{type(model).__name__} (drafted by flashar-adapt inspect)",
-                             "backend": backend or TODO, "match": {"class": type(model).__name__}}
+    draft: dict[str, Any] = {
+        "name": TODO,
+        "description": f"{type(model).__name__} (drafted by flashar-adapt inspect)",
+        "backend": backend or TODO,
+        "match": {"class": type(model).__name__},
+    }
     mods: dict[str, Any] = {"decoder": decoder if decoder is not None else ""}
     mods.update(layers=lp or TODO, norm=final_norm or TODO, head=head or TODO, embed=embed_path or TODO)
     if after_norm:
@@ -238,15 +285,25 @@ def _draft(model, named, backend, decoder, lp, final_norm, head, embed_path, aft
     codebook = None
     if head and vocab and named[head].out_features != vocab:
         codebook = named[head].out_features  # a head of its own: codebook-sized
-    draft["image"] = {"codebook_size": codebook or TODO, "visual_token_offset": 0 if codebook else TODO,
-                      "grid": TODO, "variable_grid": False, "before": [], "eol_token": None}
-    todo.append("image.*: the token layout (codebook size, first visual id, grid, forced meta tokens before the "
-                "codes, end-of-line token) is not in the weights -- read the model's tokenizer / generation code")
+    draft["image"] = {
+        "codebook_size": codebook or TODO,
+        "visual_token_offset": 0 if codebook else TODO,
+        "grid": TODO,
+        "variable_grid": False,
+        "before": [],
+        "eol_token": None,
+    }
+    todo.append(
+        "image.*: the token layout (codebook size, first visual id, grid, forced meta tokens before the "
+        "codes, end-of-line token) is not in the weights -- read the model's tokenizer / generation code"
+    )
     fit = _fit_head(probe, named.get(head), after_norm and [named[p] for p in after_norm])
     if fit is not None:
         draft["logits"] = {fit[0].split(".")[1]: round(fit[1], 6)}
-        todo.append(f"{fit[0]}: the model's logits are its head's output mapped this way (fitted on a probe forward; "
-                    "confirm in the model's config)")
+        todo.append(
+            f"{fit[0]}: the model's logits are its head's output mapped this way (fitted on a probe forward; "
+            "confirm in the model's config)"
+        )
     n_layers = len(named[lp]) if lp else 0
     draft["flashar"] = {"branch_layer": -4 if n_layers >= 8 else -1, "branch_depth": 1}
     draft["lora"] = {"targets": _lora_targets(lp, named[lp][0]) if lp else []}
@@ -260,17 +317,25 @@ def _draft_condition(model, backend, decoder, embed_path, embeds, vocab, todo: l
     if small and backend != "transformers":
         p, m = small[0]
         todo.append(f"condition: {p} has {m.num_embeddings} rows; assumed the last one is the CFG null class")
-        return {"kind": "class", "embedding": p, "num_classes": m.num_embeddings - 1,
-                "null_class": m.num_embeddings - 1, "prefix_len": 1}
+        return {
+            "kind": "class",
+            "embedding": p,
+            "num_classes": m.num_embeddings - 1,
+            "null_class": m.num_embeddings - 1,
+            "prefix_len": 1,
+        }
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     room = f"; the model has {limit} positions" if isinstance(limit, int) else ""
-    todo.append(f"condition.prefix_len: the longest prompt (condition tokens); prompt + forced tokens + H*W - 1 "
-                f"codes (+ H - 1 end-of-line tokens) are fed{room}")
+    todo.append(
+        f"condition.prefix_len: the longest prompt (condition tokens); prompt + forced tokens + H*W - 1 "
+        f"codes (+ H - 1 end-of-line tokens) are fed{room}"
+    )
     todo.append("condition.pad_id: the id used to blank the unconditional prompt (or use uncond: ids, or none)")
     return {"kind": "tokens", "prefix_len": TODO, "uncond": "pad_inner", "pad_id": TODO}
 
 
 # ---------------------------------------------------------------- probe forward (transformers-style models)
+
 
 def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str | None, embeds) -> dict:
     """One short forward of ``model(input_ids=...)``, watched by hooks: which embedding looks
@@ -286,6 +351,7 @@ def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str 
     def lookup(p):
         def hook(mod, args, out):
             seen.setdefault("lookups", []).append((p, args[0] if args else None))
+
         return hook
 
     def width(mod, args, kwargs):
@@ -310,8 +376,9 @@ def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str 
         model.train(was)
         for h in hooks:
             h.remove()
-    seen["token_tables"] = [p for p, x in seen.get("lookups", []) if x is not None and x.shape == ids.shape
-                            and bool((x.cpu() == ids).all())]
+    seen["token_tables"] = [
+        p for p, x in seen.get("lookups", []) if x is not None and x.shape == ids.shape and bool((x.cpu() == ids).all())
+    ]
     return seen
 
 

@@ -13,6 +13,7 @@ beats a shipped one. A tie within one folder is an error, because guessing would
 pick the wrong token layout. Candidates are named by their registry name (the file stem),
 the name ``recipe=`` accepts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,9 @@ def evaluate(model: nn.Module, recipe: Recipe) -> Candidate:
         score += 1
     cfg_conds = m.get("config") or {}
     if not isinstance(cfg_conds, dict):
-        raise RecipeError("match.config", f"must be a mapping of dotted config paths to values, got {cfg_conds!r}",
-                          recipe.source)
+        raise RecipeError(
+            "match.config", f"must be a mapping of dotted config paths to values, got {cfg_conds!r}", recipe.source
+        )
     config = getattr(model, "config", None)
     for path, want in cfg_conds.items():
         got = config_value(config, str(path)) if config is not None else _MISSING
@@ -116,10 +118,16 @@ def match_recipe(model: nn.Module, extra_dirs: list[str | os.PathLike] | None = 
         if len(top) == 1:
             return top[0].recipe
         folder = top[0].recipe.source and os.path.dirname(top[0].recipe.source)
-        raise RecipeError("<recipe>", f"{type(model).__name__} matches several recipes equally well "
-                                      f"({', '.join(c.name for c in top)}, all in {folder}); "
-                                      "pass one of them as recipe=")
+        raise RecipeError(
+            "<recipe>",
+            f"{type(model).__name__} matches several recipes equally well "
+            f"({', '.join(c.name for c in top)}, all in {folder}); "
+            "pass one of them as recipe=",
+        )
     considered = [c for c in cands if c.reason != "no match: section"]
     lines = "; ".join(f"{c.name}: {c.reason}" for c in considered) or "none has a match: section"
-    raise RecipeError("<recipe>", f"no recipe matches {type(model).__name__}. Considered: {lines}. "
-                                  "Pass recipe= (a name or a YAML path), or write one: docs/writing-a-recipe.md")
+    raise RecipeError(
+        "<recipe>",
+        f"no recipe matches {type(model).__name__}. Considered: {lines}. "
+        "Pass recipe= (a name or a YAML path), or write one: docs/writing-a-recipe.md",
+    )

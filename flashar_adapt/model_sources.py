@@ -2,12 +2,13 @@
 it), an export folder, a training run (its last checkpoint, or its base model), or a
 checkpoint plus a recipe (optionally with the FlashAR weights of an export); and the
 model's own text tokenizer for prompt-conditioned recipes."""
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -37,10 +38,17 @@ def load_model_file(path: str | os.PathLike, overrides: dict | None = None) -> t
         raise InputError(" ".join(str(e).split())) from e
 
 
-def load_patched(*, export: str | None = None, run_config: str | None = None, model: str | None = None,
-                 recipe: str | None = None, recipe_dirs: list | None = None, device: str | None = None,
-                 flashar_weights: str | None = None,
-                 need_model: bool = True) -> tuple[nn.Module | None, Recipe, Path | None]:
+def load_patched(
+    *,
+    export: str | None = None,
+    run_config: str | None = None,
+    model: str | None = None,
+    recipe: str | None = None,
+    recipe_dirs: list | None = None,
+    device: str | None = None,
+    flashar_weights: str | None = None,
+    need_model: bool = True,
+) -> tuple[nn.Module | None, Recipe, Path | None]:
     """(patched model, or None for a recipe alone when not ``need_model``; its recipe; the
     folder a text tokenizer may live in) from the first source given: an export folder, a
     training run's config, or a checkpoint with a recipe."""
@@ -67,23 +75,32 @@ def load_patched(*, export: str | None = None, run_config: str | None = None, mo
     return loaded.eval(), rec, Path(model)
 
 
-def load_raster_teacher(*, export: str | None = None, run_config: str | None = None, model: str | None = None,
-                        recipe: str | None = None, recipe_dirs: list | None = None,
-                        device: str | None = None) -> tuple[nn.Module, Recipe, Path | None, str]:
+def load_raster_teacher(
+    *,
+    export: str | None = None,
+    run_config: str | None = None,
+    model: str | None = None,
+    recipe: str | None = None,
+    recipe_dirs: list | None = None,
+    device: str | None = None,
+) -> tuple[nn.Module, Recipe, Path | None, str]:
     """The original raster model to sample data-free shards from: (model, recipe, text
     tokenizer folder, its identity for the run's fingerprint). A run's base model, never its
     checkpoint; never an export (its raster mode is the post-trained model)."""
     if export:
-        raise ModelSourceError("--from-model samples the original raster model: give --model with --recipe, or --config "
-                               "(its base model); an export's raster mode is the post-trained model, not the original")
+        raise ModelSourceError(
+            "--from-model samples the original raster model: give --model with --recipe, or --config "
+            "(its base model); an export's raster mode is the post-trained model, not the original"
+        )
     if run_config:
         cfg = TrainConfig.load(run_config)
         loaded = build_model(cfg).eval()  # the base model the run post-trains, not its checkpoint
         loaded = loaded.to(device) if device else loaded
         return loaded, context(loaded).recipe, None, json.dumps(cfg.model, sort_keys=True, default=str)
     if not (model and recipe):
-        raise ModelSourceError("--from-model needs the raster model: --model PATH with --recipe NAME, or --config "
-                               "RUN.yaml")
+        raise ModelSourceError(
+            "--from-model needs the raster model: --model PATH with --recipe NAME, or --config RUN.yaml"
+        )
     loaded, rec, folder = load_patched(model=model, recipe=recipe, recipe_dirs=recipe_dirs, device=device)
     return loaded, rec, folder, str(Path(model).resolve())
 
@@ -95,8 +112,9 @@ def text_tokenizer(path: str | os.PathLike, template: str) -> Callable[[str], li
 
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a folder without a tokenizer
-        raise ModelSourceError(f"{path}: no usable text tokenizer there ({type(e).__name__}: {e}); "
-                               "pass --text-tokenizer DIR") from None
+        raise ModelSourceError(
+            f"{path}: no usable text tokenizer there ({type(e).__name__}: {e}); pass --text-tokenizer DIR"
+        ) from None
     return lambda prompt: tok(template.replace("{prompt}", prompt))["input_ids"]
 
 
@@ -105,14 +123,17 @@ def has_text_tokenizer(folder: Path | None) -> bool:
     return folder is not None and folder.is_dir() and any((folder / n).is_file() for n in names)
 
 
-def pick_text_tokenizer(recipe: Recipe, given: str | None, folder: Path | None,
-                        template: str) -> Callable[[str], list[int]] | None:
+def pick_text_tokenizer(
+    recipe: Recipe, given: str | None, folder: Path | None, template: str
+) -> Callable[[str], list[int]] | None:
     """The text tokenizer a prompt-conditioned recipe needs: ``given``, else the one beside
     the model (``folder``); None for other recipes."""
     if recipe.condition.kind != "tokens":
         return None
     path = given or (folder if has_text_tokenizer(folder) else None)
     if path is None:
-        raise ModelSourceError(f"recipe {recipe.name!r} is conditioned on prompts: pass --text-tokenizer DIR "
-                               "(the model's own tokenizer folder)")
+        raise ModelSourceError(
+            f"recipe {recipe.name!r} is conditioned on prompts: pass --text-tokenizer DIR "
+            "(the model's own tokenizer folder)"
+        )
     return text_tokenizer(path, template)

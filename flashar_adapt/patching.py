@@ -1,10 +1,12 @@
 """patch() and unpatch(): attach FlashAR to a loaded model in place, and take it off again."""
+
 from __future__ import annotations
 
 import copy
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +17,8 @@ from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
 from .recipe import Recipe, RecipeError, load_recipe
-from .validate import did_you_mean
 from .runners import get_runner
+from .validate import did_you_mean
 
 __all__ = ["PatchContext", "backbone_only", "backbone_state_dict", "context", "patch", "resolve", "unpatch"]
 
@@ -53,15 +55,26 @@ def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:
         if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
             idx = int(part)
             if idx >= len(obj):
-                raise RecipeError(key, f"path {path!r}: index {idx} is out of range at {'.'.join(walked) or '<model>'} "
-                                       f"({len(obj)} entries)", source)
+                raise RecipeError(
+                    key,
+                    f"path {path!r}: index {idx} is out of range at {'.'.join(walked) or '<model>'} "
+                    f"({len(obj)} entries)",
+                    source,
+                )
             obj = obj[idx]
         else:
             if not hasattr(obj, part):
-                names = list(getattr(obj, "_modules", {})) + list(getattr(obj, "_parameters", {})) \
+                names = (
+                    list(getattr(obj, "_modules", {}))
+                    + list(getattr(obj, "_parameters", {}))
                     + list(getattr(obj, "_buffers", {}))
-                raise RecipeError(key, f"path {path!r}: {'.'.join(walked) or '<model>'} ({type(obj).__name__}) "
-                                       f"has no attribute {part!r}{did_you_mean(part, names)}", source)
+                )
+                raise RecipeError(
+                    key,
+                    f"path {path!r}: {'.'.join(walked) or '<model>'} ({type(obj).__name__}) "
+                    f"has no attribute {part!r}{did_you_mean(part, names)}",
+                    source,
+                )
             obj = getattr(obj, part)
         walked.append(part)
     return obj
@@ -70,8 +83,9 @@ def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:
 def _module(root, path, key, src, kinds=(nn.Module,)):
     obj = resolve(root, path, key, src)
     if not isinstance(obj, kinds):
-        raise RecipeError(key, f"path {path!r} is a {type(obj).__name__}, expected "
-                               f"{' or '.join(k.__name__ for k in kinds)}", src)
+        raise RecipeError(
+            key, f"path {path!r} is a {type(obj).__name__}, expected {' or '.join(k.__name__ for k in kinds)}", src
+        )
     return obj
 
 
@@ -104,13 +118,20 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     K = im.codebook_size
     id_key = "image.codebook_size" if im.visual_token_offset == 0 else "image.visual_token_offset"
     if not image_embed and vocab is not None and im.visual_token_offset + K > vocab:
-        raise RecipeError(id_key, f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} are outside the "
-                          f"vocabulary of {m.embed!r} ({vocab} entries)", src)
+        raise RecipeError(
+            id_key,
+            f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} are outside the "
+            f"vocabulary of {m.embed!r} ({vocab} entries)",
+            src,
+        )
     if isinstance(head, nn.Linear):
         if head.out_features != K and im.visual_token_offset + K > head.out_features:
-            raise RecipeError(id_key,
-                              f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} do not fit the "
-                              f"head {m.head!r} ({head.out_features} outputs)", src)
+            raise RecipeError(
+                id_key,
+                f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} do not fit the "
+                f"head {m.head!r} ({head.out_features} outputs)",
+                src,
+            )
     _check_ids([x for x in im.before if isinstance(x, int)], "image.before", vocab, src)
     _check_ids(list(im.digit_ids), "image.digit_ids", vocab, src)
     if im.eol_token is not None:
@@ -129,9 +150,13 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
         rows = getattr(cond_embed, "num_embeddings", None)
         if rows is not None:
             if c.num_classes > rows:
-                raise RecipeError("condition.num_classes", f"{c.num_classes} classes but {c.embedding!r} has {rows} rows", src)
+                raise RecipeError(
+                    "condition.num_classes", f"{c.num_classes} classes but {c.embedding!r} has {rows} rows", src
+                )
             if c.null_class is not None and c.null_class >= rows:
-                raise RecipeError("condition.null_class", f"class {c.null_class} is outside {c.embedding!r} ({rows} rows)", src)
+                raise RecipeError(
+                    "condition.null_class", f"class {c.null_class} is outside {c.embedding!r} ({rows} rows)", src
+                )
     elif c.kind == "features":
         cond_embed = _module(model, c.embedding, "condition.embedding", src)
         if c.uncond == "param":
@@ -150,14 +175,31 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     b = n + b if b < 0 else b
     k = recipe.flashar.branch_depth
     if not 0 <= b < n:
-        raise RecipeError("flashar.branch_layer", f"{recipe.flashar.branch_layer} is out of range for "
-                                                  f"{n} decoder layers (use -{n}..{n - 1})", src)
+        raise RecipeError(
+            "flashar.branch_layer",
+            f"{recipe.flashar.branch_layer} is out of range for {n} decoder layers (use -{n}..{n - 1})",
+            src,
+        )
     if b + k > n:
         raise RecipeError("flashar.branch_depth", f"{k} layers from layer {b} run past the last of {n} layers", src)
 
-    ctx = PatchContext(recipe=recipe, runner=runner, model=model, decoder=decoder, layers=layers, norm=norm,
-                       head=head, embed=embed, image_embed=image_embed, cond_embed=cond_embed,
-                       uncond_features=uncond_features, branch_index=b, dim=dim, vocab_size=vocab, after_norm=after_norm)
+    ctx = PatchContext(
+        recipe=recipe,
+        runner=runner,
+        model=model,
+        decoder=decoder,
+        layers=layers,
+        norm=norm,
+        head=head,
+        embed=embed,
+        image_embed=image_embed,
+        cond_embed=cond_embed,
+        uncond_features=uncond_features,
+        branch_index=b,
+        dim=dim,
+        vocab_size=vocab,
+        after_norm=after_norm,
+    )
     runner.bind(ctx)
     limit = runner.max_positions(ctx)
     if limit is not None:
@@ -176,15 +218,24 @@ def _check_fits(ctx: PatchContext, limit: int, src) -> None:
         return
     image_only = ctx.layout(meta + 1, im.grid).fed_len - 1  # fed tokens after the prompt
     if image_only + 1 > limit or c.kind == "class" or image_only >= c.prefix_len:
-        raise RecipeError("image.grid", f"{list(im.grid)} feeds {need} tokens (prompt and forced tokens included) but "
-                                        f"the model has {limit} positions", src)
-    raise RecipeError("condition.prefix_len", f"{c.prefix_len} prompt tokens do not fit beside grid {list(im.grid)}: "
-                                              f"{need} tokens fed, the model has {limit} positions; at most "
-                                              f"{limit - image_only} prompt tokens fit", src)
+        raise RecipeError(
+            "image.grid",
+            f"{list(im.grid)} feeds {need} tokens (prompt and forced tokens included) but "
+            f"the model has {limit} positions",
+            src,
+        )
+    raise RecipeError(
+        "condition.prefix_len",
+        f"{c.prefix_len} prompt tokens do not fit beside grid {list(im.grid)}: "
+        f"{need} tokens fed, the model has {limit} positions; at most "
+        f"{limit - image_only} prompt tokens fit",
+        src,
+    )
 
 
-def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: float | None = None,
-          **overrides) -> nn.Module:
+def patch(
+    model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: float | None = None, **overrides
+) -> nn.Module:
     """Turn ``model`` into a FlashAR two-way generator, in place; returns ``model``.
 
     ``overrides`` replace recipe keys (``branch_layer=-4``, ``branch_depth=2``,
@@ -192,8 +243,9 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
     mixing weight (0.5 = the NAR-style average, for ablations)."""
     if getattr(model, "flashar", None) is not None and isinstance(model.flashar, FlashARModules):
         raise RuntimeError("model is already patched with FlashAR; call flashar_adapt.unpatch(model) first")
-    if fixed_gate is not None and not (isinstance(fixed_gate, (int, float)) and not isinstance(fixed_gate, bool)
-                                       and 0.0 <= fixed_gate <= 1.0):
+    if fixed_gate is not None and not (
+        isinstance(fixed_gate, (int, float)) and not isinstance(fixed_gate, bool) and 0.0 <= fixed_gate <= 1.0
+    ):
         raise InputError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
     if recipe is None:
         recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"
@@ -211,8 +263,13 @@ def patch(model: nn.Module, recipe: Recipe | str | None = None, *, fixed_gate: f
     # the gate reads what the head reads: the decoder's output, after any projection it ends with
     width = ctx.after_norm[-1].out_features if ctx.after_norm and isinstance(ctx.after_norm[-1], nn.Linear) else ctx.dim
     gate = FusionGate(width, recipe.flashar.gate_hidden, device=ref.device, dtype=ref.dtype)
-    head = ImageHead(ctx.head, 0 if ctx.image_embed else recipe.image.visual_token_offset, recipe.image.codebook_size,
-                     recipe.logits.scale, recipe.logits.softcap)
+    head = ImageHead(
+        ctx.head,
+        0 if ctx.image_embed else recipe.image.visual_token_offset,
+        recipe.image.codebook_size,
+        recipe.logits.scale,
+        recipe.logits.softcap,
+    )
     norm = copy.deepcopy(ctx.norm)
     if ctx.after_norm:  # the branch ends like the decoder: its norm, then the same projection(s)
         norm = nn.Sequential(norm, *(copy.deepcopy(mod) for mod in ctx.after_norm))
@@ -247,4 +304,3 @@ def unpatch(model: nn.Module) -> nn.Module:
         model.__dict__.pop("generate", None)
     mods.ctx = None
     return model
-

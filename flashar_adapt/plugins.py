@@ -15,6 +15,7 @@ transformers) is hidden: listing leaves it out with a one-line warning naming th
 and asking for it by name raises :class:`MissingDependency`. Any other failure to import a
 plugin is raised as it is: a broken plugin must never pass for a missing one.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -70,8 +71,10 @@ class Registry:
             for ep in entry_points(group=self.group):
                 old = points.get(ep.name)
                 if old is not None and old.value != ep.value:
-                    raise FlashARError(f"two installed packages declare the {self.what} {ep.name!r} "
-                                       f"({old.value} and {ep.value}); uninstall one of them")
+                    raise FlashARError(
+                        f"two installed packages declare the {self.what} {ep.name!r} "
+                        f"({old.value} and {ep.value}); uninstall one of them"
+                    )
                 points[ep.name] = ep
             self._points = points
         return self._points
@@ -81,8 +84,10 @@ class Registry:
         the same one again (a module reloaded) replaces itself."""
         old = self.get(name, hidden_ok=True)
         if old is not None and _qualname(old) != _qualname(obj):
-            raise ValueError(f"{self.what} name {name!r} is already taken by {_qualname(old)}; "
-                             f"register {getattr(obj, '__qualname__', obj)!r} under another name")
+            raise ValueError(
+                f"{self.what} name {name!r} is already taken by {_qualname(old)}; "
+                f"register {getattr(obj, '__qualname__', obj)!r} under another name"
+            )
         _name(obj, name)
         self._loaded[name] = obj
         self.hidden.pop(name, None)  # registered here: no longer the entry point that could not load
@@ -101,8 +106,9 @@ class Registry:
         if name in self.hidden:
             if hidden_ok:
                 return None
-            raise MissingDependency(f"the {self.what} {name!r} ({ep.value}) needs the package "
-                                    f"{self.hidden[name]!r}, which is not installed")
+            raise MissingDependency(
+                f"the {self.what} {name!r} ({ep.value}) needs the package {self.hidden[name]!r}, which is not installed"
+            )
         return self._loaded[name]
 
     def _load(self, name: str, ep: EntryPoint) -> None:
@@ -125,8 +131,11 @@ class Registry:
         for name, package in self.hidden.items():
             if name not in self._warned:
                 self._warned.add(name)
-                warnings.warn(f"{self.what} {name!r} is unavailable: it needs the package {package!r}, "
-                              "which is not installed", PluginHidden, stacklevel=3)
+                warnings.warn(
+                    f"{self.what} {name!r} is unavailable: it needs the package {package!r}, which is not installed",
+                    PluginHidden,
+                    stacklevel=3,
+                )
         return dict(sorted(self._loaded.items()))
 
     def names(self) -> list[str]:

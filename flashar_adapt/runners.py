@@ -13,6 +13,7 @@ runner can do beyond that it declares as class attributes (``static_caches``,
 ``fused_branch``, ``reference_forward``), and the core asks the attribute, never a method
 that might return None.
 """
+
 from __future__ import annotations
 
 import abc
@@ -35,13 +36,15 @@ def register_runner(name: str):
 
     def deco(cls):
         if inspect.isabstract(cls):
-            raise TypeError(f"runner {cls.__qualname__} does not implement {', '.join(sorted(cls.__abstractmethods__))}")
+            raise TypeError(
+                f"runner {cls.__qualname__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
+            )
         return REGISTRY.register(name, cls)
 
     return deco
 
 
-def get_runner(name: str) -> type["Runner"]:
+def get_runner(name: str) -> type[Runner]:
     """The runner class a recipe's ``backend:`` names; RecipeError naming the key if unknown."""
     try:
         cls = REGISTRY.get(name)
@@ -75,7 +78,7 @@ class Runner(abc.ABC):
     #: ``check`` compares the patched raster logits against (otherwise the generic references)
     reference_forward: ClassVar[bool] = False
 
-    def bind(self, ctx) -> None:
+    def bind(self, ctx) -> None:  # noqa: B027 - optional: a runner with nothing to check or configure keeps it
         """Check the model against what this runner needs and configure for it (called once,
         by ``patch``, before the FlashAR modules are attached); raise RecipeError naming the key."""
 
@@ -84,8 +87,17 @@ class Runner(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def run(self, ctx, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, key_slots: torch.Tensor,
-            allowed: torch.Tensor, cache: Any, entries: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        ctx,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        key_slots: torch.Tensor,
+        allowed: torch.Tensor,
+        cache: Any,
+        entries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the decoder stack on ``embeds`` [B, T, d].
 
         positions [B, T]: position ids (raster order, left padding removed); slots [T]:
@@ -115,16 +127,27 @@ class Runner(abc.ABC):
     def new_branch_cache(self, ctx, batch: int, max_len: int, static: bool = False) -> Any:
         """The vertical branch's caches, entry for entry beside the backbone's."""
 
-    def prepare_branch_layers(self, layers: list[nn.Module]) -> None:
+    def prepare_branch_layers(self, layers: list[nn.Module]) -> None:  # noqa: B027 - optional, like bind
         """Fix up deep-copied layers (cache indices) so they run beside the originals."""
 
     @abc.abstractmethod
-    def branch_call(self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any) -> torch.Tensor:
+    def branch_call(
+        self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, cache: Any
+    ) -> torch.Tensor:
         """Call one branch layer with the inputs captured from the backbone's branch layer."""
 
-    def run_with_branch(self, ctx, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                        key_slots: torch.Tensor, allowed: torch.Tensor, cache: Any, branch_cache: Any,
-                        entries: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_with_branch(
+        self,
+        ctx,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        key_slots: torch.Tensor,
+        allowed: torch.Tensor,
+        cache: Any,
+        branch_cache: Any,
+        entries: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Only when ``fused_branch``: the backbone and the vertical branch in one pass.
 
         Returns (final normed hidden [B, T, d], un-normed branch output [B, T, d]). Called

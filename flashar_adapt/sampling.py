@@ -1,4 +1,5 @@
 """Sampling settings, validated once, and the sampler every decoder shares."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,10 @@ class Sampling:
         if not (_number(self.top_p) and 0 < self.top_p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise InputError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or None, "
-                             f"got {type(self.generator).__name__} {self.generator!r}")
+            raise InputError(
+                f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(42)) or None, "
+                f"got {type(self.generator).__name__} {self.generator!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -59,8 +62,10 @@ class Sampling:
         """The generator must live where the logits are (multinomial refuses otherwise)."""
         g = self.generator
         if g is not None and not self.greedy and g.device.type != torch.device(device).type:
-            raise InputError(f"generator is on {g.device} but the model is on {device}; "
-                             f"create it with torch.Generator(device={str(device)!r})")
+            raise InputError(
+                f"generator is on {g.device} but the model is on {device}; "
+                f"create it with torch.Generator(device={str(device)!r})"
+            )
 
     def scale_at(self, step: int, n_steps: int) -> float:
         """The guidance scale at decoding step ``step`` of ``n_steps``."""
@@ -78,12 +83,20 @@ def guide(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
     return u + scale * (c - u)
 
 
-def sample(logits: torch.Tensor, temperature: float | Sampling = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float | Sampling = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sample one index per row of ``logits`` [N, K]; greedy for top_k=1 or temperature=0.
     Pass a ``Sampling`` as the second argument, or the settings one by one (validated)."""
-    s = temperature if isinstance(temperature, Sampling) else Sampling(temperature=temperature, top_k=top_k,
-                                                                        top_p=top_p, generator=generator)
+    s = (
+        temperature
+        if isinstance(temperature, Sampling)
+        else Sampling(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    )
     if s.greedy:
         return logits.argmax(-1)
     # Shift by the row maximum and divide by at least float32's smallest normal number: any

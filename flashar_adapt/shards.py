@@ -11,6 +11,7 @@ Layout of a data folder::
 Shards are validated when opened (shapes, dtypes, index ranges) and every file is written
 atomically, so a crash while writing never leaves a shard that looks complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,16 +56,35 @@ def _code_dtype(codebook_size: int) -> torch.dtype:
 class ShardWriter:
     """Write examples to shards: ``add(codes, cond)`` any number of times, then ``close()``."""
 
-    def __init__(self, out_dir, grid: tuple[int, int], codebook_size: int, cond_kind: str = "class",
-                 recipe: str = "", shard_size: int = 4096, max_prompt_len: int | None = None,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        out_dir,
+        grid: tuple[int, int],
+        codebook_size: int,
+        cond_kind: str = "class",
+        recipe: str = "",
+        shard_size: int = 4096,
+        max_prompt_len: int | None = None,
+        num_classes: int | None = None,
+    ):
         """``num_classes``: class ids must lie in [0, num_classes] (the last one for the null
         class); recorded in the manifest so training checks it against the recipe."""
-        args = {"grid": list(grid) if isinstance(grid, (list, tuple)) else grid, "codebook_size": codebook_size,
-                "cond_kind": cond_kind, "shard_size": shard_size, "max_prompt_len": max_prompt_len,
-                "num_classes": num_classes}
-        bad = first_problem(args, {**{k: MANIFEST_RULES[k] for k in ("grid", "codebook_size", "cond_kind", "num_classes")},
-                                   "shard_size": Num(1, integer=True), "max_prompt_len": Num(1, integer=True, optional=True)})
+        args = {
+            "grid": list(grid) if isinstance(grid, (list, tuple)) else grid,
+            "codebook_size": codebook_size,
+            "cond_kind": cond_kind,
+            "shard_size": shard_size,
+            "max_prompt_len": max_prompt_len,
+            "num_classes": num_classes,
+        }
+        bad = first_problem(
+            args,
+            {
+                **{k: MANIFEST_RULES[k] for k in ("grid", "codebook_size", "cond_kind", "num_classes")},
+                "shard_size": Num(1, integer=True),
+                "max_prompt_len": Num(1, integer=True, optional=True),
+            },
+        )
         if bad:
             raise DataError(f"ShardWriter: {bad[0]} {bad[1]}")
         self.dir = Path(out_dir)
@@ -87,20 +107,33 @@ class ShardWriter:
             raise DataError("codes and cond must have the same number of examples")
         if cond.numel() and int(cond.min()) < 0:
             raise DataError(f"{'class' if self.kind == 'class' else 'prompt'} ids must be >= 0, got {int(cond.min())}")
-        if self.kind == "class" and self.num_classes is not None and cond.numel() and int(cond.max()) > self.num_classes:
-            raise DataError(f"class ids must lie in [0, {self.num_classes}] (num_classes, plus the null class), "
-                            f"got {int(cond.max())}")
+        if (
+            self.kind == "class"
+            and self.num_classes is not None
+            and cond.numel()
+            and int(cond.max()) > self.num_classes
+        ):
+            raise DataError(
+                f"class ids must lie in [0, {self.num_classes}] (num_classes, plus the null class), "
+                f"got {int(cond.max())}"
+            )
         if self.kind == "tokens":
             if cond.dim() != 2:
                 raise DataError("prompt ids must be [N, T] (left-padded)")
-            lens = torch.full((cond.shape[0],), cond.shape[1]) if prompt_len is None else _integers(prompt_len, "prompt_len")
-            if lens.shape != (cond.shape[0],) or (lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cond.shape[1])):
+            lens = (
+                torch.full((cond.shape[0],), cond.shape[1])
+                if prompt_len is None
+                else _integers(prompt_len, "prompt_len")
+            )
+            if lens.shape != (cond.shape[0],) or (
+                lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cond.shape[1])
+            ):
                 raise DataError(f"prompt_len must be [N] integers in [1, {cond.shape[1]}]")
             T = self.max_prompt_len or cond.shape[1]
             if cond.shape[1] > T:
                 raise DataError(f"prompts are {cond.shape[1]} tokens; max_prompt_len is {T}")
             pad = torch.zeros(cond.shape[0], T, dtype=torch.int32)
-            pad[:, T - cond.shape[1]:] = cond.to(torch.int32)
+            pad[:, T - cond.shape[1] :] = cond.to(torch.int32)
             cond = torch.cat([pad, lens.to(torch.int32)[:, None]], 1)  # last column carries the length
         elif cond.dim() != 1:
             raise DataError("class ids must be [N]")
@@ -126,9 +159,15 @@ class ShardWriter:
     def close(self) -> Path:
         if self._pending:
             self._flush(self._pending)
-        manifest = {"format": FORMAT, "grid": list(self.grid), "codebook_size": self.K, "recipe": self.recipe,
-                    "cond_kind": self.kind, "num_examples": sum(s["num_examples"] for s in self.shards),
-                    "shards": self.shards}
+        manifest = {
+            "format": FORMAT,
+            "grid": list(self.grid),
+            "codebook_size": self.K,
+            "recipe": self.recipe,
+            "cond_kind": self.kind,
+            "num_examples": sum(s["num_examples"] for s in self.shards),
+            "shards": self.shards,
+        }
         if self.num_classes is not None:
             manifest["num_classes"] = self.num_classes
         atomic_write_bytes(self.dir / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -170,8 +209,11 @@ class ShardDataset:
                 raise DataError(f"{mf}: missing key {key!r}")
         bad = first_problem(m, MANIFEST_RULES)
         for i, sh in enumerate(m["shards"] if bad is None else []):
-            bad = first_problem(sh, SHARD_RULES, f"shards[{i}].") if isinstance(sh, dict) else \
-                (f"shards[{i}]", f"must be a mapping, got {short(sh)}")
+            bad = (
+                first_problem(sh, SHARD_RULES, f"shards[{i}].")
+                if isinstance(sh, dict)
+                else (f"shards[{i}]", f"must be a mapping, got {short(sh)}")
+            )
             if bad:
                 break
         if bad:
@@ -198,8 +240,10 @@ class ShardDataset:
         when a shard is opened, naming the file; a manifest that records more classes than the
         model's ``num_classes`` is refused now."""
         if self.num_classes is not None and self.num_classes > num_classes:
-            raise DataError(f"{self.dir}: the data has {self.num_classes} classes (manifest num_classes); "
-                            f"the recipe's condition.num_classes is {num_classes}")
+            raise DataError(
+                f"{self.dir}: the data has {self.num_classes} classes (manifest num_classes); "
+                f"the recipe's condition.num_classes is {num_classes}"
+            )
         self.max_class = max_class
         self._cache = {}
 
@@ -219,25 +263,41 @@ class ShardDataset:
             raise DataError(f"{path}: unreadable or truncated safetensors file ({e})") from None
         n = info["num_examples"]
         codes = t.get("codes")
-        if codes is None or codes.dtype not in (torch.int16, torch.int32, torch.int64) \
-                or tuple(codes.shape) != (n, *self.grid):
-            raise DataError(f"{path}: 'codes' must be an integer tensor [{n}, {self.grid[0]}, {self.grid[1]}], "
-                            f"got {None if codes is None else (codes.dtype, tuple(codes.shape))}")
+        if (
+            codes is None
+            or codes.dtype not in (torch.int16, torch.int32, torch.int64)
+            or tuple(codes.shape) != (n, *self.grid)
+        ):
+            raise DataError(
+                f"{path}: 'codes' must be an integer tensor [{n}, {self.grid[0]}, {self.grid[1]}], "
+                f"got {None if codes is None else (codes.dtype, tuple(codes.shape))}"
+            )
         if n and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise DataError(f"{path}: codes outside the codebook [0, {self.codebook_size}) "
-                            f"(min {int(codes.min())}, max {int(codes.max())})")
+            raise DataError(
+                f"{path}: codes outside the codebook [0, {self.codebook_size}) "
+                f"(min {int(codes.min())}, max {int(codes.max())})"
+            )
         if self.cond_kind == "class":
             cond = t.get("cond")
             if cond is None or cond.shape != (n,) or cond.is_floating_point() or cond.dtype == torch.bool:
                 raise DataError(f"{path}: 'cond' must be integer class ids [{n}]")
             top = self.max_class
             if n and (int(cond.min()) < 0 or (top is not None and int(cond.max()) > top)):
-                raise DataError(f"{path}: class ids outside [0, {'...' if top is None else top}] "
-                                f"(min {int(cond.min())}, max {int(cond.max())})")
+                raise DataError(
+                    f"{path}: class ids outside [0, {'...' if top is None else top}] "
+                    f"(min {int(cond.min())}, max {int(cond.max())})"
+                )
         else:
             p, lens = t.get("prompt"), t.get("prompt_len")
-            if p is None or lens is None or p.dim() != 2 or p.shape[0] != n or lens.shape != (n,) \
-                    or p.is_floating_point() or lens.is_floating_point():
+            if (
+                p is None
+                or lens is None
+                or p.dim() != 2
+                or p.shape[0] != n
+                or lens.shape != (n,)
+                or p.is_floating_point()
+                or lens.is_floating_point()
+            ):
                 raise DataError(f"{path}: integer 'prompt' [n, T] and 'prompt_len' [n] are required for prompt data")
             if n and (int(lens.min()) < 1 or int(lens.max()) > p.shape[1] or int(p.min()) < 0):
                 raise DataError(f"{path}: prompt_len outside [1, {p.shape[1]}] or negative prompt ids")
@@ -281,7 +341,7 @@ class ShardDataset:
             epoch, pos = divmod(step, per_epoch)
             order = self.order(epoch, seed)
             while pos < per_epoch:
-                yield step, order[pos * batch_size:(pos + 1) * batch_size]
+                yield step, order[pos * batch_size : (pos + 1) * batch_size]
                 pos += 1
                 step += 1
 

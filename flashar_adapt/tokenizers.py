@@ -14,6 +14,7 @@ factories registered in-process with ``@register_tokenizer("kind")``. The kind
 ``color-clusters`` (one code per pixel: the nearest of K colours, a palette read from a
 safetensors or a JSON file) lives here because it needs no family code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,9 @@ class ImageTokenizer:
         images = torch.as_tensor(images)
         want = (self.channels, *self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != want:
-            raise TokenizerError(f"images must be [N, {want[0]}, {want[1]}, {want[2]}] (pixels in [0, 1]), "
-                                 f"got {tuple(images.shape)}")
+            raise TokenizerError(
+                f"images must be [N, {want[0]}, {want[1]}, {want[2]}] (pixels in [0, 1]), got {tuple(images.shape)}"
+            )
         if not images.is_floating_point():
             raise TokenizerError(f"images must be float in [0, 1], got {images.dtype}")
         with torch.no_grad():
@@ -69,7 +71,9 @@ class ImageTokenizer:
         if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
             raise TokenizerError(f"codes must be [N, {self.grid[0]}, {self.grid[1]}], got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise TokenizerError(f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+            raise TokenizerError(
+                f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]"
+            )
         with torch.no_grad():
             return self._decode(codes.long()).float().clamp(0, 1)
 
@@ -94,6 +98,7 @@ def denormalize(x: torch.Tensor, spec: Tokenizer) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- registry
+
 
 def register_tokenizer(kind: str):
     """Decorator: make a factory ``(spec, model, root) -> ImageTokenizer`` available as ``kind``
@@ -122,8 +127,13 @@ def resolve_checkpoint(spec: Tokenizer, root: str | os.PathLike | None) -> Path 
     return p
 
 
-def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, checkpoint: str | os.PathLike | None = None,
-                   root: str | os.PathLike | None = None) -> ImageTokenizer:
+def load_tokenizer(
+    recipe: Recipe | str,
+    model: nn.Module | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+) -> ImageTokenizer:
     """Build the tokenizer a recipe names and check it agrees with the recipe's grid and codebook.
 
     ``checkpoint`` overrides ``tokenizer.checkpoint``; ``root`` is where a relative checkpoint
@@ -132,8 +142,12 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
     recipe = load_recipe(recipe)
     spec = recipe.tokenizer
     if spec is None:
-        raise RecipeError("tokenizer", f"recipe {recipe.name!r} has no tokenizer section: images cannot be encoded "
-                          "or decoded (add one, see docs/writing-a-recipe.md)", recipe.source)
+        raise RecipeError(
+            "tokenizer",
+            f"recipe {recipe.name!r} has no tokenizer section: images cannot be encoded "
+            "or decoded (add one, see docs/writing-a-recipe.md)",
+            recipe.source,
+        )
     if checkpoint is not None:
         recipe = recipe.replace(**{"tokenizer.checkpoint": str(Path(checkpoint).resolve())})
         spec = recipe.tokenizer
@@ -145,8 +159,11 @@ def load_tokenizer(recipe: Recipe | str, model: nn.Module | None = None, *, chec
         raise RecipeError("tokenizer.kind", str(e), recipe.source) from None
     if factory is None:
         known = list_tokenizers()
-        raise RecipeError("tokenizer.kind", f"unknown tokenizer kind {spec.kind!r}{did_you_mean(spec.kind, known)}; "
-                          f"known: {', '.join(known)}", recipe.source)
+        raise RecipeError(
+            "tokenizer.kind",
+            f"unknown tokenizer kind {spec.kind!r}{did_you_mean(spec.kind, known)}; known: {', '.join(known)}",
+            recipe.source,
+        )
     if spec.downsample is None and spec.image_size is None:
         spec = _with_size(spec, recipe, 1)
     elif spec.image_size is None:
@@ -164,17 +181,23 @@ def _with_size(spec: Tokenizer, recipe: Recipe, down: int) -> Tokenizer:
 def check_fits(tok: ImageTokenizer, recipe: Recipe) -> None:
     """A tokenizer whose grid or codebook disagrees with the recipe is refused, naming both."""
     if tuple(tok.grid) != tuple(recipe.image.grid):
-        raise RecipeError("tokenizer", f"the tokenizer makes a {tok.grid[0]}x{tok.grid[1]} grid of codes from "
-                          f"{tok.image_size[0]}x{tok.image_size[1]} images, but image.grid is {list(recipe.image.grid)}",
-                          recipe.source)
+        raise RecipeError(
+            "tokenizer",
+            f"the tokenizer makes a {tok.grid[0]}x{tok.grid[1]} grid of codes from "
+            f"{tok.image_size[0]}x{tok.image_size[1]} images, but image.grid is {list(recipe.image.grid)}",
+            recipe.source,
+        )
     if tok.codebook_size != recipe.image.codebook_size:
-        raise RecipeError("tokenizer", f"the tokenizer has {tok.codebook_size} codes, but image.codebook_size is "
-                          f"{recipe.image.codebook_size}", recipe.source)
+        raise RecipeError(
+            "tokenizer",
+            f"the tokenizer has {tok.codebook_size} codes, but image.codebook_size is {recipe.image.codebook_size}",
+            recipe.source,
+        )
 
 
 # ---------------------------------------------------------------- decode_images
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, ImageTokenizer]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, ImageTokenizer] = weakref.WeakKeyDictionary()
 
 
 def tokenizer_of(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> ImageTokenizer:
@@ -195,6 +218,7 @@ def decode_images(model: nn.Module, codes: torch.Tensor, tokenizer: ImageTokeniz
 
 # ---------------------------------------------------------------- colour clusters
 
+
 class ColorClusters(ImageTokenizer):
     """One code per pixel: the nearest of K colours (squared distance in the normalised space).
     Decoding paints each code's colour, so re-encoding a decoded image returns the same codes
@@ -207,7 +231,9 @@ class ColorClusters(ImageTokenizer):
         if clusters.dim() != 2 or clusters.shape[1] != spec.channels:
             raise TokenizerError(f"colour clusters must be [K, {spec.channels}], got {tuple(clusters.shape)}")
         if spec.downsample not in (None, 1):
-            raise TokenizerError(f"color-clusters has one code per pixel: tokenizer.downsample must be 1, got {spec.downsample}")
+            raise TokenizerError(
+                f"color-clusters has one code per pixel: tokenizer.downsample must be 1, got {spec.downsample}"
+            )
         self.clusters, self.spec = clusters, spec
         self.codebook_size, self.channels = clusters.shape[0], spec.channels
         self.image_size = tuple(spec.image_size)
@@ -215,7 +241,7 @@ class ColorClusters(ImageTokenizer):
 
     def _encode(self, images):
         x = normalize(images, self.spec).permute(0, 2, 3, 1).reshape(-1, self.channels)
-        d = (x * x).sum(1, keepdim=True) - 2 * x @ self.clusters.T + (self.clusters ** 2).sum(1)[None]
+        d = (x * x).sum(1, keepdim=True) - 2 * x @ self.clusters.T + (self.clusters**2).sum(1)[None]
         return d.argmin(1)
 
     def _decode(self, codes):
@@ -227,8 +253,10 @@ class ColorClusters(ImageTokenizer):
 def _color_clusters(spec: Tokenizer, model, root) -> ColorClusters:
     path = resolve_checkpoint(spec, root)
     if path is None:
-        raise TokenizerError("tokenizer.checkpoint: color-clusters needs the palette file (safetensors with "
-                             "'clusters' [K, C], or a JSON file with a 'clusters' list)")
+        raise TokenizerError(
+            "tokenizer.checkpoint: color-clusters needs the palette file (safetensors with "
+            "'clusters' [K, C], or a JSON file with a 'clusters' list)"
+        )
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text())

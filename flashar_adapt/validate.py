@@ -7,13 +7,15 @@ message)`` that fails, so every caller raises its own error type with the key na
 every check lives in one place.
 NaN and infinities fail every numeric rule.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 def short(v: Any, n: int = 60) -> str:
@@ -25,6 +27,7 @@ def short(v: Any, n: int = 60) -> str:
 @dataclass(frozen=True)
 class Num:
     """A finite number (``integer``: an int, never a bool) in [lo, hi], ends open on request."""
+
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
@@ -59,6 +62,7 @@ class Num:
 @dataclass(frozen=True)
 class Is:
     """A value of one of ``types`` (bools are not ints here)."""
+
     types: tuple
     name: str
     optional: bool = False
@@ -79,8 +83,11 @@ class OneOf:
     choices: tuple
 
     def problem(self, v: Any) -> str | None:
-        return None if any(v == c and type(v) is type(c) for c in self.choices) else \
-            f"must be one of {', '.join(repr(c) for c in self.choices)}, got {short(v)}"
+        return (
+            None
+            if any(v == c and type(v) is type(c) for c in self.choices)
+            else f"must be one of {', '.join(repr(c) for c in self.choices)}, got {short(v)}"
+        )
 
     def describe(self) -> str:
         return "one of " + ", ".join(repr(c) for c in self.choices)
@@ -89,6 +96,7 @@ class OneOf:
 @dataclass(frozen=True)
 class Text:
     """A string (``nonempty``: with at least one character)."""
+
     nonempty: bool = False
     optional: bool = False
 
@@ -106,6 +114,7 @@ class Text:
 @dataclass(frozen=True)
 class Seq:
     """A list (or tuple) of ``length`` items (any length if None), each obeying ``item``."""
+
     item: Any
     length: int | None = None
     min_length: int = 0
@@ -134,6 +143,7 @@ class Seq:
 @dataclass(frozen=True)
 class AnyOf:
     """A value that obeys at least one of ``rules``; ``name`` says what that is."""
+
     rules: tuple
     name: str
     optional: bool = False
@@ -153,6 +163,7 @@ class AnyOf:
 class Named:
     """``rule`` with its failures said in one phrase ("[H, W] with positive integers") instead
     of the rule's own words; a missing required value is still "is required"."""
+
     rule: Any
     name: str
 
@@ -187,8 +198,11 @@ def dataclass_rules(cls) -> dict[str, Any]:
 def first_problem(values: Any, rules: Mapping[str, Any], prefix: str = "") -> tuple[str, str] | None:
     """The first (dotted key, message) where ``values`` (a dataclass or a mapping) breaks
     ``rules``, or None. A rule that is itself a mapping checks a nested mapping."""
-    get = (lambda k: getattr(values, k, None)) if dataclasses.is_dataclass(values) else \
-        (lambda k: values.get(k) if isinstance(values, Mapping) else None)
+    get = (
+        (lambda k: getattr(values, k, None))
+        if dataclasses.is_dataclass(values)
+        else (lambda k: values.get(k) if isinstance(values, Mapping) else None)
+    )
     for k, r in rules.items():
         v = get(k)
         key = f"{prefix}{k}"
@@ -222,8 +236,11 @@ def differing_keys(old: Mapping, new: Mapping, ignore: tuple = ()) -> list[tuple
     """(dotted key, old value, new value) wherever the two differ; a missing key reads as
     ``MISSING``. Keys whose first part is in ``ignore`` are skipped."""
     a, b = flatten(old), flatten(new)
-    return [(k, a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
-            if k.split(".")[0] not in ignore and a.get(k, MISSING) != b.get(k, MISSING)]
+    return [
+        (k, a.get(k, MISSING), b.get(k, MISSING))
+        for k in sorted(set(a) | set(b))
+        if k.split(".")[0] not in ignore and a.get(k, MISSING) != b.get(k, MISSING)
+    ]
 
 
 class _Missing:

@@ -5,6 +5,7 @@ Resumable: a checkpoint (model, optimizer, RNG, step) is written atomically ever
 logged every ``eval_every`` steps (the learning curve ships with the weights); the best
 weights are kept, and training stops early when the test NLL stops improving.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,9 +27,21 @@ CODEBOOK = 256
 
 
 def base_args(**over) -> ModelArgs:
-    kw = dict(dim=128, n_layer=4, n_head=4, multiple_of=32, vocab_size=CODEBOOK, num_classes=10, block_size=GRID * GRID,
-              cls_token_num=1, class_dropout_prob=0.1, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
-              drop_path_rate=0.0)
+    kw = dict(
+        dim=128,
+        n_layer=4,
+        n_head=4,
+        multiple_of=32,
+        vocab_size=CODEBOOK,
+        num_classes=10,
+        block_size=GRID * GRID,
+        cls_token_num=1,
+        class_dropout_prob=0.1,
+        token_dropout_p=0.0,
+        resid_dropout_p=0.0,
+        ffn_dropout_p=0.0,
+        drop_path_rate=0.0,
+    )
     kw.update(over)
     return ModelArgs(**kw)
 
@@ -40,25 +53,40 @@ def test_nll_bits(model: Transformer, codes: torch.Tensor, labels: torch.Tensor,
     model.eval()
     total = 0.0
     for i in range(0, codes.shape[0], batch):
-        c = codes[i:i + batch].flatten(1)
-        logits, _ = model(c[:, :-1], labels[i:i + batch])
+        c = codes[i : i + batch].flatten(1)
+        logits, _ = model(c[:, :-1], labels[i : i + batch])
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), c.reshape(-1), reduction="sum").item()
     model.train(was)
     return total / codes.numel() / math.log(2)
 
 
-def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tensor, test_labels: torch.Tensor,
-               out: Path, *, steps: int = 6000, batch: int = 64, lr: float = 1e-3, warmup: int = 200,
-               eval_every: int = 100, ckpt_every: int = 100, patience: int = 4, seed: int = 0,
-               args: ModelArgs | None = None, progress: bool = True) -> dict:
+def train_base(
+    codes: torch.Tensor,
+    labels: torch.Tensor,
+    test_codes: torch.Tensor,
+    test_labels: torch.Tensor,
+    out: Path,
+    *,
+    steps: int = 6000,
+    batch: int = 64,
+    lr: float = 1e-3,
+    warmup: int = 200,
+    eval_every: int = 100,
+    ckpt_every: int = 100,
+    patience: int = 4,
+    seed: int = 0,
+    args: ModelArgs | None = None,
+    progress: bool = True,
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = args or base_args()
     (out / "base_config.json").write_text(json.dumps(asdict(args), indent=1))  # weights are useless without it
     torch.manual_seed(seed)
     model = Transformer(args)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
-                                              (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
     state = {"step": 0, "best": float("inf"), "best_step": 0, "bad_evals": 0}
     ck = out / "base_ckpt.pt"
     if ck.is_file():
@@ -84,7 +112,7 @@ def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tens
         step = state["step"]
         epoch, pos = divmod(step, per_epoch)
         g.manual_seed(seed * 1000 + epoch)
-        idx = torch.randperm(n, generator=g)[pos * batch:(pos + 1) * batch]
+        idx = torch.randperm(n, generator=g)[pos * batch : (pos + 1) * batch]
         c = codes[idx].flatten(1)
         logits, loss = model(c[:, :-1], labels[idx], targets=c)
         opt.zero_grad(set_to_none=True)
@@ -99,8 +127,13 @@ def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tens
         rec = None
         if step % eval_every == 0 or step == steps:
             nll = test_nll_bits(model, test_codes, test_labels)
-            rec = {"step": step, "epoch": round(step / per_epoch, 3), "train_bits": round(loss.item() / math.log(2), 4),
-                   "test_bits": round(nll, 4), "sec": round(time.perf_counter() - t0, 1)}
+            rec = {
+                "step": step,
+                "epoch": round(step / per_epoch, 3),
+                "train_bits": round(loss.item() / math.log(2), 4),
+                "test_bits": round(nll, 4),
+                "sec": round(time.perf_counter() - t0, 1),
+            }
             if nll < state["best"] - 1e-3:
                 state.update(best=nll, best_step=step, bad_evals=0)
                 atomic_save_safetensors({k: v.half() for k, v in model.state_dict().items()}, out / "base.safetensors")
@@ -110,8 +143,16 @@ def train_base(codes: torch.Tensor, labels: torch.Tensor, test_codes: torch.Tens
                 f.write(json.dumps(rec) + "\n")
         if step % ckpt_every == 0 or step == steps or state["bad_evals"] >= patience:
             buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "state": state}, buf)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "state": state,
+                },
+                buf,
+            )
             atomic_write_bytes(ck, buf.getvalue())
     if bar is not None:
         bar.close()

@@ -9,6 +9,7 @@
 
 Assets go to ``--assets`` (default: the package's assets folder); scratch to ``--work``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,15 @@ def build_tokenizer(assets: Path, work: Path) -> None:
     vq = PatchVQ.fit(x, K=256, iters=25)
     vq.save(assets / "tokenizer.safetensors")
     p = psnr(vq.decode(vq.encode(xt)), xt.float() / 255)
-    _update_info(assets, tokenizer={"kind": "k-means VQ, 2x2 patches", "grid": [14, 14], "codebook_size": 256,
-                                    "test_psnr_db": round(p, 2)})
+    _update_info(
+        assets,
+        tokenizer={
+            "kind": "k-means VQ, 2x2 patches",
+            "grid": [14, 14],
+            "codebook_size": 256,
+            "test_psnr_db": round(p, 2),
+        },
+    )
     print(f"tokenizer: test-set reconstruction PSNR {p:.2f} dB")
 
 
@@ -84,13 +92,27 @@ def build_base(assets: Path, work: Path, steps: int) -> None:
     c = tokenize(assets, work)
     g = torch.Generator().manual_seed(0)
     sub = torch.randperm(10_000, generator=g)[:2000]  # fixed test subset for the learning curve
-    state = train_base(c["train"].long(), c["train_labels"], c["test"][sub].long(), c["test_labels"][sub],
-                       work / "base", steps=steps, batch=BASE_BATCH, eval_every=200)
+    state = train_base(
+        c["train"].long(),
+        c["train_labels"],
+        c["test"][sub].long(),
+        c["test_labels"][sub],
+        work / "base",
+        steps=steps,
+        batch=BASE_BATCH,
+        eval_every=200,
+    )
     for name in ("base.safetensors", "base_config.json", "base_train_log.jsonl"):
         shutil.copy(work / "base" / name, assets / name)
-    _update_info(assets, base={"steps": state["step"], "best_step": state["best_step"],
-                               "best_test_bits_per_token_2k": round(state["best"], 4),
-                               "images_seen": state["step"] * BASE_BATCH})
+    _update_info(
+        assets,
+        base={
+            "steps": state["step"],
+            "best_step": state["best_step"],
+            "best_test_bits_per_token_2k": round(state["best"], 4),
+            "images_seen": state["step"] * BASE_BATCH,
+        },
+    )
     print(f"base: best test NLL {state['best']:.4f} bits/token at step {state['best_step']}")
 
 
@@ -105,19 +127,41 @@ def write_shards(assets: Path, work: Path) -> Path:
     return out
 
 
-def post_config(work: Path, name: str, *, stage1=STAGE1_STEPS, stage2=STAGE2_STEPS, lora=STAGE2_LORA,
-                fixed_gate=None, branch_layer=None, w_kd_fused=W_KD_FUSED, base: Path | None = None,
-                data: Path | None = None) -> Path:
+def post_config(
+    work: Path,
+    name: str,
+    *,
+    stage1=STAGE1_STEPS,
+    stage2=STAGE2_STEPS,
+    lora=STAGE2_LORA,
+    fixed_gate=None,
+    branch_layer=None,
+    w_kd_fused=W_KD_FUSED,
+    base: Path | None = None,
+    data: Path | None = None,
+) -> Path:
     """A training config for one variant; written to work/<name>.yaml. ``data``: the shards
     (default: the real training images, work/shards)."""
     work = work.resolve()  # the config's relative paths would resolve against its own folder
-    cfg = {"model": {"backend": "llamagen", "checkpoint": str((base or ASSETS) / "base.safetensors"),
-                     "model_args": None, "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
-                     "dtype": "float32"},
-           "recipe": "fmnist-c2i", "data": str(Path(data).resolve() if data else work / "shards"), "out_dir": str(work / "runs" / name),
-           "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 10},
-           "stage2": {"steps": stage2, "lr": 1e-3, "warmup_steps": 10, "lora": lora, "lora_lr_scale": 3.0},
-           "w_kd_fused": w_kd_fused, "batch_size": POST_BATCH, "save_every": 10, "seed": 0, "cpu": True}
+    cfg = {
+        "model": {
+            "backend": "llamagen",
+            "checkpoint": str((base or ASSETS) / "base.safetensors"),
+            "model_args": None,
+            "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
+            "dtype": "float32",
+        },
+        "recipe": "fmnist-c2i",
+        "data": str(Path(data).resolve() if data else work / "shards"),
+        "out_dir": str(work / "runs" / name),
+        "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 10},
+        "stage2": {"steps": stage2, "lr": 1e-3, "warmup_steps": 10, "lora": lora, "lora_lr_scale": 3.0},
+        "w_kd_fused": w_kd_fused,
+        "batch_size": POST_BATCH,
+        "save_every": 10,
+        "seed": 0,
+        "cpu": True,
+    }
     cfg["model"].pop("model_args")
     if fixed_gate is not None:
         cfg["fixed_gate"] = fixed_gate
@@ -153,8 +197,17 @@ def build_flashar(assets: Path, work: Path) -> None:
     model = train(post_config(work, "flashar"))
     export_merged(model, work / "flashar_export")
     _ship_export(work / "flashar_export", assets / "flashar")
-    _update_info(assets, flashar={"stage1_steps": STAGE1_STEPS, "stage2_steps": STAGE2_STEPS, "batch": POST_BATCH,
-                                  "images_seen": imgs, "stage2_lora": STAGE2_LORA, "w_kd_fused": W_KD_FUSED})
+    _update_info(
+        assets,
+        flashar={
+            "stage1_steps": STAGE1_STEPS,
+            "stage2_steps": STAGE2_STEPS,
+            "batch": POST_BATCH,
+            "images_seen": imgs,
+            "stage2_lora": STAGE2_LORA,
+            "w_kd_fused": W_KD_FUSED,
+        },
+    )
     print(f"flashar: post-trained on {imgs} images")
 
 
@@ -212,9 +265,16 @@ def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_
     n = teacher_samples or (STAGE1_STEPS + STAGE2_STEPS) * POST_BATCH
     data = work / f"teacher_{n}"
     if not (data / "manifest.json").is_file():
-        rep = sample_dataset(load_base(assets), uniform_classes(n, 10), data, sampling=TeacherSampling(TEACHER_CFG_SCALE),
-                             seed=0, batch_size=TEACHER_BATCH, shard_size=TEACHER_SHARD,
-                             extra=str((assets / "base.safetensors").resolve()))
+        rep = sample_dataset(
+            load_base(assets),
+            uniform_classes(n, 10),
+            data,
+            sampling=TeacherSampling(TEACHER_CFG_SCALE),
+            seed=0,
+            batch_size=TEACHER_BATCH,
+            shard_size=TEACHER_SHARD,
+            extra=str((assets / "base.safetensors").resolve()),
+        )
         print(f"teacher: {rep['num_examples']} samples in {rep['seconds']:.0f} s")
     teacher = json.loads((data / "teacher_report.json").read_text())
     cfg_path = post_config(work, f"data_free_{n}", data=data)
@@ -226,15 +286,26 @@ def build_data_free(assets: Path, work: Path, eval_samples: int = 5000, teacher_
     out = work / f"data_free_{n}_eval{eval_samples}.json"
     if not out.is_file():
         model = build_model_from_run(TrainConfig.load(cfg_path)).float().eval()
-        row = {"label": f"FlashAR, data-free: {teacher['num_examples']} samples of the base", **_measure(
-            model, assets, work, eval_samples), "teacher_samples": teacher["num_examples"],
-            "teacher_seconds": teacher["seconds"], "teacher_cfg": TEACHER_CFG_SCALE,
-            "train_seconds": json.loads((run / "done.json").read_text())["train_seconds"]}
+        row = {
+            "label": f"FlashAR, data-free: {teacher['num_examples']} samples of the base",
+            **_measure(model, assets, work, eval_samples),
+            "teacher_samples": teacher["num_examples"],
+            "teacher_seconds": teacher["seconds"],
+            "teacher_cfg": TEACHER_CFG_SCALE,
+            "train_seconds": json.loads((run / "done.json").read_text())["train_seconds"],
+        }
         out.write_text(json.dumps(row, indent=1))
     ref = work / f"flashar_shipped_eval{eval_samples}.json"  # the real-image model at the same sample count
     if not ref.is_file():
-        ref.write_text(json.dumps({"label": "FlashAR, shipped (8640 real images)",
-                                   **_measure(load_flashar(assets / "flashar"), assets, work, eval_samples)}, indent=1))
+        ref.write_text(
+            json.dumps(
+                {
+                    "label": "FlashAR, shipped (8640 real images)",
+                    **_measure(load_flashar(assets / "flashar"), assets, work, eval_samples),
+                },
+                indent=1,
+            )
+        )
     rows = [json.loads(ref.read_text()), json.loads(out.read_text())]
     print(json.dumps(rows, indent=1))
     return rows[1]
@@ -244,9 +315,18 @@ def _measure(model, assets: Path, work: Path, eval_samples: int) -> dict:
     """A two-way model's row, as benchmarks/fmnist.py measures it (same functions, seed and CFG)."""
     c = tokenize(assets, work)
     nll = nll_bits(model, c["test"], c["test_labels"], "two_way")
-    codes, y = sample_codes(decoder(model, "two_way", TEACHER_CFG_SCALE), eval_samples, batch=500, seed=1, progress="eval")
-    return {"mode": "two_way", "steps": 27, "nll_bits": nll, **Judge(assets)(codes, y), "samples": eval_samples,
-            "nll_test_images": int(c["test"].shape[0]), "torch_threads": torch.get_num_threads()}
+    codes, y = sample_codes(
+        decoder(model, "two_way", TEACHER_CFG_SCALE), eval_samples, batch=500, seed=1, progress="eval"
+    )
+    return {
+        "mode": "two_way",
+        "steps": 27,
+        "nll_bits": nll,
+        **Judge(assets)(codes, y),
+        "samples": eval_samples,
+        "nll_test_images": int(c["test"].shape[0]),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _update_info(assets: Path, **sections) -> None:
@@ -265,8 +345,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--eval-samples", type=int, default=5000, help="data_free: samples for Frechet and accuracy")
-    ap.add_argument("--teacher-samples", type=int, default=None,
-                    help="data_free: samples drawn from the base (default: as many as the post-training budget's images)")
+    ap.add_argument(
+        "--teacher-samples",
+        type=int,
+        default=None,
+        help="data_free: samples drawn from the base (default: as many as the post-training budget's images)",
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

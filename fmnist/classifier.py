@@ -1,5 +1,6 @@
 """A small CNN trained on the Fashion-MNIST training set: its penultimate layer is the
 feature space of the Frechet distance, and its predictions score class-conditional samples."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,7 @@ class SmallCNN(nn.Module):
 
 @torch.no_grad()
 def batched(fn, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 def train_classifier(x, y, xt, yt, out: Path, epochs: int = 3, seed: int = 0) -> float:
@@ -44,7 +45,7 @@ def train_classifier(x, y, xt, yt, out: Path, epochs: int = 3, seed: int = 0) ->
     for ep in range(epochs):
         perm = torch.randperm(x.shape[0])
         for i in tqdm(range(0, x.shape[0], 128), desc=f"classifier epoch {ep + 1}/{epochs}"):
-            idx = perm[i:i + 128]
+            idx = perm[i : i + 128]
             loss = F.cross_entropy(net(xf[idx]), y[idx])
             opt.zero_grad()
             loss.backward()

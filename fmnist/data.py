@@ -1,4 +1,5 @@
 """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (idx files, gzip)."""
+
 from __future__ import annotations
 
 import gzip
@@ -9,8 +10,10 @@ import torch
 
 DEFAULT_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CLASS_NAMES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 class DatasetMissing(FileNotFoundError):
@@ -19,14 +22,16 @@ class DatasetMissing(FileNotFoundError):
 
 def _read_idx(path: Path, magic: int, ndim: int) -> torch.Tensor:
     if not path.is_file():
-        raise DatasetMissing(f"{path} not found: install Fashion-MNIST with "
-                             "`apt-get install -y dataset-fashion-mnist` (or set FMNIST_DIR)")
+        raise DatasetMissing(
+            f"{path} not found: install Fashion-MNIST with "
+            "`apt-get install -y dataset-fashion-mnist` (or set FMNIST_DIR)"
+        )
     raw = gzip.open(path, "rb").read()
     got = int.from_bytes(raw[:4], "big")
     if got != magic:
         raise ValueError(f"{path}: magic number {got:#x}, expected {magic:#x} (not an idx file of this kind)")
-    dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
-    body = raw[4 + 4 * ndim:]
+    dims = [int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
+    body = raw[4 + 4 * ndim :]
     n = 1
     for d in dims:
         n *= d

@@ -1,12 +1,13 @@
 """Loading the shipped models and measuring them: NLL, sample quality, speed side by side."""
+
 from __future__ import annotations
 
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +37,7 @@ def nll_bits(model, codes: torch.Tensor, labels: torch.Tensor, mode: str, batch:
     """Exact NLL in bits per token under the model's own factorisation (two_way or raster)."""
     total = 0.0
     for i in range(0, codes.shape[0], batch):
-        total -= fa.score(model, labels[i:i + batch], codes[i:i + batch].long(), mode=mode).sum().item()
+        total -= fa.score(model, labels[i : i + batch], codes[i : i + batch].long(), mode=mode).sum().item()
     return total / codes.numel() / math.log(2)
 
 
@@ -64,7 +65,9 @@ def steps_of(mode: str, H: int = 14, W: int = 14) -> int:
 
 
 @torch.no_grad()
-def sample_codes(dec: Decoder, n: int, batch: int = 500, seed: int = 0, progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_codes(
+    dec: Decoder, n: int, batch: int = 500, seed: int = 0, progress: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n samples, classes balanced (i % 10), reproducible from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 10
@@ -73,7 +76,7 @@ def sample_codes(dec: Decoder, n: int, batch: int = 500, seed: int = 0, progress
     if progress:
         rng = tqdm(rng, desc=progress, leave=False)
     for i in rng:
-        out.append(dec(labels[i:i + batch], g))
+        out.append(dec(labels[i : i + batch], g))
     return torch.cat(out), labels
 
 
@@ -112,7 +115,7 @@ def speed(decs: dict[str, Decoder], big_batch: int = 64, repeat: int = 3) -> dic
     out = {k: {"latency_s": float("inf"), "throughput": 0.0} for k in decs}
     y1 = torch.tensor([3])
     yb = torch.arange(big_batch) % 10
-    for k, d in decs.items():  # warm-up
+    for d in decs.values():  # warm-up
         d(y1, torch.Generator().manual_seed(0))
     for _ in range(repeat):
         for k, d in decs.items():
@@ -132,8 +135,9 @@ def image_grid(codes: torch.Tensor, vq: PatchVQ, rows: int) -> torch.Tensor:
     return imgs[: rows * cols].view(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)
 
 
-def save_side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str], path: Path,
-                      row_labels: list[str]) -> None:
+def save_side_by_side(
+    left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str], path: Path, row_labels: list[str]
+) -> None:
     import matplotlib  # optional dependency (the "plots" extra): only the demo's picture needs it
 
     matplotlib.use("Agg")

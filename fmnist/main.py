@@ -5,6 +5,7 @@ with --retrain), writes a labelled side-by-side sample grid, and prints steps, b
 latency and batch-64 throughput of both with the ratios measured in this run, then quick
 quality numbers (NLL, Frechet distance, sample accuracy).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,24 +23,40 @@ from flashar_adapt.patching import backbone_only
 from . import ASSETS, data
 from .build import post_config, tokenize, write_shards
 from .data import CLASS_NAMES
-from .evaluate import (Judge, decoder, image_grid, load_base, load_flashar, nll_bits, sample_codes, save_side_by_side,
-                       speed, steps_of, timed)
+from .evaluate import (
+    Judge,
+    decoder,
+    image_grid,
+    load_base,
+    load_flashar,
+    nll_bits,
+    sample_codes,
+    save_side_by_side,
+    speed,
+    steps_of,
+    timed,
+)
 from .tokenizer import PatchVQ
 
 
-def missing_inputs(out: str | os.PathLike, *, retrain: bool = False, samples: int = 1, nll_images: int = 1,
-                   repeat: int = 1) -> str | None:
+def missing_inputs(
+    out: str | os.PathLike, *, retrain: bool = False, samples: int = 1, nll_images: int = 1, repeat: int = 1
+) -> str | None:
     """What the demo cannot run without, as one line naming the fix; None when all is there.
     Checked before any long work, so a fresh machine fails in a second, not after the timings."""
     absent = [p for p in data.dataset_files(data.DEFAULT_DIR) if not p.is_file()]
     if absent:
-        return (f"Fashion-MNIST is missing ({absent[0]} not found): run `apt-get install -y dataset-fashion-mnist` "
-                "as root (scripts/demo.sh does this), or set FMNIST_DIR to a folder holding the idx files")
+        return (
+            f"Fashion-MNIST is missing ({absent[0]} not found): run `apt-get install -y dataset-fashion-mnist` "
+            "as root (scripts/demo.sh does this), or set FMNIST_DIR to a folder holding the idx files"
+        )
     if retrain:
         for mod in ("accelerate", "peft", "transformers"):
             if importlib.util.find_spec(mod) is None:
-                return (f"--retrain needs the training extras ({mod} is not installed): "
-                        "run `pip install -c constraints.txt -e '.[train]'` (scripts/demo.sh does this)")
+                return (
+                    f"--retrain needs the training extras ({mod} is not installed): "
+                    "run `pip install -c constraints.txt -e '.[train]'` (scripts/demo.sh does this)"
+                )
     for bad, value in (("samples", samples), ("nll_images", nll_images), ("repeat", repeat)):
         if value < 1:
             return f"--{bad.replace('_', '-')} must be at least 1, got {value}"
@@ -53,8 +70,17 @@ def missing_inputs(out: str | os.PathLike, *, retrain: bool = False, samples: in
     return None
 
 
-def run(out: str | os.PathLike = "out/demo", *, retrain: bool = False, cfg_scale: float = 2.0, samples: int = 500,
-        nll_images: int = 1000, repeat: int = 2, tiny_grid: int = 16, tiny_batch: int = 4) -> int:
+def run(
+    out: str | os.PathLike = "out/demo",
+    *,
+    retrain: bool = False,
+    cfg_scale: float = 2.0,
+    samples: int = 500,
+    nll_images: int = 1000,
+    repeat: int = 2,
+    tiny_grid: int = 16,
+    tiny_batch: int = 4,
+) -> int:
     """The demo: a labelled sample grid (PNG), then steps, speed and quality of both models.
     Without the shipped assets it runs ``tiny_demo(tiny_grid, tiny_batch)`` instead."""
     if not (ASSETS / "flashar" / "flashar_config.json").is_file():
@@ -78,10 +104,16 @@ def run(out: str | os.PathLike = "out/demo", *, retrain: bool = False, cfg_scale
     info = json.loads((ASSETS / "info.json").read_text()) if (ASSETS / "info.json").is_file() else {}
     with backbone_only(base):
         base_params = sum(p.numel() for p in base.parameters())
-    print(f"raster base: LlamaGen architecture, {base_params / 1e6:.2f}M "
-          f"parameters, 14x14 grid of a 256-code k-means VQ (test PSNR {info.get('tokenizer', {}).get('test_psnr_db', '?')} dB)")
-    print(f"FlashAR: {source}; branch of {len(flash.flashar.branch_layers)} layer(s) from layer "
-          f"{flash.flashar.ctx.branch_index}, {sum(p.numel() for p in flash.flashar.parameters()) / 1e6:.2f}M added parameters")
+    print(
+        f"raster base: LlamaGen architecture, {base_params / 1e6:.2f}M "
+        "parameters, 14x14 grid of a 256-code k-means VQ "
+        f"(test PSNR {info.get('tokenizer', {}).get('test_psnr_db', '?')} dB)"
+    )
+    print(
+        f"FlashAR: {source}; branch of {len(flash.flashar.branch_layers)} layer(s) from layer "
+        f"{flash.flashar.ctx.branch_index}, "
+        f"{sum(p.numel() for p in flash.flashar.parameters()) / 1e6:.2f}M added parameters"
+    )
     decs = {"raster": decoder(base, "raster", cfg_scale), "two_way": decoder(flash, "two_way", cfg_scale)}
 
     # 1. the picture
@@ -89,9 +121,13 @@ def run(out: str | os.PathLike = "out/demo", *, retrain: bool = False, cfg_scale
     labels = torch.arange(10).repeat_interleave(8)
     grids = {k: image_grid(d(labels, g), _vq(), rows=10) for k, d in decs.items()}
     png = out / "fmnist_samples.png"
-    save_side_by_side(grids["raster"], grids["two_way"],
-                      (f"raster base: {steps_of('raster')} steps", f"FlashAR two-way: {steps_of('two_way')} steps"),
-                      png, CLASS_NAMES)
+    save_side_by_side(
+        grids["raster"],
+        grids["two_way"],
+        (f"raster base: {steps_of('raster')} steps", f"FlashAR two-way: {steps_of('two_way')} steps"),
+        png,
+        CLASS_NAMES,
+    )
     print(f"sample grid (CFG {cfg_scale}): {png}")
 
     # 2. speed, side by side
@@ -99,9 +135,11 @@ def run(out: str | os.PathLike = "out/demo", *, retrain: bool = False, cfg_scale
     print(f"\n{'':10s} {'steps':>6s} {'batch-1 latency':>16s} {'batch-64 img/s':>15s}")
     for k in decs:
         print(f"{k:10s} {steps_of(k):6d} {sp[k]['latency_s'] * 1000:13.1f} ms {sp[k]['throughput']:15.1f}")
-    print(f"{'ratio':10s} {steps_of('raster') / steps_of('two_way'):5.2f}x "
-          f"{sp['raster']['latency_s'] / sp['two_way']['latency_s']:15.2f}x "
-          f"{sp['two_way']['throughput'] / sp['raster']['throughput']:14.2f}x")
+    print(
+        f"{'ratio':10s} {steps_of('raster') / steps_of('two_way'):5.2f}x "
+        f"{sp['raster']['latency_s'] / sp['two_way']['latency_s']:15.2f}x "
+        f"{sp['two_way']['throughput'] / sp['raster']['throughput']:14.2f}x"
+    )
 
     # 3. quality on a quick sample
     n = samples
@@ -133,23 +171,40 @@ def tiny_demo(grid: int = 16, batch: int = 4) -> int:
     decode ``batch`` images both ways."""
     torch.manual_seed(0)
     g = grid
-    model = Transformer(ModelArgs(dim=256, n_layer=8, n_head=8, vocab_size=1024, num_classes=10, block_size=g * g,
-                                  token_dropout_p=0, resid_dropout_p=0, ffn_dropout_p=0)).eval()
+    model = Transformer(
+        ModelArgs(
+            dim=256,
+            n_layer=8,
+            n_head=8,
+            vocab_size=1024,
+            num_classes=10,
+            block_size=g * g,
+            token_dropout_p=0,
+            resid_dropout_p=0,
+            ffn_dropout_p=0,
+        )
+    ).eval()
     torch.nn.init.normal_(model.output.weight, std=0.02)
-    recipe = load_recipe("llamagen-c2i-b").replace(**{"image.codebook_size": 1024, "condition.num_classes": 10,
-                                                      "condition.null_class": 10, "image.grid": [g, g]})
+    recipe = load_recipe("llamagen-c2i-b").replace(
+        **{"image.codebook_size": 1024, "condition.num_classes": 10, "condition.null_class": 10, "image.grid": [g, g]}
+    )
     patch(model, recipe)
     cond = torch.arange(batch) % 10
     H, W = recipe.image.grid
     print(f"random LlamaGen-architecture model: 8 layers, dim 256, grid {H}x{W}, batch {batch}, CFG 4.0")
     out = {}
     for mode in ("raster", "two_way"):
-        out[mode] = timed(lambda: model.generate(cond, mode=mode, cfg_scale=4.0, top_k=1), repeat=2)  # warms up once
+        out[mode] = timed(
+            lambda m=mode: model.generate(cond, mode=m, cfg_scale=4.0, top_k=1), repeat=2
+        )  # warms up once
     codes = model.generate(cond, mode="two_way", top_k=1)
     exact = bool((logits(model, cond, codes).argmax(-1) == codes).all())
     steps = {"raster": H * W, "two_way": H + W - 1}
     for mode in ("raster", "two_way"):
         print(f"  {mode:8s} steps {steps[mode]:5d}   time {out[mode] * 1000:8.1f} ms")
-    print(f"  step ratio {steps['raster'] / steps['two_way']:.2f}x, measured speedup {out['raster'] / out['two_way']:.2f}x")
+    print(
+        f"  step ratio {steps['raster'] / steps['two_way']:.2f}x, "
+        f"measured speedup {out['raster'] / out['two_way']:.2f}x"
+    )
     print(f"  greedy two-way decoding equals teacher forcing: {exact}")
     return 0

@@ -1,5 +1,6 @@
 """A real discrete tokenizer for 28x28 images: k-means VQ over non-overlapping 2x2 pixel
 patches, so an image is a 14x14 grid of codebook indices (a tiny stand-in for a VQ-GAN)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +38,7 @@ class PatchVQ:
         return self.centroids.shape[0]
 
     @classmethod
-    def fit(cls, images: torch.Tensor, K: int = 256, iters: int = 25, sample: int = 200_000, seed: int = 0) -> "PatchVQ":
+    def fit(cls, images: torch.Tensor, K: int = 256, iters: int = 25, sample: int = 200_000, seed: int = 0) -> PatchVQ:
         """k-means++ initialisation, then Lloyd iterations, on a seeded sample of patches."""
         g = torch.Generator().manual_seed(seed)
         x = to_patches(images).reshape(-1, PATCH * PATCH)
@@ -59,8 +60,12 @@ class PatchVQ:
     def encode(self, images: torch.Tensor, batch: int = 4096) -> torch.Tensor:
         p = to_patches(images)
         flat = p.reshape(-1, PATCH * PATCH)
-        out = torch.cat([torch.cdist(flat[i:i + batch * 196], self.centroids).argmin(1)
-                         for i in range(0, flat.shape[0], batch * 196)])
+        out = torch.cat(
+            [
+                torch.cdist(flat[i : i + batch * 196], self.centroids).argmin(1)
+                for i in range(0, flat.shape[0], batch * 196)
+            ]
+        )
         return out.view(p.shape[:3])
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -71,7 +76,7 @@ class PatchVQ:
         atomic_save_safetensors({"centroids": self.centroids}, Path(path), metadata={"patch": str(PATCH)})
 
     @classmethod
-    def load(cls, path) -> "PatchVQ":
+    def load(cls, path) -> PatchVQ:
         return cls(load_file(str(path))["centroids"])
 
 
@@ -82,6 +87,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- the tokenizer interface
+
 
 class PatchVQTokenizer(ImageTokenizer):
     """PatchVQ behind flashar_adapt's interface: float [N, 1, 28, 28] in [0, 1] <-> codes [N, 14, 14].
@@ -118,7 +124,9 @@ def fmnist_patch_vq(spec, model, root) -> PatchVQTokenizer:
     if spec.channels != 1:
         raise TokenizerError(f"tokenizer.channels: the Fashion-MNIST tokenizer is greyscale (1), got {spec.channels}")
     if spec.downsample not in (None, PATCH):
-        raise TokenizerError(f"tokenizer.downsample: the Fashion-MNIST tokenizer uses {PATCH}x{PATCH} patches, got {spec.downsample}")
+        raise TokenizerError(
+            f"tokenizer.downsample: the Fashion-MNIST tokenizer uses {PATCH}x{PATCH} patches, got {spec.downsample}"
+        )
     path = resolve_checkpoint(spec, root) or ASSETS / "tokenizer.safetensors"
     if not path.is_file():
         raise TokenizerError(f"{path}: the Fashion-MNIST tokenizer file is missing")

@@ -43,6 +43,7 @@ Usage (see recipes/emu3.5-image.yaml)::
     model = load_emu3p5("weights/Emu3.5-Image", dtype=torch.bfloat16)   # official HF folder
     fa.patch(model)            # auto-matches recipe "emu3.5-image"
 """
+
 from __future__ import annotations
 
 import json
@@ -61,31 +62,65 @@ from flashar_adapt.patching import backbone_state_dict, context
 from flashar_adapt.validate import state_dict_misfit
 
 # official config.json key -> Qwen3Config key (same meaning)
-_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-              "initializer_range", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-              "attention_dropout")
+_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "initializer_range",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "attention_dropout",
+)
 # defaults of the official Emu3Config (baaivision/Emu3.5 src/emu3p5/configuration_emu3.py) for keys a
 # config.json leaves out
-_OFFICIAL_DEFAULTS = dict(head_dim=128, num_key_value_heads=8, max_position_embeddings=9216, rms_norm_eps=1e-5,
-                          rope_theta=1e6, tie_word_embeddings=False, attention_dropout=0.1, hidden_act="silu",
-                          initializer_range=0.02)
+_OFFICIAL_DEFAULTS = dict(
+    head_dim=128,
+    num_key_value_heads=8,
+    max_position_embeddings=9216,
+    rms_norm_eps=1e-5,
+    rope_theta=1e6,
+    tie_word_embeddings=False,
+    attention_dropout=0.1,
+    hidden_act="silu",
+    initializer_range=0.02,
+)
 # token-layout keys kept verbatim on the config (recipes match on them; official Emu3Config defaults)
 TOKEN_KEYS = ("img_token_id", "boi_token_id", "eoi_token_id", "eol_token_id", "eof_token_id", "image_area")
 
 # Emu3.5-Image t2i aspect ratios as (H, W) visual tokens: baaivision/Emu3.5 configs/example_config_t2i.py
 # ``aspect_ratios`` (image_area 1048576 px, 16x down-sampling; "H*W" strings there). "auto" (the model
 # picks its size) has no entry: two-way decoding needs the grid before the first step.
-ASPECT_RATIOS = {"4:3": (55, 73), "21:9": (41, 97), "16:9": (47, 85), "3:2": (52, 78), "1:1": (64, 64),
-                 "3:4": (73, 55), "9:16": (85, 47), "2:3": (78, 52), "default": (55, 73)}
+ASPECT_RATIOS = {
+    "4:3": (55, 73),
+    "21:9": (41, 97),
+    "16:9": (47, 85),
+    "3:2": (52, 78),
+    "1:1": (64, 64),
+    "3:4": (73, 55),
+    "9:16": (85, 47),
+    "2:3": (78, 52),
+    "default": (55, 73),
+}
 
 
 def grid_for_aspect_ratio(aspect_ratio: str) -> tuple[int, int]:
     """The (H, W) token grid Emu3.5-Image uses for ``aspect_ratio`` (width:height as upstream
     writes it: "16:9" -> (47, 85), "default" -> (55, 73)); pass it as ``generate(grid=...)``."""
     if aspect_ratio not in ASPECT_RATIOS:
-        hint = (" (upstream's 'auto' lets the model choose; two-way decoding needs the grid up front)"
-                if aspect_ratio == "auto" else "")
+        hint = (
+            " (upstream's 'auto' lets the model choose; two-way decoding needs the grid up front)"
+            if aspect_ratio == "auto"
+            else ""
+        )
         raise ValueError(f"unknown aspect ratio {aspect_ratio!r}{hint}; known: {', '.join(ASPECT_RATIOS)}")
     return ASPECT_RATIOS[aspect_ratio]
 
@@ -250,8 +285,11 @@ def save_emu3p5(model, out_dir, max_shard_bytes: int = 5 * 2**30) -> Path:
     + model.safetensors.index.json (FlashAR modules, if patched, are left out)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in backbone_state_dict(model).items()
-          if not k.endswith("rotary_emb.inv_freq")}
+    sd = {
+        k: v.detach().cpu().contiguous()
+        for k, v in backbone_state_dict(model).items()
+        if not k.endswith("rotary_emb.inv_freq")
+    }
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     shards: list[dict] = [{}]
@@ -271,7 +309,8 @@ def save_emu3p5(model, out_dir, max_shard_bytes: int = 5 * 2**30) -> Path:
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in sd.values())
     (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     (out_dir / "config.json").write_text(json.dumps(official_config(model), indent=1))
     return out_dir
 

@@ -11,6 +11,7 @@ call and filled in feeding order, so a step attends exactly the filled entries (
 one preallocated row. transformers' own ``StaticCache`` would make every step attend all
 ``max_cache_len`` entries behind a mask, which costs more than it saves at these sizes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 
 import torch
+
 # transformers is an optional dependency of the core: without it this plugin's import fails
 # and the plugin registry hides the "transformers" runner and format, naming the package.
 import transformers
@@ -61,7 +63,7 @@ def _replace_mask(module, args: tuple, kwargs: dict, mask) -> tuple[tuple, dict]
     names = _param_names(type(module))
     i = names.index("attention_mask")
     if i < len(args):
-        return args[:i] + (mask,) + args[i + 1:], kwargs
+        return args[:i] + (mask,) + args[i + 1 :], kwargs
     return args, {**kwargs, "attention_mask": mask}
 
 
@@ -71,8 +73,15 @@ def _causal_buffers(module) -> list[tuple]:
     out = []
     for mod in module.modules():
         for name, buf in mod.named_buffers(recurse=False):
-            if buf is not None and buf.dtype == torch.bool and buf.dim() >= 2 and buf.shape[-1] == buf.shape[-2] > 1 \
-                    and not bool(buf[..., 0, 1:].any()) and bool(buf.tril().eq(buf).all()) and bool(buf[..., -1, :].all()):
+            if (
+                buf is not None
+                and buf.dtype == torch.bool
+                and buf.dim() >= 2
+                and buf.shape[-1] == buf.shape[-2] > 1
+                and not bool(buf[..., 0, 1:].any())
+                and bool(buf.tril().eq(buf).all())
+                and bool(buf[..., -1, :].all())
+            ):
                 out.append((mod, name))
     return out
 
@@ -223,17 +232,28 @@ class TransformersRunner(Runner):
         name = type(dec).__name__
         params = inspect.signature(dec.forward).parameters if hasattr(dec, "forward") else {}
         if "inputs_embeds" not in params:
-            raise RecipeError("modules.decoder", f"{name}.forward takes no inputs_embeds; point "
-                                                 "modules.decoder at the text decoder (e.g. 'model' or 'model.text_model')",
-                              ctx.recipe.source)
+            raise RecipeError(
+                "modules.decoder",
+                f"{name}.forward takes no inputs_embeds; point "
+                "modules.decoder at the text decoder (e.g. 'model' or 'model.text_model')",
+                ctx.recipe.source,
+            )
         if "attention_mask" not in params:
-            raise RecipeError("modules.decoder", f"{name}.forward takes no attention_mask: FlashAR's proximity mask "
-                                                 "needs a decoder whose attention can be masked", ctx.recipe.source)
+            raise RecipeError(
+                "modules.decoder",
+                f"{name}.forward takes no attention_mask: FlashAR's proximity mask "
+                "needs a decoder whose attention can be masked",
+                ctx.recipe.source,
+            )
         self.cache_key = _cache_kwarg(dec.forward)
-        no_positions = RecipeError("modules.decoder", f"{name}.forward takes no position_ids: its positions come from "
-                                                      "the token order or a 2D padding mask (e.g. ALiBi biases), so "
-                                                      "tokens fed in anti-diagonal order cannot keep their raster "
-                                                      "positions", ctx.recipe.source)
+        no_positions = RecipeError(
+            "modules.decoder",
+            f"{name}.forward takes no position_ids: its positions come from "
+            "the token order or a 2D padding mask (e.g. ALiBi biases), so "
+            "tokens fed in anti-diagonal order cannot keep their raster "
+            "positions",
+            ctx.recipe.source,
+        )
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         if "position_ids" not in params and not takes_any:
             raise no_positions  # before the probe, which passes position_ids and would blame the mask
@@ -271,22 +291,34 @@ class TransformersRunner(Runner):
                         break
                     errors.append("the output differs from the decoder's own causal forward")
                 else:
-                    raise RecipeError("modules.decoder", f"{type(dec).__name__} cannot run under an additive 4D "
-                                      f"attention mask, neither through its forward nor at its layers "
-                                      f"({'; '.join(dict.fromkeys(errors))}); FlashAR needs softmax attention that "
-                                      "takes one (state-space and linear-attention models have none)", src)
+                    raise RecipeError(
+                        "modules.decoder",
+                        f"{type(dec).__name__} cannot run under an additive 4D "
+                        f"attention mask, neither through its forward nor at its layers "
+                        f"({'; '.join(dict.fromkeys(errors))}); FlashAR needs softmax attention that "
+                        "takes one (state-space and linear-attention models have none)",
+                        src,
+                    )
                 blocked = causal.clone()
                 blocked[:, 3, 0] = False  # the last query loses the first key
                 blocked[:, 0, 1] = True  # the first query sees a later key (the proximity mask does that)
                 h2 = self.run(ctx, x, slots[None], slots, slots, blocked, None)
                 if (h2[:, 3] - h[:, 3]).abs().max().item() <= tol:
-                    raise RecipeError("modules.decoder", f"{type(dec).__name__}'s output ignores the attention mask "
-                                      "(no softmax attention over the sequence, e.g. a state-space or linear-attention "
-                                      "model): FlashAR's proximity mask cannot apply", src)
+                    raise RecipeError(
+                        "modules.decoder",
+                        f"{type(dec).__name__}'s output ignores the attention mask "
+                        "(no softmax attention over the sequence, e.g. a state-space or linear-attention "
+                        "model): FlashAR's proximity mask cannot apply",
+                        src,
+                    )
                 if (h2[:, 0] - h[:, 0]).abs().max().item() <= tol:
-                    raise RecipeError("modules.decoder", f"{type(dec).__name__}'s attention stays causal whatever mask "
-                                      "it is given: the proximity mask, which lets a token see later raster slots of "
-                                      "earlier diagonals, cannot apply", src)
+                    raise RecipeError(
+                        "modules.decoder",
+                        f"{type(dec).__name__}'s attention stays causal whatever mask "
+                        "it is given: the proximity mask, which lets a token see later raster slots of "
+                        "earlier diagonals, cannot apply",
+                        src,
+                    )
         finally:
             dec.train(was_training)
 
@@ -297,10 +329,13 @@ class TransformersRunner(Runner):
         im, c = ctx.recipe.image, ctx.recipe.condition
         need = ctx.layout(len(ctx.meta_ids(im.grid)) + (c.prefix_len or 1), im.grid).fed_len
         if need > window:
-            raise RecipeError("image.grid", f"{list(im.grid)} feeds {need} tokens but the model's sliding-window "
-                                            f"layers attend only the last {window}: the proximity mask needs every "
-                                            "earlier diagonal; use a grid (and prompt) that fits the window",
-                              ctx.recipe.source)
+            raise RecipeError(
+                "image.grid",
+                f"{list(im.grid)} feeds {need} tokens but the model's sliding-window "
+                f"layers attend only the last {window}: the proximity mask needs every "
+                "earlier diagonal; use a grid (and prompt) that fits the window",
+                ctx.recipe.source,
+            )
 
     def max_positions(self, ctx):
         cfg = getattr(ctx.decoder, "config", None)
@@ -323,19 +358,33 @@ class TransformersRunner(Runner):
         hooks = []
         if self.mask_at_layers:
             self.layer_mask = mask  # branch_call gives the branch layers the same mask
-            hooks = [layer.register_forward_pre_hook(lambda m, a, k: _replace_mask(m, a, k, mask), with_kwargs=True,
-                                                     prepend=True) for layer in ctx.layers]
+            hooks = [
+                layer.register_forward_pre_hook(
+                    lambda m, a, k: _replace_mask(m, a, k, mask), with_kwargs=True, prepend=True
+                )
+                for layer in ctx.layers
+            ]
         found = self._builtin_causal(ctx.layers)
-        if found and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) and m.training
-                                                     for m in ctx.layers):
+        if (
+            found
+            and torch.is_grad_enabled()
+            and any(getattr(m, "gradient_checkpointing", False) and m.training for m in ctx.layers)
+        ):
             # a recomputed forward (in backward) would run outside the swap, with the causal buffer
-            raise RuntimeError(f"{type(found[0][0]).__name__} applies a built-in causal mask that FlashAR opens only "
-                               "during its own forwards; gradient checkpointing would recompute the layers with it "
-                               "closed: disable gradient checkpointing for this model")
+            raise RuntimeError(
+                f"{type(found[0][0]).__name__} applies a built-in causal mask that FlashAR opens only "
+                "during its own forwards; gradient checkpointing would recompute the layers with it "
+                "closed: disable gradient checkpointing for this model"
+            )
         try:
             with _causal_buffers_open(found):
-                out = ctx.decoder(inputs_embeds=embeds, attention_mask=None if self.mask_at_layers else mask,
-                                  position_ids=positions, use_cache=cache is not None, **kwargs)
+                out = ctx.decoder(
+                    inputs_embeds=embeds,
+                    attention_mask=None if self.mask_at_layers else mask,
+                    position_ids=positions,
+                    use_cache=cache is not None,
+                    **kwargs,
+                )
         finally:
             for hk in hooks:
                 hk.remove()
@@ -345,15 +394,22 @@ class TransformersRunner(Runner):
         config = getattr(ctx.decoder, "config", None)
         if static and (self.mask_at_layers or self._builtin_causal(ctx.layers)):
             # both swap module state (hooks, buffers) around every forward, which a compiled graph cannot replay
-            raise InputError(f"compile=True is not available for {type(ctx.decoder).__name__}: its mask reaches the "
-                             "attention only through per-call layer hooks or by opening a built-in causal buffer; "
-                             "decode it eagerly (compile=False)")
+            raise InputError(
+                f"compile=True is not available for {type(ctx.decoder).__name__}: its mask reaches the "
+                "attention only through per-call layer hooks or by opening a built-in causal buffer; "
+                "decode it eagerly (compile=False)"
+            )
         if full_attention_only(config):
-            return self._static_cache("backbone", ctx, len(ctx.layers), batch, max_len) if static \
+            return (
+                self._static_cache("backbone", ctx, len(ctx.layers), batch, max_len)
+                if static
                 else FeedOrderCache(len(ctx.layers), max_len)
+            )
         if static:
-            raise InputError(f"compile=True needs static caches; {type(ctx.decoder).__name__} has sliding-window, "
-                             "chunked, shared-KV or linear-attention layers, which keep transformers' DynamicCache")
+            raise InputError(
+                f"compile=True needs static caches; {type(ctx.decoder).__name__} has sliding-window, "
+                "chunked, shared-KV or linear-attention layers, which keep transformers' DynamicCache"
+            )
         return _dynamic_cache(config)
 
     def new_branch_cache(self, ctx, batch, max_len, static=False):
@@ -426,6 +482,7 @@ def mask_row(cache, allowed: torch.Tensor, dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- files
+
 
 class TransformersFormat(ModelFormat):
     """A ``save_pretrained`` folder: config.json + weights. Spec: ``{path: the folder,

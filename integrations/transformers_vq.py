@@ -8,6 +8,7 @@ axis); its output carries ``image_tokens`` as a tensor or a list; ``decode`` tak
 [N, h, w], or flat [N, h*w] when the quantiser has a fixed ``quant_state_dims``; some VQ
 classes (Chameleon's in transformers) have no decoder at all.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -41,7 +42,9 @@ class TransformersVQTokenizer(ImageTokenizer):
             raise TokenizerError(f"{type(vq).__name__} has no encode(); tokenizer.module must name the VQ model")
         ds = _downsample(vq)
         if spec.downsample is not None and spec.downsample != ds:
-            raise TokenizerError(f"tokenizer.downsample is {spec.downsample}, but {type(vq).__name__} downsamples by {ds}")
+            raise TokenizerError(
+                f"tokenizer.downsample is {spec.downsample}, but {type(vq).__name__} downsamples by {ds}"
+            )
         size = tuple(spec.image_size)
         if size[0] % ds or size[1] % ds:
             raise TokenizerError(f"image size {list(size)} is not a multiple of the VQ downsampling factor {ds}")
@@ -52,8 +55,10 @@ class TransformersVQTokenizer(ImageTokenizer):
         fixed = getattr(getattr(vq, "quantize", None), "quant_state_dims", None)
         self._flat = fixed is not None
         if fixed is not None and tuple(fixed) != self.grid:
-            raise TokenizerError(f"{type(vq).__name__} decodes only a {fixed[0]}x{fixed[1]} grid of codes, but the "
-                                 f"recipe asks for {self.grid[0]}x{self.grid[1]} ({size[0]}x{size[1]} pixels)")
+            raise TokenizerError(
+                f"{type(vq).__name__} decodes only a {fixed[0]}x{fixed[1]} grid of codes, but the "
+                f"recipe asks for {self.grid[0]}x{self.grid[1]} ({size[0]}x{size[1]} pixels)"
+            )
 
     def _param(self):
         return next(self.vq.parameters())
@@ -72,8 +77,10 @@ class TransformersVQTokenizer(ImageTokenizer):
 
     def _decode(self, codes):
         if not callable(getattr(self.vq, "decode", None)):
-            raise TokenizerError(f"{type(self.vq).__name__} in transformers has no decoder: codes cannot be turned "
-                                 "into pixels with it (keep the codes, or decode with the family's own VQ-GAN)")
+            raise TokenizerError(
+                f"{type(self.vq).__name__} in transformers has no decoder: codes cannot be turned "
+                "into pixels with it (keep the codes, or decode with the family's own VQ-GAN)"
+            )
         c = codes.to(self._param().device)
         out = self.vq.decode(c.flatten(1) if self._flat else c)
         return denormalize(out.float().cpu(), self.spec)
@@ -82,8 +89,10 @@ class TransformersVQTokenizer(ImageTokenizer):
 def transformers_vq_tokenizer(spec, model, root) -> TransformersVQTokenizer:
     """The tokenizer kind ``transformers-vq``: the VQ module at ``tokenizer.module`` in ``model``."""
     if model is None:
-        raise TokenizerError("the transformers-vq tokenizer lives inside the model's checkpoint: load the model "
-                             "(--model / --export) to use it")
+        raise TokenizerError(
+            "the transformers-vq tokenizer lives inside the model's checkpoint: load the model "
+            "(--model / --export) to use it"
+        )
     if not spec.module:
         raise TokenizerError("tokenizer.module: name the VQ model inside the checkpoint (e.g. model.vqmodel)")
     vq = resolve(model, spec.module, "tokenizer.module", None)

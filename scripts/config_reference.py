@@ -7,6 +7,7 @@ classes themselves, so the documented keys and defaults cannot drift from the co
 Keys and defaults come from ``TrainConfig`` / ``StageConfig``; the "meaning" column is kept
 from the current table (a new key gets an empty meaning for you to fill in).
 """
+
 from __future__ import annotations
 
 import dataclasses

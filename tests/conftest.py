@@ -1,4 +1,5 @@
 """Fixtures shared by several test modules (imports go through the tests package, no sys.path)."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ one point of a training run (test only; the library has no such hook).
 FLASHAR_TEST_KILL_AT_STEP=N: die after optimizer step N, before its checkpoint is considered.
 FLASHAR_TEST_KILL_IN_SAVE=N: die while writing step N's checkpoint, with half its bytes in the
 temp file (what a kill mid-write leaves). A step with no checkpoint runs on to the end."""
+
 from __future__ import annotations
 
 import io
@@ -59,11 +60,17 @@ def kill_tokenize_mid_run(argv: list[str], state_file, done: int, slow: str) -> 
     from pathlib import Path
 
     module, name = slow.rsplit(".", 1)
-    code = (f"import sys, time; import {module} as m; f = m.{name}; "
-            f"m.{name} = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
-            "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "tokenize", *argv], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        f"import sys, time; import {module} as m; f = m.{name}; "
+        f"m.{name} = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
+        "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "tokenize", *argv],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:

@@ -14,8 +14,8 @@ bound below allows 4x that (the largest of many random-walk deviations stays wit
 A fault these tests exist to catch (a wrong mask entry, position, cache slot or weight)
 changes logits by a sizeable fraction of their magnitude: orders of magnitude above the bound.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch

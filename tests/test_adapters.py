@@ -1,5 +1,6 @@
 """LoRA adapters found by type and handled layer by layer (flashar_adapt.adapters) give exactly
 what peft's own PeftModel wrapper gives: merge_and_unload and disable_adapter."""
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,13 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from flashar_adapt.adapters import (adapters_disabled, lora_named_parameters, lora_parameters,  # noqa: E402
-                                    merge_lora)
-from tests.numerics import assert_same_math  # noqa: E402
+from flashar_adapt.adapters import (
+    adapters_disabled,
+    lora_named_parameters,
+    lora_parameters,
+    merge_lora,
+)
+from tests.numerics import assert_same_math
 
 
 class Net(nn.Module):

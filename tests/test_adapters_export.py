@@ -1,5 +1,6 @@
 """Export with LoRA adapters kept apart: one model serves both modes, two-way with adapters
 and raster with adapters off, the latter equal to the original model exactly."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import torch
 
 import flashar_adapt as fa
 from flashar_adapt.training import TrainConfig, build_model, train
-
 from tests.train_helpers import hf_run, llamagen_run
 
 pytest.importorskip("peft")
@@ -70,8 +70,11 @@ def test_unmerged_export_without_adapters_file_is_a_clear_error(tmp_path):
     import json
 
     cfg = json.loads((out / "flashar_config.json").read_text())
-    for bad, key in ((dict(cfg["lora_adapters"], r=0), "lora_adapters.r"), ({"file": 3}, "lora_adapters.file"),
-                     (dict(cfg["lora_adapters"], file="../x"), "outside")):
+    for bad, key in (
+        (dict(cfg["lora_adapters"], r=0), "lora_adapters.r"),
+        ({"file": 3}, "lora_adapters.file"),
+        (dict(cfg["lora_adapters"], file="../x"), "outside"),
+    ):
         (out / "flashar_config.json").write_text(json.dumps(dict(cfg, lora_adapters=bad)))
         with pytest.raises(ExportError, match=key):
             fa.load_adapted(out)

@@ -8,6 +8,7 @@ FlashAR modules out, recognises its own files and only those a more specific for
 claimed first. Then the registries themselves: entry points, aliases, in-process
 registration, and a plugin whose optional dependency is missing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,11 +61,13 @@ def _width(ctx) -> int:
 
 # ---------------------------------------------------------------- runners
 
+
 @pytest.mark.parametrize("name", RUNNERS)
 def test_every_runner_has_a_tiny_case(name):
     """The behaviour tests below run every family case; this one sees that they cover every runner."""
-    assert any(_runner_of_case(case) is get_runner(name) for case in tiny.FAMILY_CASES), \
+    assert any(_runner_of_case(case) is get_runner(name) for case in tiny.FAMILY_CASES), (
         f"no tiny model in tests/tiny.py FAMILY_CASES runs with runner {name!r}: add one"
+    )
 
 
 @pytest.mark.parametrize("name", RUNNERS)
@@ -105,16 +108,20 @@ def test_runner_runs_with_and_without_caches_to_the_same_values(case):
     with torch.inference_mode():
         ref = runner.run(ctx, embeds, pos, slots, slots, causal, None)
         cache = runner.new_cache(ctx, B, T)
-        parts = [runner.run(ctx, embeds[:, a:b], pos[:, a:b], slots[a:b], slots[:b], causal[:, a:b, :b], cache)
-                 for a, b in _chunks(T)]
+        parts = [
+            runner.run(ctx, embeds[:, a:b], pos[:, a:b], slots[a:b], slots[:b], causal[:, a:b, :b], cache)
+            for a, b in _chunks(T)
+        ]
         assert_same_math(torch.cat(parts, 1), ref, layers=len(ctx.layers), width=_width(ctx))
         if runner.static_caches:
             n = T + 2  # two entries never written: masked, and zero
             cache = runner.new_cache(ctx, B, n, static=True)
             full = torch.zeros(B, T, n, dtype=torch.bool)
             full[:, :, :T] = causal
-            parts = [runner.run(ctx, embeds[:, a:b], pos[:, a:b], slots[a:b], None, full[:, a:b], cache,
-                                entries=slots[a:b]) for a, b in _chunks(T)]
+            parts = [
+                runner.run(ctx, embeds[:, a:b], pos[:, a:b], slots[a:b], None, full[:, a:b], cache, entries=slots[a:b])
+                for a, b in _chunks(T)
+            ]
             assert_same_math(torch.cat(parts, 1), ref, layers=len(ctx.layers), width=_width(ctx))
 
 
@@ -150,23 +157,28 @@ def test_runner_abilities_match_what_it_does(case, monkeypatch):
 
 def test_a_runner_without_its_required_methods_is_refused():
     with pytest.raises(TypeError, match="branch_call, new_branch_cache, new_cache, run"):
+
         @fa.register_runner("contract-incomplete")
         class Incomplete(Runner):
             pass
+
     assert "contract-incomplete" not in fa.list_runners()
 
 
 def test_runner_names_are_unique_and_unknown_ones_name_the_key():
     with pytest.raises(ValueError, match="already taken"):
+
         @fa.register_runner("transformers")
         class Impostor(get_runner("llamagen")):
             pass
+
     assert get_runner("transformers").__name__ == "TransformersRunner"
     with pytest.raises(fa.RecipeError, match=r"backend: unknown backend 'llamagenn' \(did you mean 'llamagen'\?\)"):
         get_runner("llamagenn")
 
 
 # ---------------------------------------------------------------- model formats
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -245,8 +257,10 @@ def test_model_specs_name_their_format_and_accept_the_old_key(tmp_path):
     assert spec["format"] == "llamagen"
     old = {("backend" if k == "format" else k): v for k, v in spec.items()}  # a config written before formats
     for s in (spec, old):
-        assert all(torch.equal(a, b) for a, b in zip(load_spec(s, tmp_path).state_dict().values(),
-                                                      model.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(load_spec(s, tmp_path).state_dict().values(), model.state_dict().values(), strict=True)
+        )
     with pytest.raises(formats.FormatError, match="unknown model format 'llamagem' \\(did you mean 'llamagen'"):
         load_spec({**spec, "format": "llamagem"}, tmp_path)
     with pytest.raises(formats.FormatError, match="needs 'format'"):
@@ -269,6 +283,7 @@ def test_an_export_written_before_formats_still_loads(tmp_path):
 
 # ---------------------------------------------------------------- the registries
 
+
 def _fake_distribution(root, name: str, group: str, entries: dict[str, str], modules: dict[str, str]) -> None:
     """An installed distribution, as importlib.metadata finds one on sys.path: a dist-info
     folder with entry_points.txt, and its modules beside it."""
@@ -282,21 +297,27 @@ def _fake_distribution(root, name: str, group: str, entries: dict[str, str], mod
 
 def test_a_plugin_whose_dependency_is_missing_is_hidden_and_a_broken_one_raises(tmp_path, monkeypatch):
     group = "flashar_adapt_contract.runners"
-    _fake_distribution(tmp_path, "contract_fake_a", group, {
-        "fine": "contract_fine:FineRunner",
-        "needs-pkg": "contract_needs:NeedsRunner",
-        "broken": "contract_broken:BrokenRunner",
-        "old-name": "contract_fine:FineRunner",
-    }, {
-        "contract_fine": """
+    _fake_distribution(
+        tmp_path,
+        "contract_fake_a",
+        group,
+        {
+            "fine": "contract_fine:FineRunner",
+            "needs-pkg": "contract_needs:NeedsRunner",
+            "broken": "contract_broken:BrokenRunner",
+            "old-name": "contract_fine:FineRunner",
+        },
+        {
+            "contract_fine": """
             from flashar_adapt.integrations.llamagen.runner import LlamaGenRunner
 
             class FineRunner(LlamaGenRunner):
                 name = "fine"
         """,
-        "contract_needs": "import contract_package_not_installed  # an optional dependency\n",
-        "contract_broken": "from contract_fine import NoSuchName  # a bug in the plugin itself\n",
-    })
+            "contract_needs": "import contract_package_not_installed  # an optional dependency\n",
+            "contract_broken": "from contract_fine import NoSuchName  # a bug in the plugin itself\n",
+        },
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = plugins.Registry(group, "runner")
     assert reg.get("fine").__name__ == "FineRunner" and reg.get("nothing") is None
@@ -306,13 +327,22 @@ def test_a_plugin_whose_dependency_is_missing_is_hidden_and_a_broken_one_raises(
     with pytest.raises(ImportError, match="NoSuchName"):
         reg.get("broken")
     group = "flashar_adapt_contract.listed"  # without the broken one, which would stop the listing
-    _fake_distribution(tmp_path / "b", "contract_fake_b", group, {
-        "fine": "contract_fine:FineRunner", "old-name": "contract_fine:FineRunner",
-        "needs-pkg": "contract_needs:NeedsRunner"}, {})
+    _fake_distribution(
+        tmp_path / "b",
+        "contract_fake_b",
+        group,
+        {
+            "fine": "contract_fine:FineRunner",
+            "old-name": "contract_fine:FineRunner",
+            "needs-pkg": "contract_needs:NeedsRunner",
+        },
+        {},
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "b"))
     reg = plugins.Registry(group, "runner")
-    with pytest.warns(plugins.PluginHidden, match="'needs-pkg' is unavailable: it needs the package "
-                                                   "'contract_package_not_installed'"):
+    with pytest.warns(
+        plugins.PluginHidden, match="'needs-pkg' is unavailable: it needs the package 'contract_package_not_installed'"
+    ):
         names = reg.names()
     assert names == ["fine"]  # the alias and the hidden one left out
     with warnings.catch_warnings():
@@ -385,8 +415,13 @@ def test_without_transformers_its_plugins_are_hidden_and_the_rest_works():
         fa.patch(model, tiny.llamagen_recipe())
         print(tuple(model.generate(torch.tensor([1, 2]), top_k=1).shape))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "['llamagen'] ['llamagen'] True", lines

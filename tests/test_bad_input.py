@@ -4,6 +4,7 @@ hypothesis fuzzing of training configs, export folders and shard manifests.
 
 Training here is tiny (a 5-layer dim-32 LlamaGen, 2 steps, trained once per module), so the
 file stays cheap."""
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import flashar_adapt as fa
-from tests import tiny
 from flashar_adapt import commands
 from flashar_adapt.errors import FlashARError
 from flashar_adapt.export import ExportError
 from flashar_adapt.files import exclusive_lock, inside
 from flashar_adapt.shards import DataError, ShardDataset, ShardWriter
 from flashar_adapt.training import TrainConfig, TrainingError, train
+from tests import tiny
 from tests.train_helpers import llamagen_run, structured_codes
 
 # subprocesses import `tests.*` (a package) from the repository root
@@ -61,6 +62,7 @@ def _tree(p: Path) -> dict:
 
 # ---------------------------------------------------------------- export
 
+
 def test_export_refuses_to_replace_what_is_not_an_export(trained, tmp_path):
     root, model, _ = trained
     thesis = tmp_path / "p"
@@ -69,8 +71,12 @@ def test_export_refuses_to_replace_what_is_not_an_export(trained, tmp_path):
     run = _copy_run(root, tmp_path / "proj").parent
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
-    for target, named in [(thesis, "thesis.tex"), (run, "cfg.yaml"), (run / "run", "checkpoint.pt"),
-                          (a_file, "not a folder")]:
+    for target, named in [
+        (thesis, "thesis.tex"),
+        (run, "cfg.yaml"),
+        (run / "run", "checkpoint.pt"),
+        (a_file, "not a folder"),
+    ]:
         before = _tree(target) if target.is_dir() else target.read_bytes()
         with pytest.raises(ExportError, match=named):
             fa.export_merged(model, target)
@@ -124,6 +130,7 @@ def _set_cfg(key, value):
             node = node[k]
         node[last] = value
         (out / "flashar_config.json").write_text(json.dumps(cfg))
+
     return f
 
 
@@ -154,9 +161,16 @@ BROKEN_EXPORTS = {
     "symlink to a file outside": (_link_outside, "outside"),
     "recipe not UTF-8": (lambda out: (out / "recipe.yaml").write_bytes(b"name: \xff"), "not UTF-8"),
     "recipe invalid": (lambda out: (out / "recipe.yaml").write_text("name: x\n"), "is required"),
-    "weights not float": (lambda out: save_file({k: torch.zeros(v.shape, dtype=torch.int32) for k, v in
-                                                 load_file(str(out / "flashar.safetensors")).items()},
-                                                str(out / "flashar.safetensors")), "floating point"),
+    "weights not float": (
+        lambda out: save_file(
+            {
+                k: torch.zeros(v.shape, dtype=torch.int32)
+                for k, v in load_file(str(out / "flashar.safetensors")).items()
+            },
+            str(out / "flashar.safetensors"),
+        ),
+        "floating point",
+    ),
 }
 
 
@@ -171,14 +185,21 @@ def test_broken_export_folders_are_export_errors(trained, tmp_path, case):
         fa.load_adapted(out)
 
 
-_JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                         st.text(max_size=12), st.sampled_from(["..", "../x", "/etc/passwd", "llamagen.pt", ""]),
-                         st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(),
-                                                                                   max_size=2))
+_JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(["..", "../x", "/etc/passwd", "llamagen.pt", ""]),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzzed_export_folders_fail_only_with_export_error(trained, data):
     """Random damage to an export folder (files deleted, truncated, overwritten, linked out;
@@ -248,8 +269,13 @@ def test_resume_with_a_changed_config_is_refused(trained, tmp_path):
     cfg = TrainConfig.load(cfg_path)
     cfg.log_every = 5  # changes nothing the run computes: no complaint
     train(cfg, progress=False)
-    rc = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "train", "--help"], env=ENV, capture_output=True,
-                        text=True, timeout=120)
+    rc = subprocess.run(
+        [sys.executable, "-m", "flashar_adapt.commands", "train", "--help"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "--allow-config-change" in rc.stdout
 
 
@@ -310,9 +336,14 @@ def test_two_runs_cannot_share_an_out_dir(trained, tmp_path):
 
 # ---------------------------------------------------------------- training config values
 
+
 def _base_cfg(**extra) -> dict:
-    d = {"model": {"backend": "llamagen", "checkpoint": "base.pt"}, "recipe": "llamagen-c2i-b", "data": "d",
-         "out_dir": "o"}
+    d = {
+        "model": {"backend": "llamagen", "checkpoint": "base.pt"},
+        "recipe": "llamagen-c2i-b",
+        "data": "d",
+        "out_dir": "o",
+    }
     d.update(extra)
     return d
 
@@ -345,8 +376,10 @@ def test_training_config_values_are_checked_on_load(extra, msg):
 
 
 def test_training_config_yaml_reads_like_a_user_writes_it(tmp_path):
-    (tmp_path / "cfg.yaml").write_text("model: {backend: llamagen}\nrecipe: my.yaml\ndata: d\nout_dir: o\n"
-                                       "stage1: {lr: 5e-5, steps: 3}\nmixed_precision: no\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "model: {backend: llamagen}\nrecipe: my.yaml\ndata: d\nout_dir: o\n"
+        "stage1: {lr: 5e-5, steps: 3}\nmixed_precision: no\n"
+    )
     cfg = TrainConfig.load(tmp_path / "cfg.yaml")
     assert cfg.stage1.lr == 5e-5 and cfg.mixed_precision == "no"
     assert cfg.recipe == str((tmp_path / "my.yaml").resolve())  # a recipe file beside the config
@@ -355,16 +388,52 @@ def test_training_config_yaml_reads_like_a_user_writes_it(tmp_path):
         TrainConfig.load(tmp_path / "bad.yaml")
 
 
-_CFG_KEYS = ["model", "recipe", "data", "out_dir", "recipe_overrides", "stage1", "stage2", "batch_size", "grad_accum",
-             "weight_decay", "betas", "grad_clip", "w_v", "w_kd", "kd_temperature", "w_kd_fused",
-             "kd_fused_temperature", "cond_dropout", "mixed_precision", "gradient_checkpointing", "fixed_gate",
-             "save_every", "log_every", "seed", "cpu", "stage1.steps", "stage1.lr", "stage1.warmup_steps",
-             "stage1.min_lr_ratio", "stage2.backbone_lr_scale", "stage2.lora", "stage2.lora_lr_scale", "bogus",
-             "stage2.bogus"]
-_CFG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                        st.text(max_size=6), st.sampled_from(["no", "bf16", "5e-5", "1e400"]),
-                        st.lists(st.floats(-2, 2), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(),
-                                                                                  max_size=2))
+_CFG_KEYS = [
+    "model",
+    "recipe",
+    "data",
+    "out_dir",
+    "recipe_overrides",
+    "stage1",
+    "stage2",
+    "batch_size",
+    "grad_accum",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "w_v",
+    "w_kd",
+    "kd_temperature",
+    "w_kd_fused",
+    "kd_fused_temperature",
+    "cond_dropout",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "fixed_gate",
+    "save_every",
+    "log_every",
+    "seed",
+    "cpu",
+    "stage1.steps",
+    "stage1.lr",
+    "stage1.warmup_steps",
+    "stage1.min_lr_ratio",
+    "stage2.backbone_lr_scale",
+    "stage2.lora",
+    "stage2.lora_lr_scale",
+    "bogus",
+    "stage2.bogus",
+]
+_CFG_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=6),
+    st.sampled_from(["no", "bf16", "5e-5", "1e400"]),
+    st.lists(st.floats(-2, 2), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -396,6 +465,7 @@ def test_fuzzed_training_configs_fail_only_with_training_error(edits):
 
 # ---------------------------------------------------------------- hostile recipes
 
+
 def _recipe_dict(**lora) -> dict:
     d = fa.load_recipe("llamagen-c2i-b").to_dict()
     d["lora"].update(lora)
@@ -421,14 +491,17 @@ def test_yaml_aliases_that_expand_are_refused(tmp_path):
     assert fa.load_recipe(tmp_path / "ok.yaml").match == {"codes": 16384}
 
 
-@pytest.mark.parametrize("pattern,msg", [
-    (r"(?:[a-z0-9_.]+)+X", "nested quantifiers"),
-    (r"(a|aa)+X", "repeats an alternation"),
-    (r"layers\.(\d+", "not a valid regular expression"),
-    (r"(\w+)\1", "back-reference"),
-    (r".*.*.*.*X", "holds 4 repeats"),
-    ("x" * 201, "longer than 200"),
-])
+@pytest.mark.parametrize(
+    "pattern,msg",
+    [
+        (r"(?:[a-z0-9_.]+)+X", "nested quantifiers"),
+        (r"(a|aa)+X", "repeats an alternation"),
+        (r"layers\.(\d+", "not a valid regular expression"),
+        (r"(\w+)\1", "back-reference"),
+        (r".*.*.*.*X", "holds 4 repeats"),
+        ("x" * 201, "longer than 200"),
+    ],
+)
 def test_bad_lora_target_regexes_are_refused_on_load(pattern, msg):
     # refused from the pattern's shape, before it is ever matched against a module name
     with pytest.raises(fa.RecipeError, match=msg) as e:
@@ -454,14 +527,17 @@ def test_absurd_gate_hidden_is_refused_and_non_utf8_recipe_is_a_recipe_error(tmp
 
 # ---------------------------------------------------------------- shards
 
+
 def test_shard_writer_refuses_what_it_would_corrupt(tmp_path):
     w = ShardWriter(tmp_path / "d", (4, 4), 48, "class", num_classes=10)
     codes, cls = structured_codes(4, 4, 48)
-    for bad_codes, bad_cls, msg in [(codes.float() + 0.5, cls, "codes must be integers"),
-                                    (codes.bool(), cls, "codes must be integers"),
-                                    (codes, cls.float(), "class ids must be integers"),
-                                    (codes, torch.tensor([0, 1, -5, 2]), "must be >= 0"),
-                                    (codes, torch.tensor([0, 1, 999, 2]), r"must lie in \[0, 10\]")]:
+    for bad_codes, bad_cls, msg in [
+        (codes.float() + 0.5, cls, "codes must be integers"),
+        (codes.bool(), cls, "codes must be integers"),
+        (codes, cls.float(), "class ids must be integers"),
+        (codes, torch.tensor([0, 1, -5, 2]), "must be >= 0"),
+        (codes, torch.tensor([0, 1, 999, 2]), r"must lie in \[0, 10\]"),
+    ]:
         with pytest.raises(DataError, match=msg):
             w.add(bad_codes, bad_cls)
     w.add(codes, cls)
@@ -489,9 +565,15 @@ def test_class_ids_the_model_lacks_are_named_with_their_file(tmp_path):
         ShardDataset(tmp_path / "d").limit_classes(10, 10)
 
 
-@pytest.mark.parametrize("name,msg", [("../outside.safetensors", "outside the folder"),
-                                      ("/tmp/x.safetensors", "absolute path"), ("link.safetensors", "outside"),
-                                      (7, "must be a file name")])
+@pytest.mark.parametrize(
+    "name,msg",
+    [
+        ("../outside.safetensors", "outside the folder"),
+        ("/tmp/x.safetensors", "absolute path"),
+        ("link.safetensors", "outside"),
+        (7, "must be a file name"),
+    ],
+)
 def test_manifest_file_names_stay_inside_the_folder(tmp_path, name, msg):
     w = ShardWriter(tmp_path / "d", (4, 4), 48, "class")
     w.add(*structured_codes(4, 4, 48))
@@ -522,8 +604,21 @@ def shards(tmp_path_factory):
     return d
 
 
-_MANIFEST_KEYS = ["format", "grid", "codebook_size", "cond_kind", "num_examples", "num_classes", "shards", "recipe",
-                  "shards.0.file", "shards.0.num_examples", "shards.1", "shards.2.file", "extra"]
+_MANIFEST_KEYS = [
+    "format",
+    "grid",
+    "codebook_size",
+    "cond_kind",
+    "num_examples",
+    "num_classes",
+    "shards",
+    "recipe",
+    "shards.0.file",
+    "shards.0.num_examples",
+    "shards.1",
+    "shards.2.file",
+    "extra",
+]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -545,8 +640,13 @@ def test_fuzzed_data_folders_fail_only_with_data_error(shards, data):
             parts = key.split(".")
             node = m
             for k in parts[:-1]:
-                node = node[int(k)] if isinstance(node, list) and k.isdigit() and int(k) < len(node) else \
-                    node.get(k) if isinstance(node, dict) else None
+                node = (
+                    node[int(k)]
+                    if isinstance(node, list) and k.isdigit() and int(k) < len(node)
+                    else node.get(k)
+                    if isinstance(node, dict)
+                    else None
+                )
                 if node is None:
                     break
             last = parts[-1]
@@ -565,6 +665,7 @@ def test_fuzzed_data_folders_fail_only_with_data_error(shards, data):
 
 
 # ---------------------------------------------------------------- the CLI error boundary
+
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
     try:
@@ -615,20 +716,28 @@ def test_cli_keeps_the_traceback_of_a_bug(capsys, monkeypatch):
 
 COMMANDS = ("recipes", "show", "demo", "inspect", "check", "train", "export", "tokenize", "generate")
 # A child process in which the optional dependencies are not importable.
-_WITHOUT_EXTRAS = ("import sys; sys.modules.update(dict.fromkeys(['accelerate', 'peft', 'transformers', 'matplotlib'])); "
-                   "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))")
+_WITHOUT_EXTRAS = (
+    "import sys; sys.modules.update(dict.fromkeys(['accelerate', 'peft', 'transformers', 'matplotlib'])); "
+    "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def test_every_command_is_listed_and_a_missing_optional_dependency_is_one_line(tmp_path):
     def cli(*argv):
-        return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *map(str, argv)], env=ENV, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", _WITHOUT_EXTRAS, *map(str, argv)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = cli("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS), r.stdout
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"backend": "llamagen"}, "recipe": "llamagen-c2i-b", "data": "data",
-                                   "out_dir": "run"}))
+    cfg.write_text(
+        yaml.safe_dump({"model": {"backend": "llamagen"}, "recipe": "llamagen-c2i-b", "data": "data", "out_dir": "run"})
+    )
     r = cli("train", "--config", cfg)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     _one_line(r.stderr, "error: flashar-adapt train needs accelerate", "pip install 'flashar-adapt[train]'")

@@ -1,6 +1,7 @@
 """generate(compile=True): the static-shape step (whole padded caches under a mask, steps
 padded to bucket sizes) computes what eager decoding computes, compiled or not, and compiles
 a bounded number of graphs."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -63,9 +64,17 @@ def test_bucket_is_the_smallest_size_that_holds_n():
 
 @pytest.mark.numerics
 @SETTINGS
-@given(H=st.integers(1, 6), W=st.integers(1, 6), prefix=st.integers(1, 6), batch=st.integers(1, 3),
-       eol=st.booleans(), meta=st.booleans(), cfg=st.sampled_from([1.0, 2.5]), mode=st.sampled_from(["two_way", "raster"]),
-       seed=st.integers(0, 2**16))
+@given(
+    H=st.integers(1, 6),
+    W=st.integers(1, 6),
+    prefix=st.integers(1, 6),
+    batch=st.integers(1, 3),
+    eol=st.booleans(),
+    meta=st.booleans(),
+    cfg=st.sampled_from([1.0, 2.5]),
+    mode=st.sampled_from(["two_way", "raster"]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_static_path_equals_teacher_forcing(H, W, prefix, batch, eol, meta, cfg, mode, seed):
     """Any grid, left-padded prompt, end-of-line tokens, meta tokens, batch and CFG: the
     padded static step decodes exactly what teacher forcing predicts."""
@@ -93,8 +102,14 @@ def test_property_static_path_equals_teacher_forcing(H, W, prefix, batch, eol, m
 
 @pytest.mark.numerics
 @SETTINGS
-@given(grid=st.integers(1, 5), batch=st.integers(1, 4), cfg=st.sampled_from([1.0, 4.0]),
-       mode=st.sampled_from(["two_way", "raster"]), depth=st.integers(1, 2), seed=st.integers(0, 2**16))
+@given(
+    grid=st.integers(1, 5),
+    batch=st.integers(1, 4),
+    cfg=st.sampled_from([1.0, 4.0]),
+    mode=st.sampled_from(["two_way", "raster"]),
+    depth=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
 def test_property_static_path_llamagen(grid, batch, cfg, mode, depth, seed):
     """LlamaGen: the fused branch block (depth 1) and the generic branch (depth 2) on
     static caches, after an eager run left its (shorter) caches on the layers."""
@@ -143,8 +158,14 @@ def test_static_padding_entries_are_never_seen():
 
 
 @SETTINGS
-@given(P=st.integers(1, 4), H=st.integers(1, 7), W=st.integers(1, 7), eol=st.booleans(), eol_last=st.booleans(),
-       mode=st.sampled_from(["two_way", "raster"]))
+@given(
+    P=st.integers(1, 4),
+    H=st.integers(1, 7),
+    W=st.integers(1, 7),
+    eol=st.booleans(),
+    eol_last=st.booleans(),
+    mode=st.sampled_from(["two_way", "raster"]),
+)
 def test_padded_steps_are_the_eager_steps_padded(P, H, W, eol, eol_last, mode):
     """One Step type for both paths: a padded step's real part is the eager step, every field."""
     layout = Layout(P, H, W, eol, eol_last)
@@ -185,6 +206,7 @@ def test_static_caches_live_between_calls_and_stale_entries_stay_unseen():
 
 # ---------------------------------------------------------------- compiled (inductor)
 
+
 def _llamagen():
     model = tiny.llamagen(grid=3, seed=0)
     fa.patch(model, tiny.llamagen_recipe(grid=3))
@@ -224,13 +246,15 @@ def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
     assert 1 <= compiled <= len(sizes)
     for seed in (0, 1):
         a = model.generate(cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
-        b = model.generate(cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed),
-                           compile=True, **kw)
+        b = model.generate(
+            cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed), compile=True, **kw
+        )
         assert torch.equal(a, b)
     assert counters["stats"]["unique_graphs"] - before == compiled  # same shapes: nothing recompiled
 
 
 # ---------------------------------------------------------------- refusals
+
 
 def test_compile_flag_must_be_a_bool():
     model, cond, _ = _llamagen()

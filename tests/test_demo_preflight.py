@@ -1,4 +1,5 @@
 """The main job fails fast and in one line when an input is missing (a fresh machine)."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ import pytest
 main = pytest.importorskip("flashar_adapt.fmnist.main")
 from flashar_adapt.fmnist import ASSETS  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (ASSETS / "flashar" / "flashar_config.json").is_file(),
-                                reason="Fashion-MNIST assets not built")
+pytestmark = pytest.mark.skipif(
+    not (ASSETS / "flashar" / "flashar_config.json").is_file(), reason="Fashion-MNIST assets not built"
+)
 
 
 def _preflight(tmp_path, **kw):
@@ -22,8 +24,13 @@ def _preflight(tmp_path, **kw):
 
 def test_missing_dataset_is_one_line_before_any_work(tmp_path):
     env = {**os.environ, "FMNIST_DIR": str(tmp_path / "nowhere")}
-    r = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "demo", "--out", str(tmp_path / "o")],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "flashar_adapt.commands", "demo", "--out", str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

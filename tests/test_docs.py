@@ -25,6 +25,7 @@ The stand-ins (`given`): `gpt2 PATH` (a 4-layer GPT-2 save_pretrained folder),
 official `{"model": state_dict}` layout), `class-batches NAME grid=H codebook=K classes=C`
 (`NAME` = two batches of 4 random `(codes, labels)`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,8 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-from tests import tiny
 from flashar_adapt import commands
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDES = ["README.md", "docs/api.md", "docs/training.md", "docs/writing-a-recipe.md"]
@@ -75,7 +76,7 @@ def blocks(doc: str) -> list[Block]:
         j = i + 1
         while j < len(lines) and lines[j].strip() != "```":
             j += 1
-        out.append(Block(doc, i + 1, m.group(1), "\n".join(lines[i + 1:j]) + "\n", _directives(lines, i)))
+        out.append(Block(doc, i + 1, m.group(1), "\n".join(lines[i + 1 : j]) + "\n", _directives(lines, i)))
         i = j + 1
     return out
 
@@ -88,7 +89,7 @@ def _directives(lines: list[str], fence: int) -> list[str]:
     start = k
     while start >= 0 and "<!--" not in lines[start]:
         start -= 1
-    body = "\n".join(lines[start:k + 1]).strip()
+    body = "\n".join(lines[start : k + 1]).strip()
     if start < 0 or not body.startswith("<!-- docs-test"):
         return []
     body = body.removeprefix("<!-- docs-test").removesuffix("-->").lstrip(":")
@@ -96,6 +97,7 @@ def _directives(lines: list[str], fence: int) -> list[str]:
 
 
 # ---------------------------------------------------------------- stand-ins for real weights
+
 
 def _given(spec: str, ns: dict) -> None:
     kind, *args = shlex.split(spec)
@@ -110,13 +112,19 @@ def _given(spec: str, ns: dict) -> None:
     elif kind == "class-batches":  # NAME grid=H codebook=K classes=C: two batches of 4 (codes, labels)
         kw = {k: int(v) for k, v in (a.split("=", 1) for a in args[1:])}
         g = torch.Generator().manual_seed(0)
-        ns[args[0]] = [(torch.randint(kw["codebook"], (4, kw["grid"], kw["grid"]), generator=g),
-                        torch.randint(kw["classes"], (4,), generator=g)) for _ in range(2)]
+        ns[args[0]] = [
+            (
+                torch.randint(kw["codebook"], (4, kw["grid"], kw["grid"]), generator=g),
+                torch.randint(kw["classes"], (4,), generator=g),
+            )
+            for _ in range(2)
+        ]
     else:
         pytest.fail(f"unknown docs-test given {kind!r}")
 
 
 # ---------------------------------------------------------------- running blocks
+
 
 def _cli(argv: list[str]) -> tuple[int, str]:
     env = {}
@@ -153,7 +161,9 @@ def _run_console(b: Block, text: str, want_rc: int) -> None:
         rc, got = _cli(shlex.split(cmd))
         assert rc == want_rc, f"{b.where}: `{cmd}` exited {rc}, the guide expects {want_rc}:\n{got}"
         want_text = "\n".join(want).strip() + "\n"
-        if want_text.strip() and not checker.check_output(want_text, got, doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE):
+        if want_text.strip() and not checker.check_output(
+            want_text, got, doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+        ):
             pytest.fail(f"{b.where}: `{cmd}` printed\n{got}\nthe guide shows\n{want_text}")
 
 
@@ -243,6 +253,7 @@ def test_guide_runs_as_written(doc, _isolated):
 
 # ---------------------------------------------------------------- api.md signatures
 
+
 def _split(arglist: str) -> list[str]:
     """Top-level comma-separated pieces (commas inside brackets or quotes do not split)."""
     parts, depth, cur, quote = [], 0, "", None
@@ -304,12 +315,27 @@ def test_api_signatures():
     for m in re.finditer(r"`fa\.(\w+)\(([^`]*)\)\s*->[^`]*`", text):
         name, names = m.group(1), _params(m.group(2))
         assert names is not None, f"api.md: cannot read the signature of fa.{name}: {m.group(0)}"
-        assert names == _real(getattr(fa, name)), f"api.md documents fa.{name}({', '.join(names)}), " \
-                                                  f"the code has {inspect.signature(getattr(fa, name))}"
+        assert names == _real(getattr(fa, name)), (
+            f"api.md documents fa.{name}({', '.join(names)}), the code has {inspect.signature(getattr(fa, name))}"
+        )
         _check_defaults(name, getattr(fa, name), m.group(2))
         seen.add(name)
-    for name in ("score", "check", "train", "load_adapted", "inspect_model", "teacher_forward", "list_runners",
-                 "logits", "patch", "load_recipe", "list_recipes", "export_merged", "recipe_from_dict", "sample"):
+    for name in (
+        "score",
+        "check",
+        "train",
+        "load_adapted",
+        "inspect_model",
+        "teacher_forward",
+        "list_runners",
+        "logits",
+        "patch",
+        "load_recipe",
+        "list_recipes",
+        "export_merged",
+        "recipe_from_dict",
+        "sample",
+    ):
         assert name in seen, f"api.md has no `fa.{name}(...) -> ...` signature"
     gen = re.search(r"codes = model\.generate\((cond, \*[^)]*)\)", text, re.S)
     assert gen and _params(gen.group(1)) == _real(fa.generate)[1:], "api.md's model.generate signature is stale"
@@ -333,8 +359,12 @@ def test_config_reference_table_is_generated_from_the_class():
     assert keys == [k for k, _ in config_reference.rows()]
     assert all(r.split("|")[3].strip() for r in table[2:]), "every config key needs a meaning"
     cells = dict(config_reference.rows())
-    assert (cells["batch_size"], cells["stage2.steps"], cells["stage2.lora_lr_scale"], cells["stage1.min_lr_ratio"]) == \
-        ("`8`", "`0`", "`1.0`", "`0.1`")
+    assert (
+        cells["batch_size"],
+        cells["stage2.steps"],
+        cells["stage2.lora_lr_scale"],
+        cells["stage1.min_lr_ratio"],
+    ) == ("`8`", "`0`", "`1.0`", "`0.1`")
 
 
 def test_tables_catch_a_drift(tmp_path):

@@ -1,4 +1,5 @@
 """The recipe doctor and inspect: the docs/writing-a-recipe.md walk-through, end to end."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,8 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-from tests import tiny
 from flashar_adapt import commands
-
+from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -32,8 +32,13 @@ def test_walkthrough_gpt2_from_inspect_to_passing_check(tmp_path, capsys, monkey
         assert line in out
     draft = yaml.safe_load((tmp_path / "draft.yaml").read_text())
     assert draft["backend"] == "transformers" and draft["match"] == {"class": "GPT2LMHeadModel"}
-    assert draft["modules"] == {"decoder": "transformer", "layers": "transformer.h", "norm": "transformer.ln_f",
-                                "head": "lm_head", "embed": "transformer.wte"}
+    assert draft["modules"] == {
+        "decoder": "transformer",
+        "layers": "transformer.h",
+        "norm": "transformer.ln_f",
+        "head": "lm_head",
+        "embed": "transformer.wte",
+    }
     assert any("c_attn" in t for t in draft["lora"]["targets"])  # GPT-2's Conv1D projections are found too
 
     # 2. the draft is not a recipe yet: the loader names every TODO key (name first)
@@ -44,8 +49,9 @@ def test_walkthrough_gpt2_from_inspect_to_passing_check(tmp_path, capsys, monkey
     # 3. fill in the token layout (this model's ids: codes 100..163, one BOI 190, end-of-line 199)
     draft["name"] = "my-gpt2"
     draft["condition"].update(prefix_len=16, pad_id=0)
-    draft["image"].update(codebook_size=64, visual_token_offset=100, grid=[3, 4], variable_grid=True, before=[190],
-                          eol_token=199)
+    draft["image"].update(
+        codebook_size=64, visual_token_offset=100, grid=[3, 4], variable_grid=True, before=[190], eol_token=199
+    )
     (tmp_path / "my-gpt2.yaml").write_text(yaml.safe_dump(draft, sort_keys=False))
 
     # 4. check: raster = the model's own forward, two-way = teacher forcing, H+W-1 steps
@@ -72,8 +78,13 @@ def test_inspect_and_check_a_llamagen_checkpoint(tmp_path, capsys):
     assert rc == 0 and "decoder layers: layers  (5 x TransformerBlock)" in out and "backend: llamagen" in out
     draft = yaml.safe_load((tmp_path / "draft.yaml").read_text())
     assert draft["modules"] == {"layers": "layers", "norm": "norm", "head": "output", "embed": "tok_embeddings"}
-    assert draft["condition"] == {"kind": "class", "embedding": "cls_embedding.embedding_table", "num_classes": 10,
-                                  "null_class": 10, "prefix_len": 1}
+    assert draft["condition"] == {
+        "kind": "class",
+        "embedding": "cls_embedding.embedding_table",
+        "num_classes": 10,
+        "null_class": 10,
+        "prefix_len": 1,
+    }
     draft["name"] = "tiny-c2i"
     draft["image"].update(codebook_size=48, visual_token_offset=0, grid=[4, 4])
     (tmp_path / "tiny-c2i.yaml").write_text(yaml.safe_dump(draft))
@@ -102,9 +113,15 @@ def test_check_names_the_recipe_key_at_fault():
 def test_check_reference_rules_per_family():
     # LlamaGen: the backend's own forward; Chameleon: its forward masks image logits, so the
     # head on last_hidden_state is the reference; Janus: separate image head, no input ids.
-    cases = [(tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), "model's own forward"),
-             (tiny.chameleon(), fa.load_recipe("chameleon"), "forward masks"),
-             (tiny.janus(), fa.load_recipe("janus-pro-1b").replace(**{"image.variable_grid": True}), "head(last_hidden_state)")]
+    cases = [
+        (tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), "model's own forward"),
+        (tiny.chameleon(), fa.load_recipe("chameleon"), "forward masks"),
+        (
+            tiny.janus(),
+            fa.load_recipe("janus-pro-1b").replace(**{"image.variable_grid": True}),
+            "head(last_hidden_state)",
+        ),
+    ]
     for model, recipe, phrase in cases:
         rep = fa.check(model, recipe, grid=(3, 3) if recipe.image.variable_grid else None)
         assert rep.ok, str(rep)

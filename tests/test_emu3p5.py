@@ -8,6 +8,7 @@
 - dropout in train mode and ``rope_scaling`` (linear, dynamic) follow the official modelling
   file, checked against the official decoder math written out by hand below.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashar_adapt as fa
+from flashar_adapt.grid import Layout
 from tests import tiny
 from tests.numerics import assert_same_math
-from flashar_adapt.grid import Layout
 
 transformers = pytest.importorskip("transformers")
 emu3p5 = pytest.importorskip("flashar_adapt.integrations.emu3p5")
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- the official decoder, by hand
+
 
 def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor, dropout=None) -> torch.Tensor:
     """Logits of baaivision/Emu3.5 src/emu3p5/modeling_emu3.py's Emu3ForCausalLM for ``ids`` [1, T]:
@@ -51,7 +53,7 @@ def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor, dropout=None) -> to
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     def rot(x):
-        return torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+        return torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
 
     T = ids.shape[1]
     t = torch.arange(T).float()
@@ -67,7 +69,10 @@ def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor, dropout=None) -> to
     x = drop(sd["model.embed_tokens.weight"][ids])
     causal = torch.full((T, T), float("-inf")).triu(1)
     for i in range(cfg["num_hidden_layers"]):
-        p = lambda n: sd[f"model.layers.{i}.{n}.weight"]  # noqa: E731
+
+        def p(n, i=i):
+            return sd[f"model.layers.{i}.{n}.weight"]
+
         h = rms(x, p("input_layernorm"))
         q = rms((h @ p("self_attn.q_proj").T).view(1, T, nh, hd), p("self_attn.q_norm")).transpose(1, 2)
         k = rms((h @ p("self_attn.k_proj").T).view(1, T, nkv, hd), p("self_attn.k_norm")).transpose(1, 2)
@@ -93,26 +98,31 @@ def _load(tmp_path, **over):
 
 UNCOND_PROMPT = "<|extra_203|>You are a helpful assistant. USER:  ASSISTANT: <|extra_100|>"  # example_config_t2i.py
 # src/tokenizer_emu3_ibq/tokenization_emu3.py: PAT_STR, and specials numbered from 151643
-PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-SPECIALS = {s: 151643 + i for i, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-                                                + [f"<|extra_{n}|>" for n in range(205)])}
+PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 - the upstream pattern, verbatim
+SPECIALS = {
+    s: 151643 + i
+    for i, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{n}|>" for n in range(205)])
+}
 
 
 def _ranks() -> dict[bytes, int]:
-    rows = (line.split() for line in (DATA / "emu3p5_uncond_prompt.tiktoken").read_text().splitlines()
-            if line and not line.startswith("#"))
+    rows = (
+        line.split()
+        for line in (DATA / "emu3p5_uncond_prompt.tiktoken").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     return {base64.b64decode(tok): int(rank) for tok, rank in rows}
 
 
 def _bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     """tiktoken's byte-pair merge: repeatedly join the adjacent pair of lowest rank."""
-    parts = [piece[i:i + 1] for i in range(len(piece))]
+    parts = [piece[i : i + 1] for i in range(len(piece))]
     while True:
         pairs = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
         if not pairs:
             return [ranks[p] for p in parts]
         _, i = min(pairs)
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
 
 
 def _encode(text: str, ranks) -> list[int]:
@@ -140,6 +150,7 @@ def test_uncond_ids_are_upstreams_tokenized_prompt():
 
 # ---------------------------------------------------------------- 2. default grid and aspect ratios
 
+
 def test_default_grid_and_aspect_ratio_table():
     im = fa.load_recipe("emu3.5-image").image
     assert im.grid == emu3p5.grid_for_aspect_ratio("default") == emu3p5.grid_for_aspect_ratio("4:3") == (55, 73)
@@ -159,6 +170,7 @@ def test_default_grid_and_aspect_ratio_table():
 
 # ---------------------------------------------------------------- 3. end-of-image after the last row
 
+
 @settings(max_examples=60, deadline=None)
 @given(P=st.integers(0, 4), H=st.integers(1, 6), W=st.integers(1, 6))
 def test_layout_without_last_eol_is_the_full_layout_minus_its_last_slot(P, H, W):
@@ -176,8 +188,10 @@ def test_layout_without_last_eol_is_the_full_layout_minus_its_last_slot(P, H, W)
     assert sorted(fed.tolist()) == list(range(P, L))  # every image slot fed exactly once
     steps = (fa.decoding.schedule(x, "two_way", "cpu").steps for x in (cut, full))
     for a, b in zip(*steps):
-        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-                   for x, y in zip(vars(a).values(), vars(b).values()))
+        assert all(
+            torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+            for x, y in zip(vars(a).values(), vars(b).values())
+        )
     assert Layout(P, H, W, False, eol_last=False).seq_len == P + H * W  # no end-of-line at all: nothing to drop
 
 
@@ -200,8 +214,13 @@ def patched(tmp_path_factory):
 
 @pytest.mark.numerics
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(H=st.integers(1, 4), W=st.integers(1, 4), T=st.integers(1, 3), cfg=st.sampled_from([1.0, 5.0]),
-       seed=st.integers(0, 2**16))
+@given(
+    H=st.integers(1, 4),
+    W=st.integers(1, 4),
+    T=st.integers(1, 3),
+    cfg=st.sampled_from([1.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_two_way_and_raster_follow_upstreams_sequence(patched, H, W, T, cfg, seed):
     g = torch.Generator().manual_seed(seed)
     prompt = [BOS] + torch.randint(30, 3000, (T,), generator=g).tolist() + [BSS]
@@ -218,7 +237,7 @@ def test_two_way_and_raster_follow_upstreams_sequence(patched, H, W, T, cfg, see
     # same decoder, same inputs at the same positions; only the mask form differs (additive 4D vs causal)
     assert_same_math(raster, own[cell_slots - 1, BOV:], layers=5, width=32)
     assert patched.flashar.ctx.layout(P, (H, W)).seq_len == len(seq) - 1  # the layout stops at the last code
-    assert emu3p5.image_token_ids(patched, codes)[0].tolist() == seq[len(prompt):]  # what upstream decodes
+    assert emu3p5.image_token_ids(patched, codes)[0].tolist() == seq[len(prompt) :]  # what upstream decodes
 
 
 def test_recipe_field_last_row_end():
@@ -240,6 +259,7 @@ def test_doctor_reads_the_upstream_sequence(patched):
 
 
 # ---------------------------------------------------------------- 4. training fidelity: dropout, rope scaling
+
 
 class _Masks:
     """A deterministic stand-in for F.dropout: the n-th call draws its keep-mask from seed n,
@@ -290,8 +310,7 @@ def test_dropout_reaches_the_branch_and_stops_in_eval(tmp_path, monkeypatch):
     fa.teacher_forward(model, cond, codes)
     # embeddings once, 2 output dropouts per backbone layer and per branch copy (SDPA drops internally)
     assert masks.calls == 1 + 2 * cfg["num_hidden_layers"] + 2 * len(model.flashar.branch_layers)
-    assert all(b.output_dropout.training for layer in model.flashar.branch_layers
-               for b in (layer.self_attn, layer.mlp))
+    assert all(b.output_dropout.training for layer in model.flashar.branch_layers for b in (layer.self_attn, layer.mlp))
 
 
 def test_config_defaults_are_the_official_ones(tmp_path):

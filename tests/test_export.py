@@ -1,4 +1,5 @@
 """Export with LoRA merged, native backbone layouts, and reload without pickle or network."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def test_export_and_reload_are_identical(tmp_path, family, lora):
 
         sd = torch.load(out / "backbone" / "llamagen.pt", weights_only=True)["model"]  # official layout
         assert "layers.0.attention.wqkv.weight" in sd and not any("flashar" in k or "lora" in k for k in sd)
-        plain = load_checkpoint(Transformer(config_from_state_dict(sd, block_size=16, multiple_of=16)), out / "backbone" / "llamagen.pt")
+        plain = load_checkpoint(
+            Transformer(config_from_state_dict(sd, block_size=16, multiple_of=16)), out / "backbone" / "llamagen.pt"
+        )
         assert plain is not None
     else:
         assert (out / "backbone" / "config.json").is_file() and (out / "backbone" / "model.safetensors").is_file()
@@ -104,12 +107,31 @@ def model_recipe(out):
 def test_cli_train_then_export(tmp_path):
     cfg = llamagen_run(tmp_path, stage1=2, stage2=1)
     env = {"OMP_NUM_THREADS": "1", "PATH": ""}
-    r = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "train", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "flashar_adapt.commands", "train", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "flashar train" in r.stderr  # the progress bar
-    r = subprocess.run([sys.executable, "-m", "flashar_adapt.commands", "export", "--config", str(cfg), "--out",
-                        str(tmp_path / "exp")], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flashar_adapt.commands",
+            "export",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "exp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = fa.load_adapted(tmp_path / "exp")
     assert m.generate(torch.tensor([3]), top_k=1).shape == (1, 4, 4)

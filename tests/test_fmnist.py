@@ -1,4 +1,5 @@
 """The shipped Fashion-MNIST assets: real data, real tokenizer, real models."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,11 @@ if not (ASSETS / "flashar" / "flashar_config.json").is_file():  # pragma: no cov
 def test_dataset_and_tokenizer():
     from flashar_adapt.fmnist.tokenizer import PatchVQ, psnr
 
-    assert X_TEST.shape == (10000, 28, 28) and X_TEST.dtype == torch.uint8 and set(Y_TEST.unique().tolist()) == set(range(10))
+    assert (
+        X_TEST.shape == (10000, 28, 28)
+        and X_TEST.dtype == torch.uint8
+        and set(Y_TEST.unique().tolist()) == set(range(10))
+    )
     vq = PatchVQ.load(ASSETS / "tokenizer.safetensors")
     codes = vq.encode(X_TEST[:500])
     assert codes.shape == (500, 14, 14) and int(codes.max()) < 256

@@ -1,5 +1,6 @@
 """Exact two-way decoding on every tiny family: greedy and guided generation equal teacher
 forcing, sampling stays in the top-k, scores, and the H+W-1 backbone forward count."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Generation under misuse: threads and copies of one model, a model left in train mode,
 and bad generation inputs refused up front (issue 17, items 2, 7, 8, 10)."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,19 @@ def _llamagen(dropout: float = 0.0):
     torch.manual_seed(0)
     from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
 
-    args = ModelArgs(dim=32, n_layer=5, n_head=4, multiple_of=16, vocab_size=48, num_classes=10, block_size=16,
-                     cls_token_num=1, token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout)
+    args = ModelArgs(
+        dim=32,
+        n_layer=5,
+        n_head=4,
+        multiple_of=16,
+        vocab_size=48,
+        num_classes=10,
+        block_size=16,
+        cls_token_num=1,
+        token_dropout_p=dropout,
+        resid_dropout_p=dropout,
+        ffn_dropout_p=dropout,
+    )
     m = Transformer(args).eval()
     tiny.randomize(m, 0)
     fa.patch(m, tiny.llamagen_recipe(grid=4))
@@ -32,11 +44,14 @@ def _hf():
     return m
 
 
-CONDS = {"llamagen": [torch.tensor([c, (c + 3) % 10]) for c in range(4)],
-         "hf": [torch.tensor([[1, 2 + c, 3], [4, 5, 6 + c]]) for c in range(4)]}
+CONDS = {
+    "llamagen": [torch.tensor([c, (c + 3) % 10]) for c in range(4)],
+    "hf": [torch.tensor([[1, 2 + c, 3], [4, 5, 6 + c]]) for c in range(4)],
+}
 
 
 # ---------------------------------------------------------------- item 2: threads and copies
+
 
 @pytest.mark.parametrize("name", ["llamagen", "hf"])
 def test_threads_on_one_model_equal_sequential_runs(name):
@@ -95,8 +110,10 @@ def test_deepcopy_of_a_patched_model_is_independent(name):
     assert torch.equal(model.generate(cond, top_k=1), ref)
     # threads on the original and the copy at once, and unpatching the copy leaves the original patched
     out = {}
-    ts = [threading.Thread(target=lambda k=k, m=m: out.__setitem__(k, m.generate(cond, top_k=1)))
-          for k, m in (("a", model), ("b", twin))]
+    ts = [
+        threading.Thread(target=lambda k=k, m=m: out.__setitem__(k, m.generate(cond, top_k=1)))
+        for k, m in (("a", model), ("b", twin))
+    ]
     for t in ts:
         t.start()
     for t in ts:
@@ -107,6 +124,7 @@ def test_deepcopy_of_a_patched_model_is_independent(name):
 
 
 # ---------------------------------------------------------------- item 8: train mode
+
 
 def test_generation_runs_in_eval_behaviour_and_restores_the_mode():
     model = _llamagen(dropout=0.3)
@@ -128,10 +146,21 @@ def test_generation_runs_in_eval_behaviour_and_restores_the_mode():
 
 # ---------------------------------------------------------------- items 7 and 10: bad inputs
 
+
 def test_sampling_settings_are_validated_in_one_place():
-    bad = [dict(cfg_scale=float("nan")), dict(cfg_scale=-1), dict(cfg_scale=True), dict(cfg_schedule="bogus"),
-           dict(temperature=float("inf")), dict(temperature=-0.1), dict(top_k=1.5), dict(top_k=True),
-           dict(top_p=0), dict(top_p=1.5), dict(generator=42)]
+    bad = [
+        dict(cfg_scale=float("nan")),
+        dict(cfg_scale=-1),
+        dict(cfg_scale=True),
+        dict(cfg_schedule="bogus"),
+        dict(temperature=float("inf")),
+        dict(temperature=-0.1),
+        dict(top_k=1.5),
+        dict(top_k=True),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(generator=42),
+    ]
     model = _llamagen()
     for kw in bad:
         key = next(iter(kw))
@@ -171,9 +200,12 @@ def test_feature_conditions_are_checked():
     ref = model.generate(feats, top_k=1)
     # another float dtype enters in the model's dtype (float64 -> float32 is exact for these values)
     assert torch.equal(model.generate(feats.double(), top_k=1), ref)
-    cases = [(torch.randn(2, 5, 23), "24 channels"), (feats.int(), "FloatTensor"),
-             (feats.masked_fill(torch.rand(2, 5, 24) < 0.1, float("nan")), "NaN or inf"),
-             (feats.masked_fill(torch.rand(2, 5, 24) < 0.1, float("inf")), "NaN or inf")]
+    cases = [
+        (torch.randn(2, 5, 23), "24 channels"),
+        (feats.int(), "FloatTensor"),
+        (feats.masked_fill(torch.rand(2, 5, 24) < 0.1, float("nan")), "NaN or inf"),
+        (feats.masked_fill(torch.rand(2, 5, 24) < 0.1, float("inf")), "NaN or inf"),
+    ]
     for bad, msg in cases:
         with pytest.raises(ValueError, match=msg):
             model.generate(bad, top_k=1)
@@ -182,8 +214,11 @@ def test_feature_conditions_are_checked():
 def test_prompt_masks_must_be_left_padding():
     model = _hf()
     cond = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
-    for mask, msg in (([[1, 1, 1, 0], [1, 1, 1, 1]], "left padding"), ([[0, 1, 0, 1], [1, 1, 1, 1]], "left padding"),
-                      ([[0, 2, 1, 1], [1, 1, 1, 1]], "0/1")):
+    for mask, msg in (
+        ([[1, 1, 1, 0], [1, 1, 1, 1]], "left padding"),
+        ([[0, 1, 0, 1], [1, 1, 1, 1]], "left padding"),
+        ([[0, 2, 1, 1], [1, 1, 1, 1]], "0/1"),
+    ):
         with pytest.raises(ValueError, match=msg):
             model.generate(cond, cond_mask=torch.tensor(mask), top_k=1)
         with pytest.raises(ValueError, match=msg):

@@ -1,5 +1,6 @@
 """``flashar-adapt tokenize`` (image folder / JSONL -> shards, resumable, bad images listed) and
 ``flashar-adapt generate`` (model -> PNG files, a labelled grid, codes), on tiny models."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,9 @@ from safetensors.torch import load_file
 
 import flashar_adapt as fa
 from flashar_adapt.commands import main
-from flashar_adapt.image_folders import list_class_folder, read_jsonl, tokenize_dataset, to_pil
+from flashar_adapt.image_folders import list_class_folder, read_jsonl, to_pil, tokenize_dataset
 from flashar_adapt.shards import STATE, DataError, ShardDataset
 from flashar_adapt.tokenizers import load_tokenizer
-
 from tests import tiny
 from tests.kill_switch import kill_tokenize_mid_run
 
@@ -53,11 +53,25 @@ def _read(out: Path):
 
 # ---------------------------------------------------------------- tokenize
 
+
 def test_tokenize_class_folder_equals_encoding_the_images_directly(tmp_path):
     want = _folder(tmp_path / "imgs")
     out = tmp_path / "shards"
-    rc = main(["tokenize", str(tmp_path / "imgs"), "--out", str(out), "--recipe", "fmnist-c2i", "--shard-size", "5",
-               "--batch-size", "2", "--no-progress"])
+    rc = main(
+        [
+            "tokenize",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(out),
+            "--recipe",
+            "fmnist-c2i",
+            "--shard-size",
+            "5",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     codes, cond = _read(out)
     tok = load_tokenizer("fmnist-c2i")
@@ -144,7 +158,9 @@ def test_tokenize_resumes_after_sigkill(tmp_path):
     args = [str(tmp_path / "imgs"), "--recipe", "fmnist-c2i", "--shard-size", "2", "--batch-size", "1", "--no-progress"]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
-    kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=3, slow="flashar_adapt.image_folders.load_image")
+    kill_tokenize_mid_run(
+        [*args, "--out", str(out)], out / STATE, done=3, slow="flashar_adapt.image_folders.load_image"
+    )
     assert not (out / "manifest.json").exists()
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):
@@ -182,12 +198,14 @@ def test_tokenize_jsonl_prompts_with_the_models_text_tokenizer(tmp_path):
 
     save_file({"clusters": torch.linspace(-1, 1, 8)[:, None].repeat(1, 3)}, str(tmp_path / "pal.safetensors"))
     recipe = tiny.hf_llama_recipe(codebook=8, grid=(4, 4)).replace(
-        tokenizer={"kind": "color-clusters", "checkpoint": str(tmp_path / "pal.safetensors")})
+        tokenizer={"kind": "color-clusters", "checkpoint": str(tmp_path / "pal.safetensors")}
+    )
     tok = load_tokenizer(recipe)
     lines = []
     for k in range(5):
-        PIL.fromarray((torch.rand(4, 4, 3, generator=torch.Generator().manual_seed(k)) * 255).byte().numpy(), "RGB") \
-            .save(tmp_path / f"{k}.png")
+        PIL.fromarray(
+            (torch.rand(4, 4, 3, generator=torch.Generator().manual_seed(k)) * 255).byte().numpy(), "RGB"
+        ).save(tmp_path / f"{k}.png")
         lines.append(json.dumps({"image": f"{k}.png", "prompt": "a " * (k * 4 + 1)}))
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     items = read_jsonl(tmp_path / "d.jsonl", "tokens")
@@ -203,6 +221,7 @@ def test_tokenize_jsonl_prompts_with_the_models_text_tokenizer(tmp_path):
 
 # ---------------------------------------------------------------- generate
 
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """A tiny random LlamaGen under the Fashion-MNIST recipe (so the shipped tokenizer decodes it)."""
@@ -213,8 +232,29 @@ def export_dir(tmp_path_factory):
 
 def test_generate_writes_pngs_a_grid_and_the_codes(export_dir, tmp_path, capsys):
     out = tmp_path / "gen"
-    rc = main(["generate", "--export", str(export_dir), "--out", str(out), "--classes", "3", "7", "--per-cond", "3",
-               "--batch-size", "4", "--seed", "5", "--cfg", "2.0", "--top-k", "50", "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--export",
+            str(export_dir),
+            "--out",
+            str(out),
+            "--classes",
+            "3",
+            "7",
+            "--per-cond",
+            "3",
+            "--batch-size",
+            "4",
+            "--seed",
+            "5",
+            "--cfg",
+            "2.0",
+            "--top-k",
+            "50",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "batch 1/2: 4 images, 27 steps" in printed and "batch 2/2: 2 images, 27 steps" in printed
@@ -223,7 +263,7 @@ def test_generate_writes_pngs_a_grid_and_the_codes(export_dir, tmp_path, capsys)
     model = fa.load_adapted(export_dir)
     g = torch.Generator().manual_seed(5)
     y = torch.tensor([3, 3, 3, 7, 7, 7])
-    want = torch.cat([model.generate(y[i:i + 4], cfg_scale=2.0, top_k=50, generator=g) for i in (0, 4)])
+    want = torch.cat([model.generate(y[i : i + 4], cfg_scale=2.0, top_k=50, generator=g) for i in (0, 4)])
     assert torch.equal(codes, want)
     pngs = sorted((out / "images").iterdir())
     assert [p.name for p in pngs] == [f"{k:05d}_{c}.png" for k, c in enumerate([3, 3, 3, 7, 7, 7])]
@@ -237,14 +277,42 @@ def test_generate_writes_pngs_a_grid_and_the_codes(export_dir, tmp_path, capsys)
 
 
 def test_generate_raster_from_checkpoint_plus_recipe_and_codes_only(export_dir, tmp_path):
-    rc = main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", "fmnist-c2i",
-               "--out", str(tmp_path / "r"), "--mode", "raster", "--classes", "1", "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(export_dir / "backbone" / "llamagen.pt"),
+            "--recipe",
+            "fmnist-c2i",
+            "--out",
+            str(tmp_path / "r"),
+            "--mode",
+            "raster",
+            "--classes",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and len(list((tmp_path / "r" / "images").iterdir())) == 1
     rec = fa.load_recipe("fmnist-c2i").replace(tokenizer=None)
     (tmp_path / "plain.yaml").write_text(rec.to_yaml())
-    rc = main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", str(tmp_path / "plain.yaml"),
-               "--flashar-weights", str(export_dir / "flashar.safetensors"), "--out", str(tmp_path / "c"),
-               "--classes", "1", "2", "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(export_dir / "backbone" / "llamagen.pt"),
+            "--recipe",
+            str(tmp_path / "plain.yaml"),
+            "--flashar-weights",
+            str(export_dir / "flashar.safetensors"),
+            "--out",
+            str(tmp_path / "c"),
+            "--classes",
+            "1",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and not (tmp_path / "c" / "images").exists()
     assert load_file(str(tmp_path / "c" / "codes.safetensors"))["codes"].shape == (2, 14, 14)
 
@@ -252,8 +320,19 @@ def test_generate_raster_from_checkpoint_plus_recipe_and_codes_only(export_dir, 
 @pytest.mark.slow
 def test_generate_compile_flag_gives_the_eager_codes(export_dir, tmp_path):
     """--compile reaches generate(compile=True) (raster: one compiled graph) and changes no code."""
-    base = ["generate", "--export", str(export_dir), "--mode", "raster", "--classes", "2", "5", "--top-k", "1",
-            "--no-progress"]
+    base = [
+        "generate",
+        "--export",
+        str(export_dir),
+        "--mode",
+        "raster",
+        "--classes",
+        "2",
+        "5",
+        "--top-k",
+        "1",
+        "--no-progress",
+    ]
     from torch._dynamo.utils import counters
 
     assert main(base + ["--out", str(tmp_path / "eager")]) == 0
@@ -277,8 +356,21 @@ def test_generate_bad_input_is_refused_before_any_work(export_dir, tmp_path, cap
     assert "outside 0..9" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o"), "--prompts", "a cat"]) == 2
     assert "class-conditional" in capsys.readouterr().err
-    assert main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", "fmnist-c2i",
-                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(export_dir / "backbone" / "llamagen.pt"),
+                "--recipe",
+                "fmnist-c2i",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "needs trained FlashAR weights" in capsys.readouterr().err
     # a tokenizer whose grid disagrees with the recipe: 28x28 pixels in 2x2 patches is 14x14, not 16x16
     data = fa.load_recipe("fmnist-c2i").to_dict()
@@ -287,9 +379,27 @@ def test_generate_bad_input_is_refused_before_any_work(export_dir, tmp_path, cap
     import yaml
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
-    assert main(["generate", "--model", str(export_dir / "backbone" / "llamagen.pt"), "--recipe", str(tmp_path / "bad.yaml"),
-                 "--mode", "raster", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert "tokenizer.image_size: [28, 28] gives a 14x14 grid of codes, but image.grid is [16, 16]" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(export_dir / "backbone" / "llamagen.pt"),
+                "--recipe",
+                str(tmp_path / "bad.yaml"),
+                "--mode",
+                "raster",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "tokenizer.image_size: [28, 28] gives a 14x14 grid of codes, but image.grid is [16, 16]"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -332,31 +442,69 @@ def test_generate_from_prompts_file_with_the_models_own_text_tokenizer(tmp_path,
     file, tokenised by the tokenizer saved in the export's backbone folder, through a template."""
     from safetensors.torch import save_file
 
-    save_file({"clusters": torch.rand(40, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1},
-              str(tmp_path / "pal.safetensors"))
+    save_file(
+        {"clusters": torch.rand(40, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1},
+        str(tmp_path / "pal.safetensors"),
+    )
     recipe = tiny.hf_llama_recipe(codebook=40, offset=100, grid=(3, 4)).replace(
-        tokenizer={"kind": "color-clusters", "checkpoint": str(tmp_path / "pal.safetensors")})
+        tokenizer={"kind": "color-clusters", "checkpoint": str(tmp_path / "pal.safetensors")}
+    )
     model = fa.patch(tiny.hf_llama(), recipe)
     exp = fa.export_merged(model, tmp_path / "export")
     vocab = _word_tokenizer(exp / "backbone")
     (tmp_path / "p.txt").write_text("a red car\na blue sky\n")
-    rc = main(["generate", "--export", str(exp), "--out", str(tmp_path / "g"), "--prompts-file", str(tmp_path / "p.txt"),
-               "--prompt-template", "{prompt} boi", "--per-cond", "2", "--cfg", "3", "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--export",
+            str(exp),
+            "--out",
+            str(tmp_path / "g"),
+            "--prompts-file",
+            str(tmp_path / "p.txt"),
+            "--prompt-template",
+            "{prompt} boi",
+            "--per-cond",
+            "2",
+            "--cfg",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     codes = load_file(str(tmp_path / "g" / "codes.safetensors"))["codes"].long()
     m = fa.load_adapted(exp)
     ids = [[vocab[w] for w in p.split()] + [10] for p in ("a red car", "a red car", "a blue sky", "a blue sky")]
     cond = torch.tensor(ids)  # all four prompts are 4 tokens: no padding
-    want = m.generate(cond, cond_mask=torch.ones_like(cond, dtype=torch.bool), cfg_scale=3.0,
-                      generator=torch.Generator().manual_seed(0))
+    want = m.generate(
+        cond,
+        cond_mask=torch.ones_like(cond, dtype=torch.bool),
+        cfg_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(codes, want)
     assert len(list((tmp_path / "g" / "images").iterdir())) == 4 and (tmp_path / "g" / "grid.png").is_file()
     (tmp_path / "bad.txt").write_text("a red car\n\na blue sky\n")
-    assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g2"), "--prompts-file",
-                 str(tmp_path / "bad.txt"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--export",
+                str(exp),
+                "--out",
+                str(tmp_path / "g2"),
+                "--prompts-file",
+                str(tmp_path / "bad.txt"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "line 2 is empty" in capsys.readouterr().err and not (tmp_path / "g2").exists()
     # a prompt longer than condition.prefix_len (16 tokens) fails in generation: nothing is left behind
-    assert main(["generate", "--export", str(exp), "--out", str(tmp_path / "g3"), "--prompts", "a " * 20,
-                 "--no-progress"]) == 2
+    assert (
+        main(["generate", "--export", str(exp), "--out", str(tmp_path / "g3"), "--prompts", "a " * 20, "--no-progress"])
+        == 2
+    )
     assert "condition.prefix_len allows 1..16" in capsys.readouterr().err
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".g3", "g3"))]

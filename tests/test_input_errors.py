@@ -1,4 +1,5 @@
 """Bad arguments to generate() get a ValueError naming the argument."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """patch/unpatch: the model comes back bit for bit; the branch, gate and proximity mask start as the method says."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,10 +13,17 @@ from tests import tiny
 def test_unpatch_restores_the_model_bit_for_bit(make):
     if make == "llamagen":
         model, recipe = tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4)
-        run = lambda: model(torch.randint(0, 48, (2, 15), generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2]))[0]  # noqa: E731
+
+        def run():
+            return model(
+                torch.randint(0, 48, (2, 15), generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+            )[0]
     else:
         model, recipe = tiny.hf_llama(), tiny.hf_llama_recipe()
-        run = lambda: model(torch.randint(0, 160, (2, 9), generator=torch.Generator().manual_seed(0))).logits  # noqa: E731
+
+        def run():
+            return model(torch.randint(0, 160, (2, 9), generator=torch.Generator().manual_seed(0))).logits
+
     before_sd = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         before_out = run()

@@ -1,4 +1,5 @@
 """Property tests (hypothesis) over grid shapes, prefix lengths, batch sizes, CFG and sampling."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,9 +23,17 @@ def _hf_model():
 
 @pytest.mark.numerics
 @SETTINGS
-@given(H=st.integers(1, 5), W=st.integers(1, 5), prefix=st.integers(1, 6), batch=st.integers(1, 3),
-       eol=st.booleans(), meta=st.booleans(), cfg=st.sampled_from([1.0, 2.5]), mode=st.sampled_from(["two_way", "raster"]),
-       seed=st.integers(0, 2**16))
+@given(
+    H=st.integers(1, 5),
+    W=st.integers(1, 5),
+    prefix=st.integers(1, 6),
+    batch=st.integers(1, 3),
+    eol=st.booleans(),
+    meta=st.booleans(),
+    cfg=st.sampled_from([1.0, 2.5]),
+    mode=st.sampled_from(["two_way", "raster"]),
+    seed=st.integers(0, 2**16),
+)
 def test_property_incremental_equals_teacher_forcing(H, W, prefix, batch, eol, meta, cfg, mode, seed):
     model = _hf_model()
     r = tiny.hf_llama_recipe(eol=99 if eol else None, before=[97, 98] if meta else [], grid=(H, W))
@@ -48,8 +57,14 @@ _LG = {}
 
 @pytest.mark.numerics
 @SETTINGS
-@given(grid=st.integers(1, 5), batch=st.integers(1, 4), cfg=st.sampled_from([1.0, 4.0]),
-       mode=st.sampled_from(["two_way", "raster"]), depth=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(
+    grid=st.integers(1, 5),
+    batch=st.integers(1, 4),
+    cfg=st.sampled_from([1.0, 4.0]),
+    mode=st.sampled_from(["two_way", "raster"]),
+    depth=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_property_llamagen(grid, batch, cfg, mode, depth, seed):
     if grid not in _LG:
         _LG[grid] = tiny.llamagen(grid=grid)

@@ -1,4 +1,5 @@
 """Raster mode of a patched model gives the logits of the original, unpatched model."""
+
 from __future__ import annotations
 
 import pytest
@@ -60,7 +61,9 @@ def test_raster_logits_equal_original_janus_and_chameleon():
     cond = torch.tensor([[1, 30, 31]])
     codes = torch.randint(0, 16384, (1, 2, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        emb = torch.cat([m.model.language_model.embed_tokens(cond), m.prepare_embeddings_for_image_generation(codes.flatten(1))], 1)
+        emb = torch.cat(
+            [m.model.language_model.embed_tokens(cond), m.prepare_embeddings_for_image_generation(codes.flatten(1))], 1
+        )
         h = m.model.language_model(inputs_embeds=emb).last_hidden_state
         ref = m.model.generation_head(h[:, 2:-1]).view(1, 2, 3, -1)
     fa.patch(m, r)
@@ -72,9 +75,10 @@ def test_raster_logits_equal_original_janus_and_chameleon():
     codes = torch.randint(0, 8192, (1, 2, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = m.model(torch.cat([cond, codes.flatten(1) + 4], 1)).last_hidden_state
-        ref = m.lm_head(h[:, 2:-1])[..., 4:4 + 8192].view(1, 2, 3, -1)
+        ref = m.lm_head(h[:, 2:-1])[..., 4 : 4 + 8192].view(1, 2, 3, -1)
     fa.patch(m, r)
     assert_same_math(fa.logits(m, cond, codes, mode="raster"), ref, layers=5, width=64)
+
 
 def test_llamagen_official_checkpoint_layouts(tmp_path):
     from flashar_adapt.integrations.llamagen import config_from_state_dict, load_checkpoint

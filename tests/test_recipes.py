@@ -1,4 +1,5 @@
 """Recipes: every shipped one loads; every bad one is a RecipeError naming the key."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,19 @@ from tests import tiny
 
 def test_shipped_recipes_load_and_round_trip(tmp_path):
     names = fa.list_recipes()
-    for expected in ("llamagen-c2i-b", "llamagen-c2i-l", "llamagen-c2i-xl", "llamagen-c2i-xxl", "llamagen-c2i-3b",
-                     "llamagen-t2i-xl", "emu3-gen", "janus-pro-1b", "janus-pro-7b", "chameleon", "llama-image-ar"):
+    for expected in (
+        "llamagen-c2i-b",
+        "llamagen-c2i-l",
+        "llamagen-c2i-xl",
+        "llamagen-c2i-xxl",
+        "llamagen-c2i-3b",
+        "llamagen-t2i-xl",
+        "emu3-gen",
+        "janus-pro-1b",
+        "janus-pro-7b",
+        "chameleon",
+        "llama-image-ar",
+    ):
         assert expected in names
     for name in names:
         r = fa.load_recipe(name)

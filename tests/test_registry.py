@@ -1,13 +1,14 @@
 """The recipe registry as a user meets it: names, file stems, auto-match priority, TODOs,
 and "did you mean" for every kind of override."""
+
 from __future__ import annotations
 
 import pytest
 import yaml
 
 import flashar_adapt as fa
-from tests import tiny
 from flashar_adapt.matching import candidates, match_recipe
+from tests import tiny
 
 
 def _write(folder, stem, data):
@@ -88,10 +89,16 @@ def test_every_todo_is_refused_on_load_and_named():
         fa.recipe_from_dict(d)
 
 
-@pytest.mark.parametrize("typo, suggestion", [
-    ("branch_layr", "branch_layer"), ("gate_hiden", "gate_hidden"), ("gird", "grid"),
-    ("flashr.branch_layer", "flashar"), ("image.codebok_size", "codebook_size"),
-])
+@pytest.mark.parametrize(
+    "typo, suggestion",
+    [
+        ("branch_layr", "branch_layer"),
+        ("gate_hiden", "gate_hidden"),
+        ("gird", "grid"),
+        ("flashr.branch_layer", "flashar"),
+        ("image.codebok_size", "codebook_size"),
+    ],
+)
 def test_override_typos_get_did_you_mean(typo, suggestion):
     r = fa.load_recipe("llamagen-c2i-b")
     with pytest.raises(fa.RecipeError, match=f"did you mean '{suggestion}'"):

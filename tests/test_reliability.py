@@ -1,4 +1,5 @@
 """Bad input, faults and untrusted files: clear errors, nothing lost."""
+
 from __future__ import annotations
 
 import errno
@@ -16,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashar_adapt as fa
-from tests import tiny
 from flashar_adapt.training import TrainConfig, load_checkpoint, train
+from tests import tiny
 from tests.train_helpers import llamagen_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).re
 
 # ---------------------------------------------------------------- recipe fuzzing
 
-_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=8), st.lists(st.integers(-5, 200000), max_size=4),
-                    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 200000), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 def _paths(d: dict, prefix=()):
@@ -71,18 +78,37 @@ def test_fuzzed_recipes_fail_only_with_recipe_error(base, data):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layer=st.integers(-12, 12), depth=st.integers(1, 8), eol=st.one_of(st.none(), st.integers(0, 80)),
-       before=st.lists(st.integers(0, 70), max_size=3), codebook=st.integers(2, 60), grid=st.integers(1, 6))
+@given(
+    layer=st.integers(-12, 12),
+    depth=st.integers(1, 8),
+    eol=st.one_of(st.none(), st.integers(0, 80)),
+    before=st.lists(st.integers(0, 70), max_size=3),
+    codebook=st.integers(2, 60),
+    grid=st.integers(1, 6),
+)
 def test_fuzzed_recipes_against_a_model(layer, depth, eol, before, codebook, grid):
     model = tiny.llamagen(grid=4)
-    recipe = tiny.llamagen_recipe(grid=grid, vocab=codebook, **{"flashar.branch_layer": layer,
-                                                                  "flashar.branch_depth": depth,
-                                                                  "image.eol_token": eol, "image.before": before})
+    recipe = tiny.llamagen_recipe(
+        grid=grid,
+        vocab=codebook,
+        **{
+            "flashar.branch_layer": layer,
+            "flashar.branch_depth": depth,
+            "image.eol_token": eol,
+            "image.before": before,
+        },
+    )
     try:
         fa.patch(model, recipe)
     except fa.RecipeError as e:
-        assert e.key in ("flashar.branch_layer", "flashar.branch_depth", "image.eol_token", "image.before",
-                         "image.codebook_size", "image.grid") or e.key.startswith("image.before[")
+        assert e.key in (
+            "flashar.branch_layer",
+            "flashar.branch_depth",
+            "image.eol_token",
+            "image.before",
+            "image.codebook_size",
+            "image.grid",
+        ) or e.key.startswith("image.before[")
         assert not hasattr(model, "flashar")
         return
     model.generate(torch.tensor([1]), top_k=1)
@@ -97,6 +123,7 @@ def test_cfg_without_unconditional_path():
 
 
 # ---------------------------------------------------------------- untrusted files
+
 
 def test_no_unsafe_loaders_in_the_code():
     code = "\n".join(p.read_text() for d in ("flashar_adapt", "integrations") for p in (ROOT / d).rglob("*.py"))
@@ -128,6 +155,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- faults
+
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path):

@@ -1,6 +1,7 @@
 """Decoding plumbing that speed depends on (behaviour only; nothing here is timed):
 caches are allocated once per generate() call, static LlamaGen caches are reused, the
 per-layout schedule is computed once, and steps pass masks that are views of one row."""
+
 from __future__ import annotations
 
 import pytest
@@ -139,8 +140,10 @@ def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head,
     # the runner's own loop without the fused block (blocks it may not fuse), and the core's
     # generic path (capture hook + branch_call), which a runner without fused_branch gets
     other = {}
-    for name, owner, attr, value in (("unfused", llamagen.FusedBranchBlock, "eligible", staticmethod(lambda *a: False)),
-                                     ("generic", llamagen.LlamaGenRunner, "fused_branch", False)):
+    for name, owner, attr, value in (
+        ("unfused", llamagen.FusedBranchBlock, "eligible", staticmethod(lambda *a: False)),
+        ("generic", llamagen.LlamaGenRunner, "fused_branch", False),
+    ):
         with monkeypatch.context() as mp:
             mp.setattr(owner, attr, value)
             codes = m.generate(cond, cfg_scale=cfg, generator=torch.Generator().manual_seed(1))
@@ -198,6 +201,7 @@ def test_llamagen_fused_branch_block_is_kept_and_reloads_changed_weights():
 
 # ---------------------------------------------------------------- transformers runner
 
+
 @pytest.mark.parametrize("name", ["llama", "emu3", "janus", "chameleon"])
 @pytest.mark.parametrize("mode,cfg", [("two_way", 1.0), ("raster", 1.0), ("two_way", 3.0)])
 def test_transformers_caches_are_static_and_filled_in_feeding_order(name, mode, cfg):
@@ -213,13 +217,20 @@ def test_transformers_caches_are_static_and_filled_in_feeding_order(name, mode, 
 
     def run(ctx, embeds, positions, slots, key_slots, allowed, cache):
         out = orig_run(ctx, embeds, positions, slots, key_slots, allowed, cache)
-        seen.append((cache, [(lay.keys.data_ptr(), lay.values.data_ptr()) for lay in cache.layers],
-                     [lay.length for lay in cache.layers], key_slots.shape[0]))
+        seen.append(
+            (
+                cache,
+                [(lay.keys.data_ptr(), lay.values.data_ptr()) for lay in cache.layers],
+                [lay.length for lay in cache.layers],
+                key_slots.shape[0],
+            )
+        )
         return out
 
     masks = []
     hook = model.flashar.ctx.decoder.register_forward_pre_hook(
-        lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+        lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
     runner.run = run
     try:
         codes = model.generate(cond, mode=mode, cfg_scale=cfg, top_k=1, cond_mask=mask)

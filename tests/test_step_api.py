@@ -1,5 +1,6 @@
 """The public decoding seam: fa.prefill / fa.step, the Sampling settings, and what the
 benchmarks and peers may import."""
+
 from __future__ import annotations
 
 import ast
@@ -87,8 +88,13 @@ SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[Health
 
 @pytest.mark.numerics
 @SETTINGS
-@given(grid=st.integers(1, 5), batch=st.integers(1, 3), cfg=st.sampled_from([1.0, 3.0]),
-       mode=st.sampled_from(["two_way", "raster"]), seed=st.integers(0, 3))
+@given(
+    grid=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    cfg=st.sampled_from([1.0, 3.0]),
+    mode=st.sampled_from(["two_way", "raster"]),
+    seed=st.integers(0, 3),
+)
 def test_property_stepping_equals_generate_and_teacher_forcing(grid, batch, cfg, mode, seed):
     model, _ = _llamagen(grid=grid, seed=seed)
     cond = torch.arange(batch) % 10
@@ -139,6 +145,7 @@ def test_without_the_branch_two_way_takes_the_horizontal_head():
 
 # ---------------------------------------------------------------- module hygiene
 
+
 def _imports(path: Path):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -147,9 +154,14 @@ def _imports(path: Path):
 
 def test_no_benchmark_or_peer_imports_a_private_core_name():
     files = list((ROOT / "benchmarks").glob("*.py")) + list((ROOT / "fmnist").glob("*.py"))
-    bad = [(f.name, mod, n) for f in files for mod, _, names in _imports(f)
-           if mod.startswith("flashar_adapt") and not mod.startswith("flashar_adapt.integrations")
-           for n in names if n.startswith("_")]
+    bad = [
+        (f.name, mod, n)
+        for f in files
+        for mod, _, names in _imports(f)
+        if mod.startswith("flashar_adapt") and not mod.startswith("flashar_adapt.integrations")
+        for n in names
+        if n.startswith("_")
+    ]
     assert bad == []
 
 
@@ -159,8 +171,13 @@ def test_decoding_and_patching_do_not_import_each_other_in_a_cycle():
     assert "patching" not in dec and "context" in dec
     # patching imports decoding at module level now: no import is left inside its functions
     tree = ast.parse((core / "patching.py").read_text())
-    inner = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
-             if isinstance(n, (ast.Import, ast.ImportFrom))]
+    inner = [
+        n
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef)
+        for n in ast.walk(f)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    ]
     assert inner == []
 
 
@@ -169,20 +186,33 @@ def test_decoding_modules_talk_through_public_names():
     (but for torch._dynamo, which only compiled decoding pays a second to import), and no
     test reaches into a private name of the package."""
     pkg = ROOT / "flashar_adapt" / "decoding"
-    private = [(f.name, mod, n) for f in pkg.glob("*.py") for mod, _, names in _imports(f) for n in names
-               if n.startswith("_")]
+    private = [
+        (f.name, mod, n) for f in pkg.glob("*.py") for mod, _, names in _imports(f) for n in names if n.startswith("_")
+    ]
     assert private == []
-    inner = [(f.name, ast.unparse(n)) for f in pkg.glob("*.py") for fn in ast.walk(ast.parse(f.read_text()))
-             if isinstance(fn, ast.FunctionDef) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    inner = [
+        (f.name, ast.unparse(n))
+        for f in pkg.glob("*.py")
+        for fn in ast.walk(ast.parse(f.read_text()))
+        if isinstance(fn, ast.FunctionDef)
+        for n in ast.walk(fn)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    ]
     assert inner == [("compiled.py", "import torch._dynamo")]
     names = {"decoding", *(f.stem for f in pkg.glob("*.py"))}
 
     def in_package(v) -> bool:  # decoding.x, fa.decoding.x, compiled.x, ...
         return (isinstance(v, ast.Name) and v.id in names) or (isinstance(v, ast.Attribute) and v.attr in names)
 
-    reached = [(f.name, n.attr) for f in (ROOT / "tests").glob("*.py") for n in ast.walk(ast.parse(f.read_text()))
-               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
-               and in_package(n.value)]
+    reached = [
+        (f.name, n.attr)
+        for f in (ROOT / "tests").glob("*.py")
+        for n in ast.walk(ast.parse(f.read_text()))
+        if isinstance(n, ast.Attribute)
+        and n.attr.startswith("_")
+        and not n.attr.startswith("__")
+        and in_package(n.value)
+    ]
     assert reached == []
 
 

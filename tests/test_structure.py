@@ -2,6 +2,7 @@
 ``flashar_adapt`` modules (imports inside functions included), and no module, test,
 benchmark or script imports another module's ``_private`` name (a module that needs one
 grows a public name instead)."""
+
 from __future__ import annotations
 
 import ast
@@ -9,8 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where each package's files live (pyproject's [tool.setuptools.package-dir]).
-PACKAGES = {"flashar_adapt": ROOT / "flashar_adapt", "flashar_adapt.integrations": ROOT / "integrations",
-            "flashar_adapt.fmnist": ROOT / "fmnist"}
+PACKAGES = {
+    "flashar_adapt": ROOT / "flashar_adapt",
+    "flashar_adapt.integrations": ROOT / "integrations",
+    "flashar_adapt.fmnist": ROOT / "fmnist",
+}
 # Code outside the package that must use public names too.
 OTHERS = {"tests": ROOT / "tests", "benchmarks": ROOT / "benchmarks", "scripts": ROOT / "scripts"}
 
@@ -38,7 +42,7 @@ def _imports(name: str, path: Path):
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
             yield node.lineno, target, [a.name for a in node.names]
         elif isinstance(node, ast.Import):
@@ -50,8 +54,11 @@ def _edges() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for name, path in MODULES.items():
         for _, target, names in _imports(name, path):
-            for t in ([target] if names is None else [f"{target}.{n}" if f"{target}.{n}" in MODULES else target
-                                                         for n in names]):
+            for t in (
+                [target]
+                if names is None
+                else [f"{target}.{n}" if f"{target}.{n}" in MODULES else target for n in names]
+            ):
                 if t in MODULES and t != name:
                     edges.setdefault(name, set()).add(t)
     return edges
@@ -123,8 +130,13 @@ def _private_uses(name: str, path: Path) -> list[tuple]:
                 found.append((name, target, n, line))
     tree = ast.parse(path.read_text(), str(path))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name) \
-                and node.value.id in aliases and aliases[node.value.id] != name:
+        if (
+            isinstance(node, ast.Attribute)
+            and _private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and aliases[node.value.id] != name
+        ):
             found.append((name, aliases[node.value.id], node.attr, node.lineno))
     return found
 
@@ -132,11 +144,14 @@ def _private_uses(name: str, path: Path) -> list[tuple]:
 def test_no_private_name_crosses_a_module():
     found = [f for name, path in EVERY.items() for f in _private_uses(name, path)]
     assert found == [], "import a public name (or give the owning module one): " + "; ".join(
-        f"{m}:{line} uses {t}.{n}" for m, t, n, line in found)
+        f"{m}:{line} uses {t}.{n}" for m, t, n, line in found
+    )
 
 
 def test_the_private_check_can_fail(tmp_path):
     p = tmp_path / "m.py"
     p.write_text("from flashar_adapt.training import loop\nfrom flashar_adapt.recipe import _x\nloop._y()\n")
-    assert [f[1:3] for f in _private_uses("tests.m", p)] == [("flashar_adapt.recipe", "_x"),
-                                                             ("flashar_adapt.training.loop", "_y")]
+    assert [f[1:3] for f in _private_uses("tests.m", p)] == [
+        ("flashar_adapt.recipe", "_x"),
+        ("flashar_adapt.training.loop", "_y"),
+    ]

@@ -1,5 +1,6 @@
 """Data-free post-training data: ``flashar-adapt tokenize --from-model`` samples the shards
 from the raster model itself (flashar_adapt.datafree), reproducibly and resumably."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import flashar_adapt as fa
 from flashar_adapt.commands import main
 from flashar_adapt.datafree import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
 from flashar_adapt.shards import STATE, DataError, ShardDataset
-
 from tests import tiny
 from tests.kill_switch import kill_tokenize_mid_run
 
@@ -27,8 +27,15 @@ def _by_hand(model, cond, batch_size, seed, mask=None, **kw):
     out = []
     for b, i in enumerate(range(0, cond.shape[0], batch_size)):
         g = torch.Generator().manual_seed(batch_seed(seed, b))
-        out.append(model.generate(cond[i:i + batch_size], mode="raster", generator=g,
-                                  cond_mask=None if mask is None else mask[i:i + batch_size], **kw))
+        out.append(
+            model.generate(
+                cond[i : i + batch_size],
+                mode="raster",
+                generator=g,
+                cond_mask=None if mask is None else mask[i : i + batch_size],
+                **kw,
+            )
+        )
     return torch.cat(out)
 
 
@@ -37,12 +44,21 @@ def c2i():
     return fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe())
 
 
-@pytest.mark.parametrize("n,batch,shard,cfg_scale,top_k,seed", [(7, 3, 2, 1.0, 0, 0), (10, 4, 4, 2.5, 5, 3),
-                                                          (5, 8, 3, 1.5, 0, 1)])
+@pytest.mark.parametrize(
+    "n,batch,shard,cfg_scale,top_k,seed", [(7, 3, 2, 1.0, 0, 0), (10, 4, 4, 2.5, 5, 3), (5, 8, 3, 1.5, 0, 1)]
+)
 def test_shards_equal_raster_generate_with_the_same_seeds(c2i, tmp_path, n, batch, shard, cfg_scale, top_k, seed):
     s = TeacherSampling(cfg_scale=cfg_scale, top_k=top_k, temperature=0.9)
-    rep = sample_dataset(c2i, uniform_classes(n, 10), tmp_path / "d", sampling=s, seed=seed, batch_size=batch,
-                         shard_size=shard, progress=False)
+    rep = sample_dataset(
+        c2i,
+        uniform_classes(n, 10),
+        tmp_path / "d",
+        sampling=s,
+        seed=seed,
+        batch_size=batch,
+        shard_size=shard,
+        progress=False,
+    )
     codes, cond, _ = _read(tmp_path / "d")
     assert rep["num_examples"] == n and torch.equal(cond, torch.arange(n) % 10)  # every class in turn
     want = _by_hand(c2i, torch.arange(n) % 10, batch, seed, cfg_scale=cfg_scale, top_k=top_k, temperature=0.9)
@@ -72,8 +88,9 @@ def test_resume_after_a_failure_equals_an_uninterrupted_run(c2i, tmp_path, monke
 
     monkeypatch.setattr(c2i, "generate", failing)
     with pytest.raises(_Boom):
-        sample_dataset(c2i, conds, tmp_path / "out", sampling=s, seed=4, batch_size=batch, shard_size=shard,
-                       progress=False)
+        sample_dataset(
+            c2i, conds, tmp_path / "out", sampling=s, seed=4, batch_size=batch, shard_size=shard, progress=False
+        )
     assert (tmp_path / "out" / STATE).is_file() and not (tmp_path / "out" / "manifest.json").exists()
     monkeypatch.setattr(c2i, "generate", orig)
     sample_dataset(c2i, conds, tmp_path / "out", sampling=s, seed=4, batch_size=batch, shard_size=shard, progress=False)
@@ -85,11 +102,13 @@ def test_resume_after_a_failure_equals_an_uninterrupted_run(c2i, tmp_path, monke
     monkeypatch.setattr(c2i, "generate", failing)
     calls["n"] = fail_at - 1
     with pytest.raises(_Boom):
-        sample_dataset(c2i, conds, tmp_path / "o2", sampling=s, seed=4, batch_size=batch, shard_size=shard,
-                       progress=False)
+        sample_dataset(
+            c2i, conds, tmp_path / "o2", sampling=s, seed=4, batch_size=batch, shard_size=shard, progress=False
+        )
     with pytest.raises(DataError, match="other conditions, settings or model"):
-        sample_dataset(c2i, conds, tmp_path / "o2", sampling=s, seed=5, batch_size=batch, shard_size=shard,
-                       progress=False)
+        sample_dataset(
+            c2i, conds, tmp_path / "o2", sampling=s, seed=5, batch_size=batch, shard_size=shard, progress=False
+        )
 
 
 def test_prompts_from_a_file_left_padded_as_training_reads_them(tmp_path):
@@ -100,14 +119,23 @@ def test_prompts_from_a_file_left_padded_as_training_reads_them(tmp_path):
     text = lambda p: [3 + len(w) for w in p.split()]  # noqa: E731 - one id per word
     prompts = cycled_prompts(["a red car", "sky", "a b c d e"], 7)
     assert prompts[3:6] == ["a red car", "sky", "a b c d e"]
-    rep = sample_dataset(model, prompts, tmp_path / "d", sampling=TeacherSampling(cfg_scale=3.0), seed=2, text=text,
-                         batch_size=3, shard_size=4, progress=False)
+    rep = sample_dataset(
+        model,
+        prompts,
+        tmp_path / "d",
+        sampling=TeacherSampling(cfg_scale=3.0),
+        seed=2,
+        text=text,
+        batch_size=3,
+        shard_size=4,
+        progress=False,
+    )
     assert rep["num_examples"] == 7
     codes, cond, mask = _read(tmp_path / "d")
     T = recipe.condition.prefix_len
     for k, p in enumerate(prompts):
         ids = text(p)
-        assert mask[k].sum() == len(ids) and cond[k, T - len(ids):].tolist() == ids
+        assert mask[k].sum() == len(ids) and cond[k, T - len(ids) :].tolist() == ids
     assert torch.equal(codes, _by_hand(model, cond, 3, 2, mask=mask, cfg_scale=3.0))
     with pytest.raises(DataError, match="prefix_len allows"):
         sample_dataset(model, ["w " * (T + 1)], tmp_path / "long", text=text, progress=False)
@@ -137,9 +165,31 @@ def checkpoint(tmp_path_factory):
 
 def test_cli_from_model_equals_raster_generate_of_the_checkpoint(checkpoint, tmp_path, capsys):
     ckpt = str(checkpoint / "backbone" / "llamagen.pt")
-    rc = main(["tokenize", "--from-model", "--model", ckpt, "--recipe", "fmnist-c2i", "--out", str(tmp_path / "d"),
-               "--num-samples", "5", "--batch-size", "2", "--shard-size", "3", "--cfg", "2", "--top-k", "20",
-               "--seed", "3", "--no-progress"])
+    rc = main(
+        [
+            "tokenize",
+            "--from-model",
+            "--model",
+            ckpt,
+            "--recipe",
+            "fmnist-c2i",
+            "--out",
+            str(tmp_path / "d"),
+            "--num-samples",
+            "5",
+            "--batch-size",
+            "2",
+            "--shard-size",
+            "3",
+            "--cfg",
+            "2",
+            "--top-k",
+            "20",
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "wrote 5 examples" in capsys.readouterr().out
     from flashar_adapt.inspection import load_model
@@ -161,11 +211,27 @@ def test_cli_from_model_bad_input(checkpoint, tmp_path, capsys):
     assert main([*base, "--recipe", "fmnist-c2i", "--num-samples", "2"]) == 2
     assert "needs the raster model" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("a cat\n")
-    assert main([*base, "--model", ckpt, "--recipe", "fmnist-c2i", "--num-samples", "2", "--prompts-file",
-                 str(tmp_path / "p.txt")]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--model",
+                ckpt,
+                "--recipe",
+                "fmnist-c2i",
+                "--num-samples",
+                "2",
+                "--prompts-file",
+                str(tmp_path / "p.txt"),
+            ]
+        )
+        == 2
+    )
     assert "class-conditional" in capsys.readouterr().err
-    assert main(["tokenize", str(tmp_path), *base[1:], "--model", ckpt, "--recipe", "fmnist-c2i",
-                 "--num-samples", "2"]) == 2
+    assert (
+        main(["tokenize", str(tmp_path), *base[1:], "--model", ckpt, "--recipe", "fmnist-c2i", "--num-samples", "2"])
+        == 2
+    )
     assert "takes no images" in capsys.readouterr().err
     assert main(["tokenize", "--out", str(tmp_path / "o"), "--recipe", "fmnist-c2i"]) == 2
     assert "or --from-model" in capsys.readouterr().err
@@ -177,8 +243,22 @@ def test_cli_from_model_resumes_after_sigkill(checkpoint, tmp_path):
     """A real kill -9 between shards (sampling slowed in the child so the kill lands there);
     the same command again finishes with exactly the uninterrupted run's shards."""
 
-    args = ["--from-model", "--model", str(checkpoint / "backbone" / "llamagen.pt"), "--recipe", "fmnist-c2i",
-            "--num-samples", "6", "--batch-size", "1", "--shard-size", "2", "--cfg", "2", "--no-progress"]
+    args = [
+        "--from-model",
+        "--model",
+        str(checkpoint / "backbone" / "llamagen.pt"),
+        "--recipe",
+        "fmnist-c2i",
+        "--num-samples",
+        "6",
+        "--batch-size",
+        "1",
+        "--shard-size",
+        "2",
+        "--cfg",
+        "2",
+        "--no-progress",
+    ]
     assert main(["tokenize", *args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
     kill_tokenize_mid_run([*args, "--out", str(out)], out / STATE, done=2, slow="flashar_adapt.datafree.sample_batch")

@@ -1,5 +1,6 @@
 """Image tokenizers: one interface (encode -> codes [N, h, w], decode -> images), found through
 the recipe's ``tokenizer:`` section, on tiny random configs of every kind."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,7 @@ from safetensors.torch import save_file
 
 import flashar_adapt as fa
 from flashar_adapt.integrations.llamagen import VQ_16, LlamaGenVQTokenizer, VQModel, VQModelArgs, load_vq
-from flashar_adapt.tokenizers import (ImageTokenizer, TokenizerError, decode_images, list_tokenizers,
-                                      load_tokenizer)
-
+from flashar_adapt.tokenizers import ImageTokenizer, TokenizerError, decode_images, list_tokenizers, load_tokenizer
 from tests import tiny
 
 
@@ -45,6 +44,7 @@ def test_shipped_kinds_are_registered():
 
 # ---------------------------------------------------------------- colour clusters
 
+
 def _palette(tmp_path, k=16, c=3, seed=0, fmt="safetensors"):
     g = torch.Generator().manual_seed(seed)
     clusters = torch.rand(k, c, generator=g) * 2 - 1  # in the normalised space [-1, 1]
@@ -62,7 +62,9 @@ def test_color_clusters_round_trip_is_exact(tmp_path_factory, h, w, k, seed):
     """decode paints the cluster colour; re-encoding it finds the same cluster (distance 0),
     for any grid and palette (random palettes never have two equal colours)."""
     path, _ = _palette(tmp_path_factory.mktemp("p"), k=k, seed=seed)
-    r = tiny.hf_llama_recipe(codebook=k, grid=(h, w)).replace(tokenizer={"kind": "color-clusters", "checkpoint": str(path)})
+    r = tiny.hf_llama_recipe(codebook=k, grid=(h, w)).replace(
+        tokenizer={"kind": "color-clusters", "checkpoint": str(path)}
+    )
     tok = load_tokenizer(r)
     assert tok.exact_roundtrip and tok.grid == (h, w) and tok.image_size == (h, w)
     codes = _contract(tok, seed=seed)
@@ -71,7 +73,9 @@ def test_color_clusters_round_trip_is_exact(tmp_path_factory, h, w, k, seed):
 
 def test_color_clusters_json_palette_and_bad_files(tmp_path):
     path, clusters = _palette(tmp_path, k=8, fmt="json")
-    r = tiny.hf_llama_recipe(codebook=8, grid=(2, 3)).replace(tokenizer={"kind": "color-clusters", "checkpoint": str(path)})
+    r = tiny.hf_llama_recipe(codebook=8, grid=(2, 3)).replace(
+        tokenizer={"kind": "color-clusters", "checkpoint": str(path)}
+    )
     tok = load_tokenizer(r)
     assert torch.allclose(tok.clusters, clusters)
     path.write_text("{not json")
@@ -84,11 +88,14 @@ def test_color_clusters_json_palette_and_bad_files(tmp_path):
 
 # ---------------------------------------------------------------- recipe checks
 
+
 def test_tokenizer_grid_disagreeing_with_the_recipe_is_refused(tmp_path):
     path, _ = _palette(tmp_path, k=8)
     base = tiny.hf_llama_recipe(codebook=8, grid=(4, 4))
     with pytest.raises(fa.RecipeError, match=r"tokenizer.image_size: .*image.grid is \[4, 4\]"):
-        base.replace(tokenizer={"kind": "color-clusters", "checkpoint": str(path), "image_size": [4, 6], "downsample": 1})
+        base.replace(
+            tokenizer={"kind": "color-clusters", "checkpoint": str(path), "image_size": [4, 6], "downsample": 1}
+        )
     with pytest.raises(fa.RecipeError, match="tokenizer.knd: unknown key"):
         base.replace(tokenizer={"knd": "color-clusters"})
     with pytest.raises(fa.RecipeError, match="tokenizer.mean"):
@@ -96,7 +103,9 @@ def test_tokenizer_grid_disagreeing_with_the_recipe_is_refused(tmp_path):
     with pytest.raises(fa.RecipeError, match="tokenizer.kind: unknown tokenizer kind 'colour-clusters'"):
         load_tokenizer(base.replace(tokenizer={"kind": "colour-clusters"}))
     with pytest.raises(fa.RecipeError, match="the tokenizer has 8 codes, but image.codebook_size is 9"):
-        load_tokenizer(base.replace(**{"image.codebook_size": 9}, tokenizer={"kind": "color-clusters", "checkpoint": str(path)}))
+        load_tokenizer(
+            base.replace(**{"image.codebook_size": 9}, tokenizer={"kind": "color-clusters", "checkpoint": str(path)})
+        )
     with pytest.raises(fa.RecipeError, match="has no tokenizer section"):
         load_tokenizer(base)
 
@@ -110,10 +119,23 @@ def test_recipe_yaml_round_trip_keeps_the_tokenizer_section():
 
 # ---------------------------------------------------------------- LlamaGen VQ
 
+
 def _tiny_vq_args(**over):
     # GroupNorm(32) needs channel counts divisible by 32; ch_mult (1, 2) -> downsample 2
-    return VQModelArgs(**{**dict(codebook_size=64, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
-                                 z_channels=32, ch=32, num_res_blocks=1), **over})
+    return VQModelArgs(
+        **{
+            **dict(
+                codebook_size=64,
+                codebook_embed_dim=4,
+                encoder_ch_mult=(1, 2),
+                decoder_ch_mult=(1, 2),
+                z_channels=32,
+                ch=32,
+                num_res_blocks=1,
+            ),
+            **over,
+        }
+    )
 
 
 def _tiny_vq(seed=0, **over) -> VQModel:
@@ -125,12 +147,24 @@ def _tiny_vq(seed=0, **over) -> VQModel:
 
 def test_llamagen_vq_has_the_official_parameter_names():
     sd = VQ_16(ch=32, z_channels=32, codebook_embed_dim=8, codebook_size=16, num_res_blocks=2).state_dict()
-    for key in ("encoder.conv_in.weight", "encoder.conv_blocks.0.res.0.conv1.weight", "encoder.conv_blocks.0.downsample.conv.weight",
-                "encoder.conv_blocks.2.res.0.nin_shortcut.weight", "encoder.conv_blocks.4.attn.1.proj_out.weight",
-                "encoder.mid.1.q.weight", "encoder.norm_out.weight", "encoder.conv_out.weight",
-                "decoder.conv_in.weight", "decoder.conv_blocks.0.attn.2.v.weight", "decoder.conv_blocks.3.upsample.conv.weight",
-                "decoder.mid.2.conv2.weight", "quantize.embedding.weight", "quantize.codebook_used",
-                "quant_conv.weight", "post_quant_conv.bias"):
+    for key in (
+        "encoder.conv_in.weight",
+        "encoder.conv_blocks.0.res.0.conv1.weight",
+        "encoder.conv_blocks.0.downsample.conv.weight",
+        "encoder.conv_blocks.2.res.0.nin_shortcut.weight",
+        "encoder.conv_blocks.4.attn.1.proj_out.weight",
+        "encoder.mid.1.q.weight",
+        "encoder.norm_out.weight",
+        "encoder.conv_out.weight",
+        "decoder.conv_in.weight",
+        "decoder.conv_blocks.0.attn.2.v.weight",
+        "decoder.conv_blocks.3.upsample.conv.weight",
+        "decoder.mid.2.conv2.weight",
+        "quantize.embedding.weight",
+        "quantize.codebook_used",
+        "quant_conv.weight",
+        "post_quant_conv.bias",
+    ):
         assert key in sd, key
     assert "encoder.conv_blocks.4.downsample.conv.weight" not in sd  # the deepest level does not downsample
     assert "decoder.conv_blocks.4.upsample.conv.weight" not in sd
@@ -190,6 +224,7 @@ def test_llamagen_vq_tokenizer_through_the_recipe(tmp_path):
 
 # ---------------------------------------------------------------- transformers VQ modules
 
+
 def _hf(family):
     """(model, recipe fitted to the tiny VQ: its grid and codebook, downsample 2)."""
     if family == "janus":
@@ -240,6 +275,7 @@ def test_transformers_vq_codes_match_the_modules_own_encode():
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
+
 
 def test_fmnist_tokenizer_round_trip_and_decode_images():
     tok = load_tokenizer("fmnist-c2i")

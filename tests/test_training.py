@@ -1,4 +1,5 @@
 """Post-training: data shards, the two stages, resume after SIGKILL, 2 processes, NaN stop."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,21 @@ def _cli(cfg: Path, extra_env: dict | None = None, nproc: int = 1) -> subprocess
         main = "tests.kill_switch" if killing else "flashar_adapt.commands"
         cmd = [sys.executable, "-m", main, "train", "--config", str(cfg), "--no-progress"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "flashar_adapt.commands", "train", "--config", str(cfg), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "flashar_adapt.commands",
+            "train",
+            "--config",
+            str(cfg),
+            "--no-progress",
+        ]
     return subprocess.run(cmd, env={**ENV, **(extra_env or {})}, capture_output=True, text=True, timeout=300)
 
 
@@ -55,6 +69,7 @@ def _initial_weights(cfg_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- data
+
 
 def test_shards_round_trip_and_order(tmp_path):
     codes, cls = structured_codes(50, 4, 48)
@@ -97,7 +112,9 @@ def test_bad_shards_are_clear_errors(tmp_path):
     shard = tmp_path / "b" / "shard-00001.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"codes": torch.full((2, 2, 2), 9, dtype=torch.int16), "cond": torch.zeros(2, dtype=torch.int64)}, str(shard))
+    save_file(
+        {"codes": torch.full((2, 2, 2), 9, dtype=torch.int16), "cond": torch.zeros(2, dtype=torch.int64)}, str(shard)
+    )
     ds = ShardDataset(tmp_path / "b")
     ds.get(torch.tensor([0]))
     with pytest.raises(DataError, match="outside the codebook"):
@@ -112,6 +129,7 @@ def test_bad_shards_are_clear_errors(tmp_path):
 
 # ---------------------------------------------------------------- stages
 
+
 def test_stage1_trains_branch_and_gate_only(tmp_path):
     cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=30, stage2=0))
     base = build_model(cfg)
@@ -121,8 +139,9 @@ def test_stage1_trains_branch_and_gate_only(tmp_path):
         assert torch.equal(p, q), n
     assert torch.equal(model.output.weight, base.output.weight)
     assert not torch.equal(model.flashar.gate.net[2].weight, base.flashar.gate.net[2].weight)
-    assert not torch.equal(model.flashar.branch_layers[0].attention.wqkv.weight,
-                           base.flashar.branch_layers[0].attention.wqkv.weight)
+    assert not torch.equal(
+        model.flashar.branch_layers[0].attention.wqkv.weight, base.flashar.branch_layers[0].attention.wqkv.weight
+    )
     m = _metrics(tmp_path / "run")
     assert len(m) == 30 and all(r["stage"] == 1 for r in m)
     first = sum(r["ce_fused"] for r in m[:5]) / 5
@@ -180,8 +199,9 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     from flashar_adapt.decoding import teacher_forward
     from flashar_adapt.training import FlashARLoss, frozen_teacher, kd_loss
 
-    cfg = TrainConfig.load(llamagen_run(tmp_path, stage1=2, stage2=3, lora=lora, w_kd_fused=1.0,
-                                        kd_fused_temperature=1.5))
+    cfg = TrainConfig.load(
+        llamagen_run(tmp_path, stage1=2, stage2=3, lora=lora, w_kd_fused=1.0, kd_fused_temperature=1.5)
+    )
     base = build_model(cfg).eval()
     seen = []
     real_init = FlashARLoss.__init__
@@ -203,7 +223,8 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     teacher = None if lora else frozen_teacher(cfg, "cpu")
     loss = FlashARLoss(model, cfg, 2, teacher)
     assert "teacher" not in dict(loss.named_modules()) and all(
-        not n.startswith("teacher") for n, _ in loss.named_parameters())
+        not n.startswith("teacher") for n, _ in loss.named_parameters()
+    )
     with torch.no_grad():
         got = loss(cls, codes)["kd_fused"]
         fused = teacher_forward(model, cls, codes, "two_way").fused
@@ -214,7 +235,7 @@ def test_fused_distillation_targets_the_original_model(tmp_path, lora, monkeypat
     # mean over ~10^3 terms may sum in another order: float32 relative round-off ~sqrt(n)*eps32 < 1e-5.
     torch.testing.assert_close(got, kd_loss(fused, want_t, 1.5), rtol=1e-5, atol=1e-6)
     by_hand = (want_t / 1.5).softmax(-1) * ((want_t / 1.5).log_softmax(-1) - (fused / 1.5).log_softmax(-1))
-    torch.testing.assert_close(got, by_hand.sum(-1).mean() * 1.5 ** 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, by_hand.sum(-1).mean() * 1.5**2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -234,6 +255,7 @@ def test_fused_distillation_resumes_exactly(tmp_path):
 
 # ---------------------------------------------------------------- faults
 
+
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path):
     ref_cfg = llamagen_run(tmp_path / "ref", stage1=5, stage2=4, lora=True)
@@ -242,8 +264,12 @@ def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path):
     cfg = llamagen_run(tmp_path / "kill", stage1=5, stage2=4, lora=True)
     # after an optimizer step (before its checkpoint), in the middle of writing a checkpoint,
     # right at the stage boundary, and during stage 2
-    for env in ({"FLASHAR_TEST_KILL_AT_STEP": "2"}, {"FLASHAR_TEST_KILL_IN_SAVE": "3"},
-                {"FLASHAR_TEST_KILL_AT_STEP": "5"}, {"FLASHAR_TEST_KILL_AT_STEP": "8"}):
+    for env in (
+        {"FLASHAR_TEST_KILL_AT_STEP": "2"},
+        {"FLASHAR_TEST_KILL_IN_SAVE": "3"},
+        {"FLASHAR_TEST_KILL_AT_STEP": "5"},
+        {"FLASHAR_TEST_KILL_AT_STEP": "8"},
+    ):
         r = _cli(cfg, env)
         assert r.returncode == -9, r.stderr[-2000:]
         ck = tmp_path / "kill" / "run" / "checkpoint.pt"
@@ -295,17 +321,21 @@ def test_checkpoint_from_another_recipe_is_refused(tmp_path):
 
 def test_config_errors(tmp_path):
     with pytest.raises(TrainingError, match="did you mean 'batch_size'"):
-        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
-                               "batch_sise": 3})
+        TrainConfig.from_dict(
+            {"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o", "batch_sise": 3}
+        )
     with pytest.raises(TrainingError, match="stage2.lr_scale"):
-        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
-                               "stage2": {"lr_scale": 1}})
+        TrainConfig.from_dict(
+            {"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o", "stage2": {"lr_scale": 1}}
+        )
     with pytest.raises(TrainingError, match="kd_fused_temperature must be a number > 0"):
-        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
-                               "kd_fused_temperature": 0})
+        TrainConfig.from_dict(
+            {"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o", "kd_fused_temperature": 0}
+        )
     with pytest.raises(TrainingError, match="w_kd_fused must be a number >= 0"):
-        TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o",
-                               "w_kd_fused": -1})
+        TrainConfig.from_dict(
+            {"model": {"backend": "llamagen"}, "recipe": "x", "data": "d", "out_dir": "o", "w_kd_fused": -1}
+        )
     with pytest.raises(TrainingError, match="missing key 'data'"):
         TrainConfig.from_dict({"model": {"backend": "llamagen"}, "recipe": "x", "out_dir": "o"})
 
@@ -331,8 +361,9 @@ def test_two_processes_match_one(tmp_path):
     m1, m2 = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
     assert [m["processes"] for m in m2] == [2] * 7 and [m["processes"] for m in m1] == [1] * 7
     assert_same_losses(m2, m1)
-    assert_same_training(_ckpt_weights(tmp_path / "two" / "run"), _ckpt_weights(tmp_path / "one" / "run"),
-                         _initial_weights(one))
+    assert_same_training(
+        _ckpt_weights(tmp_path / "two" / "run"), _ckpt_weights(tmp_path / "one" / "run"), _initial_weights(one)
+    )
 
 
 def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
@@ -375,13 +406,28 @@ def test_fsdp_on_cpu_is_refused_not_silently_unsharded(tmp_path, sync):
 
     shipped = yaml.safe_load((Path(__file__).parents[1] / "integrations" / "accelerate" / "fsdp.yaml").read_text())
     shipped.update(num_processes=2, mixed_precision="no", use_cpu=True)
-    shipped["fsdp_config"].update(fsdp_transformer_layer_cls_to_wrap="TransformerBlock", fsdp_sync_module_states=sync,
-                                  fsdp_cpu_ram_efficient_loading=False)
+    shipped["fsdp_config"].update(
+        fsdp_transformer_layer_cls_to_wrap="TransformerBlock",
+        fsdp_sync_module_states=sync,
+        fsdp_cpu_ram_efficient_loading=False,
+    )
     (tmp_path / "fsdp_cpu.yaml").write_text(yaml.safe_dump(shipped))
     cfg = llamagen_run(tmp_path / "r", stage1=2, stage2=1)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp_cpu.yaml"),
-           "--main_process_port", str(_free_port()), "-m", "flashar_adapt.commands", "train", "--config", str(cfg),
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(tmp_path / "fsdp_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "flashar_adapt.commands",
+        "train",
+        "--config",
+        str(cfg),
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path / "r")
     assert r.returncode != 0
     assert "launched with FSDP on CPU, which accelerate" in r.stderr and "cpu.yaml (DDP over gloo)" in r.stderr

@@ -4,9 +4,10 @@ For each family a tiny random model is built from its config; the recipe is exac
 ``inspect`` drafts, with only the token layout (name, prompt length, pad id, codebook,
 first visual id, grid) filled in. Then either ``check`` passes -- raster logits equal the
 model's own forward within float32 round-off (tests/numerics.py), greedy two-way decoding
-equals teacher forcing, H+W-1 steps -- and an export reloads to the same logits, or ``patch`` refuses the model with one sentence
-naming the reason. The table in docs/writing-a-recipe.md lists the same families.
+equals teacher forcing, H+W-1 steps -- and an export reloads to the same logits, or ``patch``
+refuses the model with one sentence naming the reason. The table in docs/writing-a-recipe.md lists the same families.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -36,61 +37,163 @@ def _build(cls_name: str, cfg_name: str, seed: int = 0, **cfg):
 # name -> (class, config class, config kwargs, what the test expects: "pass" or the refusal)
 FAMILIES = {
     # rotary on a quarter of each head, parallel residual, the cache passed to layers as `layer_past`
-    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig",
-                 dict(vocab_size=V, **SMALL, rotary_pct=0.25, max_position_embeddings=64), "pass"),
+    "gpt_neox": (
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        dict(vocab_size=V, **SMALL, rotary_pct=0.25, max_position_embeddings=64),
+        "pass",
+    ),
     # learned positions, project_in / project_out around a wider stack (word_embed_proj_dim != hidden)
-    "opt": ("OPTForCausalLM", "OPTConfig",
-            dict(vocab_size=V, hidden_size=64, word_embed_proj_dim=48, num_hidden_layers=2, ffn_dim=64,
-                 num_attention_heads=4, max_position_embeddings=64), "pass"),
+    "opt": (
+        "OPTForCausalLM",
+        "OPTConfig",
+        dict(
+            vocab_size=V,
+            hidden_size=64,
+            word_embed_proj_dim=48,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        ),
+        "pass",
+    ),
     # rotary, parallel attention + MLP, cache passed as `layer_past`
-    "falcon": ("FalconForCausalLM", "FalconConfig",
-               dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=64), "pass"),
+    "falcon": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64),
+        "pass",
+    ),
     # partial rotary (half of each head), dense final projection with bias
-    "phi": ("PhiForCausalLM", "PhiConfig",
-            dict(vocab_size=V, **SMALL, partial_rotary_factor=0.5, max_position_embeddings=64), "pass"),
+    "phi": (
+        "PhiForCausalLM",
+        "PhiConfig",
+        dict(vocab_size=V, **SMALL, partial_rotary_factor=0.5, max_position_embeddings=64),
+        "pass",
+    ),
     # grouped-query attention, q/k/v biases
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config",
-              dict(vocab_size=V, **SMALL, num_key_value_heads=2, max_position_embeddings=64), "pass"),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        dict(vocab_size=V, **SMALL, num_key_value_heads=2, max_position_embeddings=64),
+        "pass",
+    ),
     # mixture of experts (4 experts, top 2)
-    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
-                dict(vocab_size=V, **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                     max_position_embeddings=64), "pass"),
+    "mixtral": (
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        dict(
+            vocab_size=V,
+            **SMALL,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        ),
+        "pass",
+    ),
     # rotary on the first dims, parallel residual
-    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
-                                                   n_positions=64, bos_token_id=0, eos_token_id=0), "pass"),
+    "gptj": (
+        "GPTJForCausalLM",
+        "GPTJConfig",
+        dict(
+            vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        ),
+        "pass",
+    ),
     # final logit soft-cap, alternating sliding / full layers (window longer than the sequence)
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
-               dict(vocab_size=V, **SMALL, num_key_value_heads=2, head_dim=8, sliding_window=64,
-                    max_position_embeddings=64, final_logit_softcapping=3.0), "pass"),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        dict(
+            vocab_size=V,
+            **SMALL,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=64,
+            max_position_embeddings=64,
+            final_logit_softcapping=3.0,
+        ),
+        "pass",
+    ),
     # logit scale after the head, parallel residual
-    "cohere": ("CohereForCausalLM", "CohereConfig",
-               dict(vocab_size=V, **SMALL, num_key_value_heads=2, logit_scale=0.25, max_position_embeddings=64,
-                    bos_token_id=0, eos_token_id=0, pad_token_id=0), "pass"),
+    "cohere": (
+        "CohereForCausalLM",
+        "CohereConfig",
+        dict(
+            vocab_size=V,
+            **SMALL,
+            num_key_value_heads=2,
+            logit_scale=0.25,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        ),
+        "pass",
+    ),
     # a built-in causal mask buffer inside attention, mask flattened to 2D by the decoder,
     # cache and mask passed to blocks positionally; the real image AR model of the family
-    "imagegpt": ("ImageGPTForCausalImageModeling", "ImageGPTConfig",
-                 dict(vocab_size=V + 1, n_embd=32, n_layer=2, n_head=4, n_positions=64), "pass"),
+    "imagegpt": (
+        "ImageGPTForCausalImageModeling",
+        "ImageGPTConfig",
+        dict(vocab_size=V + 1, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "pass",
+    ),
     # rotary, cache passed as `layer_past`, fused qkv
-    "codegen": ("CodeGenForCausalLM", "CodeGenConfig",
-                dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64,
-                     bos_token_id=0, eos_token_id=0), "pass"),
+    "codegen": (
+        "CodeGenForCausalLM",
+        "CodeGenConfig",
+        dict(
+            vocab_size=V,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=4,
+            n_positions=64,
+            n_ctx=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "pass",
+    ),
     # partial rotary (a quarter), LayerNorm
-    "stablelm": ("StableLmForCausalLM", "StableLmConfig",
-                 dict(vocab_size=V, **SMALL, num_key_value_heads=2, partial_rotary_factor=0.25,
-                      max_position_embeddings=64), "pass"),
+    "stablelm": (
+        "StableLmForCausalLM",
+        "StableLmConfig",
+        dict(vocab_size=V, **SMALL, num_key_value_heads=2, partial_rotary_factor=0.25, max_position_embeddings=64),
+        "pass",
+    ),
     # ALiBi biases built from the 2D mask, no position ids
-    "bloom": ("BloomForCausalLM", "BloomConfig", dict(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),
-              ("modules.decoder", "takes no position_ids")),
+    "bloom": (
+        "BloomForCausalLM",
+        "BloomConfig",
+        dict(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),
+        ("modules.decoder", "takes no position_ids"),
+    ),
     # a state-space model: no attention to mask
-    "mamba": ("MambaForCausalLM", "MambaConfig",
-              dict(vocab_size=V, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
-              ("modules.decoder", "cannot run under an additive 4D attention mask")),
+    "mamba": (
+        "MambaForCausalLM",
+        "MambaConfig",
+        dict(vocab_size=V, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4),
+        ("modules.decoder", "cannot run under an additive 4D attention mask"),
+    ),
     # every layer attends only the last 8 tokens, fewer than the sequence
-    "starcoder2_window": ("Starcoder2ForCausalLM", "Starcoder2Config",
-                          dict(vocab_size=V, **SMALL, num_key_value_heads=2, sliding_window=8,
-                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0),
-                          ("image.grid", "sliding-window layers attend only the last 8")),
+    "starcoder2_window": (
+        "Starcoder2ForCausalLM",
+        "Starcoder2Config",
+        dict(
+            vocab_size=V,
+            **SMALL,
+            num_key_value_heads=2,
+            sliding_window=8,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        ("image.grid", "sliding-window layers attend only the last 8"),
+    ),
 }
 
 
@@ -209,8 +312,15 @@ def test_check_names_a_logit_map_the_recipe_misses(name, key, value):
 def test_imagegpt_token_table_is_the_one_the_ids_index():
     """With the released configs' sizes the position table (n_positions rows) is bigger than
     the token table (vocab_size rows): inspect must pick the table the input ids look up."""
-    model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=17, n_embd=16, n_layer=1, n_head=2,
-                   n_positions=36)
+    model = _build(
+        "ImageGPTForCausalImageModeling",
+        "ImageGPTConfig",
+        vocab_size=17,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=36,
+    )
     ins = fa.inspect_model(model)
     assert ins.draft["modules"]["embed"] == "transformer.wte" and ins.draft["modules"]["head"] == "lm_head"
 
@@ -220,8 +330,15 @@ def test_positions_count_the_tokens_fed():
     """A start token + H*W codes feeds 1 + H*W - 1 tokens: a 6x6 grid fits 36 positions exactly
     (and passes check); 6x7 does not, and the grid is blamed. A prompt too long for the room
     left beside the grid blames condition.prefix_len, with the number that fits."""
-    model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=V + 1, n_embd=32, n_layer=2,
-                   n_head=4, n_positions=36)
+    model = _build(
+        "ImageGPTForCausalImageModeling",
+        "ImageGPTConfig",
+        vocab_size=V + 1,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=36,
+    )
     recipe, _ = recipe_from_draft("imagegpt", model)
     rep = fa.check(model, recipe, atol=_atol(model), cond=_cond("imagegpt"))
     assert rep.ok, str(rep)
@@ -246,6 +363,7 @@ def test_inspect_leaves_prefix_len_for_the_user():
 
 # ---------------------------------------------------------------- shipped ImageGPT recipes
 
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("size, width", [("small", 512), ("medium", 1024), ("large", 1536)])
 def test_imagegpt_recipes_on_a_tiny_model_of_the_same_layout(size, width, tmp_path):
@@ -255,8 +373,15 @@ def test_imagegpt_recipes_on_a_tiny_model_of_the_same_layout(size, width, tmp_pa
 
     r = fa.load_recipe(f"imagegpt-{size}")
     assert r.image.grid == (32, 32) and r.image.codebook_size == 512 and r.condition.prefix_len == 1
-    model = _build("ImageGPTForCausalImageModeling", "ImageGPTConfig", vocab_size=513, n_embd=width // 16,
-                   n_layer=4, n_head=2, n_positions=1 + 5 * 6 - 1)
+    model = _build(
+        "ImageGPTForCausalImageModeling",
+        "ImageGPTConfig",
+        vocab_size=513,
+        n_embd=width // 16,
+        n_layer=4,
+        n_head=2,
+        n_positions=1 + 5 * 6 - 1,
+    )
     model.config.n_embd = width  # only what match: reads; the weights stay tiny
     assert match_recipe(model).name == f"imagegpt-{size}"
     model.config.n_embd = width // 16
@@ -297,6 +422,7 @@ def test_mask_goes_to_the_layers_only_when_the_decoder_rewrites_it():
 
 # ---------------------------------------------------------------- shipped Liquid (Gemma) recipe
 
+
 @pytest.mark.numerics
 def test_liquid_recipe_on_a_tiny_gemma_of_the_same_layout():
     """GemmaForCausalLM with Liquid's extended vocabulary (256000 text ids + 8192 codes): the
@@ -304,9 +430,21 @@ def test_liquid_recipe_on_a_tiny_gemma_of_the_same_layout():
     small grid, with CFG through the recipe's unconditional ids."""
     from flashar_adapt.matching import match_recipe
 
-    model = _build("GemmaForCausalLM", "GemmaConfig", vocab_size=256000 + 8192, hidden_size=16, intermediate_size=32,
-                   num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                   max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    model = _build(
+        "GemmaForCausalLM",
+        "GemmaConfig",
+        vocab_size=256000 + 8192,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
     r = match_recipe(model)
     assert r.name == "liquid-7b" and r.image.visual_token_offset == 256000 and r.image.codebook_size == 8192
     draft = fa.inspect_model(model).draft

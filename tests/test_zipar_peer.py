@@ -1,4 +1,5 @@
 """The ZipAR-style benchmark peer: with a window of a full row it is raster decoding exactly."""
+
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@ would (``flashar_adapt.inspection.load_model``: local files only, no remote code
 with the shipped recipe, checks greedy two-way decoding against teacher forcing, exports
 and reloads. Also: the size-token schema extension, auto-match, and recipe entry points.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,10 @@ import torch
 import yaml
 
 import flashar_adapt as fa
-from tests import tiny
-from tests.numerics import assert_same_math
 from flashar_adapt.inspection import load_model
 from flashar_adapt.matching import match_recipe
-
+from tests import tiny
+from tests.numerics import assert_same_math
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -43,7 +43,13 @@ def _export_and_reload(model, cond, codes, out, mask=None):
 
 # ---------------------------------------------------------------- LlamaGen
 
-LLAMAGEN_SIZES = {"b": (12, 768, 12), "l": (24, 1024, 16), "xl": (36, 1280, 20), "xxl": (48, 1536, 24), "3b": (24, 3200, 32)}
+LLAMAGEN_SIZES = {
+    "b": (12, 768, 12),
+    "l": (24, 1024, 16),
+    "xl": (36, 1280, 20),
+    "xxl": (48, 1536, 24),
+    "3b": (24, 3200, 32),
+}
 
 
 @pytest.mark.parametrize("size", list(LLAMAGEN_SIZES))
@@ -57,7 +63,12 @@ def test_llamagen_recipes_match_the_official_sizes_and_branch_placement(size):
     assert gpt.__closure__[0].cell_contents == {"n_layer": n_layer, "n_head": n_head, "dim": dim}
     # FlashAR (arXiv 2605.09430): LlamaGen branches k = 1 layer from an intermediate depth, ablated over L-1..L-8
     assert r.flashar.branch_depth == 1 and -8 <= r.flashar.branch_layer <= -1
-    assert (r.image.codebook_size, r.image.grid, r.condition.num_classes, r.condition.null_class) == (16384, (16, 16), 1000, 1000)
+    assert (r.image.codebook_size, r.image.grid, r.condition.num_classes, r.condition.null_class) == (
+        16384,
+        (16, 16),
+        1000,
+        1000,
+    )
     t2i = fa.load_recipe("llamagen-t2i-xl")
     assert t2i.match["config"] == {"model_type": "t2i", "n_layer": 36, "dim": 1280}
     assert (t2i.condition.prefix_len, t2i.flashar.branch_depth) == (120, 1) and -8 <= t2i.flashar.branch_layer <= -1
@@ -69,7 +80,12 @@ def test_llamagen_official_checkpoint_to_export(tmp_path, kind):
     if kind == "c2i":
         src, cond = tiny.llamagen(grid=4, seed=3), torch.tensor([2, 7])
         recipes = [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES]
-        over = {"image.codebook_size": 48, "condition.num_classes": 10, "condition.null_class": 10, "image.grid": [4, 4]}
+        over = {
+            "image.codebook_size": 48,
+            "condition.num_classes": 10,
+            "condition.null_class": 10,
+            "image.grid": [4, 4],
+        }
     else:
         src = tiny.llamagen_t2i(grid=4, seed=3, prefix=5)
         cond = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))
@@ -87,6 +103,7 @@ def test_llamagen_official_checkpoint_to_export(tmp_path, kind):
 
 
 # ---------------------------------------------------------------- transformers families (save_pretrained folders)
+
 
 def _emu3():
     return tiny.emu3(), "emu3-gen", {"image.grid": [3, 4]}, torch.tensor([[151849, 30, 31, 32], [151849, 40, 41, 42]])
@@ -106,8 +123,13 @@ def _lumina():
     return tiny.lumina_mgpt(), "lumina-mgpt-7b-768", {"image.grid": [4, 2]}, torch.tensor([[0, 30, 31], [0, 40, 41]])
 
 
-ZOO = {"emu3-gen": _emu3, "janus-pro-1b": lambda: _janus("janus-pro-1b"), "janus-pro-7b": lambda: _janus("janus-pro-7b"),
-       "chameleon": _chameleon, "lumina-mgpt-7b-768": _lumina}
+ZOO = {
+    "emu3-gen": _emu3,
+    "janus-pro-1b": lambda: _janus("janus-pro-1b"),
+    "janus-pro-7b": lambda: _janus("janus-pro-7b"),
+    "chameleon": _chameleon,
+    "lumina-mgpt-7b-768": _lumina,
+}
 
 
 @pytest.mark.numerics
@@ -132,6 +154,7 @@ def test_janus_recipes_auto_match_by_hidden_size():
 
 # ---------------------------------------------------------------- Lumina-mGPT: size tokens
 
+
 @pytest.mark.numerics
 def test_lumina_size_tokens_and_raster_equivalence():
     model = tiny.lumina_mgpt()
@@ -151,7 +174,7 @@ def test_lumina_size_tokens_and_raster_equivalence():
         h = model.model(seq).last_hidden_state
     P = 6
     idx = (P + torch.arange(4)[:, None] * 7 + torch.arange(6)[None] - 1).flatten()
-    ref = model.lm_head(h[:, idx])[..., 4:4 + 8192].view(1, 4, 6, -1)
+    ref = model.lm_head(h[:, idx])[..., 4 : 4 + 8192].view(1, 4, 6, -1)
     assert_same_math(fa.logits(model, cond, codes, mode="raster"), ref, layers=5, width=64)
     assert fa.check(model).ok  # already patched: checked as it is
 
@@ -183,6 +206,7 @@ def test_size_token_outside_vocabulary_on_patch():
 
 
 # ---------------------------------------------------------------- Emu3 / Emu3.5 token ids and Emu3.5 loading
+
 
 def test_emu3_token_ids_follow_the_public_tokenizer_numbering():
     # Emu3 tokenizer: special ids from 151643 = <|endoftext|>, <|im_start|>, <|im_end|>, <|extra_0..204|>,
@@ -238,6 +262,7 @@ def test_emu3p5_loader_rejects_foreign_weights(tmp_path):
 
 # ---------------------------------------------------------------- auto-match and entry points
 
+
 def test_auto_match_picks_the_registry_entry():
     emu3 = tiny.emu3()
     assert match_recipe(emu3).name == "emu3-gen"
@@ -283,11 +308,14 @@ def test_recipe_entry_points(tmp_path, monkeypatch):
     for sub in ("plugin_a", "plugin_b"):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / f"{sub}.yaml").write_text(yaml.safe_dump(dict(base, name=sub)))
-    eps = [_EntryPoint("a", str(tmp_path / "plugin_a")),                 # a folder path
-           _EntryPoint("b", lambda: tmp_path / "plugin_b"),               # a callable returning one
-           _EntryPoint("broken", ImportError("no module named pkg"))]     # skipped with a warning
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group=None: [e for e in eps if group == "flashar_adapt.recipes"])
+    eps = [
+        _EntryPoint("a", str(tmp_path / "plugin_a")),  # a folder path
+        _EntryPoint("b", lambda: tmp_path / "plugin_b"),  # a callable returning one
+        _EntryPoint("broken", ImportError("no module named pkg")),
+    ]  # skipped with a warning
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group=None: [e for e in eps if group == "flashar_adapt.recipes"]
+    )
     with pytest.warns(UserWarning, match="broken"):
         names = fa.list_recipes()
     assert {"plugin_a", "plugin_b", "llamagen-c2i-b"} <= set(names)

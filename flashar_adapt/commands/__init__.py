@@ -6,6 +6,7 @@ export, ...) or a file that cannot be read, reported as one line on stderr (``--
 prints the traceback too), or an optional dependency the command needs that is not
 installed. Any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,25 @@ COMMAND_MODULES = (recipes, demo, inspect_check, train, export, tokenize, genera
 def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
     # After the subcommand the values land under other names (argparse would otherwise let
     # the subcommand's defaults overwrite what was given before it); main() merges them.
-    p.add_argument("--recipe-dir", action="append", dest="recipe_dir" if top else "recipe_dir_after",
-                   default=None if top else argparse.SUPPRESS, help="extra folder of recipe YAML files (repeatable)")
-    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
-                   help="print the full traceback of an error")
+    p.add_argument(
+        "--recipe-dir",
+        action="append",
+        dest="recipe_dir" if top else "recipe_dir_after",
+        default=None if top else argparse.SUPPRESS,
+        help="extra folder of recipe YAML files (repeatable)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="print the full traceback of an error",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashar-adapt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="flashar-adapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_common(p, top=True)
     sub = p.add_subparsers(dest="cmd", required=True)
     for mod in COMMAND_MODULES:

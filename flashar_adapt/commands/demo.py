@@ -1,5 +1,6 @@
 """``flashar-adapt demo``: the end-to-end example on Fashion-MNIST (``flashar_adapt.fmnist``),
 or ``--tiny``: a small random model decoded both ways."""
+
 from __future__ import annotations
 
 from ..fmnist.main import run, tiny_demo
@@ -9,8 +10,16 @@ from .types import positive_int
 def _demo(args) -> int:
     if args.tiny:
         return tiny_demo(args.grid, args.batch)
-    return run(args.out, retrain=args.retrain, cfg_scale=args.cfg_scale, samples=args.samples,
-               nll_images=args.nll_images, repeat=args.repeat, tiny_grid=args.grid, tiny_batch=args.batch)
+    return run(
+        args.out,
+        retrain=args.retrain,
+        cfg_scale=args.cfg_scale,
+        samples=args.samples,
+        nll_images=args.nll_images,
+        repeat=args.repeat,
+        tiny_grid=args.grid,
+        tiny_batch=args.batch,
+    )
 
 
 def add_parsers(sub) -> None:
@@ -20,8 +29,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--tiny", action="store_true", help="use a small random model instead of the shipped one")
     s.add_argument("--retrain", action="store_true", help="re-run the post-training from the shipped base")
     s.add_argument("--out", default="out/demo", help="where the PNG (and any re-trained model) go")
-    s.add_argument("--cfg", dest="cfg_scale", metavar="CFG", type=float, default=2.0,
-                   help="classifier-free guidance scale")
+    s.add_argument(
+        "--cfg", dest="cfg_scale", metavar="CFG", type=float, default=2.0, help="classifier-free guidance scale"
+    )
     s.add_argument("--samples", type=int, default=500, help="samples per model for the quick quality numbers")
     s.add_argument("--nll-images", type=int, default=1000, help="test images for the quick NLL")
     s.add_argument("--repeat", type=int, default=2, help="timing repeats (best of)")

@@ -1,5 +1,6 @@
 """``flashar-adapt export``: a training run's model, LoRA merged (or kept apart), in its
 family's own layout (``flashar_adapt.export``)."""
+
 from __future__ import annotations
 
 from ..export import export_merged
@@ -17,7 +18,10 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("export", help="merge LoRA and export an adapted model from a training run")
     s.add_argument("--config", required=True, help="the training config YAML of the run")
     s.add_argument("--out", required=True, help="export folder to write")
-    s.add_argument("--keep-adapters", action="store_true",
-                   help="keep LoRA adapters unmerged (adapters.safetensors): raster mode with adapters off is the "
-                        "original model exactly")
+    s.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="keep LoRA adapters unmerged (adapters.safetensors): raster mode with adapters off is the "
+        "original model exactly",
+    )
     s.set_defaults(fn=_export)

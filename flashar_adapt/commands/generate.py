@@ -1,5 +1,6 @@
 """``flashar-adapt generate``: images (PNG files and a labelled grid, or codes) from a model
 (``flashar_adapt.generation``)."""
+
 from __future__ import annotations
 
 import time
@@ -13,17 +14,31 @@ def _generate(args) -> int:
     out = refuse_existing(args.out)
     model, recipe, folder = load_from(args)
     if args.mode == "two_way" and args.model and not args.flashar_weights:
-        raise GenerateError("--mode two_way needs trained FlashAR weights: --flashar-weights FILE (or an --export "
-                            "folder); use --mode raster for the checkpoint's own decoding")
-    conds = conditions(recipe, classes=args.classes, prompts=args.prompts, prompts_file=args.prompts_file,
-                       per_cond=args.per_cond)
+        raise GenerateError(
+            "--mode two_way needs trained FlashAR weights: --flashar-weights FILE (or an --export "
+            "folder); use --mode raster for the checkpoint's own decoding"
+        )
+    conds = conditions(
+        recipe, classes=args.classes, prompts=args.prompts, prompts_file=args.prompts_file, per_cond=args.per_cond
+    )
     text = text_of(args, recipe, folder)
     # built before sampling: a bad tokenizer fails fast
     tok = tokenizer_of(model, checkpoint=args.tokenizer_checkpoint) if recipe.tokenizer is not None else None
     t0 = time.perf_counter()
-    what = generate_to_folder(model, conds, out, tok=tok, text=text, mode=args.mode, **sampling_of(args),
-                              seed=args.seed, batch_size=args.batch_size, per_cond=args.per_cond,
-                              progress=not args.no_progress, compile=args.compile)
+    what = generate_to_folder(
+        model,
+        conds,
+        out,
+        tok=tok,
+        text=text,
+        mode=args.mode,
+        **sampling_of(args),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        per_cond=args.per_cond,
+        progress=not args.no_progress,
+        compile=args.compile,
+    )
     print(f"{len(conds)} images in {time.perf_counter() - t0:.1f} s -> {out}: {what}")
     return 0
 
@@ -40,6 +55,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--mode", choices=("two_way", "raster"), default="two_way")
     add_sampling_options(s)
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--compile", action="store_true", help="compile the decoding step (torch.compile; CUDA graphs on "
-                   "CUDA): the first batch, and a smaller last one, pay the compile time")
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decoding step (torch.compile; CUDA graphs on "
+        "CUDA): the first batch, and a smaller last one, pay the compile time",
+    )
     s.set_defaults(fn=_generate)

@@ -1,5 +1,6 @@
 """``flashar-adapt inspect`` (a model's structure and a draft recipe) and ``check`` (the
 recipe doctor on the real model)."""
+
 from __future__ import annotations
 
 from ..doctor import FAIL, check
@@ -40,15 +41,24 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("inspect", help="show a model's decoder layers, heads, norms, embeddings and draft a recipe")
     s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
     s.add_argument("--out", help="write the draft recipe YAML here")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model constructor value a checkpoint does not record (e.g. n_head=16)",
+    )
     s.set_defaults(fn=_inspect)
-    s = sub.add_parser("check", help="verify a recipe on the real model (raster equality, two-way = teacher forcing, "
-                                     "H+W-1 steps)")
+    s = sub.add_parser(
+        "check", help="verify a recipe on the real model (raster equality, two-way = teacher forcing, H+W-1 steps)"
+    )
     s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
     s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
     s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
     s.add_argument("--atol", type=non_negative_float, default=1e-4)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="model constructor value a checkpoint does not record (e.g. n_head=16)")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model constructor value a checkpoint does not record (e.g. n_head=16)",
+    )
     s.set_defaults(fn=_check)

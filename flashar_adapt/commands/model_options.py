@@ -1,5 +1,6 @@
 """The options ``tokenize`` and ``generate`` share: which model (an export folder, a training
 run, or a checkpoint with a recipe) and how to sample it."""
+
 from __future__ import annotations
 
 from ..model_sources import load_patched, pick_text_tokenizer
@@ -12,14 +13,24 @@ def add_model_options(s, need_model: bool) -> None:
     s.add_argument("--recipe", help="recipe name or YAML file" + ("" if need_model else " (alone: no model needed)"))
     s.add_argument("--tokenizer-checkpoint", help="image tokenizer weights (overrides tokenizer.checkpoint)")
     s.add_argument("--text-tokenizer", help="the model's text tokenizer folder (prompt-conditioned recipes)")
-    s.add_argument("--prompt-template", default="{prompt}", help="how a prompt is written before tokenising, e.g. "
-                   "'{prompt}<begin_of_image>'")
+    s.add_argument(
+        "--prompt-template",
+        default="{prompt}",
+        help="how a prompt is written before tokenising, e.g. '{prompt}<begin_of_image>'",
+    )
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     s.add_argument("--no-progress", action="store_true")
 
 
 def add_sampling_options(s) -> None:
-    s.add_argument("--cfg", dest="cfg_scale", metavar="CFG", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument(
+        "--cfg",
+        dest="cfg_scale",
+        metavar="CFG",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale (1 = off)",
+    )
     s.add_argument("--cfg-schedule", default="constant")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
@@ -29,20 +40,32 @@ def add_sampling_options(s) -> None:
 
 def sampling_of(args) -> dict:
     """The sampling options as ``model.generate`` keywords."""
-    return {"cfg_scale": args.cfg_scale, "cfg_schedule": args.cfg_schedule, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p}
+    return {
+        "cfg_scale": args.cfg_scale,
+        "cfg_schedule": args.cfg_schedule,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
 
 
 def source_of(args) -> dict:
     """The model options as ``model_sources`` keywords."""
-    return {"export": args.export, "run_config": args.config, "model": args.model, "recipe": args.recipe,
-            "recipe_dirs": args.recipe_dir, "device": args.device}
+    return {
+        "export": args.export,
+        "run_config": args.config,
+        "model": args.model,
+        "recipe": args.recipe,
+        "recipe_dirs": args.recipe_dir,
+        "device": args.device,
+    }
 
 
 def load_from(args, need_model: bool = True):
     """(model or None, recipe, text tokenizer folder) of the model options."""
-    return load_patched(**source_of(args), flashar_weights=getattr(args, "flashar_weights", None),
-                        need_model=need_model)
+    return load_patched(
+        **source_of(args), flashar_weights=getattr(args, "flashar_weights", None), need_model=need_model
+    )
 
 
 def text_of(args, recipe, folder):

@@ -1,4 +1,5 @@
 """``flashar-adapt recipes`` and ``show``: the recipes on the search path."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """How a command reports an error: one line on stderr."""
+
 from __future__ import annotations
 
 # Optional dependencies (import name -> the pip extra that installs it): a command that needs

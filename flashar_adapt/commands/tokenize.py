@@ -1,6 +1,7 @@
 """``flashar-adapt tokenize``: training shards from an image folder or a JSONL file
 (``flashar_adapt.image_folders``), or sampled from the raster model itself with
 ``--from-model`` (``flashar_adapt.datafree``)."""
+
 from __future__ import annotations
 
 import json
@@ -30,22 +31,42 @@ def _tokenize(args) -> int:
     classes = None
     if src.is_dir():
         if recipe.condition.kind != "class":
-            raise DataError(f"recipe {recipe.name!r} is conditioned on prompts: give a JSONL file of "
-                            '{"image": ..., "prompt": ...} lines, not a class folder')
+            raise DataError(
+                f"recipe {recipe.name!r} is conditioned on prompts: give a JSONL file of "
+                '{"image": ..., "prompt": ...} lines, not a class folder'
+            )
         items, classes = list_class_folder(src)
     else:
         items = read_jsonl(src, recipe.condition.kind)
     text = text_of(args, recipe, folder)
-    print(f"{len(items)} images -> {args.out} ({tok.image_size[1]}x{tok.image_size[0]} px -> "
-          f"{tok.grid[0]}x{tok.grid[1]} codes, recipe {recipe.name})")
-    rep = tokenize_dataset(items, args.out, tok, recipe, text_tokenizer=text, batch_size=args.batch_size,
-                           shard_size=args.shard_size, allow_upscale=args.allow_upscale, progress=not args.no_progress,
-                           extra=json.dumps([args.prompt_template, args.tokenizer_checkpoint and
-                                             str(Path(args.tokenizer_checkpoint).resolve()), args.allow_upscale]))
+    print(
+        f"{len(items)} images -> {args.out} ({tok.image_size[1]}x{tok.image_size[0]} px -> "
+        f"{tok.grid[0]}x{tok.grid[1]} codes, recipe {recipe.name})"
+    )
+    rep = tokenize_dataset(
+        items,
+        args.out,
+        tok,
+        recipe,
+        text_tokenizer=text,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        allow_upscale=args.allow_upscale,
+        progress=not args.no_progress,
+        extra=json.dumps(
+            [
+                args.prompt_template,
+                args.tokenizer_checkpoint and str(Path(args.tokenizer_checkpoint).resolve()),
+                args.allow_upscale,
+            ]
+        ),
+    )
     if classes is not None:
         atomic_write_bytes(Path(args.out) / "classes.json", json.dumps(classes, indent=1).encode())
-    print(f"wrote {rep['num_examples']} examples; {rep['num_bad']} bad input(s)"
-          + (f" (listed in {Path(args.out) / 'tokenize_report.json'})" if rep["num_bad"] else ""))
+    print(
+        f"wrote {rep['num_examples']} examples; {rep['num_bad']} bad input(s)"
+        + (f" (listed in {Path(args.out) / 'tokenize_report.json'})" if rep["num_bad"] else "")
+    )
     for path, why in rep["bad"][:10]:
         print(f"  bad: {path}: {why}")
     return 0
@@ -60,8 +81,9 @@ def _from_model(args) -> int:
     model, recipe, folder, ident = load_raster_teacher(**source_of(args))
     if recipe.condition.kind == "class":
         if args.prompts_file:
-            raise GenerateError(f"recipe {recipe.name!r} is class-conditional: classes are sampled uniformly; "
-                                "drop --prompts-file")
+            raise GenerateError(
+                f"recipe {recipe.name!r} is class-conditional: classes are sampled uniformly; drop --prompts-file"
+            )
         conds, text = uniform_classes(args.num_samples, recipe.condition.num_classes), None
     elif recipe.condition.kind == "tokens":
         if not args.prompts_file:
@@ -71,29 +93,49 @@ def _from_model(args) -> int:
     else:
         raise GenerateError(f"condition.kind {recipe.condition.kind!r}: --from-model samples classes or prompts only")
     sampling = TeacherSampling(**sampling_of(args))
-    print(f"sampling {len(conds)} examples from the raster model -> {args.out} (recipe {recipe.name}, "
-          f"{recipe.image.grid[0] * recipe.image.grid[1]} steps each, CFG {args.cfg_scale}, seed {args.seed})")
-    rep = sample_dataset(model, conds, args.out, sampling=sampling, seed=args.seed, text=text,
-                         batch_size=args.batch_size, shard_size=args.shard_size, progress=not args.no_progress,
-                         extra=json.dumps([ident, args.prompt_template]))
+    print(
+        f"sampling {len(conds)} examples from the raster model -> {args.out} (recipe {recipe.name}, "
+        f"{recipe.image.grid[0] * recipe.image.grid[1]} steps each, CFG {args.cfg_scale}, seed {args.seed})"
+    )
+    rep = sample_dataset(
+        model,
+        conds,
+        args.out,
+        sampling=sampling,
+        seed=args.seed,
+        text=text,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+        extra=json.dumps([ident, args.prompt_template]),
+    )
     print(f"wrote {rep['num_examples']} examples in {rep['seconds']:.1f} s of sampling")
     return 0
 
 
 def add_parsers(sub) -> None:
-    s = sub.add_parser("tokenize", help="encode an image folder (class sub-folders) or a JSONL of {image, prompt} "
-                       "into training shards (resumable)")
-    s.add_argument("source", nargs="?", help="a folder with one sub-folder per class, or a .jsonl file "
-                   "(none with --from-model)")
+    s = sub.add_parser(
+        "tokenize",
+        help="encode an image folder (class sub-folders) or a JSONL of {image, prompt} "
+        "into training shards (resumable)",
+    )
+    s.add_argument(
+        "source", nargs="?", help="a folder with one sub-folder per class, or a .jsonl file (none with --from-model)"
+    )
     s.add_argument("--out", required=True, help="data folder to write (an interrupted run there is continued)")
     add_model_options(s, need_model=False)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--shard-size", type=int, default=4096)
     s.add_argument("--allow-upscale", action="store_true", help="scale up images smaller than the tokenizer input")
     t = s.add_argument_group("data-free: --from-model samples the shards from the raster model itself")
-    t.add_argument("--from-model", action="store_true", help="sample the model (--model + --recipe, or --config: "
-                   "its base model) instead of encoding images")
-    t.add_argument("--num-samples", type=positive_int, help="examples to sample (classes in turn, or the prompts in turn)")
+    t.add_argument(
+        "--from-model",
+        action="store_true",
+        help="sample the model (--model + --recipe, or --config: its base model) instead of encoding images",
+    )
+    t.add_argument(
+        "--num-samples", type=positive_int, help="examples to sample (classes in turn, or the prompts in turn)"
+    )
     t.add_argument("--prompts-file", help="prompt-conditioned recipes: one prompt per line")
     add_sampling_options(t)
     s.set_defaults(fn=_tokenize)

@@ -1,5 +1,6 @@
 """What the command line accepts beside plain strings: argparse types (checked with
 ``validate``'s rules) and ``--set KEY=VALUE`` pairs."""
+
 from __future__ import annotations
 
 import argparse

@@ -11,19 +11,65 @@ Modules, in import order: ``inputs`` (checks, the prefix), ``forward`` (one back
 branch forward, the heads), ``teacher_forcing``, ``schedules`` (steps, buckets), ``decoder``
 (caches, feeding, ``step_logits``), ``compiled``, ``steps`` (the step API).
 """
+
 from .compiled import compiled_step, recompile_room
 from .decoder import Decoder, step_logits
 from .forward import backbone_forward, cell_logits, horizontal_logits, positions
-from .inputs import (MODES, Prefix, build_prefix, check_codes, check_cond, check_grid, check_mode, check_positions,
-                     condition_prefix, embed_codes, embed_ids, eval_behaviour, feature_width, has_uncond)
+from .inputs import (
+    MODES,
+    Prefix,
+    build_prefix,
+    check_codes,
+    check_cond,
+    check_grid,
+    check_mode,
+    check_positions,
+    condition_prefix,
+    embed_codes,
+    embed_ids,
+    eval_behaviour,
+    feature_width,
+    has_uncond,
+)
 from .schedules import Schedule, Step, bucket, padded_schedule, schedule
 from .steps import DecoderState, generate, prefill, step
 from .teacher_forcing import TeacherForced, logits, score, sequence_embeds, teacher_forward
 
 __all__ = [
-    "MODES", "Decoder", "DecoderState", "Prefix", "Schedule", "Step", "TeacherForced", "backbone_forward", "bucket",
-    "build_prefix", "cell_logits", "check_codes", "check_cond", "check_grid", "check_mode", "check_positions",
-    "compiled_step", "condition_prefix", "embed_codes", "embed_ids", "eval_behaviour", "feature_width", "generate",
-    "has_uncond", "horizontal_logits", "logits", "padded_schedule", "positions", "prefill", "recompile_room",
-    "schedule", "score", "sequence_embeds", "step", "step_logits", "teacher_forward",
+    "MODES",
+    "Decoder",
+    "DecoderState",
+    "Prefix",
+    "Schedule",
+    "Step",
+    "TeacherForced",
+    "backbone_forward",
+    "bucket",
+    "build_prefix",
+    "cell_logits",
+    "check_codes",
+    "check_cond",
+    "check_grid",
+    "check_mode",
+    "check_positions",
+    "compiled_step",
+    "condition_prefix",
+    "embed_codes",
+    "embed_ids",
+    "eval_behaviour",
+    "feature_width",
+    "generate",
+    "has_uncond",
+    "horizontal_logits",
+    "logits",
+    "padded_schedule",
+    "positions",
+    "prefill",
+    "recompile_room",
+    "schedule",
+    "score",
+    "sequence_embeds",
+    "step",
+    "step_logits",
+    "teacher_forward",
 ]

@@ -1,5 +1,6 @@
 """Compiled decoding: ``step_logits`` under ``torch.compile``, one copy per bucket size, and the
 recompile room its graphs need."""
+
 from __future__ import annotations
 
 import types
@@ -38,7 +39,8 @@ def recompile_room(compile: bool):
     import torch._dynamo  # not at module level: importing dynamo costs a second, eager decoding never needs it
 
     limit = max(torch._dynamo.config.recompile_limit, 256)
-    with torch._dynamo.config.patch(recompile_limit=limit,
-                                    accumulated_recompile_limit=max(torch._dynamo.config.accumulated_recompile_limit,
-                                                                    4 * limit)):
+    with torch._dynamo.config.patch(
+        recompile_limit=limit,
+        accumulated_recompile_limit=max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit),
+    ):
         yield

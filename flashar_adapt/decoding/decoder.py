@@ -1,5 +1,6 @@
 """The decoder: the static KV caches of one decoding run, how tokens are appended to them,
 and one decoding step on them (``step_logits``, the function compiled decoding compiles)."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ class Decoder:
     What a step needs besides its ``Step`` lives here: ``batch`` (images: half the rows of
     a guided prefix), ``branch`` (whether the vertical branch runs) and ``eol_embed``."""
 
-    def __init__(self, ctx: PatchContext, pre: Prefix, layout: Layout, order: torch.Tensor, branch: bool,
-                 pad: int | None = None):
+    def __init__(
+        self, ctx: PatchContext, pre: Prefix, layout: Layout, order: torch.Tensor, branch: bool, pad: int | None = None
+    ):
         self.ctx, self.pre, self.layout, self.branch = ctx, pre, layout, branch
         self.batch = pre.batch
         Bt = pre.embeds.shape[0]
@@ -77,11 +79,13 @@ class Decoder:
         slots = self.order[:P]
         allowed = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None] & pre.valid[:, None, :]
         allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
-        return backbone_forward(self.ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache,
-                                self.bcache, self.branch)
+        return backbone_forward(
+            self.ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache, self.bcache, self.branch
+        )
 
-    def feed(self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False,
-             allowed: torch.Tensor | None = None):
+    def feed(
+        self, embeds: torch.Tensor, start: int, stop: int, causal: bool = False, allowed: torch.Tensor | None = None
+    ):
         """Append the tokens at cache entries [start, stop); they see every cached key and
         each other (one anti-diagonal), or, with ``causal``, only the earlier of each other,
         or exactly ``allowed`` [Bt, stop - start, stop] (keys in cache order; padding keys
@@ -96,8 +100,17 @@ class Decoder:
                 T = stop - start
                 allowed = allowed.expand(-1, T, -1).clone()
                 allowed[:, :, start:] &= torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
-        return backbone_forward(self.ctx, embeds.to(self.dtype), self.positions[:, start:stop], self.order[start:stop],
-                                self.order[:stop], allowed, self.cache, self.bcache, self.branch)
+        return backbone_forward(
+            self.ctx,
+            embeds.to(self.dtype),
+            self.positions[:, start:stop],
+            self.order[start:stop],
+            self.order[:stop],
+            allowed,
+            self.cache,
+            self.bcache,
+            self.branch,
+        )
 
     def feed_at(self, embeds: torch.Tensor, entries: torch.Tensor, lim: torch.Tensor):
         """Static caches: write the tokens at cache ``entries`` [T] (a tensor: no shape or
@@ -111,8 +124,18 @@ class Decoder:
             allowed = self.key_valid & (ids < lim)  # [Bt, 1, n]
         else:
             allowed = (self.key_valid & (ids < lim[:, None])) | (ids == entries[:, None])  # [Bt, T, n]
-        return backbone_forward(self.ctx, embeds.to(self.dtype), self.positions[:, entries], self.order[entries], None,
-                                allowed, self.cache, self.bcache, self.branch, entries)
+        return backbone_forward(
+            self.ctx,
+            embeds.to(self.dtype),
+            self.positions[:, entries],
+            self.order[entries],
+            None,
+            allowed,
+            self.cache,
+            self.bcache,
+            self.branch,
+            entries,
+        )
 
     def feed_step(self, codes: torch.Tensor, step: Step):
         """Feed what ``step`` feeds (codes at its cells [B, H*W], end-of-line tokens where it

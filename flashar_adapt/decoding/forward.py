@@ -1,5 +1,6 @@
 """One forward of the backbone (and the vertical branch), and the logits it yields: what
 teacher forcing, the decoder's caches and every decoding step run."""
+
 from __future__ import annotations
 
 import torch
@@ -22,15 +23,26 @@ def positions(slots: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
     return (slots[None, :] - n_pad[:, None]).clamp(min=0)
 
 
-def backbone_forward(ctx: PatchContext, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
-                     branch: bool, entries: torch.Tensor | None = None):
+def backbone_forward(
+    ctx: PatchContext,
+    embeds,
+    positions,
+    slots,
+    key_slots,
+    allowed,
+    cache,
+    branch_cache,
+    branch: bool,
+    entries: torch.Tensor | None = None,
+):
     """Backbone forward; with ``branch`` also the vertical branch from the captured inputs
     of the branch layer. Returns (final normed hidden, normed branch hidden or None).
     ``entries`` (static caches only): the cache entries the new tokens are written to."""
     static = {} if entries is None else {"entries": entries}  # runners without static caches never see it
     if branch and cache is not None and ctx.runner.fused_branch:
-        h, x = ctx.runner.run_with_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache,
-                                          **static)
+        h, x = ctx.runner.run_with_branch(
+            ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, **static
+        )
         return h, ctx.flashar.branch_norm(x)
     CAPTURE.layer = ctx.layers[ctx.branch_index] if branch else None
     CAPTURE.captured = None
@@ -42,7 +54,9 @@ def backbone_forward(ctx: PatchContext, embeds, positions, slots, key_slots, all
     if not branch:
         return h, None
     if captured is None:
-        raise RuntimeError("the branch layer was not called during the backbone forward; check modules.layers / the runner")
+        raise RuntimeError(
+            "the branch layer was not called during the backbone forward; check modules.layers / the runner"
+        )
     args, kwargs = captured
     x = args[0] if args else kwargs["hidden_states"]
     mods = ctx.flashar
@@ -51,8 +65,16 @@ def backbone_forward(ctx: PatchContext, embeds, positions, slots, key_slots, all
     return h, mods.branch_norm(x)
 
 
-def cell_logits(ctx: PatchContext, hh: torch.Tensor, hv: torch.Tensor | None, h_idx, v_idx, has_h: torch.Tensor,
-                has_v: torch.Tensor, vertical: bool) -> torch.Tensor:
+def cell_logits(
+    ctx: PatchContext,
+    hh: torch.Tensor,
+    hv: torch.Tensor | None,
+    h_idx,
+    v_idx,
+    has_h: torch.Tensor,
+    has_v: torch.Tensor,
+    vertical: bool,
+) -> torch.Tensor:
     """Logits of the cells a step samples from the fed tokens' hidden states (``h_idx`` /
     ``v_idx``: which fed token predicts each cell): the fused horizontal and vertical heads,
     or (``vertical=False``, raster) the horizontal head alone."""

@@ -1,5 +1,6 @@
 """What decoding and teacher forcing take in: checked conditions and codes, the prefix they
 become (condition, then forced meta tokens), and the grid with the positions it needs."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -64,8 +65,9 @@ def feature_width(ctx: PatchContext) -> int | None:
 def _check_features(ctx: PatchContext, cond: torch.Tensor) -> torch.Tensor:
     c = ctx.recipe.condition
     if not cond.is_floating_point() or cond.dim() != 3:
-        raise InputError(f"cond must be a FloatTensor [B, T, C] of condition features, "
-                         f"got {cond.dtype} {tuple(cond.shape)}")
+        raise InputError(
+            f"cond must be a FloatTensor [B, T, C] of condition features, got {cond.dtype} {tuple(cond.shape)}"
+        )
     if cond.shape[0] == 0:
         raise InputError("cond is empty: pass at least one condition")
     if cond.shape[1] != c.prefix_len:
@@ -100,7 +102,9 @@ def _check_mask(c, cond: torch.Tensor, cond_mask, dev) -> torch.Tensor | None:
     return cond_mask
 
 
-def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_cond(
+    ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate a condition batch before any compute; return (cond, mask) on the model's device.
     ``allow_null`` admits the null class (training with condition dropout, unconditional scoring)."""
     c = ctx.recipe.condition
@@ -109,7 +113,9 @@ def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
         cond = torch.as_tensor(cond)
     if c.kind == "class":
         if not _is_int(cond) or cond.dim() != 1:
-            raise InputError(f"cond must be a LongTensor [B] of class ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
+            raise InputError(
+                f"cond must be a LongTensor [B] of class ids for this recipe, got {cond.dtype} {tuple(cond.shape)}"
+            )
         if cond.numel() == 0:
             raise InputError("cond is empty: pass at least one class id")
         top = c.null_class + 1 if allow_null and c.null_class is not None else c.num_classes
@@ -118,7 +124,10 @@ def check_cond(ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
         cond = cond.long()
     elif c.kind == "tokens":
         if not _is_int(cond) or cond.dim() != 2:
-            raise InputError(f"cond must be a LongTensor [B, T] of prompt token ids for this recipe, got {cond.dtype} {tuple(cond.shape)}")
+            raise InputError(
+                "cond must be a LongTensor [B, T] of prompt token ids for this recipe, "
+                f"got {cond.dtype} {tuple(cond.shape)}"
+            )
         if cond.shape[0] == 0 or cond.shape[1] == 0:
             raise InputError("cond is empty: pass at least one prompt token per row")
         if ctx.vocab_size is not None and (int(cond.min()) < 0 or int(cond.max()) >= ctx.vocab_size):
@@ -142,7 +151,9 @@ def check_codes(ctx: PatchContext, codes, batch: int) -> torch.Tensor:
         raise InputError(f"codes must be [B, H, W] with B = {batch}, got {tuple(codes.shape)}")
     K = ctx.recipe.image.codebook_size
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
-        raise InputError(f"codes must be codebook indices in [0, {K}), got min {int(codes.min())} max {int(codes.max())}")
+        raise InputError(
+            f"codes must be codebook indices in [0, {K}), got min {int(codes.min())} max {int(codes.max())}"
+        )
     return codes.to(ctx.device(), torch.long)
 
 
@@ -151,8 +162,10 @@ def check_step_codes(ctx: PatchContext, codes, t: int, shape: tuple[int, int], d
     codes = torch.as_tensor(codes)
     K = ctx.recipe.image.codebook_size
     if not _is_int(codes) or tuple(codes.shape) != shape:
-        raise InputError(f"codes for step {t} must be an integer tensor [{shape[0]}, {shape[1]}], "
-                         f"got {codes.dtype} {tuple(codes.shape)}")
+        raise InputError(
+            f"codes for step {t} must be an integer tensor [{shape[0]}, {shape[1]}], "
+            f"got {codes.dtype} {tuple(codes.shape)}"
+        )
     if int(codes.min()) < 0 or int(codes.max()) >= K:
         raise InputError(f"codes must be codebook indices in [0, {K})")
     return codes.to(device, torch.long)
@@ -180,8 +193,10 @@ def check_positions(ctx: PatchContext, layout: Layout) -> None:
     """Refuse a layout that feeds more tokens than the model has positions."""
     limit = ctx.runner.max_positions(ctx)
     if limit is not None and layout.fed_len > limit:
-        raise InputError(f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
-                         f"{layout.fed_len} tokens; the model has {limit} positions")
+        raise InputError(
+            f"grid {layout.height}x{layout.width} with a {layout.prefix_len}-token prefix feeds "
+            f"{layout.fed_len} tokens; the model has {limit} positions"
+        )
 
 
 @contextmanager
@@ -204,8 +219,10 @@ def has_uncond(ctx: PatchContext) -> bool:
 
 # ---------------------------------------------------------------- the prefix
 
-def condition_prefix(ctx: PatchContext, cond: torch.Tensor, cond_mask: torch.Tensor | None, grid,
-                     uncond: bool) -> Prefix:
+
+def condition_prefix(
+    ctx: PatchContext, cond: torch.Tensor, cond_mask: torch.Tensor | None, grid, uncond: bool
+) -> Prefix:
     """The prefix of a checked condition batch: its conditional rows, or with ``uncond`` the
     unconditional ones (null class, unconditional features or prompt)."""
     c = ctx.recipe.condition
@@ -256,7 +273,7 @@ def _uncond_prompt(ctx: PatchContext, cond: torch.Tensor, valid: torch.Tensor) -
     ids = torch.tensor(c.uncond_ids, device=cond.device)
     T = max(cond.shape[1], len(ids))
     out = torch.full((cond.shape[0], T), -1, dtype=cond.dtype, device=cond.device)
-    out[:, T - len(ids):] = ids
+    out[:, T - len(ids) :] = ids
     return out
 
 

@@ -8,6 +8,7 @@ filled in feeding order, so a step's keys are always a prefix of the cache and i
 slice of one row per sequence; the loops allocate no masks and make no host-device sync
 beyond sampling.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ def _index(idx: list[int], dev) -> torch.Tensor | slice:
 def _first(layout: Layout, out, dev) -> Step:
     """Step 0: nothing fed; the first cells' logits come from the prefill's last state."""
     P, one = layout.prefix_len, torch.ones(1, dtype=torch.bool, device=dev)
-    return Step(slice(0, 0), None, slice(P, P), torch.tensor([P], device=dev), slice(0, 1), slice(0, 1), one, ~one,
-                out, 1)
+    return Step(
+        slice(0, 0), None, slice(P, P), torch.tensor([P], device=dev), slice(0, 1), slice(0, 1), one, ~one, out, 1
+    )
 
 
 def _two_way(layout: Layout, dev) -> Schedule:
@@ -97,12 +99,20 @@ def _two_way(layout: Layout, dev) -> Schedule:
         eol = [r % rl == W for r in rel]
         start = len(order)
         order += fed
-        steps.append(Step(
-            torch.tensor([(r // rl) * W + min(r % rl, W - 1) for r in rel], device=dev),
-            torch.tensor(eol, device=dev) if any(eol) else None,
-            slice(start, len(order)), torch.tensor([len(order)], device=dev),
-            _index(h_idx, dev), _index(v_idx, dev), ((i == 0) | (j > 0)).to(dev), (i > 0).to(dev),
-            _index((i * W + j).tolist(), dev), len(i)))
+        steps.append(
+            Step(
+                torch.tensor([(r // rl) * W + min(r % rl, W - 1) for r in rel], device=dev),
+                torch.tensor(eol, device=dev) if any(eol) else None,
+                slice(start, len(order)),
+                torch.tensor([len(order)], device=dev),
+                _index(h_idx, dev),
+                _index(v_idx, dev),
+                ((i == 0) | (j > 0)).to(dev),
+                (i > 0).to(dev),
+                _index((i * W + j).tolist(), dev),
+                len(i),
+            )
+        )
     return Schedule(torch.tensor(order, dtype=torch.long, device=dev), tuple(steps))
 
 
@@ -121,9 +131,20 @@ def _raster(layout: Layout, dev) -> Schedule:
         start = P + pi * rl + pj
         closes = layout.eol and pj == W - 1
         T = 2 if closes else 1
-        steps.append(Step(row_ends[pi] if closes else slice(r - 1, r), closing if closes else None,
-                          slice(start, start + T), lims[start:start + T], slice(T - 1, T), slice(0, 1), has_h, has_v,
-                          slice(r, r + 1), 1))
+        steps.append(
+            Step(
+                row_ends[pi] if closes else slice(r - 1, r),
+                closing if closes else None,
+                slice(start, start + T),
+                lims[start : start + T],
+                slice(T - 1, T),
+                slice(0, 1),
+                has_h,
+                has_v,
+                slice(r, r + 1),
+                1,
+            )
+        )
     return Schedule(torch.arange(layout.seq_len, device=dev), tuple(steps))
 
 
@@ -138,6 +159,7 @@ def _raster(layout: Layout, dev) -> Schedule:
 # or a token and its row's end-of-line), whatever the grid. One graph per length (no
 # padding) would compile min(H, W) + 1 graphs: minutes of compile time on a CPU, past
 # dynamo's default recompile limit for any grid over 7x7, and a CUDA graph each.
+
 
 def bucket(n: int) -> int:
     """Padded length of a compiled step that feeds or samples up to ``n`` tokens: the
@@ -181,8 +203,14 @@ def _padded_step(layout: Layout, st: Step, dev) -> Step:
     lim = st.lim.tolist()
     eol = [False] * T if st.eol is None else st.eol.tolist()
     return Step(
-        _padded(_ids(st.cells), size, 0, dev), _padded(eol, size, False, dev) if layout.eol else None,
+        _padded(_ids(st.cells), size, 0, dev),
+        _padded(eol, size, False, dev) if layout.eol else None,
         torch.tensor(_ids(st.entries) + list(range(layout.seq_len, layout.seq_len + size - T)), device=dev),
         torch.tensor(lim, device=dev) if len(lim) == 1 else _padded(lim, size, max(lim), dev),
-        _padded(_ids(st.h_idx), size, 0, dev), _padded(_ids(st.v_idx), size, 0, dev),
-        _padded(st.has_h.tolist(), size, True, dev), _padded(st.has_v.tolist(), size, False, dev), st.out, n)
+        _padded(_ids(st.h_idx), size, 0, dev),
+        _padded(_ids(st.v_idx), size, 0, dev),
+        _padded(st.has_h.tolist(), size, True, dev),
+        _padded(st.has_v.tolist(), size, False, dev),
+        st.out,
+        n,
+    )

@@ -1,5 +1,6 @@
 """The public step API: ``prefill`` (a ``DecoderState``), ``step`` (one anti-diagonal, or one
 raster token) and ``generate``, that loop."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -13,8 +14,16 @@ from ..sampling import Sampling, guide, sample
 from . import compiled
 from .decoder import Decoder, step_logits
 from .forward import cell_logits
-from .inputs import (build_prefix, check_cond, check_grid, check_mode, check_positions, check_step_codes,
-                     eval_behaviour, has_uncond)
+from .inputs import (
+    build_prefix,
+    check_cond,
+    check_grid,
+    check_mode,
+    check_positions,
+    check_step_codes,
+    eval_behaviour,
+    has_uncond,
+)
 from .schedules import Schedule, padded_schedule, schedule
 
 
@@ -72,8 +81,9 @@ def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
     if not isinstance(sampling, Sampling):
         raise InputError(f"sampling must be a flashar_adapt.Sampling, got {type(sampling).__name__}")
     if kwargs:
-        raise InputError(f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: "
-                         f"{sorted(kwargs)}")
+        raise InputError(
+            f"pass sampling settings either as sampling=Sampling(...) or as keywords, not both: {sorted(kwargs)}"
+        )
     return sampling
 
 
@@ -82,14 +92,25 @@ def _check_compile(compile) -> None:
         raise InputError(f"compile must be True or False, got {compile!r}")
 
 
-def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling, cond_mask,
-             vertical: bool, compile: bool = False) -> DecoderState:
+def _prefill(
+    model,
+    ctx: PatchContext,
+    cond,
+    mode: str,
+    grid,
+    sampling: Sampling,
+    cond_mask,
+    vertical: bool,
+    compile: bool = False,
+) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = check_grid(ctx, grid)
     sampling.check_device(cond.device)
     if sampling.guided and not has_uncond(ctx):
-        raise InputError(f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
-                         f"{ctx.recipe.name!r} defines none (condition.uncond)")
+        raise InputError(
+            f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
+            f"{ctx.recipe.name!r} defines none (condition.uncond)"
+        )
     pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided)
     layout = ctx.layout(pre.length, grid)
     check_positions(ctx, layout)
@@ -103,12 +124,34 @@ def _prefill(model, ctx: PatchContext, cond, mode: str, grid, sampling: Sampling
     n = len(sched.steps)
     # per-step guidance scales as tensors: a compiled step would specialise on a float
     scales = [torch.tensor(sampling.scale_at(t, n), device=dev) for t in range(n)] if compile else None
-    return DecoderState(model, mode, layout, sampling, B, branch, codes, dec, sched, compiled=compile,
-                        _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]), _scales=scales)
+    return DecoderState(
+        model,
+        mode,
+        layout,
+        sampling,
+        B,
+        branch,
+        codes,
+        dec,
+        sched,
+        compiled=compile,
+        _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
+        _scales=scales,
+    )
 
 
-def prefill(model, cond, *, mode: str = "two_way", grid=None, sampling: Sampling | None = None, cond_mask=None,
-            vertical: bool = True, compile: bool = False, **sampling_kwargs) -> DecoderState:
+def prefill(
+    model,
+    cond,
+    *,
+    mode: str = "two_way",
+    grid=None,
+    sampling: Sampling | None = None,
+    cond_mask=None,
+    vertical: bool = True,
+    compile: bool = False,
+    **sampling_kwargs,
+) -> DecoderState:
     """Check the inputs, build the prefix and run it into fresh static caches; returns the
     state that ``step`` advances. Sampling settings as ``sampling=Sampling(...)`` or as its
     keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
@@ -140,7 +183,7 @@ def _logits(state: DecoderState) -> torch.Tensor:
     fn = compiled.compiled_step(dev.type, st.entries.numel())
     lg = fn(dec, state.codes, st, state._scales[t])
     # a CUDA graph's output is overwritten by its next replay: state.logits must outlive the step
-    return lg[:, :st.n].clone() if dev.type == "cuda" else lg[:, :st.n]
+    return lg[:, : st.n].clone() if dev.type == "cuda" else lg[:, : st.n]
 
 
 def _step(state: DecoderState, forced=None) -> torch.Tensor:
@@ -148,8 +191,10 @@ def _step(state: DecoderState, forced=None) -> torch.Tensor:
     if state.done:
         raise RuntimeError(f"all {state.num_steps} steps of this decoder state have run")
     if state.decoder.epoch != ctx.guard.epoch:
-        raise RuntimeError("this decoder state is stale: a later prefill or generate on the same model reused its "
-                           "caches; prefill again (or decode on a copy.deepcopy of the model)")
+        raise RuntimeError(
+            "this decoder state is stale: a later prefill or generate on the same model reused its "
+            "caches; prefill again (or decode on a copy.deepcopy of the model)"
+        )
     lg = _logits(state)
     lg = lg.reshape(state.batch, -1, lg.shape[-1])
     out = state.schedule.steps[state.t].out
@@ -178,9 +223,22 @@ def step(state: DecoderState, codes=None) -> torch.Tensor:
 _GENERATE_DEFAULTS = {f.name: f.default for f in fields(Sampling)}  # generate()'s keywords are Sampling's fields
 
 
-def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             cond_mask=None, sampling: Sampling | None = None, compile: bool = False) -> torch.Tensor:
+def generate(
+    model,
+    cond,
+    *,
+    mode: str = "two_way",
+    grid=None,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    cond_mask=None,
+    sampling: Sampling | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
     """Generate images as codebook indices [B, H, W].
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
@@ -198,8 +256,14 @@ def generate(model, cond, *, mode: str = "two_way", grid=None, cfg_scale: float 
     if sampling is None:
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
     else:
-        given = dict(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k,
-                     top_p=top_p, generator=generator)
+        given = dict(
+            cfg_scale=cfg_scale,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
         sampling = _sampling(sampling, {k: v for k, v in given.items() if v != _GENERATE_DEFAULTS[k]})
     with ctx.guard, eval_behaviour(model), torch.inference_mode(), compiled.recompile_room(compile):
         state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile)

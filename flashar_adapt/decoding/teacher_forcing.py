@@ -1,5 +1,6 @@
 """Teacher forcing: one forward over a whole known image, its next-token logits (guided
 with CFG) and the exact log-likelihood of the codes under a mode's factorisation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,19 @@ from ..errors import InputError
 from ..grid import Layout
 from ..sampling import Sampling
 from .forward import backbone_forward, horizontal_logits, positions
-from .inputs import (Prefix, check_codes, check_cond, check_grid, check_mode, check_positions, condition_prefix,
-                     embed_codes, embed_ids, eval_behaviour, has_uncond)
+from .inputs import (
+    Prefix,
+    check_codes,
+    check_cond,
+    check_grid,
+    check_mode,
+    check_positions,
+    condition_prefix,
+    embed_codes,
+    embed_ids,
+    eval_behaviour,
+    has_uncond,
+)
 
 
 @dataclass
@@ -24,8 +36,9 @@ class TeacherForced:
     layout: Layout
 
 
-def teacher_forward(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, uncond: bool = False,
-                    grid=None) -> TeacherForced:
+def teacher_forward(
+    model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, uncond: bool = False, grid=None
+) -> TeacherForced:
     """One forward over the whole raster sequence (with grads if enabled), in the model's
     current train/eval mode (training wants its dropout).
 
@@ -57,7 +70,7 @@ def sequence_embeds(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch
     if layout.eol:
         e = embed_ids(ctx, torch.tensor([ctx.recipe.image.eol_token], device=img.device))
         img = torch.cat([img, e.to(img.dtype).view(1, 1, 1, -1).expand(B, H, 1, -1)], 2)
-    return torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, :layout.fed_len]
+    return torch.cat([pre.embeds, img.reshape(B, -1, img.shape[-1])], 1)[:, : layout.fed_len]
 
 
 def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torch.Tensor, mode: str) -> TeacherForced:
@@ -82,8 +95,15 @@ def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torc
 
 
 @torch.no_grad()
-def logits(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, cfg_scale: float = 1.0,
-           cfg_schedule: str = "constant") -> torch.Tensor:
+def logits(
+    model,
+    cond,
+    codes: torch.Tensor,
+    mode: str = "two_way",
+    cond_mask=None,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+) -> torch.Tensor:
     """Teacher-forced next-token logits [B, H, W, K] over the codebook, in one forward
     (two with CFG: the guided logits u + s * (c - u) that generate() samples from).
     Runs the model in eval behaviour, like generate()."""
@@ -104,8 +124,9 @@ def logits(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=No
     i = torch.arange(H, device=lg.device)[:, None]
     j = torch.arange(W, device=lg.device)[None, :]
     step, n = (i + j, H + W - 1) if mode == "two_way" else (i * W + j, H * W)
-    scale = torch.tensor([[s.scale_at(int(t), n) for t in row] for row in step.tolist()],
-                         device=lg.device)[None, :, :, None]
+    scale = torch.tensor([[s.scale_at(int(t), n) for t in row] for row in step.tolist()], device=lg.device)[
+        None, :, :, None
+    ]
     return u + scale * (lg - u)
 
 

@@ -12,15 +12,54 @@ token ids are in range, the grid fits the model's positions). Every failure is a
 - ``yaml_input``: YAML from files the toolkit did not write;
 - ``registry``: the search path and ``load_recipe`` / ``list_recipes``.
 """
+
 from ..validate import did_you_mean  # recipe errors suggest names with it; modules that patch import it from here
 from .patterns import MAX_PATTERN_LEN, MAX_PATTERN_REPEATS, regex_problem
-from .registry import (ENTRY_POINT_GROUP, ENV_RECIPE_PATH, RecipeFile, list_recipes, load_recipe, recipe_files)
+from .registry import ENTRY_POINT_GROUP, ENV_RECIPE_PATH, RecipeFile, list_recipes, load_recipe, recipe_files
 from .schema import TODO, Recipe, recipe_from_dict, todo_keys
-from .sections import (GRID_ITEMS, MAX_GATE_HIDDEN, SECTIONS, UNCOND_BY_KIND, Condition, FlashAR, Image, Logits, LoRA,
-                       Modules, RecipeError, Tokenizer)
+from .sections import (
+    GRID_ITEMS,
+    MAX_GATE_HIDDEN,
+    SECTIONS,
+    UNCOND_BY_KIND,
+    Condition,
+    FlashAR,
+    Image,
+    Logits,
+    LoRA,
+    Modules,
+    RecipeError,
+    Tokenizer,
+)
 from .yaml_input import MAX_YAML_BYTES, safe_yaml
 
-__all__ = ["ENTRY_POINT_GROUP", "ENV_RECIPE_PATH", "GRID_ITEMS", "MAX_GATE_HIDDEN", "MAX_PATTERN_LEN",
-           "MAX_PATTERN_REPEATS", "MAX_YAML_BYTES", "SECTIONS", "TODO", "UNCOND_BY_KIND", "Condition", "FlashAR", "Image",
-           "LoRA", "Logits", "Modules", "Recipe", "RecipeError", "RecipeFile", "Tokenizer", "did_you_mean",
-           "list_recipes", "load_recipe", "recipe_files", "recipe_from_dict", "regex_problem", "safe_yaml", "todo_keys"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_RECIPE_PATH",
+    "GRID_ITEMS",
+    "MAX_GATE_HIDDEN",
+    "MAX_PATTERN_LEN",
+    "MAX_PATTERN_REPEATS",
+    "MAX_YAML_BYTES",
+    "SECTIONS",
+    "TODO",
+    "UNCOND_BY_KIND",
+    "Condition",
+    "FlashAR",
+    "Image",
+    "LoRA",
+    "Logits",
+    "Modules",
+    "Recipe",
+    "RecipeError",
+    "RecipeFile",
+    "Tokenizer",
+    "did_you_mean",
+    "list_recipes",
+    "load_recipe",
+    "recipe_files",
+    "recipe_from_dict",
+    "regex_problem",
+    "safe_yaml",
+    "todo_keys",
+]

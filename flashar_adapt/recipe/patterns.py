@@ -1,6 +1,7 @@
 """Bounds on the module-name patterns a recipe gives (``lora.targets``): each is a regex
 matched against every module name of the model, so one that backtracks exponentially would
 hang ``patch``; it is refused from its shape, before it is ever matched."""
+
 from __future__ import annotations
 
 import re

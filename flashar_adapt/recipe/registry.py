@@ -2,6 +2,7 @@
 ``FLASHAR_RECIPE_PATH`` folders, folders that installed packages register under the
 entry-point group ``flashar_adapt.recipes``, the shipped recipes), and loading a recipe by
 name or path."""
+
 from __future__ import annotations
 
 import os
@@ -50,6 +51,7 @@ def _entry_point_dirs() -> list[Path]:
 class RecipeFile:
     """One recipe on the search path. ``name`` is the registry name (the file stem);
     ``rank`` is the position of its folder on the search path (0 = searched first)."""
+
     name: str
     path: Path
     rank: int
@@ -105,10 +107,15 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str |
     hint = ""
     for suffix in (".yaml", ".yml"):
         if p.with_name(p.name + suffix).is_file():
-            hint = (f"; {str(p) + suffix!r} is a file here but not on the search path: pass that path, or put its "
-                    f"folder on {ENV_RECIPE_PATH} / extra_dirs")
-    raise RecipeError("<name>", f"no recipe named {str(name_or_path)!r}{did_you_mean(str(name_or_path), names)}{hint}; "
-                      f"known: {', '.join(names)}")
+            hint = (
+                f"; {str(p) + suffix!r} is a file here but not on the search path: pass that path, or put its "
+                f"folder on {ENV_RECIPE_PATH} / extra_dirs"
+            )
+    raise RecipeError(
+        "<name>",
+        f"no recipe named {str(name_or_path)!r}{did_you_mean(str(name_or_path), names)}{hint}; "
+        f"known: {', '.join(names)}",
+    )
 
 
 def _load_file(path: Path) -> Recipe:

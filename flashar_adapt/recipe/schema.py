@@ -1,6 +1,7 @@
 """The ``Recipe``: a name, a backend and the sections (``sections.py``), built from a parsed
 YAML mapping by ``recipe_from_dict``: the keys first (every TODO, unknown and missing key),
 then each section by its own ``parse``, so an error names the first key that is wrong."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,20 @@ from typing import Any
 import yaml
 
 from ..validate import Is, Text, did_you_mean, first_unknown, rule, short
-from .sections import (SECTIONS, Condition, FlashAR, Image, Logits, LoRA, Modules, RecipeError, Tokenizer, checked,
-                       expect, required_fields)
+from .sections import (
+    SECTIONS,
+    Condition,
+    FlashAR,
+    Image,
+    Logits,
+    LoRA,
+    Modules,
+    RecipeError,
+    Tokenizer,
+    checked,
+    expect,
+    required_fields,
+)
 
 # The marker `flashar-adapt inspect` writes where it cannot infer a value; a recipe holding it is refused.
 TODO = "TODO"
@@ -51,7 +64,7 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def replace(self, **overrides: Any) -> "Recipe":
+    def replace(self, **overrides: Any) -> Recipe:
         """Return a copy with dotted keys (``"flashar.branch_layer"``) or shortcuts
         (``branch_layer``, ``branch_depth``, ``gate_hidden``, ``grid``) overridden."""
         data = self.to_dict()
@@ -107,18 +120,29 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     top = checked(Recipe, {k: data.get(k) for k in ("name", "backend", "description", "match")}, "", src)
     modules, condition = Modules.parse(data["modules"], src), Condition.parse(data["condition"], src)
     image = Image.parse(data["image"], src)
-    return Recipe(**top, modules=modules, condition=condition, image=image,
-                  flashar=FlashAR.parse(data.get("flashar") or {}, src),
-                  lora=LoRA.parse(data.get("lora") or {}, src), logits=Logits.parse(data.get("logits") or {}, src),
-                  tokenizer=Tokenizer.parse(data.get("tokenizer"), image, src), source=source)
+    return Recipe(
+        **top,
+        modules=modules,
+        condition=condition,
+        image=image,
+        flashar=FlashAR.parse(data.get("flashar") or {}, src),
+        lora=LoRA.parse(data.get("lora") or {}, src),
+        logits=Logits.parse(data.get("logits") or {}, src),
+        tokenizer=Tokenizer.parse(data.get("tokenizer"), image, src),
+        source=source,
+    )
 
 
 def _check_keys(data: dict, src) -> None:
     """Every TODO, unknown and missing key, section by section."""
     todo = todo_keys(data)
     # Every TODO at once, whatever its type (a TODO name or backend would pass the type checks).
-    expect(not todo, todo[0] if todo else "", f"is still {TODO!r}; fill in every TODO the draft marks: "
-                                              f"{', '.join(todo)}", src)
+    expect(
+        not todo,
+        todo[0] if todo else "",
+        f"is still {TODO!r}; fill in every TODO the draft marks: {', '.join(todo)}",
+        src,
+    )
     k = first_unknown(data, TOP_KEYS)
     expect(k is None, str(k), "unknown key" + did_you_mean(str(k), TOP_KEYS), src)
     for k in sorted(_TOP_REQUIRED):

@@ -3,16 +3,31 @@ value obeys (``validate.rule``). ``parse`` checks a section's mapping against th
 (``first_problem``: the first wrong key, named), then what ties fields together, and builds
 the section; a value the YAML leaves out (or sets to null) takes the field's default.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from ..errors import FlashARError
-from ..validate import (AnyOf, Is, Named, Num, OneOf, Seq, Text, dataclass_rules, did_you_mean, first_problem,
-                        first_unknown, required, rule, short)
+from ..validate import (
+    AnyOf,
+    Is,
+    Named,
+    Num,
+    OneOf,
+    Seq,
+    Text,
+    dataclass_rules,
+    did_you_mean,
+    first_problem,
+    first_unknown,
+    required,
+    rule,
+    short,
+)
 from .patterns import regex_problem
 
 
@@ -43,16 +58,20 @@ def checked(cls, data: dict, section: str, src, rules: dict | None = None) -> di
 
 def required_fields(cls) -> set[str]:
     """The fields of a section without a default: the keys its YAML must give."""
-    return {f.name for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
 
 
 _INT = Num(integer=True, optional=True)
 _ID = Num(0, integer=True, optional=True)  # a token id, or a count that may be 0
 _COUNT = Num(1, integer=True, optional=True)
 _PATH = Text(optional=True)  # a module path inside the model ("" is the model itself)
-_PATHS = Named(AnyOf((Text(), Seq(Text())), "a module path or a list of them", optional=True),
-               "a module path or a list of them")
+_PATHS = Named(
+    AnyOf((Text(), Seq(Text())), "a module path or a list of them", optional=True), "a module path or a list of them"
+)
 _IDS = Seq(Num(0, integer=True), optional=True)
 _GRID = Named(Seq(Num(1, integer=True), length=2, optional=True), "[H, W] with positive integers")
 
@@ -69,10 +88,12 @@ class Modules:
     embed: str = rule(Text())
     decoder: str = rule(_PATH, default="")
     image_embed: tuple[str, ...] = rule(_PATHS, default=())
-    after_norm: tuple[str, ...] = rule(_PATHS, default=())  # applied in order between norm and head (a projection the decoder ends with)
+    after_norm: tuple[str, ...] = rule(
+        _PATHS, default=()
+    )  # applied in order between norm and head (a projection the decoder ends with)
 
     @classmethod
-    def parse(cls, m: dict, src) -> "Modules":
+    def parse(cls, m: dict, src) -> Modules:
         kw = checked(cls, m, "modules", src)
         if not kw.get("after_norm"):  # after_norm: "" is no projection (never the model itself)
             kw.pop("after_norm", None)
@@ -85,8 +106,11 @@ class Modules:
 ConditionKind = Literal["class", "tokens", "features"]
 Uncond = Literal["null_class", "pad_inner", "ids", "param", "none"]
 # How each kind builds its CFG unconditional prefix; the first is the default.
-UNCOND_BY_KIND: dict[str, tuple[str, ...]] = {"class": ("null_class", "none"), "tokens": ("none", "pad_inner", "ids"),
-                                              "features": ("none", "param")}
+UNCOND_BY_KIND: dict[str, tuple[str, ...]] = {
+    "class": ("null_class", "none"),
+    "tokens": ("none", "pad_inner", "ids"),
+    "features": ("none", "param"),
+}
 
 
 @dataclass(frozen=True)
@@ -113,14 +137,18 @@ class Condition:
         return need
 
     @classmethod
-    def parse(cls, c: dict, src) -> "Condition":
+    def parse(cls, c: dict, src) -> Condition:
         kind = c.get("kind")
         kinds = get_args(ConditionKind)
         expect(kind in kinds, "condition.kind", f"must be one of {', '.join(map(repr, kinds))}, got {short(kind)}", src)
         allowed_uncond = UNCOND_BY_KIND[kind]
         uncond = c.get("uncond", allowed_uncond[0])
-        expect(uncond in allowed_uncond, "condition.uncond",
-               f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {short(uncond)}", src)
+        expect(
+            uncond in allowed_uncond,
+            "condition.uncond",
+            f"must be one of {list(allowed_uncond)} for kind {kind!r}, got {short(uncond)}",
+            src,
+        )
         rules = dataclass_rules(cls)
         rules.pop("kind")
         for k in cls.needs(kind, uncond):
@@ -130,16 +158,21 @@ class Condition:
         if kind == "tokens" and uncond == "ids":
             expect(len(cond.uncond_ids) > 0, "condition.uncond_ids", "is required when condition.uncond is 'ids'", src)
         if kind == "class" and cond.null_class is not None:
-            expect(cond.null_class <= cond.num_classes, "condition.null_class",
-                   f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}", src)
+            expect(
+                cond.null_class <= cond.num_classes,
+                "condition.null_class",
+                f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}",
+                src,
+            )
         return cond
 
 
 # Placeholders allowed in image.before: "{H}"/"{W}" spell the number with image.digit_ids;
 # "{size_H}"/"{size_W}" are one token, image.size_token_offset + H (or W) // image.size_token_divisor.
 GRID_ITEMS = ("{H}", "{W}", "{size_H}", "{size_W}")
-_BEFORE_ITEM = AnyOf((Num(0, integer=True), OneOf(GRID_ITEMS)),
-                     f"a token id or one of {', '.join(repr(g) for g in GRID_ITEMS)}")
+_BEFORE_ITEM = AnyOf(
+    (Num(0, integer=True), OneOf(GRID_ITEMS)), f"a token id or one of {', '.join(repr(g) for g in GRID_ITEMS)}"
+)
 
 
 @dataclass(frozen=True)
@@ -158,23 +191,39 @@ class Image:
     last_row_end: int | None = rule(_ID, default=None)
 
     @classmethod
-    def parse(cls, im: dict, src) -> "Image":
+    def parse(cls, im: dict, src) -> Image:
         kw = checked(cls, im, "image", src)
         grid, before = tuple(int(g) for g in kw["grid"]), tuple(kw.get("before", ()))
         digits = tuple(kw.get("digit_ids", ()))
         if any(item in ("{H}", "{W}") for item in before):
-            expect(len(digits) == 10, "image.digit_ids",
-                   "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}", src)
+            expect(
+                len(digits) == 10,
+                "image.digit_ids",
+                "must list the 10 token ids of '0'..'9' when image.before uses {H} or {W}",
+                src,
+            )
         if any(item in ("{size_H}", "{size_W}") for item in before):
-            expect(kw.get("size_token_offset") is not None, "image.size_token_offset",
-                   "is required when image.before uses {size_H} or {size_W}", src)
+            expect(
+                kw.get("size_token_offset") is not None,
+                "image.size_token_offset",
+                "is required when image.before uses {size_H} or {size_W}",
+                src,
+            )
         div = kw.get("size_token_divisor", 1)
         if div > 1:
-            expect(all(g % div == 0 for g in grid), "image.grid",
-                   f"{list(grid)} must be divisible by image.size_token_divisor ({div})", src)
+            expect(
+                all(g % div == 0 for g in grid),
+                "image.grid",
+                f"{list(grid)} must be divisible by image.size_token_divisor ({div})",
+                src,
+            )
         if kw.get("last_row_end") is not None:
-            expect(kw.get("eol_token") is not None, "image.last_row_end",
-                   "takes the place of the last row's image.eol_token, so it needs image.eol_token", src)
+            expect(
+                kw.get("eol_token") is not None,
+                "image.last_row_end",
+                "takes the place of the last row's image.eol_token, so it needs image.eol_token",
+                src,
+            )
         return cls(**{**kw, "grid": grid, "before": before, "digit_ids": digits})
 
 
@@ -188,10 +237,14 @@ class FlashAR:
     gate_hidden: int | None = rule(_COUNT, default=None)
 
     @classmethod
-    def parse(cls, f: dict, src) -> "FlashAR":
+    def parse(cls, f: dict, src) -> FlashAR:
         flash = cls(**checked(cls, f, "flashar", src))
-        expect(flash.gate_hidden is None or flash.gate_hidden <= MAX_GATE_HIDDEN, "flashar.gate_hidden",
-               f"must be <= {MAX_GATE_HIDDEN}, got {flash.gate_hidden} (the paper's gate uses max(64, d/8))", src)
+        expect(
+            flash.gate_hidden is None or flash.gate_hidden <= MAX_GATE_HIDDEN,
+            "flashar.gate_hidden",
+            f"must be <= {MAX_GATE_HIDDEN}, got {flash.gate_hidden} (the paper's gate uses max(64, d/8))",
+            src,
+        )
         return flash
 
 
@@ -206,7 +259,7 @@ class Logits:
     softcap: float | None = rule(Named(_LOGIT, "a positive number up to 1e6 or null"), default=None)
 
     @classmethod
-    def parse(cls, lg: dict, src) -> "Logits":
+    def parse(cls, lg: dict, src) -> Logits:
         kw = checked(cls, lg, "logits", src)
         return cls(**{k: float(v) for k, v in kw.items()})
 
@@ -219,11 +272,15 @@ class LoRA:
     dropout: float = rule(Num(0, 1, hi_open=True, optional=True), default=0.0)
 
     @classmethod
-    def parse(cls, lo: dict, src) -> "LoRA":
+    def parse(cls, lo: dict, src) -> LoRA:
         kw = checked(cls, lo, "lora", src)
         targets = tuple(kw.get("targets", ()))
-        expect("all-linear" not in targets, "lora.targets",
-               "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections", src)
+        expect(
+            "all-linear" not in targets,
+            "lora.targets",
+            "'all-linear' also matches non-decoder modules (VQ model, vision tower); name the decoder projections",
+            src,
+        )
         for i, t in enumerate(targets):
             problem = regex_problem(t)
             expect(problem is None, f"lora.targets[{i}]", f"{problem}: {t!r}", src)
@@ -245,17 +302,25 @@ class Tokenizer:
     ``image_size`` defaults to image.grid x ``downsample``."""
 
     kind: str = rule(Text(nonempty=True))
-    module: str | None = rule(_PATH, default=None)  # path of the VQ module inside the model, for tokenizers the checkpoint carries
-    checkpoint: str | None = rule(Text(optional=True), default=None)  # weights file; relative paths are relative to the recipe file
+    module: str | None = rule(
+        _PATH, default=None
+    )  # path of the VQ module inside the model, for tokenizers the checkpoint carries
+    checkpoint: str | None = rule(
+        Text(optional=True), default=None
+    )  # weights file; relative paths are relative to the recipe file
     downsample: int | None = rule(_COUNT, default=None)  # pixels per code, per side
     image_size: tuple[int, int] | None = rule(_GRID, default=None)
     channels: int = rule(Num(1, MAX_CHANNELS, integer=True, optional=True), default=3)
-    mean: tuple[float, ...] = rule(_CHANNEL_VALUES, default=(0.5, 0.5, 0.5))  # the tokenizer sees (pixels in [0, 1] - mean) / std
+    mean: tuple[float, ...] = rule(
+        _CHANNEL_VALUES, default=(0.5, 0.5, 0.5)
+    )  # the tokenizer sees (pixels in [0, 1] - mean) / std
     std: tuple[float, ...] = rule(_CHANNEL_VALUES, default=(0.5, 0.5, 0.5))
-    config: dict = rule(Is((dict,), "a mapping", optional=True), default_factory=dict)  # kind-specific constructor arguments
+    config: dict = rule(
+        Is((dict,), "a mapping", optional=True), default_factory=dict
+    )  # kind-specific constructor arguments
 
     @classmethod
-    def parse(cls, t: Any, image: Image, src) -> "Tokenizer | None":
+    def parse(cls, t: Any, image: Image, src) -> Tokenizer | None:
         """The optional ``tokenizer:`` section. A stated image_size must agree with image.grid x
         downsample: a tokenizer whose grid disagrees with the recipe is refused on load."""
         if t is None:
@@ -270,19 +335,33 @@ class Tokenizer:
             size = kw["image_size"] = (int(size[0]), int(size[1]))
             if down is not None:
                 want = (image.grid[0] * down, image.grid[1] * down)
-                expect(size == want, "tokenizer.image_size",
-                       f"{list(size)} gives a {size[0] // down}x{size[1] // down} grid of codes, but image.grid is "
-                       f"{list(image.grid)} (image_size must be grid x downsample = {list(want)})", src)
+                expect(
+                    size == want,
+                    "tokenizer.image_size",
+                    f"{list(size)} gives a {size[0] // down}x{size[1] // down} grid of codes, but image.grid is "
+                    f"{list(image.grid)} (image_size must be grid x downsample = {list(want)})",
+                    src,
+                )
         channels = kw.get("channels", 3)
         for name in ("mean", "std"):
             v = kw.setdefault(name, [0.5] * channels)
-            expect(len(v) == channels, f"tokenizer.{name}",
-                   f"must be a list of {channels} numbers (one per channel), got {short(v)}", src)
+            expect(
+                len(v) == channels,
+                f"tokenizer.{name}",
+                f"must be a list of {channels} numbers (one per channel), got {short(v)}",
+                src,
+            )
             kw[name] = tuple(float(x) for x in v)
         expect(all(s > 0 for s in kw["std"]), "tokenizer.std", f"must be positive, got {list(kw['std'])}", src)
         return cls(**kw)
 
 
 # The sections a recipe holds beside its name, backend, description and match.
-SECTIONS: dict[str, type] = {"modules": Modules, "condition": Condition, "image": Image, "flashar": FlashAR,
-                             "lora": LoRA, "logits": Logits}
+SECTIONS: dict[str, type] = {
+    "modules": Modules,
+    "condition": Condition,
+    "image": Image,
+    "flashar": FlashAR,
+    "lora": LoRA,
+    "logits": Logits,
+}

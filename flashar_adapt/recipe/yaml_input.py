@@ -1,5 +1,6 @@
 """YAML from files the toolkit did not write (recipes, training configs): plain data only,
 bounded in size, no aliases that expand."""
+
 from __future__ import annotations
 
 import re
@@ -22,13 +23,21 @@ class _Loader(yaml.SafeLoader):
             ev = self.peek_event()
             node = self.anchors.get(ev.anchor)
             if node is not None and not isinstance(node, yaml.ScalarNode):
-                raise yaml.composer.ComposerError(None, None, f"alias *{ev.anchor} repeats a mapping or list; "
-                                                  "aliases that expand are refused (write the value out)", ev.start_mark)
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"alias *{ev.anchor} repeats a mapping or list; "
+                    "aliases that expand are refused (write the value out)",
+                    ev.start_mark,
+                )
         return super().compose_node(parent, index)
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-                              list("-+0123456789."))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
@@ -40,7 +49,9 @@ def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise RecipeError("<yaml>", f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", source) from None
+            raise RecipeError(
+                "<yaml>", f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", source
+            ) from None
     loader = _Loader(data)
     try:
         return loader.get_single_data()

@@ -23,16 +23,66 @@ averaged over the context the student lacks.
 - ``checkpoints``: the run folder's checkpoint and metrics log, the trained model read back;
 - ``loop``: ``train``, both stages on accelerate.
 """
-from .checkpoints import (CKPT, build_model_from_run, load_checkpoint, load_trainable, rng_state, save_checkpoint,
-                          save_if_due, set_rng_state, truncate_log)
-from .config import RESUME_FREE_KEYS, StageConfig, TrainConfig, TrainingError, check_resume_config, config_diff, stage_of
+
+from .checkpoints import (
+    CKPT,
+    build_model_from_run,
+    load_checkpoint,
+    load_trainable,
+    rng_state,
+    save_checkpoint,
+    save_if_due,
+    set_rng_state,
+    truncate_log,
+)
+from .config import (
+    RESUME_FREE_KEYS,
+    StageConfig,
+    TrainConfig,
+    TrainingError,
+    check_resume_config,
+    config_diff,
+    stage_of,
+)
 from .loop import train
 from .loss import FlashARLoss, kd_loss
-from .model import (add_lora, backbone_parameters, build_model, enable_gradient_checkpointing, frozen_teacher,
-                    param_groups, set_trainable, trainable_state)
+from .model import (
+    add_lora,
+    backbone_parameters,
+    build_model,
+    enable_gradient_checkpointing,
+    frozen_teacher,
+    param_groups,
+    set_trainable,
+    trainable_state,
+)
 
-__all__ = ["CKPT", "RESUME_FREE_KEYS", "FlashARLoss", "StageConfig", "TrainConfig", "TrainingError", "add_lora",
-           "backbone_parameters", "build_model", "build_model_from_run", "check_resume_config", "config_diff",
-           "enable_gradient_checkpointing", "frozen_teacher", "kd_loss", "load_checkpoint", "load_trainable",
-           "param_groups", "rng_state", "save_checkpoint", "save_if_due", "set_rng_state", "set_trainable", "stage_of",
-           "train", "trainable_state", "truncate_log"]
+__all__ = [
+    "CKPT",
+    "RESUME_FREE_KEYS",
+    "FlashARLoss",
+    "StageConfig",
+    "TrainConfig",
+    "TrainingError",
+    "add_lora",
+    "backbone_parameters",
+    "build_model",
+    "build_model_from_run",
+    "check_resume_config",
+    "config_diff",
+    "enable_gradient_checkpointing",
+    "frozen_teacher",
+    "kd_loss",
+    "load_checkpoint",
+    "load_trainable",
+    "param_groups",
+    "rng_state",
+    "save_checkpoint",
+    "save_if_due",
+    "set_rng_state",
+    "set_trainable",
+    "stage_of",
+    "train",
+    "trainable_state",
+    "truncate_log",
+]

@@ -1,5 +1,6 @@
 """A run folder's checkpoint (atomic, resumable: weights, optimizer, schedule, random state)
 and metrics log, and the trained model read back from it."""
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,6 @@ from ..files import atomic_write_bytes
 from ..validate import state_dict_misfit
 from .config import TrainConfig, TrainingError, stage_of
 from .model import add_lora, build_model, trainable_state
-
 
 CKPT = "checkpoint.pt"
 
@@ -56,12 +56,20 @@ def save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe_name: str, cf
     if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
         inner = acc.unwrap_model(loss_mod).model
         if acc.is_main_process:
-            save_checkpoint(ckpt_path, {
-                "global_step": step, "stage": stage_of(step - 1, cfg)[0],
-                "recipe": recipe_name, "trainable": trainable_state(inner),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-                "lora": bool(lora_parameters(inner)), "config": cfg.to_dict(),
-            })
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "global_step": step,
+                    "stage": stage_of(step - 1, cfg)[0],
+                    "recipe": recipe_name,
+                    "trainable": trainable_state(inner),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rng_state(),
+                    "lora": bool(lora_parameters(inner)),
+                    "config": cfg.to_dict(),
+                },
+            )
         acc.wait_for_everyone()
 
 
@@ -98,9 +106,11 @@ def truncate_log(path: Path, step: int) -> None:
         elif rec["step"] <= step:
             keep.append(ln)
     if torn:
-        warnings.warn(f"{path}: dropped {len(torn)} line(s) that are not whole records (line {', '.join(map(str, torn[:5]))}"
-                      f"{', ...' if len(torn) > 5 else ''}); a run killed mid-write leaves one",
-                      stacklevel=4)  # the caller of train()
+        warnings.warn(
+            f"{path}: dropped {len(torn)} line(s) that are not whole records (line {', '.join(map(str, torn[:5]))}"
+            f"{', ...' if len(torn) > 5 else ''}); a run killed mid-write leaves one",
+            stacklevel=4,
+        )  # the caller of train()
     atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
 

@@ -1,5 +1,6 @@
 """The training config: one YAML file, every key checked on load (``validate`` rules), and
 what a resumed run may change."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,19 @@ from typing import Any
 
 from ..errors import FlashARError
 from ..recipe import RecipeError, safe_yaml
-from ..validate import (Is, Num, OneOf, Seq, dataclass_rules, did_you_mean, differing_keys, first_problem, first_unknown,
-                        rule, short)
+from ..validate import (
+    Is,
+    Num,
+    OneOf,
+    Seq,
+    dataclass_rules,
+    did_you_mean,
+    differing_keys,
+    first_problem,
+    first_unknown,
+    rule,
+    short,
+)
 
 
 class TrainingError(FlashARError, RuntimeError):
@@ -51,9 +63,13 @@ class TrainConfig:
     w_v: float = rule(Num(0), default=0.05)
     w_kd: float = rule(Num(0), default=0.2)
     kd_temperature: float = rule(Num(0, lo_open=True), default=2.0)
-    w_kd_fused: float = rule(Num(0), default=0.0)  # distil the fused prediction too (both stages); see the module docstring
+    w_kd_fused: float = rule(
+        Num(0), default=0.0
+    )  # distil the fused prediction too (both stages); see the module docstring
     kd_fused_temperature: float = rule(Num(0, lo_open=True), default=1.0)
-    cond_dropout: float = rule(Num(0, 1), default=0.1)  # class conditions replaced by the null class, to keep CFG working
+    cond_dropout: float = rule(
+        Num(0, 1), default=0.1
+    )  # class conditions replaced by the null class, to keep CFG working
     mixed_precision: str = rule(OneOf(("no", "bf16", "fp16")), default="no")
     gradient_checkpointing: bool = rule(_BOOL, default=False)
     fixed_gate: float | None = rule(Num(0, 1, optional=True), default=None)  # ablation: constant mixing weight
@@ -64,7 +80,7 @@ class TrainConfig:
     source: str = ""
 
     @classmethod
-    def load(cls, path) -> "TrainConfig":
+    def load(cls, path) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise TrainingError(f"{path}: training config not found")
@@ -87,7 +103,7 @@ class TrainConfig:
         return cfg
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "") -> "TrainConfig":
+    def from_dict(cls, data: Any, source: str = "") -> TrainConfig:
         """Validate a parsed mapping (every key and value, see ``validate``) and build the config."""
         if not isinstance(data, dict):
             raise TrainingError(f"{source}: a training config must be a mapping")
@@ -99,8 +115,10 @@ class TrainConfig:
             if k not in data:
                 raise TrainingError(f"{source}: missing key {k!r}")
         if not isinstance(data["model"], dict) or not {"format", "backend"} & set(data["model"]):
-            raise TrainingError(f"{source}: model must be a mapping with a 'format' key (the model format; 'backend' "
-                                "is its old name) and how to load it")
+            raise TrainingError(
+                f"{source}: model must be a mapping with a 'format' key (the model format; 'backend' "
+                "is its old name) and how to load it"
+            )
         kw = dict(data)
         if kw.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
             kw["mixed_precision"] = "no"
@@ -171,8 +189,10 @@ def check_resume_config(old: dict, step: int, cfg: TrainConfig, ckpt_path: Path,
     if not diff:
         return
     if not allow:
-        raise TrainingError(f"{ckpt_path} was written with another config; it differs at {'; '.join(diff)}. "
-                            "Resume with the config that made it, use another out_dir, or pass "
-                            "--allow-config-change (train(..., allow_config_change=True)) to go on with the new values")
+        raise TrainingError(
+            f"{ckpt_path} was written with another config; it differs at {'; '.join(diff)}. "
+            "Resume with the config that made it, use another out_dir, or pass "
+            "--allow-config-change (train(..., allow_config_change=True)) to go on with the new values"
+        )
     # stacklevel 4: the warning points at the caller of train()
     warnings.warn(f"resuming {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=4)

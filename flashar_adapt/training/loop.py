@@ -1,4 +1,5 @@
 """The training loop on accelerate: both stages, resumed from the run folder's checkpoint."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ from ..adapters import lora_parameters
 from ..files import exclusive_lock
 from ..patching import context
 from ..shards import ShardDataset
-from .checkpoints import (CKPT, load_checkpoint, load_trainable, save_if_due, set_rng_state, truncate_log)
+from .checkpoints import CKPT, load_checkpoint, load_trainable, save_if_due, set_rng_state, truncate_log
 from .config import StageConfig, TrainConfig, TrainingError, check_resume_config, stage_of
 from .loss import FlashARLoss
 from .model import add_lora, build_model, enable_gradient_checkpointing, frozen_teacher, param_groups, set_trainable
@@ -52,8 +53,10 @@ def _accelerator(cfg: TrainConfig):
 def _fsdp_on_cpu(what: str) -> str:
     import accelerate  # optional dependency (the "train" extra), present when this is reached
 
-    return (f"launched with FSDP on CPU, which accelerate {accelerate.__version__} does not shard ({what}); "
-            "launch with integrations/accelerate/cpu.yaml (DDP over gloo) or on GPUs (docs/training.md)")
+    return (
+        f"launched with FSDP on CPU, which accelerate {accelerate.__version__} does not shard ({what}); "
+        "launch with integrations/accelerate/cpu.yaml (DDP over gloo) or on GPUs (docs/training.md)"
+    )
 
 
 def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True, allow_config_change: bool = False) -> nn.Module:
@@ -82,7 +85,9 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     total = cfg.stage1.steps + cfg.stage2.steps
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise TrainingError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world * cfg.grad_accum}")
+        raise TrainingError(
+            f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {world * cfg.grad_accum}"
+        )
 
     ckpt_path = out / CKPT
     state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
@@ -170,6 +175,7 @@ def _lr_factor(st: StageConfig):
         span = max(1, st.steps - st.warmup_steps)
         prog = min(1.0, (step - st.warmup_steps) / span)
         return st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
     return f
 
 
@@ -180,17 +186,22 @@ def _train_step(loss_mod, opt, sched, data, ctx, cfg: TrainConfig, acc, idx, ste
     micro = cfg.batch_size // (world * cfg.grad_accum)
     metrics = {}
     for a in range(cfg.grad_accum):
-        sl = idx[(a * world + acc.process_index) * micro:(a * world + acc.process_index + 1) * micro]
+        sl = idx[(a * world + acc.process_index) * micro : (a * world + acc.process_index + 1) * micro]
         batch = data.get(sl)
         cond = _drop_cond(ctx, batch.cond, cfg, step, (a * world + acc.process_index) * micro)
         with acc.accumulate(loss_mod):
             with acc.autocast():
-                res = loss_mod(cond.to(acc.device), batch.codes.to(acc.device),
-                               None if batch.cond_mask is None else batch.cond_mask.to(acc.device))
+                res = loss_mod(
+                    cond.to(acc.device),
+                    batch.codes.to(acc.device),
+                    None if batch.cond_mask is None else batch.cond_mask.to(acc.device),
+                )
             loss = res["loss"]
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint "
-                                    f"({ckpt_path}) is intact; lower the learning rate or check the data.")
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint "
+                    f"({ckpt_path}) is intact; lower the learning rate or check the data."
+                )
             acc.backward(loss)
             if acc.sync_gradients and cfg.grad_clip:
                 acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -203,21 +214,33 @@ def _train_step(loss_mod, opt, sched, data, ctx, cfg: TrainConfig, acc, idx, ste
     return {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in metrics.items()}
 
 
-def _log_step(acc, bar, log_path: Path, cfg: TrainConfig, step: int, stage: int, metrics: dict, lr: float,
-              t0: float) -> None:
+def _log_step(
+    acc, bar, log_path: Path, cfg: TrainConfig, step: int, stage: int, metrics: dict, lr: float, t0: float
+) -> None:
     """metrics.jsonl every ``log_every`` steps and at the end; the progress bar every step."""
     if not acc.is_main_process:
         return
-    rec = {"step": step, "stage": stage, "processes": acc.num_processes, **{k: round(v, 6) for k, v in metrics.items()},
-           "lr": lr, "sec": round(time.perf_counter() - t0, 4)}
+    rec = {
+        "step": step,
+        "stage": stage,
+        "processes": acc.num_processes,
+        **{k: round(v, 6) for k, v in metrics.items()},
+        "lr": lr,
+        "sec": round(time.perf_counter() - t0, 4),
+    }
     if step % cfg.log_every == 0 or step == cfg.stage1.steps + cfg.stage2.steps:
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
     if bar is not None:
         bar.update(1)
-        bar.set_postfix(stage=stage, fused=f"{metrics['ce_fused']:.3f}", vert=f"{metrics['ce_vertical']:.3f}",
-                        kd=f"{metrics['kd']:.3f}", gate=f"{metrics['gate']:.3f}",
-                        **({"kd_fused": f"{metrics['kd_fused']:.3f}"} if "kd_fused" in metrics else {}))
+        bar.set_postfix(
+            stage=stage,
+            fused=f"{metrics['ce_fused']:.3f}",
+            vert=f"{metrics['ce_vertical']:.3f}",
+            kd=f"{metrics['kd']:.3f}",
+            gate=f"{metrics['gate']:.3f}",
+            **({"kd_fused": f"{metrics['kd_fused']:.3f}"} if "kd_fused" in metrics else {}),
+        )
 
 
 def _drop_cond(ctx, cond, cfg: TrainConfig, step: int, start: int):
@@ -228,7 +251,7 @@ def _drop_cond(ctx, cond, cfg: TrainConfig, step: int, start: int):
     if cfg.cond_dropout <= 0 or c.kind != "class" or c.null_class is None:
         return cond
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    u = torch.rand(cfg.batch_size, generator=g)[start:start + cond.shape[0]]
+    u = torch.rand(cfg.batch_size, generator=g)[start : start + cond.shape[0]]
     return torch.where(u < cfg.cond_dropout, torch.full_like(cond, c.null_class), cond)
 
 
@@ -240,7 +263,9 @@ def _check_data(data: ShardDataset, recipe) -> None:
         raise TrainingError(f"data codebook {data.codebook_size} differs from the recipe's {im.codebook_size}")
     want = "class" if c.kind == "class" else "tokens" if c.kind == "tokens" else None
     if want and data.cond_kind != want:
-        raise TrainingError(f"{data.dir}: data conditions are {data.cond_kind!r}, the recipe's condition.kind is {c.kind!r}")
+        raise TrainingError(
+            f"{data.dir}: data conditions are {data.cond_kind!r}, the recipe's condition.kind is {c.kind!r}"
+        )
     if c.kind == "class":
         # ids in [0, num_classes) plus the null class (unconditional examples); each shard is
         # checked against this when opened, so a bad id is reported with its file

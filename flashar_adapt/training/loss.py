@@ -1,8 +1,9 @@
 """The loss of both stages::
 
-    CE(fused) + w_v * CE(vertical alone) + w_kd * T^2 * KL(raster teacher || vertical)
-              + w_kd_fused * Tf^2 * KL(raster teacher || fused)
+CE(fused) + w_v * CE(vertical alone) + w_kd * T^2 * KL(raster teacher || vertical)
+          + w_kd_fused * Tf^2 * KL(raster teacher || fused)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,13 @@ class FlashARLoss(nn.Module):
                 kd_f = kd_loss(out.fused, teach, cfg.kd_fused_temperature)
         loss = ce + cfg.w_v * ce_v + cfg.w_kd * kd + cfg.w_kd_fused * kd_f
         gate = out.gate[:, 1:, 1:].mean() if out.gate is not None and out.gate[:, 1:, 1:].numel() else ce.new_zeros(())
-        res = {"loss": loss, "ce_fused": ce.detach(), "ce_vertical": ce_v.detach(), "kd": kd.detach(),
-               "gate": gate.detach()}
+        res = {
+            "loss": loss,
+            "ce_fused": ce.detach(),
+            "ce_vertical": ce_v.detach(),
+            "kd": kd.detach(),
+            "gate": gate.detach(),
+        }
         if cfg.w_kd_fused > 0:
             res["kd_fused"] = kd_f.detach()
         return res

@@ -1,5 +1,6 @@
 """The model a run trains: the base model patched by the recipe, what each stage trains
 (parameter groups, LoRA adapters), and the frozen teacher for distillation."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -46,8 +47,13 @@ def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: flo
     if not lo.targets:
         raise TrainingError(f"recipe {ctx.recipe.name!r} names no lora.targets; add them or use full fine-tuning")
     pattern = "|".join(f"(?:{t})" for t in lo.targets)
-    cfg = LoraConfig(r=r or lo.r, lora_alpha=alpha or lo.alpha, lora_dropout=lo.dropout if dropout is None else dropout,
-                     target_modules=pattern, bias="none")
+    cfg = LoraConfig(
+        r=r or lo.r,
+        lora_alpha=alpha or lo.alpha,
+        lora_dropout=lo.dropout if dropout is None else dropout,
+        target_modules=pattern,
+        bias="none",
+    )
     with backbone_only(model):  # the branch is trained in full, never wrapped
         inject_adapter_in_model(cfg, model)
     n = len(lora_parameters(model))
@@ -59,16 +65,20 @@ def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: flo
 def param_groups(model, cfg: TrainConfig, stage: int) -> list[dict]:
     """The optimizer's parameter groups for ``stage`` (pure: the model is not changed):
     the FlashAR modules always; in stage 2 also the LoRA adapters or the decoder path."""
-    flash = [p for n, p in model.flashar.named_parameters()
-             if not (model.flashar.fixed_gate is not None and n.startswith("gate."))]  # unused when fixed
+    flash = [
+        p
+        for n, p in model.flashar.named_parameters()
+        if not (model.flashar.fixed_gate is not None and n.startswith("gate."))
+    ]  # unused when fixed
     st = cfg.stage1 if stage == 1 else cfg.stage2
     groups = [{"params": flash, "lr": st.lr, "name": "flashar"}]
     if stage == 2:
         if st.lora:
             groups.append({"params": lora_parameters(model), "lr": st.lr * st.lora_lr_scale, "name": "lora"})
         else:
-            groups.append({"params": backbone_parameters(model), "lr": st.lr * st.backbone_lr_scale,
-                           "name": "backbone"})
+            groups.append(
+                {"params": backbone_parameters(model), "lr": st.lr * st.backbone_lr_scale, "name": "backbone"}
+            )
     for g in groups:
         g["initial_lr"] = g["lr"]
     return groups

@@ -1,5 +1,6 @@
 """LlamaGen checkpoints: reading official files (without running pickled code) and
 inferring the model's sizes from the weights."""
+
 from __future__ import annotations
 
 import os
@@ -35,13 +36,17 @@ def load_checkpoint(model: Transformer, path: str | os.PathLike, strict: bool = 
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     sd = read_state_dict(path)
     own = model.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape
+    ]
     if bad:
         raise ValueError(f"{path}: checkpoint does not match the model (other sizes?): {bad[:3]}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith(("k_cache", "v_cache"))]
     if strict and (missing or unexpected):
-        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model
 
 
@@ -74,7 +79,9 @@ def infer_model_args(sd: dict, **overrides) -> ModelArgs:
     """Every ModelArgs field the weights determine: sizes, c2i/t2i, caption tokens, FFN rounding,
     GQA heads. ``n_head`` comes from the official size table (else ``dim // 64``) unless given;
     ``block_size`` (grid^2) defaults to 256 (16x16), also overridable."""
-    kw = {f: getattr(config_from_state_dict(sd), f) for f in ("dim", "n_layer", "vocab_size", "model_type", "num_classes")}
+    kw = {
+        f: getattr(config_from_state_dict(sd), f) for f in ("dim", "n_layer", "vocab_size", "model_type", "num_classes")
+    }
     dim, n_layer = kw["dim"], kw["n_layer"]
     if "cls_embedding.uncond_embedding" in sd:
         tokens, channels = sd["cls_embedding.uncond_embedding"].shape

@@ -1,5 +1,6 @@
 """LlamaGen's fused branch block: the backbone block at the branch index and its vertical-branch
 copy run as one batched block while decoding (``LlamaGenRunner.run_with_branch``)."""
+
 from __future__ import annotations
 
 import torch
@@ -76,8 +77,9 @@ class FusedBranchBlock:
                 return False
             att, ff = blk.attention, blk.feed_forward
             mods += [att.wqkv, att.wo, ff.w1, ff.w2, ff.w3]
-        return all(type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks
-                   for m in mods)
+        return all(
+            type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks for m in mods
+        )
 
     @staticmethod
     def _norm(x, w, eps):
@@ -94,8 +96,9 @@ class FusedBranchBlock:
         k = apply_rotary_emb(k.reshape(2 * B, T, Hkv, hd), freqs).transpose(1, 2)
         self.k[:, :, start] = k
         self.v[:, :, start] = v.reshape(2 * B, T, Hkv, hd).transpose(1, 2)
-        keys, vals = (self.k[:, :, : start.stop], self.v[:, :, : start.stop]) if isinstance(start, slice) \
-            else (self.k, self.v)  # static: entries as a tensor, the whole cache under the mask
+        keys, vals = (
+            (self.k[:, :, : start.stop], self.v[:, :, : start.stop]) if isinstance(start, slice) else (self.k, self.v)
+        )  # static: entries as a tensor, the whole cache under the mask
         if H != Hkv:
             keys = keys.repeat_interleave(H // Hkv, dim=1)
             vals = vals.repeat_interleave(H // Hkv, dim=1)

@@ -6,6 +6,7 @@ prefix). Prefix positions get all-zero rotary entries, as in the original, which
 their queries and keys: every image token therefore attends to the prefix uniformly, and
 we reproduce that rather than "fix" it, because the checkpoints were trained with it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,13 +91,16 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, uncond_prob: float, token_num: int = 120):
         super().__init__()
         self.cap_proj = MLP(in_channels, hidden_size, hidden_size)
-        self.register_buffer("uncond_embedding", torch.randn(token_num, in_channels) / in_channels ** 0.5)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
         self.uncond_prob = uncond_prob
 
     def forward(self, caption, train: bool = False, force_drop_ids=None):
         if (train and self.uncond_prob > 0) or force_drop_ids is not None:
-            drop = (torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
-                    if force_drop_ids is None else force_drop_ids == 1)
+            drop = (
+                torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
+                if force_drop_ids is None
+                else force_drop_ids == 1
+            )
             caption = torch.where(drop[:, None, None], self.uncond_embedding.to(caption.dtype), caption)
         return self.cap_proj(caption)
 
@@ -155,8 +159,9 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     # x [B, T, heads, hd]; freqs_cis [T, hd/2, 2] holding (cos, sin)
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     f = freqs_cis.view(1, xs.shape[1], 1, xs.shape[3], 2)
-    out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
-                       xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], -1)
+    out = torch.stack(
+        [xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1], xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], -1
+    )
     return out.flatten(3).type_as(x)
 
 
@@ -187,8 +192,9 @@ class Attention(nn.Module):
         if self.n_head != self.n_kv_head:  # repeat_interleave(1) would copy the whole cache
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             dropout_p=self.attn_dropout_p if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.attn_dropout_p if self.training else 0.0
+        )
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.dim)))
 
 
@@ -242,8 +248,9 @@ class Transformer(nn.Module):
         if config.model_type == "c2i":
             self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         elif config.model_type == "t2i":
-            self.cls_embedding = CaptionEmbedder(config.caption_dim, config.dim, config.class_dropout_prob,
-                                                 token_num=config.cls_token_num)
+            self.cls_embedding = CaptionEmbedder(
+                config.caption_dim, config.dim, config.class_dropout_prob, token_num=config.cls_token_num
+            )
         else:
             raise ValueError(f"model_type must be 'c2i' or 't2i', got {config.model_type!r}")
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
@@ -252,11 +259,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, rates[i]) for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        grid_size = int(self.block_size ** 0.5)
+        grid_size = int(self.block_size**0.5)
         assert grid_size * grid_size == self.block_size, "block_size must be a square grid"
         # A plain attribute (not a buffer): official checkpoints do not store it.
-        self.freqs_cis = precompute_freqs_cis_2d(grid_size, config.dim // config.n_head, config.rope_base,
-                                                 config.cls_token_num)
+        self.freqs_cis = precompute_freqs_cis_2d(
+            grid_size, config.dim // config.n_head, config.rope_base, config.cls_token_num
+        )
         self.max_batch_size = -1
         self.max_seq_length = -1
         self.initialize_weights()
@@ -286,7 +294,7 @@ class Transformer(nn.Module):
         freqs = self.freqs_cis.to(h.device)[: h.shape[1]]
         for layer in self.layers:
             h = layer(h, freqs, None, mask)
-        logits = self.output(self.norm(h)).float()[:, self.cls_token_num - 1:]
+        logits = self.output(self.norm(h)).float()[:, self.cls_token_num - 1 :]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -303,6 +311,7 @@ def setup_kv_caches(layers, batch, seq_len, config: ModelArgs, dtype):
 def _gpt(**kw):
     def make(**extra):
         return Transformer(ModelArgs(**{**kw, **extra}))
+
     return make
 
 
@@ -314,6 +323,11 @@ GPT_XXXL = _gpt(n_layer=48, n_head=40, dim=2560)
 GPT_3B = _gpt(n_layer=24, n_head=32, dim=3200)
 GPT_7B = _gpt(n_layer=32, n_head=32, dim=4096)
 GPT_models = {
-    "GPT-B": GPT_B, "GPT-L": GPT_L, "GPT-XL": GPT_XL, "GPT-XXL": GPT_XXL,
-    "GPT-XXXL": GPT_XXXL, "GPT-3B": GPT_3B, "GPT-7B": GPT_7B,
+    "GPT-B": GPT_B,
+    "GPT-L": GPT_L,
+    "GPT-XL": GPT_XL,
+    "GPT-XXL": GPT_XXL,
+    "GPT-XXXL": GPT_XXXL,
+    "GPT-3B": GPT_3B,
+    "GPT-7B": GPT_7B,
 }

@@ -1,5 +1,6 @@
 """The LlamaGen runner (``model.layers`` with slot-indexed 2D RoPE and static per-layer caches)
 and the LlamaGen model format (official ``.pt``/``.pth``/``.safetensors`` checkpoints)."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ class LlamaGenRunner(Runner):
 
     def bind(self, ctx) -> None:
         if not isinstance(getattr(ctx.model, "config", None), ModelArgs):
-            raise RecipeError("backend", f"'llamagen' needs a LlamaGen Transformer, got {type(ctx.model).__name__}",
-                              ctx.recipe.source)
+            raise RecipeError(
+                "backend", f"'llamagen' needs a LlamaGen Transformer, got {type(ctx.model).__name__}", ctx.recipe.source
+            )
 
     def max_positions(self, ctx):
         return ctx.model.freqs_cis.shape[0]
@@ -202,9 +204,14 @@ def _ensure_caches(layers, batch: int, max_len: int, model, exact: bool = False)
     for layer in layers:
         c = layer.attention.kv_cache
         w = layer.attention.wqkv.weight
-        if not (isinstance(c, KVCache) and c.k_cache.dtype == dtype and c.k_cache.device == w.device
-                and c.k_cache.shape[0] >= batch and c.k_cache.shape[2] >= max_len
-                and (not exact or c.k_cache.shape[2] == max_len)):
+        if not (
+            isinstance(c, KVCache)
+            and c.k_cache.dtype == dtype
+            and c.k_cache.device == w.device
+            and c.k_cache.shape[0] >= batch
+            and c.k_cache.shape[2] >= max_len
+            and (not exact or c.k_cache.shape[2] == max_len)
+        ):
             break
     else:
         return False

@@ -4,6 +4,7 @@ The published model, written from its description with the official module and p
 names (encoder.conv_blocks.{i}.res.{j}.conv1, quantize.embedding, ...) so ``vq_ds16_c2i.pt``-style
 checkpoints load as they are. Images enter in [-1, 1].
 """
+
 from __future__ import annotations
 
 import argparse
@@ -191,7 +192,7 @@ class VectorQuantizer(nn.Module):
         if self.l2_norm:
             zf = F.normalize(zf, p=2, dim=-1)
         e = self.codebook()
-        d = (zf ** 2).sum(1, keepdim=True) + (e ** 2).sum(1)[None] - 2 * zf @ e.T
+        d = (zf**2).sum(1, keepdim=True) + (e**2).sum(1)[None] - 2 * zf @ e.T
         return d.argmin(1).view(B, h, w)
 
     def get_codebook_entry(self, indices: torch.Tensor) -> torch.Tensor:
@@ -205,8 +206,9 @@ class VQModel(nn.Module):
         self.config = config
         self.encoder = VQEncoder(config)
         self.decoder = VQDecoder(config)
-        self.quantize = VectorQuantizer(config.codebook_size, config.codebook_embed_dim, config.codebook_l2_norm,
-                                        config.codebook_show_usage)
+        self.quantize = VectorQuantizer(
+            config.codebook_size, config.codebook_embed_dim, config.codebook_l2_norm, config.codebook_show_usage
+        )
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
 
@@ -244,9 +246,16 @@ def vq_args_from_state_dict(sd: dict) -> VQModelArgs:
         n_e, e_dim = sd["quantize.embedding.weight"].shape
     except (KeyError, ValueError) as e:
         raise ValueError(f"not a LlamaGen VQ state dict (missing {e})") from None
-    return VQModelArgs(codebook_size=n_e, codebook_embed_dim=e_dim, encoder_ch_mult=enc, decoder_ch_mult=dec,
-                       z_channels=sd["encoder.conv_out.weight"].shape[0], ch=ch, num_res_blocks=n_res,
-                       codebook_show_usage="quantize.codebook_used" in sd)
+    return VQModelArgs(
+        codebook_size=n_e,
+        codebook_embed_dim=e_dim,
+        encoder_ch_mult=enc,
+        decoder_ch_mult=dec,
+        z_channels=sd["encoder.conv_out.weight"].shape[0],
+        ch=ch,
+        num_res_blocks=n_res,
+        codebook_show_usage="quantize.codebook_used" in sd,
+    )
 
 
 def _read_vq_state_dict(path: Path) -> dict:
@@ -263,8 +272,11 @@ def _read_vq_state_dict(path: Path) -> dict:
 def load_vq(path: str | os.PathLike, **overrides) -> VQModel:
     """A LlamaGen VQ model from its checkpoint (sizes read from the weights)."""
     path = Path(path)
-    sd = {k: v for k, v in _read_vq_state_dict(path).items() if k.split(".")[0] in
-          ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")}  # drops a discriminator, if any
+    sd = {
+        k: v
+        for k, v in _read_vq_state_dict(path).items()
+        if k.split(".")[0] in ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
+    }  # drops a discriminator, if any
     args = vq_args_from_state_dict(sd)
     known = {f.name for f in fields(args)}
     for k, v in overrides.items():
@@ -275,10 +287,14 @@ def load_vq(path: str | os.PathLike, **overrides) -> VQModel:
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shapes the overrides changed
-        raise ValueError(f"{path}: the weights do not fit the VQ model with tokenizer.config {overrides}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
+        raise ValueError(
+            f"{path}: the weights do not fit the VQ model with tokenizer.config {overrides}: "
+            f"{' '.join(str(e).split())[:300]}"
+        ) from None
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the VQ model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: checkpoint does not match the VQ model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.eval()
 
 
@@ -309,8 +325,10 @@ def llamagen_vq_tokenizer(spec, model, root) -> LlamaGenVQTokenizer:
     """The tokenizer kind ``llamagen-vq``: the VQ model of ``tokenizer.checkpoint``."""
     path = resolve_checkpoint(spec, root)
     if path is None:
-        raise TokenizerError("tokenizer.checkpoint: the LlamaGen VQ weights are a separate file (vq_ds16_c2i.pt "
-                             "or vq_ds16_t2i.pt): pass --tokenizer-checkpoint or set tokenizer.checkpoint")
+        raise TokenizerError(
+            "tokenizer.checkpoint: the LlamaGen VQ weights are a separate file (vq_ds16_c2i.pt "
+            "or vq_ds16_t2i.pt): pass --tokenizer-checkpoint or set tokenizer.checkpoint"
+        )
     try:
         vq = load_vq(path, **spec.config)
     except ValueError as e:
