@@ -286,9 +286,10 @@ class _Run:
     def _flush_all(self) -> None:
         """The last, short shard and the manifest. The state file is not advanced first: a run
         killed in here redoes the tail."""
+        any_example = bool(self.pending or self.writer.shards)
         if self.pending:
             self._add(self.pending)
             self.pending = []
         self.state["bad"] = [[p, r] for _, p, r in self.bad]
-        if self.writer.shards:  # no manifest for a folder without a single example
+        if any_example:  # no manifest for a folder without a single example
             self.writer.close()
