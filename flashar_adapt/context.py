@@ -110,6 +110,7 @@ class PatchContext:
     guard: ModelGuard = field(default_factory=ModelGuard, repr=False)
     # names of the LoRA layers FlashAR added (training.add_lora): unpatch removes exactly these
     adapter_layers: list = field(default_factory=list, repr=False)
+    merged_adapters: int = 0  # of those, how many an export merged into the base weights
 
     @property
     def flashar(self) -> FlashARModules:

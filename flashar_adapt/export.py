@@ -109,6 +109,7 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
         remove_dead_temp_dirs(out_dir, EXPORT_KIND)  # left by exports that were killed
         adapters, lora_meta = ({}, None) if merge else _adapter_state(model)
         merged = merge_lora(model) if merge else 0
+        ctx.merged_adapters += merged  # the original weights are gone: unpatch refuses from now on
         tmp = owned_temp_dir(out_dir, EXPORT_KIND)
         try:
             _write_export(model, ctx, tmp, merged, adapters, lora_meta)

@@ -293,18 +293,20 @@ def unpatch(model: nn.Module) -> nn.Module:
     original again, bit for bit. Takes the model's guard: a generate running in another
     thread finishes first, one waiting behind it raises; called from inside a FlashAR call
     on this model it raises. Refused, with the model untouched, when those adapters were
-    merged into the base weights (peft's ``merge``): the original weights are gone."""
+    merged into the base weights (``export_merged``, peft's ``merge``): the original
+    weights are gone."""
     mods = getattr(model, "flashar", None)
     if not isinstance(mods, FlashARModules) or mods.ctx is None:
         raise RuntimeError("model is not patched with FlashAR")
     ctx = mods.ctx
     with ctx.guard:
         ours = set(ctx.adapter_layers)
-        merged = [n for n, m in lora_layers(model) if n in ours and m.merged]
+        merged = len([n for n, m in lora_layers(model) if n in ours and m.merged]) + ctx.merged_adapters
         if merged:
             raise InputError(
-                f"cannot unpatch: the LoRA adapters FlashAR added are merged into {len(merged)} layer(s) "
-                f"(e.g. {merged[0]}), so the original weights are gone; load the original model again instead"
+                f"cannot unpatch: the LoRA adapters FlashAR added are merged into {merged} layer(s) of this "
+                "model (by an export, or peft's merge), so the original weights are gone; load the original "
+                "model again instead"
             )
         remove_lora(model, ours)
         # By id on the layer itself (not a stored handle): a deep copy's handle would point at

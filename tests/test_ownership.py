@@ -38,7 +38,7 @@ from flashar_adapt.files import (
     target_lock,
     target_lock_path,
 )
-from flashar_adapt.generation import GENERATE_KIND, generate_to_folder
+from flashar_adapt.generation import GENERATE_KIND, GenerateError, generate_to_folder
 from flashar_adapt.image_folders import list_class_folder, tokenize_dataset
 from flashar_adapt.tokenizers import load_tokenizer
 from flashar_adapt.training import LOG, RUN_MARKER, TrainConfig, TrainingError, claim_run_folder, train
@@ -382,3 +382,11 @@ def test_tokenize_out_inside_the_source_is_refused(world, tmp_path, capsys):
     shutil.copytree(tmp_path / "d", src / "d")
     rc = main(["tokenize", str(src), "--out", str(tmp_path / "d2"), "--recipe", "fmnist-c2i", "--no-progress"])
     assert rc == 2 and "would be read as a class" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_out_that_is_a_dangling_link(world, tmp_path):
+    link = tmp_path / "gen"
+    os.symlink(tmp_path / "nowhere", link)
+    with pytest.raises(GenerateError, match="exists"):
+        generate_to_folder(world["model"], [1], link, progress=False)
+    assert os.readlink(link) == str(tmp_path / "nowhere") and sorted(os.listdir(tmp_path)) == ["gen"]

@@ -62,7 +62,7 @@ def test_unpatch_keeps_adapters_the_user_added_before_patching(with_adapters):
     assert [n for n, _ in lora_layers(model)] == theirs
 
 
-def test_unpatch_with_merged_adapters_is_refused_and_changes_nothing(with_adapters):
+def test_unpatch_with_merged_adapters_is_refused_and_changes_nothing(with_adapters, tmp_path):
     model = fa.load_adapted(with_adapters)
     for _, m in lora_layers(model):
         m.merge()
@@ -72,6 +72,11 @@ def test_unpatch_with_merged_adapters_is_refused_and_changes_nothing(with_adapte
     after = _state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert model.generate(torch.tensor([1]), top_k=1).shape == (1, 4, 4)  # still patched, still works
+    # an export that merges them (the default) merges them into this very model
+    model = fa.load_adapted(with_adapters)
+    fa.export_merged(model, tmp_path / "merged")
+    with pytest.raises(InputError, match="merged into 25 layer"):
+        fa.unpatch(model)
 
 
 def test_unpatch_waits_for_a_generate_in_another_thread():

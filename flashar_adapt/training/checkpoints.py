@@ -199,7 +199,8 @@ def check_run_identity(
             "checkpoint with these"
         )
         raise TrainingError(f"{ckpt_path} was written with another config; it differs at {'; '.join(diff)}. {how}")
-    warnings.warn(f"{action} {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=4)
+    doing = "resuming" if action == "resume" else "using"
+    warnings.warn(f"{doing} {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=4)
 
 
 def claim_run_folder(out: Path, has_checkpoint: bool) -> None:
