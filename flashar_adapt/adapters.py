@@ -65,6 +65,16 @@ def merge_lora(model: nn.Module) -> int:
     return len(targets)
 
 
+def remove_lora(model: nn.Module, names) -> int:
+    """Put back the base layer of each LoRA layer named in ``names`` (adapters dropped, the
+    base weights as they are). Returns how many were removed; names that are no longer LoRA
+    layers (merged by ``merge_lora``) are skipped."""
+    targets = [(n, m) for n, m in lora_layers(model) if n in set(names)]
+    for name, m in targets:
+        _replace(model, name, m.get_base_layer())
+    return len(targets)
+
+
 @contextlib.contextmanager
 def base_layers_in_place(model: nn.Module):
     """Temporarily put every LoRA layer's base layer back (the original, unmerged weights), so

@@ -29,13 +29,16 @@ class ModelGuard:
     Calls from different threads therefore wait for each other (each one's result equals a
     sequential run); a call from the thread that already runs one (a hook that generates
     inside a forward) raises instead of deadlocking. ``epoch`` counts prefills: a decoder
-    state whose caches a later prefill reused knows it is stale. A deep copy gets a fresh
+    state whose caches a later prefill reused knows it is stale. ``unpatch`` holds the guard
+    while it takes the model apart and then closes it: a call that waited for it raises
+    instead of running on a model that is no longer patched. A deep copy gets a fresh
     guard (locks cannot be copied, and the copy has caches of its own)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._owner: int | None = None
         self.epoch = 0
+        self.closed = False
 
     def __deepcopy__(self, memo):
         return ModelGuard()
@@ -48,6 +51,11 @@ class ModelGuard:
                 "on this model (e.g. from a forward hook); use a copy.deepcopy of the model instead"
             )
         self._lock.acquire()
+        if self.closed:
+            self._lock.release()
+            raise RuntimeError(
+                "this model was unpatched (fa.unpatch) while the call waited for it; patch it again to use FlashAR"
+            )
         self._owner = me
         return self
 
@@ -100,6 +108,9 @@ class PatchContext:
     had_generate: bool = False
     old_generate: Any = field(default=None, repr=False)
     guard: ModelGuard = field(default_factory=ModelGuard, repr=False)
+    # names of the LoRA layers FlashAR added (training.add_lora): unpatch removes exactly these
+    adapter_layers: list = field(default_factory=list, repr=False)
+    merged_adapters: int = 0  # of those, how many an export merged into the base weights
 
     @property
     def flashar(self) -> FlashARModules:

@@ -11,7 +11,10 @@ The folder is built beside its destination and renamed into place, so a failure 
 point leaves either the previous export or nothing, never half a folder. An existing
 destination is replaced only when it is a previous export (its ``flashar_config.json``
 marker and nothing but export files at the top); anything else is refused, naming what is
-there. Files and folders get the modes the user's umask gives.
+there. Files and folders get the modes the user's umask gives. Nothing else is removed:
+the temp folder carries a marker (kind, target, pid, host, time), and an export removes
+only such folders of dead processes; a lock beside the destination keeps a second export
+to it out while one runs (``flashar_adapt.files``).
 
 Loading treats the folder as untrusted: every file it names must resolve inside it, the
 recipe must equal the one the weights were exported with (recorded in the config), and
@@ -23,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,16 +33,26 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import base_layers_in_place, lora_layers, lora_named_parameters, merge_lora
 from .errors import FlashARError
-from .files import apply_umask, escaping_links, inside
+from .files import (
+    apply_umask,
+    disown,
+    escaping_links,
+    inside,
+    lock_holder,
+    owned_temp_dir,
+    remove_dead_temp_dirs,
+    target_lock,
+)
 from .formats import FormatError, save_model, spec_format
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
-from .training import add_lora
+from .training import RunPoint, TrainConfig, TrainingError, add_lora, load_run
 from .validate import Is, Num, OneOf, differing_keys, first_problem, short, state_dict_misfit
 from .version import __version__
 
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
+EXPORT_KIND = "flashar-adapt export"  # the kind our temp folders' markers name
 EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors")
 # ``backend``: where exports written before model formats named the backbone's format
 CONFIG_RULES = {
@@ -82,6 +94,7 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     """Write ``model`` (patched, possibly with LoRA) to ``out_dir``. LoRA is merged into the
     backbone in place first, so the exported weights are what the model computes.
     ``out_dir`` must not exist, be empty, or be a previous export (then it is replaced).
+    Two exports to one folder at once: the second is refused (a lock beside the folder).
 
     ``merge=False`` keeps the adapters apart instead: ``backbone/`` holds the original
     weights and ``adapters.safetensors`` the LoRA factors, re-attached by ``load_adapted``;
@@ -91,46 +104,97 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    adapters, lora_meta = ({}, None) if merge else _adapter_state(model)
-    merged = merge_lora(model) if merge else 0
-    for stale in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(
-        out_dir.parent.glob(f".{out_dir.name}.old-*")
-    ):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        (tmp / "backbone").mkdir()
-        with base_layers_in_place(model):
-            spec = save_model(model, tmp / "backbone")
-        save_file(_flashar_state(model), str(tmp / "flashar.safetensors"), metadata={"format": FORMAT})
-        if lora_meta is not None:
-            save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
-        (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
-        cfg = {
-            "format": FORMAT,
-            "recipe": ctx.recipe.name,
-            "backbone": spec,
-            "fixed_gate": model.flashar.fixed_gate,
-            "lora_layers_merged": merged,
-            "flashar_adapt": __version__,
-            "recipe_config": ctx.recipe.to_dict(),
-        }
-        if lora_meta is not None:
-            cfg["lora_adapters"] = lora_meta
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
-        apply_umask(tmp)  # mkdtemp made it 0700; an export is read by others like any file
-        old = None
-        if out_dir.exists():
-            _check_replaceable(out_dir)  # again: something may have appeared while we wrote
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with target_lock(out_dir, ExportError, "export"):
+        _check_replaceable(out_dir)  # again, now that no other export can be writing it
+        remove_dead_temp_dirs(out_dir, EXPORT_KIND)  # left by exports that were killed
+        adapters, lora_meta = ({}, None) if merge else _adapter_state(model)
+        merged = merge_lora(model) if merge else 0
+        ctx.merged_adapters += merged  # the original weights are gone: unpatch refuses from now on
+        tmp = owned_temp_dir(out_dir, EXPORT_KIND)
+        try:
+            _write_export(model, ctx, tmp, merged, adapters, lora_meta)
+            _swap_in(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # made by this call
+            raise
     return out_dir
+
+
+def export_run(
+    config,
+    out_dir,
+    *,
+    merge: bool = True,
+    allow_unfinished: bool = False,
+    allow_config_change: bool = False,
+    log=print,
+) -> tuple[Path, RunPoint]:
+    """Export the last checkpoint of the training run that ``config`` (a training config
+    file or ``TrainConfig``) describes; ``log`` is told which step and stage. A run that is
+    training now, or whose checkpoint is short of the config's steps (stage 2 configured,
+    never run), is refused unless ``allow_unfinished``; a checkpoint that this config and
+    recipe did not make, unless ``allow_config_change`` (``training.check_run_identity``)."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.load(config)
+    holder = lock_holder(cfg.out_dir)
+    if holder is not None and not allow_unfinished:
+        raise ExportError(
+            f"run {cfg.out_dir} is being trained now (pid {holder}); its checkpoint is not the final one. "
+            "Wait for it to finish, or pass --allow-unfinished to export the checkpoint as it is"
+        )
+    try:
+        model, point = load_run(cfg, allow_config_change=allow_config_change)
+    except TrainingError as e:
+        raise ExportError(str(e)) from None
+    if not point.finished and not allow_unfinished:
+        raise ExportError(
+            f"run {cfg.out_dir} is at {point}; finish it (flashar-adapt train --config ...) or pass "
+            "--allow-unfinished to export this checkpoint"
+        )
+    log(f"exporting run {cfg.out_dir} at {point}" + (" (still training)" if holder is not None else ""))
+    return export_merged(model, out_dir, merge=merge), point
+
+
+def _write_export(model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta: dict | None) -> None:
+    (tmp / "backbone").mkdir()
+    with base_layers_in_place(model):
+        spec = save_model(model, tmp / "backbone")
+    save_file(_flashar_state(model), str(tmp / "flashar.safetensors"), metadata={"format": FORMAT})
+    if lora_meta is not None:
+        save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
+    (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
+    cfg = {
+        "format": FORMAT,
+        "recipe": ctx.recipe.name,
+        "backbone": spec,
+        "fixed_gate": model.flashar.fixed_gate,
+        "lora_layers_merged": merged,
+        "flashar_adapt": __version__,
+        "recipe_config": ctx.recipe.to_dict(),
+    }
+    if lora_meta is not None:
+        cfg["lora_adapters"] = lora_meta
+    (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``; a previous export there is first moved
+    into a marked folder of ours (removed after, or by the next export if we are killed)."""
+    disown(tmp)  # from here on it is the export itself
+    apply_umask(tmp)  # mkdtemp made it 0700; an export is read by others like any file
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        _check_replaceable(out_dir)  # again: something may have appeared while we wrote
+        old = owned_temp_dir(out_dir, EXPORT_KIND, "old")
+        os.replace(out_dir, old / "previous")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None and not out_dir.exists():
+            os.replace(old / "previous", out_dir)  # put the previous export back
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_replaceable(out_dir: Path) -> None:

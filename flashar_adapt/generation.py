@@ -2,7 +2,9 @@
 (``flashar-adapt generate``; ``fa.decode_images`` is the Python form of the last step).
 
 The folder is built beside its destination and renamed into place, so a failure leaves no
-half-written results; an output folder that exists is refused before any work.
+half-written results; an output folder that exists is refused before any work. The temp
+folder carries our marker, so a later run removes it only once its process is dead
+(``flashar_adapt.files``); nothing else beside the output is ever touched.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,13 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .files import apply_umask, atomic_save_safetensors
+from .files import apply_umask, atomic_save_safetensors, disown, owned_temp_dir, remove_dead_temp_dirs
 from .image_folders import to_pil
 from .patching import context
 from .recipe import Recipe
 from .tokenizers import ImageTokenizer, TokenizerError
+
+GENERATE_KIND = "flashar-adapt generate"  # the kind our temp folders' markers name
 
 
 class GenerateError(InputError):
@@ -198,7 +201,7 @@ def _write_outputs(
 def refuse_existing(out: str | os.PathLike) -> Path:
     """``out`` as a Path; an existing one is refused (nothing is ever written over)."""
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise GenerateError(f"{out}: exists; choose a new --out (nothing was written)")
     return out
 
@@ -228,7 +231,8 @@ def generate_to_folder(
     out = refuse_existing(out)
     recipe = context(model).recipe
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_dead_temp_dirs(out, GENERATE_KIND)  # left by generate runs that were killed
+    tmp = owned_temp_dir(out, GENERATE_KIND)
     keep = False  # the results stay in tmp only when something took their place meanwhile
     try:
         codes, timings = generate_codes(
@@ -258,7 +262,8 @@ def generate_to_folder(
             "batches": timings,
         }
         what = _write_outputs(tmp, codes, labels, meta, tok, recipe, per_cond)
-        if out.exists():
+        disown(tmp)  # from here on the folder is the results (or left to the user)
+        if out.exists() or out.is_symlink():
             keep = True
             raise GenerateError(f"{out}: appeared while generating; results left in {tmp}")
         apply_umask(tmp)  # mkdtemp made it 0700; the results are read like any file

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, is_within
 from .recipe import Recipe
 from .shards import STATE, DataError, ShardWriter, resume_state
 from .tokenizers import ImageTokenizer
@@ -52,11 +52,19 @@ class Item:
 
 
 def list_class_folder(root: Path) -> tuple[list[Item], list[str]]:
-    """Items of an image folder with one sub-folder per class (sorted names -> ids 0..n-1)."""
+    """Items of an image folder with one sub-folder per class (sorted names -> ids 0..n-1).
+    A sub-folder that is a data folder (ours: a manifest or a tokenize state) is refused:
+    it would silently become a class."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
+    for name in classes:
+        if (root / name / "manifest.json").is_file() or (root / name / STATE).is_file():
+            raise DataError(
+                f"{root / name}: a data folder (tokenize output) inside the image folder would be read as a "
+                "class; move it out of the image folder"
+            )
     items = []
     for cid, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -66,6 +74,16 @@ def list_class_folder(root: Path) -> tuple[list[Item], list[str]]:
             f"{root}: no images in its {len(classes)} class sub-folder(s) (looked for {', '.join(IMAGE_SUFFIXES)})"
         )
     return items, classes
+
+
+def check_out_outside(source, out) -> None:
+    """A data folder written inside the class folder it is made from would be read as a
+    class by the next run: refused."""
+    if Path(source).is_dir() and is_within(out, source):
+        raise DataError(
+            f"--out {out} lies inside the image folder {source}; it would be read as a class next time. "
+            "Choose a folder outside it"
+        )
 
 
 def read_jsonl(path: Path, cond_kind: str) -> list[Item]:
@@ -104,9 +122,11 @@ def load_image(path: Path, tok: ImageTokenizer, allow_upscale: bool = False) -> 
     try:
         with Image.open(path) as im:
             im.load()
-            mode, (w, h) = im.mode, im.size
-            if mode in _REFUSED_MODES:
-                raise BadImage(f"wrong mode {mode!r} (high bit depth or float; save it as 8-bit L or RGB)")
+            if im.mode in _REFUSED_MODES:
+                raise BadImage(f"wrong mode {im.mode!r} (high bit depth or float; save it as 8-bit L or RGB)")
+            # cameras store the pixels as shot and the turn to show them upright in EXIF
+            im = ImageOps.exif_transpose(im)
+            w, h = im.size
             im = im.convert("L" if tok.channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, BadImage):
@@ -177,9 +197,12 @@ def tokenize_dataset(
             f"{out}: holds an interrupted run of other inputs or settings; finish it with the same "
             "command, or choose another --out"
         )
+    if state is None:  # recorded before the first shard: a folder with shards always has its state
+        state = {"fingerprint": fp, "done": 0, "shards": [], "bad": []}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / STATE, json.dumps(state).encode())
     T = recipe.condition.prefix_len if kind == "tokens" else None
     writer = ShardWriter(out, recipe.image.grid, recipe.image.codebook_size, kind, recipe.name, shard_size, T)
-    state = state or {"fingerprint": fp, "done": 0, "shards": [], "bad": []}
     writer.shards = list(state["shards"])
     run = _Run(items, writer, tok, state, out, T, text_tokenizer, allow_upscale)
     run.go(batch_size, progress)
@@ -190,9 +213,9 @@ def tokenize_dataset(
         "bad": state["bad"],
     }
     atomic_write_bytes(out / REPORT, json.dumps(report, indent=1).encode())
-    os.unlink(out / STATE)
-    if report["num_examples"] == 0:
+    if report["num_examples"] == 0:  # no manifest, the state kept: the same command tries again
         raise DataError(f"{out}: none of the {len(items)} images could be used; reasons in {out / REPORT}")
+    os.unlink(out / STATE)
     return report
 
 
@@ -263,8 +286,10 @@ class _Run:
     def _flush_all(self) -> None:
         """The last, short shard and the manifest. The state file is not advanced first: a run
         killed in here redoes the tail."""
+        any_example = bool(self.pending or self.writer.shards)
         if self.pending:
             self._add(self.pending)
             self.pending = []
         self.state["bad"] = [[p, r] for _, p, r in self.bad]
-        self.writer.close()
+        if any_example:  # no manifest for a folder without a single example
+            self.writer.close()

@@ -48,10 +48,12 @@ def load_patched(
     device: str | None = None,
     flashar_weights: str | None = None,
     need_model: bool = True,
+    allow_config_change: bool = False,
 ) -> tuple[nn.Module | None, Recipe, Path | None]:
     """(patched model, or None for a recipe alone when not ``need_model``; its recipe; the
     folder a text tokenizer may live in) from the first source given: an export folder, a
-    training run's config, or a checkpoint with a recipe."""
+    training run's config (its checkpoint must come from that config and its recipe as
+    they are now, unless ``allow_config_change``), or a checkpoint with a recipe."""
     if export:
         try:
             loaded = load_adapted(export, device=device)
@@ -59,7 +61,7 @@ def load_patched(
             raise ModelSourceError(str(e)) from None
         return loaded, context(loaded).recipe, Path(export) / "backbone"
     if run_config:
-        loaded = build_model_from_run(TrainConfig.load(run_config))
+        loaded = build_model_from_run(TrainConfig.load(run_config), allow_config_change=allow_config_change)
         return (loaded.to(device) if device else loaded), context(loaded).recipe, None
     if not recipe:
         raise ModelSourceError("say which model: --export DIR, --config RUN.yaml, or --model PATH with --recipe NAME")

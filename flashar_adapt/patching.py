@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import lora_layers, remove_lora
 from .context import PatchContext, capture_hook, context
 from .decoding import generate
 from .errors import InputError
@@ -287,20 +288,37 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove everything patch() added; the model is the original again, bit for bit."""
+    """Remove everything patch() added, the LoRA adapters FlashAR added included
+    (``load_adapted`` of an export with adapters kept, ``add_lora``): the model is the
+    original again, bit for bit. Takes the model's guard: a generate running in another
+    thread finishes first, one waiting behind it raises; called from inside a FlashAR call
+    on this model it raises. Refused, with the model untouched, when those adapters were
+    merged into the base weights (``export_merged``, peft's ``merge``): the original
+    weights are gone."""
     mods = getattr(model, "flashar", None)
-    if not isinstance(mods, FlashARModules):
+    if not isinstance(mods, FlashARModules) or mods.ctx is None:
         raise RuntimeError("model is not patched with FlashAR")
     ctx = mods.ctx
-    # By id on the layer itself (not a stored handle): a deep copy's handle would point at
-    # the original layer's hook table.
-    layer = ctx.layers[ctx.branch_index]
-    layer._forward_pre_hooks.pop(ctx.hook_id, None)
-    layer._forward_pre_hooks_with_kwargs.pop(ctx.hook_id, None)
-    del model._modules["flashar"]
-    if ctx.had_generate:
-        model.generate = ctx.old_generate
-    else:
-        model.__dict__.pop("generate", None)
-    mods.ctx = None
+    with ctx.guard:
+        ours = set(ctx.adapter_layers)
+        merged = len([n for n, m in lora_layers(model) if n in ours and m.merged]) + ctx.merged_adapters
+        if merged:
+            raise InputError(
+                f"cannot unpatch: the LoRA adapters FlashAR added are merged into {merged} layer(s) of this "
+                "model (by an export, or peft's merge), so the original weights are gone; load the original "
+                "model again instead"
+            )
+        remove_lora(model, ours)
+        # By id on the layer itself (not a stored handle): a deep copy's handle would point at
+        # the original layer's hook table.
+        layer = ctx.layers[ctx.branch_index]
+        layer._forward_pre_hooks.pop(ctx.hook_id, None)
+        layer._forward_pre_hooks_with_kwargs.pop(ctx.hook_id, None)
+        del model._modules["flashar"]
+        if ctx.had_generate:
+            model.generate = ctx.old_generate
+        else:
+            model.__dict__.pop("generate", None)
+        mods.ctx = None
+        ctx.guard.closed = True
     return model

@@ -218,8 +218,12 @@ class ShardDataset:
                 break
         if bad:
             raise DataError(f"{mf}: {bad[0]}: {bad[1]}")
+        seen: dict[Path, str] = {}
         for sh in m["shards"]:
-            inside(self.dir, sh["file"], DataError, "shard")
+            real = inside(self.dir, sh["file"], DataError, "shard").resolve()
+            if real in seen:  # its examples would be trained on twice as often as the others
+                raise DataError(f"{mf}: shard {sh['file']!r} is listed twice (first as {seen[real]!r})")
+            seen[real] = sh["file"]
         self.manifest = m
         self.grid = tuple(m["grid"])
         self.codebook_size = int(m["codebook_size"])

@@ -3,18 +3,15 @@ one point of a training run (test only; the library has no such hook).
 
 FLASHAR_TEST_KILL_AT_STEP=N: die after optimizer step N, before its checkpoint is considered.
 FLASHAR_TEST_KILL_IN_SAVE=N: die while writing step N's checkpoint, with half its bytes in the
-temp file (what a kill mid-write leaves). A step with no checkpoint runs on to the end."""
+temp file, before the rename (what a kill mid-write leaves). A step with no checkpoint runs on to the end."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sys
 
-import torch
-
-from flashar_adapt import commands
+from flashar_adapt import commands, files
 from flashar_adapt.training import checkpoints, loop
 
 AT_STEP = "FLASHAR_TEST_KILL_AT_STEP"
@@ -29,17 +26,19 @@ def install(at_step: int | None = None, in_save: int | None = None) -> None:
     # the loop calls save_if_due through its own module, save_if_due calls save_checkpoint through checkpoints'
     save_if_due, save_checkpoint = loop.save_if_due, checkpoints.save_checkpoint
 
-    def save_if_due_or_die(acc, loss_mod, opt, sched, ckpt_path, recipe_name, cfg, step):
+    def save_if_due_or_die(acc, loss_mod, opt, sched, ckpt_path, recipe, cfg, step):
         if step == at_step:
             _die()
-        save_if_due(acc, loss_mod, opt, sched, ckpt_path, recipe_name, cfg, step)
+        save_if_due(acc, loss_mod, opt, sched, ckpt_path, recipe, cfg, step)
 
     def save_or_die(path, state):
         if state["global_step"] == in_save:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            path.with_name(f".{path.name}.partial.tmp").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-            _die()
+
+            def half_then_die(tmp, dst):  # the atomic write's own temp file, cut short, stays behind
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                _die()
+
+            files.os.replace = half_then_die  # the process dies in this very call
         save_checkpoint(path, state)
 
     loop.save_if_due, checkpoints.save_checkpoint = save_if_due_or_die, save_or_die

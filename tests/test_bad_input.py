@@ -587,6 +587,18 @@ def test_manifest_file_names_stay_inside_the_folder(tmp_path, name, msg):
         ShardDataset(tmp_path / "d")
 
 
+def test_a_manifest_listing_a_shard_twice_is_refused(tmp_path):
+    w = ShardWriter(tmp_path / "d", (4, 4), 48, "class", shard_size=2)
+    w.add(*structured_codes(4, 4, 48))
+    w.close()
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    for second in ("shard-00000.safetensors", "./shard-00000.safetensors", "sub/../shard-00000.safetensors"):
+        m["shards"][1]["file"] = second
+        (tmp_path / "d" / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(DataError, match=r"shard .* is listed twice \(first as 'shard-00000.safetensors'\)"):
+            ShardDataset(tmp_path / "d")
+
+
 def test_inside_is_the_one_path_rule(tmp_path):
     (tmp_path / "a").mkdir()
     assert inside(tmp_path / "a", "b/c.txt", ValueError) == tmp_path / "a" / "b" / "c.txt"

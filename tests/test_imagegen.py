@@ -105,6 +105,25 @@ def test_upscaling_and_centre_crop(tmp_path):
     assert load_image(p, tok, allow_upscale=True).shape == (1, 28, 28)
 
 
+@pytest.mark.parametrize(
+    "orientation,turn", [(1, lambda x: x), (3, lambda x: x.rot90(2, (1, 2))), (6, None), (8, None)]
+)
+def test_exif_orientation_is_applied_when_reading(tmp_path, orientation, turn):
+    """A camera stores the pixels as shot and the turn in EXIF (274): the image is read upright."""
+    from flashar_adapt.image_folders import load_image
+
+    tok = load_tokenizer("fmnist-c2i")
+    g = torch.Generator().manual_seed(orientation)
+    x = torch.randint(0, 256, (28, 28), generator=g, dtype=torch.uint8)
+    exif = PIL.Exif()
+    exif[274] = orientation
+    PIL.fromarray(x.numpy(), "L").save(tmp_path / "cam.png", exif=exif.tobytes())
+    want = x[None].float() / 255
+    # 6: shown turned 90 degrees clockwise; 8: 90 degrees counter-clockwise
+    turn = turn or (lambda t: t.rot90(-1 if orientation == 6 else 1, (1, 2)))
+    assert torch.equal(load_image(tmp_path / "cam.png", tok), turn(want))
+
+
 class _Boom(RuntimeError):
     pass
 

@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subcommands(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser by name, as ``--help`` lists them (tests run each one)."""
+    parser = parser or build_parser()
+    for action in parser._actions:  # argparse has no public accessor for its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     after = getattr(args, "recipe_dir_after", None)

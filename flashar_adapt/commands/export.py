@@ -3,14 +3,18 @@ family's own layout (``flashar_adapt.export``)."""
 
 from __future__ import annotations
 
-from ..export import export_merged
-from ..training import TrainConfig, build_model_from_run
+from ..export import export_run
 
 
 def _export(args) -> int:
-    model = build_model_from_run(TrainConfig.load(args.config))
-    export_merged(model, args.out, merge=not args.keep_adapters)
-    print(f"exported to {args.out}")
+    out, _ = export_run(
+        args.config,
+        args.out,
+        merge=not args.keep_adapters,
+        allow_unfinished=args.allow_unfinished,
+        allow_config_change=args.allow_config_change,
+    )
+    print(f"exported to {out}")
     return 0
 
 
@@ -23,5 +27,17 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="keep LoRA adapters unmerged (adapters.safetensors): raster mode with adapters off is the "
         "original model exactly",
+    )
+    s.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="export a run that is still training or stopped short of its config's steps (the step and stage "
+        "exported are printed)",
+    )
+    s.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="export even though the config or its recipe differ from what made the checkpoint (the "
+        "differences are listed)",
     )
     s.set_defaults(fn=_export)

@@ -9,6 +9,11 @@ from ..model_sources import load_patched, pick_text_tokenizer
 def add_model_options(s, need_model: bool) -> None:
     s.add_argument("--export", help="an export folder (flashar-adapt export)")
     s.add_argument("--config", help="a training run's config YAML (its last checkpoint)")
+    s.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --config: use the checkpoint even though the config or its recipe differ from what made it",
+    )
     s.add_argument("--model", help="a checkpoint file or folder, with --recipe")
     s.add_argument("--recipe", help="recipe name or YAML file" + ("" if need_model else " (alone: no model needed)"))
     s.add_argument("--tokenizer-checkpoint", help="image tokenizer weights (overrides tokenizer.checkpoint)")
@@ -64,7 +69,10 @@ def source_of(args) -> dict:
 def load_from(args, need_model: bool = True):
     """(model or None, recipe, text tokenizer folder) of the model options."""
     return load_patched(
-        **source_of(args), flashar_weights=getattr(args, "flashar_weights", None), need_model=need_model
+        **source_of(args),
+        flashar_weights=getattr(args, "flashar_weights", None),
+        need_model=need_model,
+        allow_config_change=args.allow_config_change,
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..datafree import TeacherSampling, cycled_prompts, sample_dataset, uniform_classes
 from ..files import atomic_write_bytes
 from ..generation import GenerateError, read_prompts
-from ..image_folders import list_class_folder, read_jsonl, tokenize_dataset
+from ..image_folders import check_out_outside, list_class_folder, read_jsonl, tokenize_dataset
 from ..model_sources import load_raster_teacher
 from ..shards import DataError
 from ..tokenizers import load_tokenizer
@@ -26,6 +26,7 @@ def _tokenize(args) -> int:
     src = Path(args.source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such folder or JSONL file")
+    check_out_outside(src, args.out)
     model, recipe, folder = load_from(args, need_model=False)
     tok = load_tokenizer(recipe, model, checkpoint=args.tokenizer_checkpoint)
     classes = None

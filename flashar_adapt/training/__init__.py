@@ -26,10 +26,18 @@ averaged over the context the student lacks.
 
 from .checkpoints import (
     CKPT,
+    LOG,
+    RUN_MARKER,
+    RunPoint,
     build_model_from_run,
+    check_run_identity,
+    claim_run_folder,
     load_checkpoint,
+    load_run,
     load_trainable,
+    recipe_diff,
     rng_state,
+    run_differences,
     save_checkpoint,
     save_if_due,
     set_rng_state,
@@ -42,6 +50,7 @@ from .config import (
     TrainingError,
     check_resume_config,
     config_diff,
+    resume_diff,
     stage_of,
 )
 from .loop import train
@@ -59,6 +68,15 @@ from .model import (
 
 __all__ = [
     "CKPT",
+    "LOG",
+    "RUN_MARKER",
+    "RunPoint",
+    "check_run_identity",
+    "claim_run_folder",
+    "load_run",
+    "recipe_diff",
+    "resume_diff",
+    "run_differences",
     "RESUME_FREE_KEYS",
     "FlashARLoss",
     "StageConfig",

@@ -1,5 +1,12 @@
 """A run folder's checkpoint (atomic, resumable: weights, optimizer, schedule, random state)
-and metrics log, and the trained model read back from it."""
+and metrics log, and the trained model read back from it.
+
+A run's identity is its contents: a checkpoint records the config and the resolved recipe
+(``recipe.to_dict()``, overrides applied) that made it, and resuming it, exporting it or
+generating from it compares both with what is given now, naming each difference
+(``check_run_identity``). A run folder is marked as ours (``RUN_MARKER``) before anything
+in it is rewritten, so another tool's ``metrics.jsonl`` is never truncated.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,26 @@ import io
 import json
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..adapters import lora_parameters
-from ..files import atomic_write_bytes
-from ..validate import state_dict_misfit
-from .config import TrainConfig, TrainingError, stage_of
+from ..files import atomic_write_bytes, owner_record
+from ..patching import context
+from ..recipe import Recipe
+from ..validate import differing_keys, short, state_dict_misfit
+from .config import TrainConfig, TrainingError, resume_diff, stage_of
 from .model import add_lora, build_model, trainable_state
 
 CKPT = "checkpoint.pt"
+LOG = "metrics.jsonl"
+RUN_MARKER = ".flashar_run.json"  # written into a run folder before anything in it is rewritten
+RUN_KIND = "flashar-adapt train run"
+# Recipe keys that do not change what a run computes.
+RECIPE_FREE_KEYS = ("name", "description", "match")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -49,7 +64,7 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe_name: str, cfg: TrainConfig, step: int) -> None:
+def save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe: Recipe, cfg: TrainConfig, step: int) -> None:
     """Checkpoint after optimizer step ``step`` every ``save_every`` steps, at the end of
     each stage and of the run (the main process writes; all wait for it)."""
     total = cfg.stage1.steps + cfg.stage2.steps
@@ -61,7 +76,8 @@ def save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe_name: str, cf
                 {
                     "global_step": step,
                     "stage": stage_of(step - 1, cfg)[0],
-                    "recipe": recipe_name,
+                    "recipe": recipe.name,
+                    "recipe_config": recipe.to_dict(),
                     "trainable": trainable_state(inner),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
@@ -114,12 +130,124 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
 
-def build_model_from_run(cfg: TrainConfig) -> nn.Module:
-    """The trained model of a run folder: base model, patched, with the last checkpoint loaded."""
+@dataclass(frozen=True)
+class RunPoint:
+    """Where a run's last checkpoint stands."""
+
+    out_dir: str
+    step: int
+    stage: int  # the stage of the last step done
+    stage1_steps: int
+    total: int  # of the config given now
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total
+
+    def __str__(self) -> str:
+        if self.finished:
+            return f"step {self.step} of {self.total} (stage {self.stage}, finished)"
+        if self.step == self.stage1_steps:
+            return (
+                f"step {self.step} of {self.total} (stage 1 done; stage 2, {self.total - self.step} steps, not started)"
+            )
+        return (
+            f"step {self.step} of {self.total} (stage {self.stage}, unfinished: {self.total - self.step} steps to go)"
+        )
+
+
+def recipe_diff(saved: dict, recipe: Recipe) -> list[str]:
+    """``recipe.key: old -> new`` wherever ``recipe`` (resolved) differs from a recorded one."""
+    return [
+        f"recipe.{k}: {short(a, 40)} -> {short(b, 40)}"
+        for k, a, b in differing_keys(saved, recipe.to_dict(), RECIPE_FREE_KEYS)
+    ]
+
+
+def run_differences(state: dict, cfg: TrainConfig, recipe: Recipe) -> list[str]:
+    """How ``cfg`` and its resolved ``recipe`` differ from what made the checkpoint ``state``;
+    a record the checkpoint lacks is a difference too (nothing shows it is the same run)."""
+    out = []
+    if state.get("recipe") != recipe.name:
+        out.append(f"recipe name: {short(state.get('recipe'), 40)} -> {recipe.name!r}")
+    saved_cfg, saved_recipe = state.get("config"), state.get("recipe_config")
+    if isinstance(saved_cfg, dict):
+        out += resume_diff(saved_cfg, state["global_step"], cfg)
+    else:
+        out.append("config: not recorded in the checkpoint")
+    if isinstance(saved_recipe, dict):
+        out += recipe_diff(saved_recipe, recipe)
+    else:
+        out.append("recipe content: not recorded in the checkpoint")
+    return out
+
+
+def check_run_identity(
+    state: dict, cfg: TrainConfig, recipe: Recipe, ckpt_path: Path, allow: bool, action: str = "resume"
+) -> None:
+    """Refuse a checkpoint that the config and recipe given now did not make, naming every
+    difference; with ``allow`` (``--allow-config-change``) list them in a warning instead."""
+    diff = run_differences(state, cfg, recipe)
+    if not diff:
+        return
+    if not allow:
+        how = (
+            "Resume with the config that made it, use another out_dir, or pass --allow-config-change "
+            "(train(..., allow_config_change=True)) to go on with the new values"
+            if action == "resume"
+            else "Use the config (and recipe) that made it, or pass --allow-config-change to use the "
+            "checkpoint with these"
+        )
+        raise TrainingError(f"{ckpt_path} was written with another config; it differs at {'; '.join(diff)}. {how}")
+    doing = "resuming" if action == "resume" else "using"
+    warnings.warn(f"{doing} {ckpt_path} with a changed config: {'; '.join(diff)}", stacklevel=4)
+
+
+def claim_run_folder(out: Path, has_checkpoint: bool) -> None:
+    """Mark ``out`` as a run folder of ours before the run rewrites anything in it. A
+    ``metrics.jsonl`` with neither our marker nor a checkpoint beside it is another tool's:
+    refused, and left as it was."""
+    marker = out / RUN_MARKER
+    ours = has_checkpoint or _is_run_marker(marker)
+    if not ours and (out / LOG).exists():
+        raise TrainingError(
+            f"{out / LOG} exists, but {out} holds no checkpoint and no mark of a flashar-adapt run: "
+            "it is another program's log and was left as it was; move it away or choose another out_dir"
+        )
+    if not marker.exists():
+        atomic_write_bytes(marker, json.dumps(owner_record(RUN_KIND)).encode())
+
+
+def _is_run_marker(path: Path) -> bool:
+    try:
+        rec = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("kind") == RUN_KIND
+
+
+def load_run(cfg: TrainConfig, allow_config_change: bool = False) -> tuple[nn.Module, RunPoint]:
+    """The trained model of a run folder (base model, patched, last checkpoint loaded) and
+    where that checkpoint stands. The checkpoint must have been made by ``cfg`` and its
+    recipe as they are now (``check_run_identity``), unless ``allow_config_change``."""
     path = Path(cfg.out_dir) / CKPT
     if not path.is_file():
         raise TrainingError(f"{path}: no checkpoint yet; run `flashar-adapt train --config ...` first")
     state = load_checkpoint(path)
     model = build_model(cfg)
+    check_run_identity(state, cfg, context(model).recipe, path, allow_config_change, action="use")
     load_trainable(model, state, cfg)
-    return model.eval()
+    step = int(state["global_step"])
+    point = RunPoint(
+        str(cfg.out_dir),
+        step,
+        int(state.get("stage", stage_of(step - 1, cfg)[0])),
+        cfg.stage1.steps,
+        cfg.stage1.steps + cfg.stage2.steps,
+    )
+    return model.eval(), point
+
+
+def build_model_from_run(cfg: TrainConfig, allow_config_change: bool = False) -> nn.Module:
+    """``load_run``'s model."""
+    return load_run(cfg, allow_config_change)[0]

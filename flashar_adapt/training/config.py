@@ -177,15 +177,26 @@ def _portable(d: dict) -> dict:
     return d
 
 
-def check_resume_config(old: dict, step: int, cfg: TrainConfig, ckpt_path: Path, allow: bool) -> None:
-    """Refuse (or, allowed, list) config changes that alter what the checkpoint's steps were
-    or what the rest of the run does. At the stage boundary, before any stage-2 step, the
-    stage-2 settings are still free: runs that share stage 1 and differ in stage 2 are one
-    stage-1 run copied and resumed (exact, since a stage starts from the config's seed)."""
+def resume_diff(old: dict, step: int, cfg: TrainConfig) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` that differs from ``old`` (a
+    checkpoint's recorded config at ``step``) in a way that changes what the run computes.
+    At the stage boundary, before any stage-2 step, the stage-2 settings are still free:
+    runs that share stage 1 and differ in stage 2 are one stage-1 run copied and resumed
+    (exact, since a stage starts from the config's seed)."""
     diff = config_diff(_portable(old), _portable(cfg.to_dict()))
     old_s1 = (old.get("stage1") or {}).get("steps")
     if step == old_s1 == cfg.stage1.steps:
         diff = [d for d in diff if not d.startswith("stage2.")]
+    return diff
+
+
+def check_resume_config(
+    old: dict, step: int, cfg: TrainConfig, ckpt_path: Path, allow: bool, extra: list[str] | tuple = ()
+) -> None:
+    """Refuse (or, allowed, list) config changes that alter what the checkpoint's steps were
+    or what the rest of the run does (``resume_diff``), and the ``extra`` differences the
+    caller found (the recipe's content)."""
+    diff = resume_diff(old, step, cfg) + list(extra)
     if not diff:
         return
     if not allow:

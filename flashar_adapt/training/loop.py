@@ -15,11 +15,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import lora_parameters
-from ..files import exclusive_lock
+from ..files import exclusive_lock, remove_dead_temp_files
 from ..patching import context
 from ..shards import ShardDataset
-from .checkpoints import CKPT, load_checkpoint, load_trainable, save_if_due, set_rng_state, truncate_log
-from .config import StageConfig, TrainConfig, TrainingError, check_resume_config, stage_of
+from .checkpoints import (
+    CKPT,
+    LOG,
+    RUN_MARKER,
+    check_run_identity,
+    claim_run_folder,
+    load_checkpoint,
+    load_trainable,
+    save_if_due,
+    set_rng_state,
+    truncate_log,
+)
+from .config import StageConfig, TrainConfig, TrainingError, stage_of
 from .loss import FlashARLoss
 from .model import add_lora, build_model, enable_gradient_checkpointing, frozen_teacher, param_groups, set_trainable
 
@@ -62,9 +73,11 @@ def _fsdp_on_cpu(what: str) -> str:
 def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True, allow_config_change: bool = False) -> nn.Module:
     """Run (or resume) both stages; returns the trained, patched model (unwrapped).
 
-    A run resumes from ``out_dir/checkpoint.pt`` only with the config that wrote it; a
-    changed config is refused with the keys that differ, unless ``allow_config_change``
-    (then they are listed in a warning). ``out_dir`` is locked while the run lasts."""
+    A run resumes from ``out_dir/checkpoint.pt`` only with the config and the recipe content
+    that wrote it; a change (or a checkpoint that records neither) is refused with the keys
+    that differ, unless ``allow_config_change`` (then they are listed in a warning).
+    ``out_dir`` is locked while the run lasts; a ``metrics.jsonl`` there that no run of ours
+    wrote is refused, never rewritten."""
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.load(cfg)
     acc = _accelerator(cfg)
@@ -93,17 +106,18 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     state = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     if state is not None and state.get("recipe") != ctx.recipe.name:
         raise TrainingError(f"{ckpt_path} was written for recipe {state.get('recipe')!r}, not {ctx.recipe.name!r}")
-    if state is not None and isinstance(state.get("config"), dict):
-        check_resume_config(state["config"], state["global_step"], cfg, ckpt_path, allow_config_change)
+    if state is not None:
+        check_run_identity(state, cfg, ctx.recipe, ckpt_path, allow_config_change)
     step = state["global_step"] if state else 0
     if step >= total:
         load_trainable(model, state, cfg)
         return model
-    log_path = out / "metrics.jsonl"
+    log_path = out / LOG
     if acc.is_main_process:
+        claim_run_folder(out, state is not None)
         truncate_log(log_path, step)
-        for stale in out.glob(f".{CKPT}.*tmp"):  # left by a process killed mid-write
-            stale.unlink()
+        for name in (CKPT, LOG, RUN_MARKER):  # temp files of a process killed mid-write
+            remove_dead_temp_files(out, name)
 
     stage = None
     loss_mod = opt = sched = teacher = None
@@ -124,7 +138,7 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
         metrics = _train_step(loss_mod, opt, sched, data, ctx, cfg, acc, idx, step, ckpt_path)
         step += 1
         _log_step(acc, bar, log_path, cfg, step, stage, metrics, opt.param_groups[0]["lr"], t0)
-        save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe.name, cfg, step)
+        save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe, cfg, step)
     if bar is not None:
         bar.close()
     model = acc.unwrap_model(loss_mod).model

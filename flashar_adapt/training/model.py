@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters import lora_parameters
+from ..adapters import lora_layers, lora_parameters
 from ..formats import load_spec
 from ..patching import backbone_only, context, patch
 from ..recipe import load_recipe
@@ -54,8 +54,10 @@ def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: flo
         target_modules=pattern,
         bias="none",
     )
+    before = {n for n, _ in lora_layers(model)}
     with backbone_only(model):  # the branch is trained in full, never wrapped
         inject_adapter_in_model(cfg, model)
+    ctx.adapter_layers += [n for n, _ in lora_layers(model) if n not in before]  # ours: unpatch removes them
     n = len(lora_parameters(model))
     if n == 0:
         raise TrainingError(f"lora.targets {list(lo.targets)} matched no module of the model")
