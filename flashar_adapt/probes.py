@@ -21,6 +21,7 @@ Both run before any FlashAR module exists, in eval behaviour and without gradien
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -171,7 +172,10 @@ def order_dependence(ctx: PatchContext, limit: int | None = None) -> tuple[int, 
             d = ModuleDiff(path.partition(".")[2], calls[0][0], _rel(got[0], got[1]), _rel(got[2], got[3]))
             if d.path == "":
                 layer_rel = d.rel_out
-            if d.rel_in <= tol < d.rel_out:
+            # inputs that agree, outputs that do not, by more than the module's own sums can
+            # amplify its input's difference (cancellation over at most `width` random-signed
+            # terms: sqrt(width)); mixing by feeding order moves a module's output by O(1)
+            if d.rel_in <= tol and d.rel_out > max(tol, math.sqrt(width) * d.rel_in):
                 mixing.append(d)
         if mixing or layer_rel > tol:
             # the deepest: a parent that only passes a child's difference on is not the cause

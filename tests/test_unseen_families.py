@@ -449,6 +449,21 @@ def test_unsupported_families_are_refused_at_patch(name, randomized):
     assert not rep.ok and rep.failed_keys == [key]
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", PASSING)
+def test_half_precision_at_initialisation_is_served(name):
+    """bfloat16 with transformers' small initialisation: masking a key moves an output by
+    less than a bfloat16 step of its size, so patch's mask probe compares bitwise (a masked
+    key gets exactly zero weight); the order probe and the step check use the bound with
+    one bfloat16 rounding per layer."""
+    model = family_model(name, randomized=False).to(torch.bfloat16)
+    recipe, _ = recipe_from_draft(name, model)
+    fa.patch(model, recipe)
+    cond, codes = _inputs(name, recipe)
+    found = steps_match_teacher(model, cond, codes)
+    assert found.ok, found.describe()
+
+
 @pytest.mark.parametrize("name", ["lfm2", "recurrent_gemma"])
 def test_token_mixing_is_refused_in_half_precision(name):
     """The order probe's bound grows by one bfloat16 rounding per layer; mixing tokens still
