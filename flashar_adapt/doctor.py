@@ -144,17 +144,16 @@ def _visual_slice(ctx, full):
     return full[..., im.visual_token_offset : im.visual_token_offset + im.codebook_size]
 
 
-def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
-    """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
+def _hidden_rule(ctx, cond, codes, grid):
+    """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions,
+    mapped as the recipe's ``logits`` says."""
     pre = build_prefix(ctx, cond, None, grid, guided=False)
     B = codes.shape[0]
     embeds = sequence_embeds(ctx, pre, ctx.layout(pre.length, grid), codes)
     out = ctx.decoder(inputs_embeds=embeds, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     idx = _pred_index(ctx, pre.length, grid)
-    lg = _visual_slice(ctx, ctx.head(h[:, idx]))
-    if finish:
-        lg = finish_logits(lg, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
+    lg = finish_logits(_visual_slice(ctx, ctx.head(h[:, idx])), ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
     return lg.view(B, *grid, -1).float()
 
 
