@@ -8,7 +8,11 @@
    image logits (some models mask them), the family-agnostic rule "apply the recipe's head
    to the decoder's last_hidden_state" run with the decoder's *own* default causal mask
    and positions.
-3. two-way: greedy two-way decoding equals teacher forcing (argmax of fa.logits == codes).
+3. two_way, raster_dec: decoding with caches equals teacher forcing, on values: the sample's
+   codes forced through every step (``prefill`` / ``step``), each step's logits against one
+   teacher-forced pass (``fa.logits``) under the derived float bound (``exactness``), in both
+   modes. (``patch`` has already probed that the decoder's outputs do not depend on the order
+   its tokens are fed: ``probes``.)
 4. steps: the two-way decoder calls the first decoder layer H+W-1 times.
 
 Also available as ``flashar-adapt check MODEL RECIPE`` (``flashar_adapt.commands.inspect_check``).
@@ -24,12 +28,15 @@ from torch import nn
 
 from .decoding import build_prefix, logits, sequence_embeds
 from .errors import InputError
-from .heads import finish_logits, fit_logit_map
+from .exactness import steps_match_teacher
+from .heads import finish_logits
+from .logit_maps import find_logit_map
 from .patching import context, patch, unpatch
 from .recipe import Recipe, RecipeError, load_recipe
 from .validate import Num
 
 PASS, FAIL, SKIP, INFO = "pass", "fail", "skip", "info"
+STEP_ITEMS = {"two_way": "two_way", "raster": "raster_dec"}  # the report item checking each mode's decoding
 
 
 @dataclass
@@ -137,29 +144,33 @@ def _visual_slice(ctx, full):
     return full[..., im.visual_token_offset : im.visual_token_offset + im.codebook_size]
 
 
-def _hidden_rule(ctx, cond, codes, grid, finish: bool = True):
-    """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions."""
+def _hidden_rule(ctx, cond, codes, grid):
+    """head(decoder(inputs_embeds).last_hidden_state) with the decoder's default mask/positions,
+    mapped as the recipe's ``logits`` says."""
     pre = build_prefix(ctx, cond, None, grid, guided=False)
     B = codes.shape[0]
     embeds = sequence_embeds(ctx, pre, ctx.layout(pre.length, grid), codes)
     out = ctx.decoder(inputs_embeds=embeds, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     idx = _pred_index(ctx, pre.length, grid)
-    lg = _visual_slice(ctx, ctx.head(h[:, idx]))
-    if finish:
-        lg = finish_logits(lg, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
+    lg = finish_logits(_visual_slice(ctx, ctx.head(h[:, idx])), ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
     return lg.view(B, *grid, -1).float()
+
+
+def _own_ids(ctx, cond, codes, grid):
+    """The raster sequence as input ids: prompt, forced tokens, codes at their vocabulary ids
+    with the end-of-line tokens; only the tokens ever fed (the last code predicts nothing), as
+    the patched model runs them."""
+    meta = torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1)
+    P = cond.shape[1] + meta.shape[1]
+    return torch.cat([cond, meta, _image_ids(ctx, codes)], 1)[:, : ctx.layout(P, grid).fed_len]
 
 
 def _own_forward(ctx, cond, codes, grid):
     """The model's own forward on input ids, full vocabulary at the predicting positions."""
-    meta = torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=cond.device).expand(cond.shape[0], -1)
-    P = cond.shape[1] + meta.shape[1]
-    # only the tokens ever fed (the last code predicts nothing), as the patched model runs them
-    seq = torch.cat([cond, meta, _image_ids(ctx, codes)], 1)[:, : ctx.layout(P, grid).fed_len]
-    out = ctx.model(input_ids=seq, use_cache=False)
+    out = ctx.model(input_ids=_own_ids(ctx, cond, codes, grid), use_cache=False)
     lg = out.logits if hasattr(out, "logits") else out[0]
-    idx = _pred_index(ctx, P, grid)
+    idx = _pred_index(ctx, cond.shape[1] + len(ctx.meta_ids(grid)), grid)
     return lg[:, idx].float().view(cond.shape[0], *grid, -1)
 
 
@@ -234,17 +245,9 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
                 key="modules.decoder",
             )
         if hidden_ok:
-            with torch.no_grad():
-                found = fit_logit_map(_hidden_rule(ctx, cond, codes, grid, finish=False), own, atol)
-            if found is not None:
-                key, value = found
-                return rep.add(
-                    "raster",
-                    FAIL,
-                    f"the model's logits are its head's output {_LOGIT_MAP_WORDS[key]} {value:.6g}; "
-                    f"the recipe says {getattr(ctx.recipe.logits, key.split('.')[1])}: set {key}: {value:.6g}",
-                    key=key,
-                )
+            item = _logit_map_item(ctx, rep, cond, codes, grid)
+            if item is not None:
+                return item
         o = _find_offset(ours, full, atol)
         if o is not None and o != ctx.recipe.image.visual_token_offset:
             return rep.add(
@@ -271,6 +274,30 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
         FAIL,
         f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}",
         key="modules.decoder",
+    )
+
+
+def _logit_map_item(ctx, rep, cond, codes, grid):
+    """A failed raster item naming the logit scale / soft-cap the model applies and the recipe
+    misses (read off probe forwards at several magnitudes, the model's declared value
+    preferred: ``logit_maps``), or None when no such map explains the difference."""
+    found = find_logit_map(ctx.model, ctx.decoder, ctx.head, _own_ids(ctx, cond, codes, grid))
+    if found is None or found.identity:
+        return None
+    have = {"logits.scale": ctx.recipe.logits.scale, "logits.softcap": ctx.recipe.logits.softcap}
+    want = {"logits.scale": 1.0, "logits.softcap": None, **found.items()}
+    wrong = [k for k in have if want[k] != have[k]]
+    if not wrong:
+        return None
+    said = ", ".join(f"{k.split('.')[1]} {have[k]}" for k in wrong)
+    return rep.add(
+        "raster",
+        FAIL,
+        "the model's logits are its head's output "
+        + " and ".join(f"{_LOGIT_MAP_WORDS[k]} {v:.9g} ({found.sources[k]})" for k, v in found.items().items())
+        + f"; the recipe says {said}: "
+        + ", ".join(f"set {k}: {want[k]:.9g}" if want[k] is not None else f"set {k}: null" for k in wrong),
+        key=wrong[0],
     )
 
 
@@ -316,6 +343,14 @@ def _check_layout_hints(ctx, rep, cond, codes, grid):
         INFO,
         msg + " (near 100% on a trained model; else check image.visual_token_offset / image.before / image.eol_token)",
     )
+
+
+def _check_steps(model, rep, cond, codes, mode: str):
+    """Every decoding step's logits, the sample's codes forced, against one teacher-forced
+    pass, on values under the float bound (``exactness``): the caches, the feeding order and
+    (two-way) the vertical branch compute exactly what the model computes in one pass."""
+    found = steps_match_teacher(model, cond, codes, mode)
+    rep.add(STEP_ITEMS[mode], PASS if found.ok else FAIL, found.describe(), key=None if found.ok else "backend")
 
 
 # ---------------------------------------------------------------- check
@@ -365,20 +400,14 @@ def check(
         try:
             _check_raster(ctx, model, rep, s_cond, codes, g, atol)
             _check_layout_hints(ctx, rep, s_cond, codes, g)
+            for mode in ("two_way", "raster"):
+                _check_steps(model, rep, s_cond, codes, mode)
             calls = []
             hook = ctx.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
             try:
-                gen = model.generate(s_cond, top_k=1, grid=g)
+                model.generate(s_cond, top_k=1, grid=g)
             finally:
                 hook.remove()
-            tf = logits(model, s_cond, gen).argmax(-1)
-            same = (tf == gen).float().mean().item()
-            rep.add(
-                "two_way",
-                PASS if same == 1.0 else FAIL,
-                f"greedy two-way decoding equals teacher forcing at {same:.1%} of cells",
-                key=None if same == 1.0 else "backend",
-            )
             want = g[0] + g[1] - 1
             rep.add(
                 "steps",

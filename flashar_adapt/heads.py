@@ -56,31 +56,6 @@ def finish_logits(x: torch.Tensor, scale: float = 1.0, softcap: float | None = N
     return x
 
 
-def fit_logit_map(raw: torch.Tensor, own: torch.Tensor, atol: float) -> tuple[str, float] | None:
-    """The inverse of ``finish_logits``: does ``own`` equal ``raw`` (the head's output) times a
-    constant, or soft-capped as c * tanh(raw / c)? Returns ("logits.scale", s) or
-    ("logits.softcap", c), or None."""
-    raw, own = raw.double().flatten(), own.double().flatten()
-    ok = torch.isfinite(own)
-    raw, own = raw[ok], own[ok]
-    if raw.numel() == 0 or float(raw.abs().max()) == 0:
-        return None
-    s = float((raw * own).sum() / (raw * raw).sum())
-    if s > 0 and abs(s - 1) > 1e-6 and torch.allclose(raw * s, own, atol=atol, rtol=1e-5):
-        return "logits.scale", s
-    i = int(raw.abs().argmax())
-    r, y = abs(float(raw[i])), abs(float(own[i]))
-    if 0 < y < r:  # c * tanh(r / c) grows from 0 to r with c: bisect for the cap that maps r to y
-        lo, hi = y, y * 1e6
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if mid * torch.tanh(torch.tensor(r / mid, dtype=torch.float64)) < y else (lo, mid)
-        c = (lo + hi) / 2
-        if torch.allclose(torch.tanh(raw / c) * c, own, atol=atol, rtol=1e-5):
-            return "logits.softcap", c
-    return None
-
-
 class FusionGate(nn.Module):
     """g = sigmoid(MLP([h_H; h_V])); fused = g * logits_H + (1 - g) * logits_V.
 

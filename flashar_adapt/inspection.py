@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from .formats import open_path
-from .heads import fit_logit_map
+from .logit_maps import find_logit_map
 from .recipe import TODO
 
 # ---------------------------------------------------------------- loading files
@@ -61,9 +61,11 @@ class Inspection:
     dim: int | None
     draft: dict = field(default_factory=dict)
     todo: list[str] = field(default_factory=list)
+    # "section.key" -> where the draft's value came from (written as a comment beside it)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def draft_yaml(self) -> str:
-        text = yaml.safe_dump(self.draft, sort_keys=False, width=120)
+        text = _annotate(yaml.safe_dump(self.draft, sort_keys=False, width=120), self.notes)
         notes = [
             "# Draft recipe written by `flashar-adapt inspect`. Every value 'TODO' must be filled in",
             "# (the loader rejects it, naming the key). Then run `flashar-adapt check MODEL THIS.yaml`.",
@@ -86,6 +88,20 @@ class Inspection:
         out.append("candidate heads (reading the hidden size, by output size):")
         out += [f"  {e.path:40s} {e.detail}" for e in self.heads] or ["  (none)"]
         return "\n".join(out)
+
+
+def _annotate(text: str, notes: dict[str, str]) -> str:
+    """``text`` (a YAML dump) with ``# note`` after the line of each "section.key" in ``notes``."""
+    lines, section = text.split("\n"), None
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace():
+            section = line.split(":")[0]
+            continue
+        key = line.strip().split(":")[0]
+        note = notes.get(f"{section}.{key}")
+        if note is not None and line.startswith("  ") and not line.startswith("   "):
+            lines[i] = f"{line}  # {note}"
+    return "\n".join(lines)
 
 
 def _parent(path: str) -> str:
@@ -149,7 +165,7 @@ def inspect_model(
     decoder = _decoder_module(named, lp)
     embeds = [(p, m) for p, m in named.items() if isinstance(m, nn.Embedding)]
     emb_entries = [Entry(p, "embedding", f"{m.num_embeddings} x {m.embedding_dim}") for p, m in embeds]
-    probe = _probe(model, named, lp, decoder, embeds) if decoder is not None else {}
+    probe = _probe(model, named, lp, embeds) if decoder is not None else {}
     norms, final_norm = _norms(named, lp, others)
     # the hidden size is the width the layers read (seen by the probe), else the final norm's
     dim = probe.get("width") or (_norm_dim(named[final_norm]) if final_norm else None)
@@ -159,7 +175,9 @@ def inspect_model(
         dim = embed_mod.embedding_dim
     if backend is None and decoder is not None:
         backend = "transformers"
-    draft, todo = _draft(model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds, probe)
+    draft, todo, notes = _draft(
+        model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds, probe
+    )
     head_entries = [Entry(p, "head", f"{m_out} outputs") for m_out, p in heads]
     return Inspection(
         type(model).__name__,
@@ -176,6 +194,7 @@ def inspect_model(
         dim,
         draft,
         todo,
+        notes,
     )
 
 
@@ -263,8 +282,9 @@ def _head_chain(named: dict, lp, others, decoder, dim, embeds, probe) -> tuple[l
 
 def _draft(
     model, named, backend, decoder, lp, final_norm, head, embed_path, after_norm, embeds, probe
-) -> tuple[dict, list[str]]:
-    """The draft recipe (TODO where structure cannot tell) and what to review in it."""
+) -> tuple[dict, list[str], dict[str, str]]:
+    """The draft recipe (TODO where structure cannot tell), what to review in it, and where
+    its measured numbers came from."""
     embed_mod = named.get(embed_path)
     vocab = embed_mod.num_embeddings if embed_mod is not None else None
     todo = []
@@ -297,17 +317,25 @@ def _draft(
         "image.*: the token layout (codebook size, first visual id, grid, forced meta tokens before the "
         "codes, end-of-line token) is not in the weights -- read the model's tokenizer / generation code"
     )
-    fit = _fit_head(probe, named.get(head), after_norm and [named[p] for p in after_norm])
-    if fit is not None:
-        draft["logits"] = {fit[0].split(".")[1]: round(fit[1], 6)}
+    notes: dict[str, str] = {}
+    found = _fit_head(model, probe, named.get(decoder) if decoder is not None else None, named.get(head))
+    if found is not None and not found.identity:
+        draft["logits"] = {key.split(".")[1]: value for key, value in found.items().items()}
+        notes = {key: found.sources[key] for key in found.items()}
         todo.append(
-            f"{fit[0]}: the model's logits are its head's output mapped this way (fitted on a probe forward; "
-            "confirm in the model's config)"
+            "logits.*: the model's logits are its head's output mapped this way, read off probe forwards at "
+            f"several magnitudes (largest residual {found.residual:.1e} of the logits); the comment beside each "
+            "value says where it came from"
+        )
+    elif found is None and probe.get("ids") is not None and head:
+        todo.append(
+            "logits: the model's logits are not its head's output, scaled and/or soft-capped, on any probe: "
+            "check modules.head and the model's forward"
         )
     n_layers = len(named[lp]) if lp else 0
     draft["flashar"] = {"branch_layer": -4 if n_layers >= 8 else -1, "branch_depth": 1}
     draft["lora"] = {"targets": _lora_targets(lp, named[lp][0]) if lp else []}
-    return draft, todo
+    return draft, todo, notes
 
 
 def _draft_condition(model, backend, decoder, embed_path, embeds, vocab, todo: list[str]) -> dict:
@@ -337,10 +365,10 @@ def _draft_condition(model, backend, decoder, embed_path, embeds, vocab, todo: l
 # ---------------------------------------------------------------- probe forward (transformers-style models)
 
 
-def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str | None, embeds) -> dict:
+def _probe(model: nn.Module, named: dict, layers_path: str | None, embeds) -> dict:
     """One short forward of ``model(input_ids=...)``, watched by hooks: which embedding looks
-    up the input ids (the token table), what width the decoder layers read, the decoder's
-    last hidden state and the model's logits. Empty if the model does not run that way."""
+    up the input ids (the token table) and what width the decoder layers read. Empty if the
+    model does not run that way."""
     if not embeds or not layers_path:
         return {}
     rows = max(m.num_embeddings for _, m in embeds)
@@ -357,19 +385,15 @@ def _probe(model: nn.Module, named: dict, layers_path: str | None, decoder: str 
     def width(mod, args, kwargs):
         seen.setdefault("width", (args[0] if args else kwargs["hidden_states"]).shape[-1])
 
-    def hidden(mod, args, out):
-        seen.setdefault("hidden", out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", None))
-
     hooks = [m.register_forward_hook(lookup(p)) for p, m in embeds]
     hooks.append(named[layers_path][0].register_forward_pre_hook(width, with_kwargs=True))
-    hooks.append(named[decoder].register_forward_hook(hidden))
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
             dev = next(model.parameters()).device
-            out = model(input_ids=ids.to(dev), use_cache=False)
-        seen["logits"] = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
+            model(input_ids=ids.to(dev), use_cache=False)
+        seen["ids"] = ids.to(dev)  # the logit map is read off forwards on the same ids
     except Exception:  # noqa: BLE001 - not a model that runs on input ids: structure only
         return {}
     finally:
@@ -401,14 +425,9 @@ def _token_embedding(embeds, head: nn.Module | None, probe: dict, decoder: str |
     return max(scope, key=lambda pm: pm[1].num_embeddings)[0]
 
 
-def _fit_head(probe: dict, head: nn.Module | None, after_norm) -> tuple[str, float] | None:
-    """A logit scale or soft-cap between ``head(last hidden state)`` and the model's logits."""
-    hidden, lg = probe.get("hidden"), probe.get("logits")
-    if head is None or hidden is None or lg is None:
-        return None
-    with torch.no_grad():
-        raw = head(hidden)
-    if raw.shape != lg.shape:
-        return None
-    # a detection threshold: float32 logits of a probe forward agree to ~1e-6 when the map is right
-    return fit_logit_map(raw, lg, 1e-4)
+def _fit_head(model: nn.Module, probe: dict, decoder: nn.Module | None, head: nn.Module | None):
+    """The logit map between ``head(decoder output)`` and the model's logits, on the probe's
+    ids at several magnitudes (``logit_maps``); None without a probe or when none fits."""
+    if head is None or decoder is None or decoder is model or probe.get("ids") is None:
+        return None  # (a model that is its own decoder has no logits)
+    return find_logit_map(model, decoder, head, probe["ids"])

@@ -17,6 +17,7 @@ from .decoding import generate
 from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
 from .matching import match_recipe
+from .probes import check_head_width, check_order_independence
 from .recipe import Recipe, RecipeError, load_recipe
 from .runners import get_runner
 from .validate import did_you_mean
@@ -205,6 +206,9 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     limit = runner.max_positions(ctx)
     if limit is not None:
         _check_fits(ctx, limit, src)
+    # what the paths cannot say, asked of the model itself on a few tokens (flashar_adapt.probes)
+    check_head_width(ctx)
+    check_order_independence(ctx, limit)
     return ctx
 
 

@@ -67,22 +67,34 @@ def _replace_mask(module, args: tuple, kwargs: dict, mask) -> tuple[tuple, dict]
     return args, {**kwargs, "attention_mask": mask}
 
 
-def _causal_buffers(module) -> list[tuple]:
-    """(module, buffer name) of every square lower-triangular bool buffer inside ``module``:
-    a causal mask some attention implementations apply on top of the one they are given."""
+def causal_window(buf) -> int | None:
+    """The window of a built-in causal mask: a square bool buffer [..., n, n], the same in
+    every leading slice, whose row r is True exactly on columns (r - w, r]. Returns w (n for
+    a full lower triangle, less for a banded one: a local attention window, GPT-Neo's local
+    layers); None for any other buffer."""
+    if not torch.is_tensor(buf) or buf.dtype != torch.bool or buf.dim() < 2:
+        return None
+    n = buf.shape[-1]
+    if n < 2 or buf.shape[-2] != n:
+        return None
+    flat = buf.reshape(-1, n, n)
+    first = flat[0]
+    w = int(first[-1].sum())
+    if w < 1 or not bool((flat == first).all()):
+        return None
+    ones = torch.ones(n, n, dtype=torch.bool, device=buf.device)
+    return w if bool(first.eq(ones.tril() & ~ones.tril(-w)).all()) else None
+
+
+def causal_buffers(module) -> list[tuple]:
+    """(module, buffer name, window) of every built-in causal mask inside ``module``: masks
+    some attention implementations apply on top of the one they are given."""
     out = []
     for mod in module.modules():
         for name, buf in mod.named_buffers(recurse=False):
-            if (
-                buf is not None
-                and buf.dtype == torch.bool
-                and buf.dim() >= 2
-                and buf.shape[-1] == buf.shape[-2] > 1
-                and not bool(buf[..., 0, 1:].any())
-                and bool(buf.tril().eq(buf).all())
-                and bool(buf[..., -1, :].all())
-            ):
-                out.append((mod, name))
+            w = causal_window(buf)
+            if w is not None:
+                out.append((mod, name, w))
     return out
 
 
@@ -90,7 +102,7 @@ def _causal_buffers(module) -> list[tuple]:
 def _causal_buffers_open(found: list[tuple]):
     """Temporarily let built-in causal masks allow everything: the additive mask FlashAR
     passes then decides alone (the proximity mask lets a token see later raster slots)."""
-    saved = [(mod, name, mod._buffers[name]) for mod, name in found]
+    saved = [(mod, name, mod._buffers[name]) for mod, name, _ in found]
     for mod, name, buf in saved:
         mod._buffers[name] = torch.ones_like(buf)
     try:
@@ -113,6 +125,12 @@ def _sliding_window(config) -> int | None:
     if any("sliding" in t or "chunk" in t for t in types) and isinstance(window, int) and window > 0:
         return window
     return None
+
+
+def _tokens_fed(ctx) -> int:
+    """Tokens fed for the recipe's grid and longest prompt (the last code is never fed)."""
+    im, c = ctx.recipe.image, ctx.recipe.condition
+    return ctx.layout(len(ctx.meta_ids(im.grid)) + (c.prefix_len or 1), im.grid).fed_len
 
 
 def _dynamic_cache(config=None):
@@ -226,6 +244,9 @@ class TransformersRunner(Runner):
         self.static_held: dict[str, tuple] = {}
         # id(module) -> the built-in causal buffers inside it (the modules live as long as the patch)
         self.causal_found: dict[int, list[tuple]] = {}
+        # what bind saw each decoder layer hand its cache as the layer index (layers that never
+        # update a cache are absent): the branch copies keep their originals' slots
+        self.cache_slots: dict[int, int] = {}
 
     def bind(self, ctx) -> None:
         dec = ctx.decoder
@@ -257,10 +278,12 @@ class TransformersRunner(Runner):
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         if "position_ids" not in params and not takes_any:
             raise no_positions  # before the probe, which passes position_ids and would blame the mask
+        self._check_causal_buffers(ctx)  # before the probe, which opens them
         self._probe_mask(ctx)
         if "position_ids" not in params:
             raise no_positions
         self._check_window(ctx)
+        self.cache_slots = self._observe_cache_slots(ctx)
 
     def _probe_mask(self, ctx) -> None:
         """Run the decoder on 4 random inputs: under a causal additive mask it must reproduce
@@ -303,7 +326,10 @@ class TransformersRunner(Runner):
                 blocked[:, 3, 0] = False  # the last query loses the first key
                 blocked[:, 0, 1] = True  # the first query sees a later key (the proximity mask does that)
                 h2 = self.run(ctx, x, slots[None], slots, slots, blocked, None)
-                if (h2[:, 3] - h[:, 3]).abs().max().item() <= tol:
+                # Bitwise: a masked key gets exactly zero weight, so a mask that takes effect moves
+                # the output by the key's contribution (however small the weights: half precision
+                # at initialisation), and one that is ignored runs the very same arithmetic.
+                if torch.equal(h2[:, 3], h[:, 3]):
                     raise RecipeError(
                         "modules.decoder",
                         f"{type(dec).__name__}'s output ignores the attention mask "
@@ -311,7 +337,7 @@ class TransformersRunner(Runner):
                         "model): FlashAR's proximity mask cannot apply",
                         src,
                     )
-                if (h2[:, 0] - h[:, 0]).abs().max().item() <= tol:
+                if torch.equal(h2[:, 0], h[:, 0]):
                     raise RecipeError(
                         "modules.decoder",
                         f"{type(dec).__name__}'s attention stays causal whatever mask "
@@ -324,22 +350,93 @@ class TransformersRunner(Runner):
 
     def _check_window(self, ctx) -> None:
         window = _sliding_window(getattr(ctx.decoder, "config", None))
-        if window is None:
-            return
-        im, c = ctx.recipe.image, ctx.recipe.condition
-        need = ctx.layout(len(ctx.meta_ids(im.grid)) + (c.prefix_len or 1), im.grid).fed_len
-        if need > window:
+        need = _tokens_fed(ctx)
+        if window is not None and need > window:
             raise RecipeError(
                 "image.grid",
-                f"{list(im.grid)} feeds {need} tokens but the model's sliding-window "
+                f"{list(ctx.recipe.image.grid)} feeds {need} tokens but the model's sliding-window "
                 f"layers attend only the last {window}: the proximity mask needs every "
                 "earlier diagonal; use a grid (and prompt) that fits the window",
                 ctx.recipe.source,
             )
 
+    def _check_causal_buffers(self, ctx) -> None:
+        """A built-in causal mask whose band (its window) is shorter than the tokens fed would
+        hide earlier diagonals that the proximity mask must show; a longer one is opened
+        during FlashAR's forwards like a full causal mask (the proximity mask then decides)."""
+        need = _tokens_fed(ctx)
+        paths = {id(m): p for p, m in ctx.layers.named_modules()}
+        for mod, name, w in self._builtin_causal(ctx.layers):
+            if w < need:
+                where = f"{ctx.recipe.modules.layers}.{paths[id(mod)]}"
+                raise RecipeError(
+                    "image.grid",
+                    f"{list(ctx.recipe.image.grid)} feeds {need} tokens but {type(mod).__name__}'s built-in "
+                    f"causal mask ({name!r} at {where}) lets a token attend only the last {w}: the proximity "
+                    "mask needs every earlier diagonal; use a grid (and prompt) that fits the window",
+                    ctx.recipe.source,
+                )
+
+    def _observe_cache_slots(self, ctx) -> dict[int, int]:
+        """Which integer each decoder layer hands ``cache.update`` as its layer index, seen
+        during one cached forward of 3 tokens into this runner's own cache (whatever the
+        attribute holding it is called: ``layer_idx``, GPT-Neo's ``layer_id``, ...). The
+        branch copies keep these slots in a branch cache of the same numbering. A branch
+        layer that uses several slots, or shares one, cannot get caches of its own."""
+        seen: dict[int, list[int]] = {}
+        current: list[int | None] = [None]
+        cache = self.new_cache(ctx, 1, 3)
+        inner = cache.update
+
+        def update(key_states, value_states, *args, **kwargs):
+            idx = args[0] if args else kwargs.get("layer_idx")
+            if current[0] is not None and isinstance(idx, int) and idx not in seen.setdefault(current[0], []):
+                seen[current[0]].append(idx)
+            return inner(key_states, value_states, *args, **kwargs)
+
+        cache.update = update
+        hooks = []
+        for i, layer in enumerate(ctx.layers):
+            hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
+            hooks.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+        p = next(ctx.layers.parameters())
+        x = torch.randn(1, 3, ctx.dim, generator=torch.Generator().manual_seed(2)).to(p)
+        slots = torch.arange(3, device=p.device)
+        causal = torch.ones(1, 3, 3, dtype=torch.bool, device=p.device).tril()
+        try:
+            with torch.no_grad():
+                self.run(ctx, x, slots[None], slots, slots, causal, cache)
+        except Exception as e:  # noqa: BLE001 - a decoder that cannot run on its caches is refused, naming why
+            raise RecipeError(
+                "backend",
+                f"{type(ctx.decoder).__name__} cannot run on the runner's caches ({type(e).__name__}: {e})",
+                ctx.recipe.source,
+            ) from e
+        finally:
+            for h in hooks:
+                h.remove()
+        b, k = ctx.branch_index, ctx.recipe.flashar.branch_depth
+        for i in range(b, b + k):
+            mine = seen.get(i, [])
+            shared = [j for j, v in seen.items() if j != i and set(v) & set(mine)]
+            if len(mine) > 1 or shared:
+                how = (
+                    f"hands its cache the indices {mine}"
+                    if len(mine) > 1
+                    else f"shares cache slot {mine[0]} with {shared}"
+                )
+                raise RecipeError(
+                    "flashar.branch_layer",
+                    f"decoder layer {i} {how}: a branch copy of it cannot get a cache of its own; "
+                    "put the branch on other layers",
+                    ctx.recipe.source,
+                )
+        return {i: v[0] for i, v in seen.items() if len(v) == 1}
+
     def max_positions(self, ctx):
         cfg = getattr(ctx.decoder, "config", None)
-        limits = [getattr(cfg, "max_position_embeddings", None), _sliding_window(cfg)]
+        bands = [w for mod, name, w in self._builtin_causal(ctx.layers) if w < getattr(mod, name).shape[-1]]
+        limits = [getattr(cfg, "max_position_embeddings", None), _sliding_window(cfg), *bands]
         limits = [x for x in limits if isinstance(x, int)]
         return min(limits) if limits else None
 
@@ -413,10 +510,13 @@ class TransformersRunner(Runner):
         return _dynamic_cache(config)
 
     def new_branch_cache(self, ctx, batch, max_len, static=False):
-        if full_attention_only(getattr(ctx.decoder, "config", None)):
-            n = len(ctx.flashar.branch_layers)
+        # the copies keep their originals' cache slots: a cache of the same numbering, whose
+        # layers are allocated at their first update (only the branch's ever are)
+        config = getattr(ctx.decoder, "config", None)
+        if full_attention_only(config):
+            n = max(self.cache_slots.values(), default=len(ctx.layers) - 1) + 1
             return self._static_cache("branch", ctx, n, batch, max_len) if static else FeedOrderCache(n, max_len)
-        return _dynamic_cache()
+        return _dynamic_cache(config)  # the originals' layer types at the originals' slots
 
     def _static_cache(self, which: str, ctx, n_layers: int, batch: int, max_len: int):
         """Static caches live from one generate() call to the next of the same shape (a CUDA
@@ -428,13 +528,6 @@ class TransformersRunner(Runner):
         if which not in held or held[which][0] != key:
             held[which] = (key, FeedOrderCache(n_layers, max_len, static=True))
         return held[which][1]
-
-    def prepare_branch_layers(self, layers):
-        # Branch layers index their own cache from 0.
-        for new_idx, layer in enumerate(layers):
-            for mod in layer.modules():
-                if isinstance(getattr(mod, "layer_idx", None), int):
-                    mod.layer_idx = new_idx
 
     def branch_call(self, layer, hidden, args, kwargs, cache):
         # The backbone's cache, wherever the decoder put it (any keyword, or positionally), is
@@ -457,7 +550,7 @@ class TransformersRunner(Runner):
     def _builtin_causal(self, module) -> list[tuple]:
         found = self.causal_found
         if id(module) not in found:
-            found[id(module)] = _causal_buffers(module)
+            found[id(module)] = causal_buffers(module)
         return found[id(module)]
 
 

@@ -1,18 +1,12 @@
-"""How far two float32 evaluations of the same math may drift apart, derived once, used everywhere.
+"""Float tolerances of the tests: the reordering bound of ``flashar_adapt.numerics`` (derived
+there once, used by patch's probes and the doctor too), and the training-run comparisons.
 
-Two paths that compute the same function (the patched raster path vs the model's own forward,
-a fused kernel vs the generic one, an export reloaded) sum the same terms in other orders:
-kernels differ by CPU (AVX2 vs AVX512), thread count and masking path. A float32 sum of n terms
-in any order lands within about sqrt(n) * eps32 of the exact sum, relative to the sum of the
-terms' magnitudes (round-off is a random walk; n * eps32 is the never-reached worst case). A
-forward of `layers` blocks, each summing at most `width` products per output and adding its
-result to a residual stream, compounds that layer by layer, so two orders differ by about
-layers * sqrt(width) * eps32 times the magnitude of what flows through; the logits' largest
-magnitude stands for it, and a head's dot product can cancel by up to sqrt(width) more. The
-bound below allows 4x that (the largest of many random-walk deviations stays within ~4 sigma).
-
-A fault these tests exist to catch (a wrong mask entry, position, cache slot or weight)
-changes logits by a sizeable fraction of their magnitude: orders of magnitude above the bound.
+Two paths that compute the same function sum the same terms in other orders (kernels differ by
+CPU, thread count and masking path); ``reorder_bound`` says how far that moves float32
+results: 4 * layers * width * eps32 times the largest magnitude compared (see
+flashar_adapt/numerics.py for the derivation). A fault these tests exist to catch (a wrong mask
+entry, position, cache slot or weight) changes logits by a sizeable fraction of their
+magnitude: orders of magnitude above the bound.
 """
 
 from __future__ import annotations
@@ -20,12 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-EPS32 = torch.finfo(torch.float32).eps
+from flashar_adapt.numerics import EPS32, reorder_bound, reorder_tol, sum_width
 
-
-def reorder_bound(ref: torch.Tensor, layers: int, width: int) -> float:
-    """Largest |a - b| expected between two float32 evaluations of ``ref``'s math."""
-    return 4.0 * layers * width * EPS32 * float(ref.detach().abs().max())
+__all__ = [
+    "EPS32",
+    "assert_same_losses",
+    "assert_same_math",
+    "assert_same_training",
+    "reorder_bound",
+    "reorder_tol",
+    "sum_width",
+]
 
 
 def assert_same_math(got: torch.Tensor, ref: torch.Tensor, layers: int, width: int) -> None:

@@ -2,10 +2,12 @@
 
 For each family a tiny random model is built from its config; the recipe is exactly what
 ``inspect`` drafts, with only the token layout (name, prompt length, pad id, codebook,
-first visual id, grid) filled in. Then either ``check`` passes -- raster logits equal the
-model's own forward within float32 round-off (tests/numerics.py), greedy two-way decoding
-equals teacher forcing, H+W-1 steps -- and an export reloads to the same logits, or ``patch``
-refuses the model with one sentence naming the reason. The table in docs/writing-a-recipe.md lists the same families.
+first visual id, grid) filled in. Then either the model is served exactly -- ``check``
+passes: raster logits equal the model's own forward within float32 round-off
+(tests/numerics.py), every decoding step's logits equal one teacher-forced pass on values in
+both modes, H+W-1 steps; an export reloads to the same logits -- or ``patch`` refuses it
+with one sentence naming the reason. The table in docs/writing-a-recipe.md lists the same
+families.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pytest
 import torch
 
 import flashar_adapt as fa
+from flashar_adapt import exactness
+from flashar_adapt.exactness import steps_match_teacher
 from tests import tiny
 from tests.numerics import assert_same_math, reorder_bound
 
@@ -172,6 +176,95 @@ FAMILIES = {
         dict(vocab_size=V, hidden_size=32, n_layer=2, n_head=4),
         ("modules.decoder", "takes no position_ids"),
     ),
+    # global + local attention, the local window a banded built-in causal buffer (no config
+    # field says so), the cache slot held as `layer_id`: the window (32) covers the 15 tokens fed
+    "gpt_neo": (
+        "GPTNeoForCausalLM",
+        "GPTNeoConfig",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=32,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "pass",
+    ),
+    # the same with a local window of 5: shorter than the 15 tokens a 3x4 grid feeds
+    "gpt_neo_short_window": (
+        "GPTNeoForCausalLM",
+        "GPTNeoConfig",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=5,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        (
+            "image.grid",
+            "built-in causal mask ('bias' at transformer.h.1.attn.attention) lets a token attend only the last 5",
+        ),
+    ),
+    # short causal convolutions over the sequence beside attention: mixes tokens in feeding order
+    "lfm2": (
+        "Lfm2ForCausalLM",
+        "Lfm2Config",
+        dict(
+            vocab_size=V,
+            **SMALL,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            layer_types=["conv", "full_attention"],
+            conv_L_cache=3,
+        ),
+        ("modules.decoder", "in Lfm2ShortConv at model.layers.0.conv, gives other outputs"),
+    ),
+    # a linear recurrence (and a convolution) whose state lives on the module, beside local attention
+    "recurrent_gemma": (
+        "RecurrentGemmaForCausalLM",
+        "RecurrentGemmaConfig",
+        dict(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            lru_width=32,
+            attention_window_size=64,
+            conv1d_width=4,
+            block_types=["recurrent", "attention"],
+            final_logit_softcapping=30.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        ("modules.decoder", "in RecurrentGemmaRecurrentBlock at model.layers.0.temporal_block, gives other outputs"),
+    ),
+    # OPT with a recipe that forgets the projection its decoder applies after the final norm
+    "opt_without_after_norm": (
+        "OPTForCausalLM",
+        "OPTConfig",
+        dict(
+            vocab_size=V,
+            hidden_size=64,
+            word_embed_proj_dim=48,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        ),
+        ("modules.after_norm", "the decoder has 'model.decoder.project_out' (64 -> 48): add it"),
+    ),
     # a state-space model: no attention to mask
     "mamba": (
         "MambaForCausalLM",
@@ -205,14 +298,28 @@ def _atol(model, layers: int = 4, width: int = 128) -> float:
         return reorder_bound(model(input_ids=ids).logits, layers, width)
 
 
-def family_model(name: str):
+# recipe keys a family's user forgot: removed from inspect's draft
+FORGOTTEN = {"opt_without_after_norm": [("modules", "after_norm")]}
+
+
+def family_model(name: str, randomized: bool = True, seed: int = 0):
+    """The family's tiny model: weights from tests/tiny.randomize (logits of a few units), or
+    with ``randomized=False`` transformers' own initialisation (std 0.02: tiny logits, where
+    a wrong decoder rarely flips an argmax)."""
+    import transformers
+
     cls, cfg_cls, cfg, _ = FAMILIES[name]
-    return _build(cls, cfg_cls, **cfg)
+    if randomized:
+        return _build(cls, cfg_cls, seed, **cfg)
+    torch.manual_seed(seed)
+    return getattr(transformers, cls)(getattr(transformers, cfg_cls)(**cfg)).eval()
 
 
 def recipe_from_draft(name: str, model) -> tuple[fa.Recipe, dict]:
     """inspect's draft, with only the token layout filled in."""
     draft = fa.inspect_model(model).draft
+    for section, key in FORGOTTEN.get(name, []):
+        draft[section].pop(key)
     structure = {k: v for k, v in draft.items() if k not in ("name", "condition", "image")}
     draft["name"] = f"unseen-{name}"
     if name == "imagegpt":  # unconditional: a start token (the last id) then 6x6 codes = the whole head
@@ -253,7 +360,7 @@ def test_inspect_draft_passes_check_and_exports(name, tmp_path):
     # kernel it selects differ, which changes float summation order: see _atol.
     rep = fa.check(model, recipe, atol=_atol(model), cond=_cond(name))
     assert rep.ok, str(rep)
-    for item in ("patch", "raster", "two_way", "steps"):
+    for item in ("patch", "raster", "two_way", "raster_dec", "steps"):
         assert rep.item(item).status == "pass", str(rep)
     H, W = recipe.image.grid
     assert f"{H + W - 1} backbone steps" in rep.item("steps").detail
@@ -273,9 +380,65 @@ def test_inspect_draft_passes_check_and_exports(name, tmp_path):
     assert torch.equal(again.generate(cond, top_k=1), gen)
 
 
-@pytest.mark.parametrize("name", REFUSED)
-def test_unsupported_families_are_refused_at_patch(name):
+def _inputs(name: str, recipe: fa.Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    cond = _cond(name) if name == "imagegpt" else torch.randint(1, V - CODES, (2, 4), generator=g)
+    return cond, torch.randint(0, recipe.image.codebook_size, (2, *recipe.image.grid), generator=g)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("randomized", [True, False], ids=["randomized", "hf_init"])
+@pytest.mark.parametrize("name", PASSING)
+def test_every_step_equals_one_teacher_forced_pass(name, randomized):
+    """Both weight scales: with transformers' own small initialisation a decoder that mixes
+    tokens by feeding order stays below argmax flips, never below the value check."""
+    model = family_model(name, randomized)
+    recipe, _ = recipe_from_draft(name, model)
+    fa.patch(model, recipe)
+    tiny.randomize(model.flashar, seed=1)  # a gate and branch that matter
+    cond, codes = _inputs(name, recipe)
+    for mode in ("two_way", "raster"):
+        found = steps_match_teacher(model, cond, codes, mode)
+        assert found.ok, found.describe()
+        assert found.bound < 1e-3 * found.scale  # an error of 1e-3 of the logits' scale is visible
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", PASSING)
+def test_an_error_of_1e3_in_one_step_fails_the_check(name, monkeypatch):
+    """One step's logits moved by 1e-3 of the logits' scale: the doctor fails both decoding
+    items (blaming the runner) and the value check fails; the bound is below the error, so
+    this cannot pass by being loose."""
     model = family_model(name)
+    recipe, _ = recipe_from_draft(name, model)
+    cond, codes = _inputs(name, recipe)
+    real = exactness.forced_steps
+
+    def one_step_off(*args, **kwargs):
+        run = real(*args, **kwargs)
+        scale = max(float(lg.abs().max()) for lg in run.logits)
+        t = len(run.logits) // 2
+        run.logits[t] = run.logits[t] + 1e-3 * scale
+        return run
+
+    fa.patch(model, recipe)
+    for mode in ("two_way", "raster"):
+        found = steps_match_teacher(model, cond, codes, mode)
+        assert found.ok and found.bound < 1e-3 * found.scale, found.describe()
+    monkeypatch.setattr(exactness, "forced_steps", one_step_off)
+    for mode in ("two_way", "raster"):
+        assert not steps_match_teacher(model, cond, codes, mode).ok
+    fa.unpatch(model)
+    rep = fa.check(model, recipe, atol=_atol(model), cond=_cond(name))
+    for item in ("two_way", "raster_dec"):
+        assert rep.item(item).status == "fail" and rep.item(item).key == "backend", str(rep)
+    assert "away from one teacher-forced pass" in rep.item("two_way").detail
+
+
+@pytest.mark.parametrize("randomized", [True, False], ids=["randomized", "hf_init"])
+@pytest.mark.parametrize("name", REFUSED)
+def test_unsupported_families_are_refused_at_patch(name, randomized):
+    model = family_model(name, randomized)
     recipe, _ = recipe_from_draft(name, model)
     key, phrase = FAMILIES[name][3]
     with pytest.raises(fa.RecipeError) as e:
@@ -284,6 +447,48 @@ def test_unsupported_families_are_refused_at_patch(name):
     assert getattr(model, "flashar", None) is None  # nothing left behind
     rep = fa.check(model, recipe)
     assert not rep.ok and rep.failed_keys == [key]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", PASSING)
+def test_half_precision_at_initialisation_is_served(name):
+    """bfloat16 with transformers' small initialisation: masking a key moves an output by
+    less than a bfloat16 step of its size, so patch's mask probe compares bitwise (a masked
+    key gets exactly zero weight); the order probe and the step check use the bound with
+    one bfloat16 rounding per layer."""
+    model = family_model(name, randomized=False).to(torch.bfloat16)
+    recipe, _ = recipe_from_draft(name, model)
+    fa.patch(model, recipe)
+    cond, codes = _inputs(name, recipe)
+    found = steps_match_teacher(model, cond, codes)
+    assert found.ok, found.describe()
+
+
+@pytest.mark.parametrize("name", ["lfm2", "recurrent_gemma"])
+def test_token_mixing_is_refused_in_half_precision(name):
+    """The order probe's bound grows by one bfloat16 rounding per layer; mixing tokens still
+    moves the module's output by O(1) of itself."""
+    model = family_model(name).to(torch.bfloat16)
+    recipe, _ = recipe_from_draft(name, model)
+    with pytest.raises(fa.RecipeError) as e:
+        fa.patch(model, recipe)
+    assert e.value.key == "modules.decoder" and FAMILIES[name][3][1] in str(e.value), str(e.value)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("branch_layer", [0, -1])
+def test_gpt_neo_cache_slots_are_observed_not_named(branch_layer):
+    """GPT-Neo's attention hands its cache ``self.layer_id``: the runner sees which slot each
+    layer uses during a probe forward, and the branch copy keeps its original's (the local
+    layer with its band opened, or the global one)."""
+    model = family_model("gpt_neo")
+    recipe, _ = recipe_from_draft("gpt_neo", model)
+    fa.patch(model, recipe.replace(branch_layer=branch_layer))
+    assert fa.context(model).runner.cache_slots == {0: 0, 1: 1}
+    cond, codes = _inputs("gpt_neo", recipe)
+    for mode in ("two_way", "raster"):
+        found = steps_match_teacher(model, cond, codes, mode)
+        assert found.ok, found.describe()
 
 
 def test_inspect_finds_the_head_chain():
@@ -295,8 +500,36 @@ def test_inspect_finds_the_head_chain():
     assert fa.inspect_model(family_model("opt")).dim == 64  # what the layers read, not the 48-wide embedding
     assert recipe_from_draft("gemma2", family_model("gemma2"))[1]["logits"] == {"softcap": 3.0}
     assert recipe_from_draft("cohere", family_model("cohere"))[1]["logits"] == {"scale": 0.25}
+    assert recipe_from_draft("recurrent_gemma", family_model("recurrent_gemma"))[1]["logits"] == {"softcap": 30.0}
     for name in ("qwen2", "gpt_neox", "imagegpt"):  # nothing between head and logits: no logits section
         assert "logits" not in recipe_from_draft(name, family_model(name))[1]
+
+
+@pytest.mark.parametrize("randomized", [True, False], ids=["randomized", "hf_init"])
+@pytest.mark.parametrize(
+    "name, config, value, field",
+    [
+        ("gemma2", {"final_logit_softcapping": 30.0}, {"softcap": 30.0}, "final_logit_softcapping"),
+        ("gemma2", {}, {"softcap": 3.0}, "final_logit_softcapping"),
+        ("recurrent_gemma", {}, {"softcap": 30.0}, "logits_soft_cap"),
+        ("cohere", {"logit_scale": 0.0625}, {"scale": 0.0625}, "logit_scale"),
+    ],
+)
+def test_inspect_drafts_the_declared_logit_constants_exactly(name, config, value, field, randomized):
+    """A cap of 30 is almost linear over a few units of logits: one probe fitted 29.9963, or a
+    scale of 0.99999. Probes at several magnitudes pin the form; the config's own value, which
+    the fit agrees with, is what the draft says, and a comment beside it says so."""
+    import transformers
+
+    cls, cfg_cls, cfg, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**{**cfg, **config})).eval()
+    if randomized:
+        tiny.randomize(model, 0)
+    ins = fa.inspect_model(model)
+    assert ins.draft["logits"] == value
+    (line,) = [line for line in ins.draft_yaml().splitlines() if line.startswith(f"  {next(iter(value))}:")]
+    assert f"# = the config's {field}" in line, line
 
 
 @pytest.mark.parametrize("name, key, value", [("cohere", "logits.scale", "0.25"), ("gemma2", "logits.softcap", "3")])
