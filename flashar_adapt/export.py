@@ -41,7 +41,8 @@ from .version import __version__
 
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
-EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors")
+# classes.json: the class names of the training data, which ``flashar-adapt export`` adds
+EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors", "classes.json")
 # ``backend``: where exports written before model formats named the backbone's format
 CONFIG_RULES = {
     "format": OneOf((FORMAT,)),

@@ -3,13 +3,21 @@ family's own layout (``flashar_adapt.export``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..export import export_merged
+from ..files import atomic_write_bytes
+from ..generation import CLASSES
 from ..training import TrainConfig, build_model_from_run
 
 
 def _export(args) -> int:
-    model = build_model_from_run(TrainConfig.load(args.config))
-    export_merged(model, args.out, merge=not args.keep_adapters)
+    cfg = TrainConfig.load(args.config)
+    model = build_model_from_run(cfg)
+    out = export_merged(model, args.out, merge=not args.keep_adapters)
+    names = Path(cfg.data) / CLASSES
+    if names.is_file():  # the class names of the training data label what the export generates
+        atomic_write_bytes(out / CLASSES, names.read_bytes())
     print(f"exported to {args.out}")
     return 0
 
