@@ -115,11 +115,10 @@ def read_class_names(path: str | os.PathLike) -> list[str] | None:
 
 
 def condition_labels(conds: list, class_names: list[str] | None = None) -> list[str]:
-    """How files and grid rows name each condition: ``"3 Dress"`` when ``class_names`` names the
-    class id, else the id or the prompt."""
+    """How files and grid rows name each condition: its class name when ``class_names`` has
+    one for the id, else the id or the prompt."""
     return [
-        f"{c} {class_names[c]}" if class_names and isinstance(c, int) and 0 <= c < len(class_names) else str(c)
-        for c in conds
+        class_names[c] if class_names and isinstance(c, int) and 0 <= c < len(class_names) else str(c) for c in conds
     ]
 
 

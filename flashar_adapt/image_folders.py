@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +189,7 @@ def tokenize_dataset(
         "bad": state["bad"],
     }
     atomic_write_bytes(out / REPORT, json.dumps(report, indent=1).encode())
-    os.unlink(out / STATE)
+    (out / STATE).unlink(missing_ok=True)  # none when no shard filled up (a folder under shard_size images)
     if report["num_examples"] == 0:
         raise DataError(f"{out}: none of the {len(items)} images could be used; reasons in {out / REPORT}")
     return report

@@ -41,11 +41,10 @@ log.propagate = False  # one line on stderr, not a second one through the root l
 _SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _graphs_made() -> int | None:
-    """Graphs dynamo has compiled in this process (its own counter), or None if it has none."""
-    from torch._dynamo.utils import counters  # dynamo is heavy to import; only compiled decoding needs it
-
-    return counters["stats"].get("unique_graphs")
+def _graphs_made() -> int:
+    """Graphs dynamo has compiled in this process (its own counter; none before it is imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")  # not imported here: eager decoding never pays for dynamo
+    return 0 if utils is None else utils.counters["stats"].get("unique_graphs", 0)
 
 
 class CompileWatch:
@@ -69,8 +68,7 @@ class CompileWatch:
     def finish(self) -> None:
         if self.t0 is None:
             return
-        made = _graphs_made()
-        n = len(self.new) if made is None or self.made0 is None else made - self.made0
+        n = _graphs_made() - self.made0
         log.info(
             "flashar-adapt: compiled %d graph(s) in %.1f s (later calls reuse them)", n, time.perf_counter() - self.t0
         )

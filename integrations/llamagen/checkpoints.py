@@ -211,14 +211,14 @@ def infer_model_args(sd: dict, **overrides) -> ModelArgs:
 
 
 def resolve_model_args(path: str | os.PathLike, sd: dict, given: dict, source: str, overrides: dict) -> ModelArgs:
-    """The ModelArgs of the checkpoint at ``path`` with weights ``sd``: ``given`` values (from
-    ``source``, e.g. a config's ``config:``), else the ``model_args.json`` beside it, else
-    what ``infer_model_args`` reads from the weights; ``overrides`` (``--set``) win over all.
-    Checked against the weights (``check_model_args``)."""
-    if not given:
-        found = model_args_beside(path)
-        if found is not None:
-            given, source = found[0], str(found[1])
+    """The ModelArgs of the checkpoint at ``path`` with weights ``sd``: the ``model_args.json``
+    beside it, with the ``given`` values (from ``source``, e.g. a config's ``config:``) over
+    it and ``overrides`` (``--set``) over both; with neither file nor given values, what
+    ``infer_model_args`` reads from the weights. Checked against the weights (``check_model_args``)."""
+    found = model_args_beside(path)
+    if found is not None:
+        source = f"{found[1]}" + (f" with {source}" if given else "")
+        given = {**found[0], **given}
     if not given:
         try:
             return infer_model_args(sd, **overrides)
