@@ -210,12 +210,15 @@ def infer_model_args(sd: dict, **overrides) -> ModelArgs:
     return args
 
 
-def resolve_model_args(path: str | os.PathLike, sd: dict, given: dict, source: str, overrides: dict) -> ModelArgs:
+def resolve_model_args(
+    path: str | os.PathLike, sd: dict, given: dict, source: str, overrides: dict, beside: bool = True
+) -> ModelArgs:
     """The ModelArgs of the checkpoint at ``path`` with weights ``sd``: the ``model_args.json``
     beside it, with the ``given`` values (from ``source``, e.g. a config's ``config:``) over
-    it and ``overrides`` (``--set``) over both; with neither file nor given values, what
-    ``infer_model_args`` reads from the weights. Checked against the weights (``check_model_args``)."""
-    found = model_args_beside(path)
+    it and ``overrides`` (``--set``) over both (``beside=False``: the given values already are
+    a model_args file); with neither file nor given values, what ``infer_model_args`` reads
+    from the weights. Checked against the weights (``check_model_args``)."""
+    found = model_args_beside(path) if beside else None
     if found is not None:
         source = f"{found[1]}" + (f" with {source}" if given else "")
         given = {**found[0], **given}

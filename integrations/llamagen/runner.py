@@ -174,7 +174,8 @@ class LlamaGenFormat(ModelFormat):
                 load_state_dict_into(model, sd, root / ckpt)
         elif ckpt is not None:
             sd = read_state_dict(root / ckpt)
-            model = Transformer(resolve_model_args(root / ckpt, sd, given, source, overrides))
+            args = resolve_model_args(root / ckpt, sd, given, source, overrides, beside=not spec.get("model_args"))
+            model = Transformer(args)
             load_state_dict_into(model, sd, root / ckpt)
         elif given or overrides:
             model = Transformer(model_args_of({**given, **overrides}, source))
