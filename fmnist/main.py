@@ -138,7 +138,7 @@ def run(
     print(f"sample grid (CFG {cfg_scale}): {png}")
 
     # 2. speed, side by side
-    _print_speed(speed(decs, big_batch=64, repeat=repeat))
+    print_speed(speed(decs, big_batch=64, repeat=repeat))
 
     # 3. quality on a quick sample
     n = samples
@@ -165,7 +165,7 @@ def _expected_minutes(samples: int, repeat: int, retrain: bool) -> str:
     return f"{max(1, round(m))}"
 
 
-def _print_speed(sp: dict) -> None:
+def print_speed(sp: dict) -> None:
     """The speed table; when the repeats disagree (a busy machine), the numbers are flagged
     as unusable instead of being printed as a result."""
     busy = max(v["spread"] for v in sp.values())

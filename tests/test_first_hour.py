@@ -19,7 +19,7 @@ from flashar_adapt.fmnist import ASSETS
 from flashar_adapt.fmnist import build as fbuild
 from flashar_adapt.fmnist.base import base_args
 from flashar_adapt.fmnist.config import CONFIGS, post_training_config, read_config, write_post_training_config
-from flashar_adapt.fmnist.main import _print_speed
+from flashar_adapt.fmnist.main import print_speed
 from flashar_adapt.formats import FormatError
 from flashar_adapt.generation import generate_codes
 from flashar_adapt.inspection import load_model
@@ -241,9 +241,9 @@ def test_demo_flags_timings_of_a_busy_machine(capsys):
         "raster": {"latency_s": 1.0, "throughput": 10.0, "spread": 1.05},
         "two_way": {"latency_s": 0.2, "throughput": 15.0, "spread": 1.1},
     }
-    _print_speed(quiet)
+    print_speed(quiet)
     assert "NOT a measurement" not in capsys.readouterr().out
-    _print_speed({**quiet, "raster": {**quiet["raster"], "spread": 1.6}})
+    print_speed({**quiet, "raster": {**quiet["raster"], "spread": 1.6}})
     out = capsys.readouterr().out
     assert "NOT a measurement" in out and "differ by up to 1.60x" in out
 
