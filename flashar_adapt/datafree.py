@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .decoding import prefill, step
 from .files import atomic_write_bytes
 from .patching import context
+from .sampling import Sampling
 from .shards import STATE, DataError, ShardWriter, resume_state
 from .validate import Num
 
@@ -47,11 +49,19 @@ class TeacherSampling:
     top_p: float = 1.0
 
 
+# An odd 32-bit multiplier (2**32 / golden ratio): seed -> seed * M is a bijection modulo 2**32.
+_SEED_MIX = 0x9E3779B1
+
+
 def batch_seed(seed: int, b: int) -> int:
-    """The generator seed of batch ``b``: distinct for every (seed, batch) pair."""
+    """The generator seed of batch ``b``, in 32 bits: a CPU ``torch.Generator`` keeps only the
+    low 32 bits of its seed, so ``(seed << 32) | b`` gave every seed the same batches.
+    ``(seed * M + b) mod 2**32`` differs for every batch of one seed and for every seed at one
+    batch, and across (seed, batch) pairs for seeds below 1024 and batches below 2**20
+    (tests/test_teacher.py checks the multiples of M exhaustively)."""
     if not (0 <= seed < 2**31 and 0 <= b < 2**32):
         raise DataError(f"seed must lie in [0, 2**31) (got {seed})")
-    return (seed << 32) | b
+    return (seed * _SEED_MIX + b) % 2**32
 
 
 def uniform_classes(n: int, num_classes: int) -> list[int]:
@@ -80,19 +90,49 @@ def encode_prompts(prompts: list[str], text: Callable[[str], list[int]], prefix_
 
 
 def sample_batch(
-    model, conds: list, b: int, *, seed: int, sampling: TeacherSampling, text: Callable[[str], list[int]] | None = None
+    model,
+    conds: list,
+    b: int,
+    *,
+    seed: int,
+    sampling: TeacherSampling,
+    text: Callable[[str], list[int]] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes, cond, prompt lengths or None) of one batch, sampled by raster decoding."""
+    """(codes, cond, prompt lengths or None) of one batch, sampled by raster decoding: the
+    ``prefill``/``step`` loop ``model.generate(mode="raster")`` runs (the same codes), so that
+    ``on_step(t, steps)`` can report every step of a long batch."""
     dev = next(model.parameters()).device
     if text is None:
         cond, mask, lens = torch.tensor(conds, dtype=torch.long), None, None
     else:
         cond, mask, lens = encode_prompts(conds, text, context(model).recipe.condition.prefix_len)
     g = torch.Generator(device=dev).manual_seed(batch_seed(seed, b))
-    codes = model.generate(
-        cond.to(dev), mode="raster", cond_mask=None if mask is None else mask.to(dev), generator=g, **asdict(sampling)
+    state = prefill(
+        model,
+        cond.to(dev),
+        mode="raster",
+        cond_mask=None if mask is None else mask.to(dev),
+        sampling=Sampling(**asdict(sampling), generator=g),
     )
-    return codes.cpu(), cond, lens
+    while not state.done:
+        step(state)
+        if on_step is not None:
+            on_step(state.t, state.num_steps)
+    return state.image().cpu(), cond, lens
+
+
+def _step_progress(bar, new_images: int, label: str) -> Callable[[int, int], None]:
+    """Move ``bar`` (counting images) through a batch step by step: by the share of the
+    batch's ``new_images`` decoded so far, with the step in its postfix. A batch of a large
+    model takes minutes; a bar that moves once per batch looks stuck."""
+    start = bar.n
+
+    def on_step(t: int, steps: int) -> None:
+        bar.set_postfix_str(f"{label}, step {t}/{steps}", refresh=False)
+        bar.update(start + new_images * t // steps - bar.n)  # refreshes at most every mininterval
+
+    return on_step
 
 
 def _fingerprint(
@@ -165,10 +205,10 @@ def sample_dataset(
     t_run = time.perf_counter()
     for b in range(done // batch_size, -(-n // batch_size)):
         start = b * batch_size
-        codes, cond, lens = sample_batch(
-            model, conds[start : start + batch_size], b, seed=seed, sampling=sampling, text=text
-        )
+        part = conds[start : start + batch_size]
         skip = max(0, done - start)  # a resumed run's first batch: the shards already hold its head
+        on_step = _step_progress(bar, len(part) - skip, f"batch {b + 1}/{-(-n // batch_size)}")
+        codes, cond, lens = sample_batch(model, part, b, seed=seed, sampling=sampling, text=text, on_step=on_step)
         before = len(writer.shards)
         writer.add(codes[skip:], cond[skip:], None if lens is None else lens[skip:])
         done = start + codes.shape[0]
@@ -180,7 +220,7 @@ def sample_dataset(
             )
             t_run = time.perf_counter()
             atomic_write_bytes(out / STATE, json.dumps(state).encode())
-        bar.update(codes.shape[0] - skip)
+        bar.update(done - bar.n)
     bar.close()
     writer.close()
     report = {

@@ -356,6 +356,31 @@ def _check_steps(model, rep, cond, codes, mode: str):
 # ---------------------------------------------------------------- check
 
 
+def _backbone_steps(ctx, run) -> tuple:
+    """(``run()``, the backbone forwards it made): calls of the first decoder layer, plus the
+    runner's fused passes that run a fused branch block in its place (a branch at layer 0 of
+    LlamaGen: that block never calls the layer, so its hooks would count nothing)."""
+    calls = []
+    hook = ctx.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    fused = ctx.runner.run_with_branch if ctx.runner.fused_branch else None
+    if fused is not None:
+
+        def counted(*a, **k):
+            n = len(calls)
+            out = fused(*a, **k)
+            if len(calls) == n:  # layer 0 ran inside the fused block
+                calls.append(1)
+            return out
+
+        ctx.runner.run_with_branch = counted
+    try:
+        return run(), calls
+    finally:
+        hook.remove()
+        if fused is not None:
+            del ctx.runner.run_with_branch  # the class's method again
+
+
 def check(
     model: nn.Module, recipe: Recipe | str | None = None, *, grid=None, cond=None, atol: float = 1e-4, **overrides
 ) -> Report:
@@ -402,12 +427,7 @@ def check(
             _check_layout_hints(ctx, rep, s_cond, codes, g)
             for mode in ("two_way", "raster"):
                 _check_steps(model, rep, s_cond, codes, mode)
-            calls = []
-            hook = ctx.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
-            try:
-                model.generate(s_cond, top_k=1, grid=g)
-            finally:
-                hook.remove()
+            _, calls = _backbone_steps(ctx, lambda: model.generate(s_cond, top_k=1, grid=g))
             want = g[0] + g[1] - 1
             rep.add(
                 "steps",

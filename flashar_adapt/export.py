@@ -44,6 +44,7 @@ from .files import (
     target_lock,
 )
 from .formats import FormatError, save_model, spec_format
+from .generation import CLASSES
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
 from .training import RunPoint, TrainConfig, TrainingError, add_lora, load_run
@@ -53,7 +54,8 @@ from .version import __version__
 FORMAT = "flashar-export/1"
 CONFIG = "flashar_config.json"  # also the marker that a folder is an export
 EXPORT_KIND = "flashar-adapt export"  # the kind our temp folders' markers name
-EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors")
+# classes.json: the class names of the training data, which ``flashar-adapt export`` adds
+EXPORT_ENTRIES = ("backbone", "flashar.safetensors", "recipe.yaml", CONFIG, "adapters.safetensors", "classes.json")
 # ``backend``: where exports written before model formats named the backbone's format
 CONFIG_RULES = {
     "format": OneOf((FORMAT,)),
@@ -90,7 +92,7 @@ def _flashar_state(model) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in model.flashar.state_dict().items()}
 
 
-def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
+def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_files: dict | None = None) -> Path:
     """Write ``model`` (patched, possibly with LoRA) to ``out_dir``. LoRA is merged into the
     backbone in place first, so the exported weights are what the model computes.
     ``out_dir`` must not exist, be empty, or be a previous export (then it is replaced).
@@ -99,8 +101,14 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
     ``merge=False`` keeps the adapters apart instead: ``backbone/`` holds the original
     weights and ``adapters.safetensors`` the LoRA factors, re-attached by ``load_adapted``;
     under ``fa.adapters_disabled(model)`` the loaded model is the original model exactly
-    (raster mode), with them it is the post-trained one (two-way)."""
+    (raster mode), with them it is the post-trained one (two-way).
+
+    ``extra_files`` ({name in ``EXPORT_ENTRIES``: bytes}) are written into the folder before
+    it appears, so an export is complete or absent, never half labelled."""
     ctx = context(model)
+    for name in extra_files or {}:
+        if name not in EXPORT_ENTRIES or "/" in name:
+            raise ExportError(f"extra_files: {name!r} is not a file an export holds ({', '.join(EXPORT_ENTRIES)})")
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +121,8 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True) -> Path:
         tmp = owned_temp_dir(out_dir, EXPORT_KIND)
         try:
             _write_export(model, ctx, tmp, merged, adapters, lora_meta)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
             _swap_in(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # made by this call
@@ -151,7 +161,9 @@ def export_run(
             "--allow-unfinished to export this checkpoint"
         )
     log(f"exporting run {cfg.out_dir} at {point}" + (" (still training)" if holder is not None else ""))
-    return export_merged(model, out_dir, merge=merge), point
+    names = Path(cfg.data) / CLASSES
+    extra = {CLASSES: names.read_bytes()} if names.is_file() else None  # labels what the export generates
+    return export_merged(model, out_dir, merge=merge, extra_files=extra), point
 
 
 def _write_export(model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta: dict | None) -> None:

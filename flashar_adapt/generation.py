@@ -20,11 +20,13 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .decoding import prefill, step
 from .errors import InputError
 from .files import apply_umask, atomic_save_safetensors, disown, owned_temp_dir, remove_dead_temp_dirs
 from .image_folders import to_pil
 from .patching import context
 from .recipe import Recipe
+from .sampling import Sampling, sample
 from .tokenizers import ImageTokenizer, TokenizerError
 
 GENERATE_KIND = "flashar-adapt generate"  # the kind our temp folders' markers name
@@ -97,6 +99,32 @@ def _prompt_batch(prompts: list[str], text, prefix_len: int):
     return cond, mask
 
 
+CLASSES = "classes.json"  # class names in id order, written by ``tokenize`` from the sub-folder names
+
+
+def read_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names of a ``classes.json`` (a JSON list of strings, id order); None when
+    there is none. A malformed one is an error naming it (it would label every image wrongly)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GenerateError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise GenerateError(f"{path}: expected a JSON list of class names")
+    return names
+
+
+def condition_labels(conds: list, class_names: list[str] | None = None) -> list[str]:
+    """How files and grid rows name each condition: its class name when ``class_names`` has
+    one for the id, else the id or the prompt."""
+    return [
+        class_names[c] if class_names and isinstance(c, int) and 0 <= c < len(class_names) else str(c) for c in conds
+    ]
+
+
 def steps_per_image(mode: str, grid) -> int:
     """Serial decoding steps after the prefix: H+W-1 anti-diagonals, or H*W tokens."""
     return grid[0] + grid[1] - 1 if mode == "two_way" else grid[0] * grid[1]
@@ -119,8 +147,10 @@ def generate_codes(
     log=print,
     compile=False,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Codes for every condition, batch by batch, with the steps and wall time of each batch
-    (with ``compile``, the first batch of each size includes the compile time)."""
+    """Codes for every condition, batch by batch, with the steps and wall time of each batch.
+    With ``compile`` the first batch includes the compile time, and a smaller last batch is
+    padded to the batch size (with its last condition, results dropped) so that it runs the
+    graphs already compiled instead of compiling its own."""
     ctx = context(model)
     dev = next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -129,6 +159,9 @@ def generate_codes(
     starts = range(0, len(conds), batch_size)
     for b, i in enumerate(tqdm(starts, desc=f"generate ({mode})", disable=not progress)):
         part = conds[i : i + batch_size]
+        n_real = len(part)
+        if compile and b > 0 and n_real < batch_size:
+            part = part + [part[-1]] * (batch_size - n_real)
         if text is None:
             cond, mask = torch.tensor(part, dtype=torch.long, device=dev), None
         else:
@@ -136,26 +169,37 @@ def generate_codes(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        codes = model.generate(
-            cond,
-            mode=mode,
-            cfg_scale=cfg_scale,
-            cfg_schedule=cfg_schedule,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=g,
-            cond_mask=mask,
-            compile=compile,
-        )
+        sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, g)
+        if n_real == len(part):
+            codes = model.generate(cond, mode=mode, cond_mask=mask, sampling=sampling, compile=compile)
+        else:
+            codes = _decode_padded(model, cond, mask, n_real, mode, sampling)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
         steps = steps_per_image(mode, grid)
-        timings.append({"batch": b, "images": len(part), "steps": steps, "seconds": round(dt, 4)})
-        log(f"batch {b + 1}/{len(starts)}: {len(part)} images, {steps} steps, {dt:.2f} s")
-        out.append(codes.cpu())
+        timings.append({"batch": b, "images": n_real, "steps": steps, "seconds": round(dt, 4)})
+        padded = f" (padded to {len(part)}: the compiled size)" if len(part) != n_real else ""
+        log(f"batch {b + 1}/{len(starts)}: {n_real} images{padded}, {steps} steps, {dt:.2f} s")
+        out.append(codes[:n_real].cpu())
     return torch.cat(out), timings
+
+
+def _decode_padded(model, cond, mask, n_real: int, mode: str, sampling: Sampling) -> torch.Tensor:
+    """Compiled decoding of a batch padded past its ``n_real`` images: the first rows sample
+    exactly as an unpadded batch would (the padding rows decode greedily, drawing no random
+    numbers), so padding changes no image."""
+    if sampling.greedy:
+        return model.generate(cond, mode=mode, cond_mask=mask, sampling=sampling, compile=True)
+    greedy = Sampling(sampling.cfg_scale, sampling.cfg_schedule, top_k=1)
+    state = prefill(model, cond, mode=mode, cond_mask=mask, sampling=greedy, compile=True)
+    while not state.done:
+        cells = state.cells()
+        step(state)
+        lg = state.logits[:n_real]
+        with torch.inference_mode():  # the state's tensors are inference tensors
+            state.codes[:n_real, cells] = sample(lg.reshape(-1, lg.shape[-1]), sampling).view(n_real, -1)
+    return state.image()
 
 
 def labelled_grid(images: torch.Tensor, labels: list[str], per_row: int, min_cell: int = 64):
@@ -224,10 +268,12 @@ def generate_to_folder(
     per_cond: int = 1,
     progress: bool = True,
     compile: bool = False,
+    class_names: list[str] | None = None,
 ) -> str:
     """Generate one image per entry of ``conds`` into the new folder ``out``: codes.safetensors,
     generate.json (settings and per-batch timings) and, when ``tok`` decodes them, PNG files and
-    grid.png (``per_cond`` images a row). Returns what was written, in words."""
+    grid.png (``per_cond`` images a row), labelled with ``class_names`` where they name the
+    class (``read_class_names``). Returns what was written, in words."""
     out = refuse_existing(out)
     recipe = context(model).recipe
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +296,7 @@ def generate_to_folder(
             progress=progress,
             compile=compile,
         )
-        labels = [str(c) for c in conds]
+        labels = condition_labels(conds, class_names)
         meta = {
             "recipe": recipe.name,
             "mode": mode,
@@ -258,7 +304,8 @@ def generate_to_folder(
             "seed": seed,
             "grid": list(codes.shape[1:]),
             "compile": compile,
-            "conditions": labels,
+            "conditions": [str(c) for c in conds],
+            "labels": labels,
             "batches": timings,
         }
         what = _write_outputs(tmp, codes, labels, meta, tok, recipe, per_cond)

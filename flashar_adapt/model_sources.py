@@ -49,11 +49,15 @@ def load_patched(
     flashar_weights: str | None = None,
     need_model: bool = True,
     allow_config_change: bool = False,
+    overrides: dict | None = None,
 ) -> tuple[nn.Module | None, Recipe, Path | None]:
     """(patched model, or None for a recipe alone when not ``need_model``; its recipe; the
     folder a text tokenizer may live in) from the first source given: an export folder, a
     training run's config (its checkpoint must come from that config and its recipe as
-    they are now, unless ``allow_config_change``), or a checkpoint with a recipe."""
+    they are now, unless ``allow_config_change``), or a checkpoint with a recipe.
+    ``overrides`` (``--set``): model constructor values the checkpoint at ``model`` does not
+    record."""
+    _check_overrides(overrides, model, export, run_config)
     if export:
         try:
             loaded = load_adapted(export, device=device)
@@ -70,7 +74,7 @@ def load_patched(
         if need_model:
             raise ModelSourceError("--recipe needs --model PATH (the checkpoint to generate with)")
         return None, rec, None
-    loaded, _ = load_model(model)
+    loaded, _ = load_model_file(model, overrides)
     loaded = patch(loaded.to(device) if device else loaded, rec)
     if flashar_weights:
         load_flashar_weights(loaded, flashar_weights)
@@ -85,10 +89,12 @@ def load_raster_teacher(
     recipe: str | None = None,
     recipe_dirs: list | None = None,
     device: str | None = None,
+    overrides: dict | None = None,
 ) -> tuple[nn.Module, Recipe, Path | None, str]:
     """The original raster model to sample data-free shards from: (model, recipe, text
     tokenizer folder, its identity for the run's fingerprint). A run's base model, never its
     checkpoint; never an export (its raster mode is the post-trained model)."""
+    _check_overrides(overrides, model, export, run_config)
     if export:
         raise ModelSourceError(
             "--from-model samples the original raster model: give --model with --recipe, or --config "
@@ -103,8 +109,38 @@ def load_raster_teacher(
         raise ModelSourceError(
             "--from-model needs the raster model: --model PATH with --recipe NAME, or --config RUN.yaml"
         )
-    loaded, rec, folder = load_patched(model=model, recipe=recipe, recipe_dirs=recipe_dirs, device=device)
-    return loaded, rec, folder, str(Path(model).resolve())
+    loaded, rec, folder = load_patched(
+        model=model, recipe=recipe, recipe_dirs=recipe_dirs, device=device, overrides=overrides
+    )
+    ident = str(Path(model).resolve()) + (json.dumps(overrides, sort_keys=True) if overrides else "")
+    return loaded, rec, folder, ident
+
+
+def _check_overrides(overrides: dict | None, model, export, run_config) -> None:
+    """``--set`` sizes belong to a checkpoint loaded by path; an export or a run records its own."""
+    if overrides and (export or run_config or not model):
+        raise ModelSourceError(
+            "--set gives sizes for a checkpoint loaded with --model; an --export folder or a --config run "
+            "records its model's sizes itself"
+        )
+
+
+def model_folders(
+    *, export: str | None = None, run_config: str | None = None, model: str | None = None, **_
+) -> list[Path]:
+    """The folders that may hold files describing a model source (its ``classes.json``):
+    an export folder; a run's shard folder and its base model's folder; a checkpoint's folder."""
+    if export:
+        return [Path(export)]
+    if run_config:
+        cfg = TrainConfig.load(run_config)
+        named = [cfg.model.get(k) for k in ("checkpoint", "path") if isinstance(cfg.model.get(k), str)]
+        return [Path(cfg.data)] + [_folder_of(Path(p)) for p in named]
+    return [_folder_of(Path(model))] if model else []
+
+
+def _folder_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
 
 
 def text_tokenizer(path: str | os.PathLike, template: str) -> Callable[[str], list[int]]:

@@ -22,28 +22,15 @@ from tqdm.auto import tqdm
 from flashar_adapt.files import atomic_save_safetensors, atomic_write_bytes
 from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
 
+from .config import base_config
+
 GRID = 14
 CODEBOOK = 256
 
 
 def base_args(**over) -> ModelArgs:
-    kw = dict(
-        dim=128,
-        n_layer=4,
-        n_head=4,
-        multiple_of=32,
-        vocab_size=CODEBOOK,
-        num_classes=10,
-        block_size=GRID * GRID,
-        cls_token_num=1,
-        class_dropout_prob=0.1,
-        token_dropout_p=0.0,
-        resid_dropout_p=0.0,
-        ffn_dropout_p=0.0,
-        drop_path_rate=0.0,
-    )
-    kw.update(over)
-    return ModelArgs(**kw)
+    """The base model's ModelArgs: ``configs/base.yaml`` (``model:``), ``over`` replacing fields."""
+    return ModelArgs(**{**base_config()["model"], **over})
 
 
 @torch.no_grad()
@@ -80,7 +67,7 @@ def train_base(
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = args or base_args()
-    (out / "base_config.json").write_text(json.dumps(asdict(args), indent=1))  # weights are useless without it
+    (out / "model_args.json").write_text(json.dumps(asdict(args), indent=1))  # weights are useless without it
     torch.manual_seed(seed)
     model = Transformer(args)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from flashar_adapt.datafree import TeacherSampling, sample_dataset, uniform_classes
 from flashar_adapt.export import export_merged
 from flashar_adapt.files import atomic_save_safetensors
+from flashar_adapt.generation import CLASSES
 from flashar_adapt.integrations.llamagen import read_state_dict
 from flashar_adapt.shards import ShardWriter
 from flashar_adapt.training import TrainConfig, build_model_from_run, train
@@ -32,20 +33,25 @@ from flashar_adapt.training import TrainConfig, build_model_from_run, train
 from . import ASSETS
 from .base import train_base
 from .classifier import train_classifier
-from .data import load_fmnist
+from .config import base_config, post_training_config, read_config
+from .data import CLASS_NAMES, load_fmnist
 from .evaluate import Judge, decoder, load_base, load_flashar, nll_bits, sample_codes
 from .tokenizer import PatchVQ, psnr
 
+# The configs that made the shipped models (fmnist/configs/*.yaml): read here, so the build and
+# the shipped files cannot drift apart.
+_POST = read_config("flashar")
 # Post-training budget: stage 1 and stage 2 steps at a batch of POST_BATCH images, 9.6% of
 # the images the 1400-step base model saw (the issue allows at most 10%).
-STAGE1_STEPS = 135
-STAGE2_STEPS = 135
-POST_BATCH = 32
+STAGE1_STEPS = _POST["stage1"]["steps"]
+STAGE2_STEPS = _POST["stage2"]["steps"]
+POST_BATCH = _POST["batch_size"]
 # Stage 2 with LoRA and distillation of the fused prediction toward the raster base: on this
 # budget both beat the paper's full fine-tuning with one-hot targets (docs/fmnist.md).
-STAGE2_LORA = True
-W_KD_FUSED = 3.0
-BASE_BATCH = 64
+STAGE2_LORA = _POST["stage2"]["lora"]
+W_KD_FUSED = _POST["w_kd_fused"]
+BASE_TRAIN = base_config()["train"]
+BASE_BATCH = BASE_TRAIN["batch"]
 
 
 def tokenize(assets: Path, work: Path) -> dict:
@@ -98,12 +104,11 @@ def build_base(assets: Path, work: Path, steps: int) -> None:
         c["test"][sub].long(),
         c["test_labels"][sub],
         work / "base",
-        steps=steps,
-        batch=BASE_BATCH,
-        eval_every=200,
+        **{**BASE_TRAIN, "steps": steps},
     )
-    for name in ("base.safetensors", "base_config.json", "base_train_log.jsonl"):
+    for name in ("base.safetensors", "model_args.json", "base_train_log.jsonl"):
         shutil.copy(work / "base" / name, assets / name)
+    _write_class_names(assets)
     _update_info(
         assets,
         base={
@@ -143,30 +148,15 @@ def post_config(
     """A training config for one variant; written to work/<name>.yaml. ``data``: the shards
     (default: the real training images, work/shards)."""
     work = work.resolve()  # the config's relative paths would resolve against its own folder
-    cfg = {
-        "model": {
-            "backend": "llamagen",
-            "checkpoint": str((base or ASSETS) / "base.safetensors"),
-            "model_args": None,
-            "config": json.loads(((base or ASSETS) / "base_config.json").read_text()),
-            "dtype": "float32",
-        },
-        "recipe": "fmnist-c2i",
-        "data": str(Path(data).resolve() if data else work / "shards"),
-        "out_dir": str(work / "runs" / name),
-        "stage1": {"steps": stage1, "lr": 1e-3, "warmup_steps": 10},
-        "stage2": {"steps": stage2, "lr": 1e-3, "warmup_steps": 10, "lora": lora, "lora_lr_scale": 3.0},
-        "w_kd_fused": w_kd_fused,
-        "batch_size": POST_BATCH,
-        "save_every": 10,
-        "seed": 0,
-        "cpu": True,
-    }
-    cfg["model"].pop("model_args")
+    changes = {"stage1.steps": stage1, "stage2.steps": stage2, "stage2.lora": lora, "w_kd_fused": w_kd_fused}
+    if base is not None:
+        changes["model.checkpoint"] = str(Path(base).resolve() / "base.safetensors")
     if fixed_gate is not None:
-        cfg["fixed_gate"] = fixed_gate
+        changes["fixed_gate"] = fixed_gate
     if branch_layer is not None:
-        cfg["recipe_overrides"] = {"flashar.branch_layer": branch_layer}
+        changes["recipe_overrides"] = {"flashar.branch_layer": branch_layer}
+    data = Path(data).resolve() if data else work / "shards"
+    cfg = post_training_config(data, work / "runs" / name, changes=changes)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -223,10 +213,16 @@ def _ship_export(src: Path, dst: Path) -> None:
     cfg["backbone"]["checkpoint"] = "llamagen.safetensors"
     cfg["backbone"]["dtype"] = "float32"  # stored in fp16, computed in fp32 on CPU
     (tmp / "flashar_config.json").write_text(json.dumps(cfg, indent=1))
+    _write_class_names(tmp)
     fl = load_file(str(tmp / "flashar.safetensors"))
     save_file({k: v.half() for k, v in fl.items()}, str(tmp / "flashar.safetensors"))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
+
+
+def _write_class_names(folder: Path) -> None:
+    """classes.json beside a shipped model: generate labels its images by name."""
+    (folder / CLASSES).write_text(json.dumps(CLASS_NAMES, indent=1) + "\n")
 
 
 VARIANTS = {
@@ -341,7 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=["tokenizer", "classifier", "base", "flashar", "variants", "data_free"])
     ap.add_argument("--assets", type=Path, default=ASSETS)
     ap.add_argument("--work", type=Path, default=Path("runs/fmnist"))
-    ap.add_argument("--steps", type=int, default=1400, help="base model: maximum training steps")
+    ap.add_argument("--steps", type=int, default=BASE_TRAIN["steps"], help="base model: maximum training steps")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--eval-samples", type=int, default=5000, help="data_free: samples for Frechet and accuracy")

@@ -17,6 +17,11 @@ ensure_fashion_mnist() {
 # local disk; peft/accelerate installed before torch would pull a multi-GB CUDA build).
 make_venv() {
   local venv="$1" extras="$2"
+  if [ -x "$venv/bin/python" ]; then
+    echo "checking the installation in $venv (pip; seconds) ..." >&2
+  else
+    echo "creating $venv and installing torch and the project (pip; a few minutes the first time) ..." >&2
+  fi
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -c constraints.txt torch==2.13.0
   "$venv/bin/pip" install -q -c constraints.txt -e ".[$extras]"

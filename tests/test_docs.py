@@ -11,7 +11,9 @@ How a block runs is said by an HTML comment right above it (invisible when rende
     with {stage1: {steps: 2}}            YAML merged into the block before it is written
     run                                  python: exec; console: each `$ ` command, output compared
                                          (`...` matches anything, progress bars are
-                                         ignored); bash: each line
+                                         ignored); bash: each line (`flashar-adapt ...`,
+                                         `python -m MODULE ...`, `VAR=$(python -c "...")`
+                                         and `$VAR` in later lines)
     not-run torchrun: reason             bash lines starting with this program are not run
     exit 2                               the exit status each console command must return
     skip: reason                         the block is not run (the reason is required)
@@ -21,9 +23,13 @@ Blocks of one guide share a folder and a Python namespace, in the order they app
 reader following the guide would. Commands are `flashar-adapt ...`, run in-process.
 
 The stand-ins (`given`): `gpt2 PATH` (a 4-layer GPT-2 save_pretrained folder),
-`llamagen-checkpoint PATH KEY=VALUE...` (random weights of `ModelArgs(KEY=VALUE...)` in the
-official `{"model": state_dict}` layout), `class-batches NAME grid=H codebook=K classes=C`
-(`NAME` = two batches of 4 random `(codes, labels)`).
+`llamagen-checkpoint PATH KEY=VALUE... [--model-args]` (random weights of
+`ModelArgs(KEY=VALUE...)` in the official `{"model": state_dict}` layout; `--model-args`
+writes its sizes beside it, as an official size needs no file), `llamagen-vq PATH
+codebook_size=K` (a small VQ-16), `image-folder DIR classes=C per-class=N size=S mode=L|RGB`
+(random PNGs in class sub-folders), `class-batches NAME grid=H codebook=K classes=C` (`NAME`
+= two batches of 4 random `(codes, labels)`). `needs fashion-mnist`: the guide is skipped
+where the dataset is not installed (it is wherever scripts/test.sh ran as root).
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ import dataclasses
 import doctest
 import inspect
 import io
+import json
 import os
 import re
+import runpy
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -48,7 +57,14 @@ from flashar_adapt import commands
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-GUIDES = ["README.md", "docs/api.md", "docs/training.md", "docs/writing-a-recipe.md"]
+GUIDES = [
+    "README.md",
+    "docs/api.md",
+    "docs/training.md",
+    "docs/writing-a-recipe.md",
+    "docs/quickstart-real-model.md",
+    "docs/fmnist.md",
+]
 CODE_LANGS = {"python", "bash", "sh", "console", "yaml", "toml"}
 
 
@@ -99,16 +115,42 @@ def _directives(lines: list[str], fence: int) -> list[str]:
 # ---------------------------------------------------------------- stand-ins for real weights
 
 
+def _kv(args: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args)}
+
+
 def _given(spec: str, ns: dict) -> None:
     kind, *args = shlex.split(spec)
     torch.manual_seed(0)
     if kind == "gpt2":  # a 4-layer GPT-2 save_pretrained folder (module names unlike Llama's)
         tiny.gpt2().save_pretrained(args[0], safe_serialization=True)
     elif kind == "llamagen-checkpoint":  # an official-layout {"model": state_dict} of ModelArgs(**k=v)
+        from dataclasses import asdict
+
         from flashar_adapt.integrations.llamagen import ModelArgs, Transformer
 
-        kw = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args[1:])}
+        record = "--model-args" in args  # a small stand-in is no official size: it records its sizes
+        kw = _kv([a for a in args[1:] if a != "--model-args"])
         torch.save({"model": Transformer(ModelArgs(**kw)).state_dict()}, args[0])
+        if record:
+            (Path(args[0]).parent / "model_args.json").write_text(json.dumps(asdict(ModelArgs(**kw))))
+    elif kind == "llamagen-vq":  # PATH codebook_size=K: a small VQ-16 in the official {"model": ...} layout
+        from flashar_adapt.integrations.llamagen import VQ_16
+
+        kw = dict(ch=32, z_channels=32, codebook_embed_dim=8, num_res_blocks=1, **_kv(args[1:]))
+        torch.save({"model": VQ_16(**kw).state_dict()}, args[0])
+    elif kind == "image-folder":  # DIR classes=C per-class=N size=S mode=L|RGB: random PNGs, a class folder
+        from PIL import Image
+
+        kw = _kv(args[1:])
+        g = torch.Generator().manual_seed(0)
+        chans = 3 if kw.get("mode", "RGB") == "RGB" else 1
+        for c in range(kw["classes"]):
+            folder = Path(args[0]) / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(kw["per-class"]):
+                x = torch.randint(0, 256, (kw["size"], kw["size"], chans), generator=g, dtype=torch.uint8)
+                Image.fromarray(x.squeeze(-1).numpy() if chans == 1 else x.numpy()).save(folder / f"{k}.png")
     elif kind == "class-batches":  # NAME grid=H codebook=K classes=C: two batches of 4 (codes, labels)
         kw = {k: int(v) for k, v in (a.split("=", 1) for a in args[1:])}
         g = torch.Generator().manual_seed(0)
@@ -127,18 +169,20 @@ def _given(spec: str, ns: dict) -> None:
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
+    """Run ``flashar-adapt ...`` or ``python -m MODULE ...`` in-process; (exit status, output)."""
     env = {}
     while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):
         k, v = argv.pop(0).split("=", 1)
         env[k] = v
-    assert argv and argv[0] == "flashar-adapt", f"only flashar-adapt commands run here, got {argv}"
+    module = argv[1:2] == ["-m"] and argv[0] == "python"
+    assert argv and (argv[0] == "flashar-adapt" or module), f"only flashar-adapt and python -m run here, got {argv}"
     out = io.StringIO()
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
-                rc = commands.main(argv[1:])
+                rc = _run_module(argv[2], argv[3:]) if module else commands.main(argv[1:])
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else 1
     finally:
@@ -146,6 +190,27 @@ def _cli(argv: list[str]) -> tuple[int, str]:
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     # progress bars (tqdm, transformers' weight loading) are not part of what a guide shows
     return rc, "\n".join(ln for ln in out.getvalue().splitlines() if not re.search(r"\d+%\|", ln)) + "\n"
+
+
+def _run_module(name: str, args: list[str]) -> int:
+    """``python -m name args`` as the shell would run it, in this process."""
+    saved = sys.argv
+    sys.argv = [name, *args]
+    try:
+        with warnings.catch_warnings():  # "found in sys.modules": a module the tests imported runs again as __main__
+            warnings.simplefilter("ignore", RuntimeWarning)
+            runpy.run_module(name, run_name="__main__", alter_sys=False)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _python_c(code: str) -> str:
+    """What ``python -c code`` prints (the guide's `VAR=$(python -c "...")`), run in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<python -c>", "exec"), {"__name__": "__main__"})  # noqa: S102 - the guide's own code
+    return out.getvalue().strip()
 
 
 def _run_console(b: Block, text: str, want_rc: int) -> None:
@@ -169,11 +234,16 @@ def _run_console(b: Block, text: str, want_rc: int) -> None:
 
 def _run_bash(b: Block, text: str, not_run: set[str]) -> None:
     ran = 0
-    for line in text.splitlines():
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():  # continuation lines joined, as the shell does
         cmd = re.sub(r"\s+#.*$", "", line).strip()
         if not cmd or cmd.startswith("#"):
             continue
-        argv = shlex.split(cmd)
+        m = re.fullmatch(r"""([A-Z_][A-Z0-9_]*)=\$\(python -c "([^"]*)"\)""", cmd)
+        if m:  # a shell variable from a Python one-liner, for the lines below
+            os.environ[m.group(1)] = _python_c(m.group(2))
+            ran += 1
+            continue
+        argv = [os.path.expandvars(a) for a in shlex.split(cmd)]
         if argv[0] in not_run:
             continue
         rc, got = _cli(argv)
@@ -202,6 +272,13 @@ def run_block(b: Block, ns: dict) -> None:
             merge = yaml.safe_load(rest)
         elif word == "exit":
             want_rc = int(rest)
+        elif word == "needs":
+            assert rest == "fashion-mnist", f"{b.where}: unknown docs-test needs {rest!r}"
+            from flashar_adapt.fmnist.data import dataset_files
+
+            missing = [p for p in dataset_files() if not p.is_file()]
+            if missing:
+                pytest.skip(f"{b.where} needs Fashion-MNIST ({missing[0]} not found)")
         elif word == "not-run":
             prog, _, reason = rest.partition(":")
             assert reason.strip(), f"{b.where}: not-run needs a reason"
@@ -381,3 +458,15 @@ def test_tables_catch_a_drift(tmp_path):
     with pytest.raises(AssertionError, match="default is 'two_way'"):
         _check_defaults("score", fa.score, 'model, cond, codes, mode="raster", cond_mask=None')
     assert _defaults('model, x=(1, 2), *, y="a,b", **kw') == {"x": "(1, 2)", "y": '"a,b"'}
+
+
+def test_a_block_with_an_undefined_name_fails(tmp_path, monkeypatch):
+    """The runner can fail: a Python block using a name no earlier block of its guide defined
+    (the quickstart's `labels`, once) stops the guide's test."""
+    monkeypatch.chdir(tmp_path)
+    ns = {"__name__": "__docs__"}
+    run_block(Block("x.md", 1, "python", "import torch\n", ["run"]), ns)
+    with pytest.raises(NameError, match="labels"):
+        run_block(Block("x.md", 3, "python", "codes = torch.zeros(2)[labels]\n", ["run"]), ns)
+    with pytest.raises(AssertionError, match="exited 2"):
+        run_block(Block("x.md", 5, "bash", "flashar-adapt generate --out o --recipe nope\n", ["run"]), ns)

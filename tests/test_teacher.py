@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flashar_adapt as fa
+from flashar_adapt import datafree
 from flashar_adapt.commands import main
 from flashar_adapt.datafree import TeacherSampling, batch_seed, cycled_prompts, sample_dataset, uniform_classes
 from flashar_adapt.shards import STATE, DataError, ShardDataset
@@ -78,7 +79,7 @@ def test_resume_after_a_failure_equals_an_uninterrupted_run(c2i, tmp_path, monke
     conds, s = uniform_classes(11, 10), TeacherSampling(cfg_scale=2.0)
     sample_dataset(c2i, conds, tmp_path / "ref", sampling=s, seed=4, batch_size=batch, shard_size=shard, progress=False)
     calls = {"n": 0}
-    orig = c2i.generate
+    orig = datafree.sample_batch
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -86,20 +87,20 @@ def test_resume_after_a_failure_equals_an_uninterrupted_run(c2i, tmp_path, monke
             raise _Boom()
         return orig(*a, **k)
 
-    monkeypatch.setattr(c2i, "generate", failing)
+    monkeypatch.setattr(datafree, "sample_batch", failing)
     with pytest.raises(_Boom):
         sample_dataset(
             c2i, conds, tmp_path / "out", sampling=s, seed=4, batch_size=batch, shard_size=shard, progress=False
         )
     assert (tmp_path / "out" / STATE).is_file() and not (tmp_path / "out" / "manifest.json").exists()
-    monkeypatch.setattr(c2i, "generate", orig)
+    monkeypatch.setattr(datafree, "sample_batch", orig)
     sample_dataset(c2i, conds, tmp_path / "out", sampling=s, seed=4, batch_size=batch, shard_size=shard, progress=False)
     for a, b in zip(_read(tmp_path / "ref"), _read(tmp_path / "out")):
         assert (a is None and b is None) or torch.equal(a, b)
     ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == ref
     # an interrupted run is only continued with the same settings
-    monkeypatch.setattr(c2i, "generate", failing)
+    monkeypatch.setattr(datafree, "sample_batch", failing)
     calls["n"] = fail_at - 1
     with pytest.raises(_Boom):
         sample_dataset(
@@ -266,3 +267,33 @@ def test_cli_from_model_resumes_after_sigkill(checkpoint, tmp_path):
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     for a, b in zip(_read(tmp_path / "ref"), _read(out)):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_batch_seeds_differ_by_seed_on_a_cpu_generator(c2i, tmp_path):
+    """A CPU generator keeps only the low 32 bits of its seed: seeds 0 and 1 used to give the
+    very same batches. Now every seed samples other codes, and the 32-bit fold is collision
+    free over seeds < 1024 and batches < 2**20 (checked exhaustively through its multiples)."""
+    runs = []
+    for seed in (0, 1):
+        sample_dataset(c2i, uniform_classes(4, 10), tmp_path / f"s{seed}", seed=seed, batch_size=2, progress=False)
+        runs.append(_read(tmp_path / f"s{seed}")[0])
+    assert not torch.equal(*runs)
+    assert all(batch_seed(s, b) < 2**32 for s in (0, 2**31 - 1) for b in (0, 2**32 - 1))
+    assert len({batch_seed(s, b) for s in range(64) for b in range(64)}) == 64 * 64
+    # (s1, b1) and (s2, b2) collide iff (s1 - s2) * M = b2 - b1 (mod 2**32)
+    m = batch_seed(1, 0)
+    gaps = [(k * m) % 2**32 for k in range(1, 1024)]
+    assert min(min(g, 2**32 - g) for g in gaps) >= 2**20
+
+
+def test_sampling_progress_moves_every_step(c2i, tmp_path, monkeypatch):
+    """The bar moves within a batch (per step), not once per batch."""
+    seen = []
+    orig = datafree.sample_batch
+
+    def spy(*a, on_step=None, **k):
+        return orig(*a, on_step=lambda t, n: (seen.append((t, n)), on_step(t, n)), **k)
+
+    monkeypatch.setattr(datafree, "sample_batch", spy)
+    sample_dataset(c2i, uniform_classes(3, 10), tmp_path / "d", batch_size=2, progress=True)
+    assert seen.count((16, 16)) == 2 and len(seen) == 32  # a 4x4 grid: 16 raster steps per batch

@@ -7,7 +7,7 @@ import time
 
 from ..generation import GenerateError, conditions, generate_to_folder, refuse_existing
 from ..tokenizers import tokenizer_of
-from .model_options import add_model_options, add_sampling_options, load_from, sampling_of, text_of
+from .model_options import add_model_options, add_sampling_options, class_names_of, load_from, sampling_of, text_of
 
 
 def _generate(args) -> int:
@@ -38,6 +38,7 @@ def _generate(args) -> int:
         per_cond=args.per_cond,
         progress=not args.no_progress,
         compile=args.compile,
+        class_names=class_names_of(args, recipe),
     )
     print(f"{len(conds)} images in {time.perf_counter() - t0:.1f} s -> {out}: {what}")
     return 0

@@ -8,6 +8,7 @@ from ..files import atomic_write_bytes
 from ..inspection import inspect_model
 from ..model_sources import load_model_file
 from ..recipe import load_recipe
+from .model_options import add_set_option
 from .types import key_values, non_negative_float
 
 
@@ -41,12 +42,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("inspect", help="show a model's decoder layers, heads, norms, embeddings and draft a recipe")
     s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
     s.add_argument("--out", help="write the draft recipe YAML here")
-    s.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model constructor value a checkpoint does not record (e.g. n_head=16)",
-    )
+    add_set_option(s)
     s.set_defaults(fn=_inspect)
     s = sub.add_parser(
         "check", help="verify a recipe on the real model (raster equality, two-way = teacher forcing, H+W-1 steps)"
@@ -55,10 +51,5 @@ def add_parsers(sub) -> None:
     s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
     s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
     s.add_argument("--atol", type=non_negative_float, default=1e-4)
-    s.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model constructor value a checkpoint does not record (e.g. n_head=16)",
-    )
+    add_set_option(s)
     s.set_defaults(fn=_check)

@@ -3,7 +3,19 @@ run, or a checkpoint with a recipe) and how to sample it."""
 
 from __future__ import annotations
 
-from ..model_sources import load_patched, pick_text_tokenizer
+from ..generation import CLASSES, read_class_names
+from ..model_sources import load_patched, model_folders, pick_text_tokenizer
+from .types import key_values
+
+
+def add_set_option(s) -> None:
+    """``--set KEY=VALUE``: what a model file does not record, for every command that loads one by path."""
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a model constructor value the checkpoint does not record (e.g. n_head=16; repeatable)",
+    )
 
 
 def add_model_options(s, need_model: bool) -> None:
@@ -15,6 +27,7 @@ def add_model_options(s, need_model: bool) -> None:
         help="with --config: use the checkpoint even though the config or its recipe differ from what made it",
     )
     s.add_argument("--model", help="a checkpoint file or folder, with --recipe")
+    add_set_option(s)
     s.add_argument("--recipe", help="recipe name or YAML file" + ("" if need_model else " (alone: no model needed)"))
     s.add_argument("--tokenizer-checkpoint", help="image tokenizer weights (overrides tokenizer.checkpoint)")
     s.add_argument("--text-tokenizer", help="the model's text tokenizer folder (prompt-conditioned recipes)")
@@ -63,6 +76,7 @@ def source_of(args) -> dict:
         "recipe": args.recipe,
         "recipe_dirs": args.recipe_dir,
         "device": args.device,
+        "overrides": key_values(args.set),
     }
 
 
@@ -79,3 +93,15 @@ def load_from(args, need_model: bool = True):
 def text_of(args, recipe, folder):
     """The text tokenizer a prompt recipe needs (--text-tokenizer, else the model's own); None otherwise."""
     return pick_text_tokenizer(recipe, args.text_tokenizer, folder, args.prompt_template)
+
+
+def class_names_of(args, recipe) -> list[str] | None:
+    """The class names of a class recipe's model (the first ``classes.json`` in
+    ``model_sources.model_folders``), or None."""
+    if recipe.condition.kind != "class":
+        return None
+    for folder in model_folders(**source_of(args)):
+        names = read_class_names(folder / CLASSES)
+        if names:
+            return names
+    return None

@@ -9,12 +9,20 @@ from pathlib import Path
 
 from ..datafree import TeacherSampling, cycled_prompts, sample_dataset, uniform_classes
 from ..files import atomic_write_bytes
-from ..generation import GenerateError, read_prompts
+from ..generation import CLASSES, GenerateError, read_prompts
 from ..image_folders import check_out_outside, list_class_folder, read_jsonl, tokenize_dataset
 from ..model_sources import load_raster_teacher
 from ..shards import DataError
 from ..tokenizers import load_tokenizer
-from .model_options import add_model_options, add_sampling_options, load_from, sampling_of, source_of, text_of
+from .model_options import (
+    add_model_options,
+    add_sampling_options,
+    class_names_of,
+    load_from,
+    sampling_of,
+    source_of,
+    text_of,
+)
 from .types import positive_int
 
 
@@ -63,7 +71,7 @@ def _tokenize(args) -> int:
         ),
     )
     if classes is not None:
-        atomic_write_bytes(Path(args.out) / "classes.json", json.dumps(classes, indent=1).encode())
+        atomic_write_bytes(Path(args.out) / CLASSES, json.dumps(classes, indent=1).encode())
     print(
         f"wrote {rep['num_examples']} examples; {rep['num_bad']} bad input(s)"
         + (f" (listed in {Path(args.out) / 'tokenize_report.json'})" if rep["num_bad"] else "")
@@ -110,6 +118,9 @@ def _from_model(args) -> int:
         progress=not args.no_progress,
         extra=json.dumps([ident, args.prompt_template]),
     )
+    names = class_names_of(args, recipe)
+    if names:  # the teacher's class names label what the post-trained model generates
+        atomic_write_bytes(Path(args.out) / CLASSES, json.dumps(names, indent=1).encode())
     print(f"wrote {rep['num_examples']} examples in {rep['seconds']:.1f} s of sampling")
     return 0
 

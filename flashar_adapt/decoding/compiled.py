@@ -1,9 +1,21 @@
-"""Compiled decoding: ``step_logits`` under ``torch.compile``, one copy per bucket size, and the
-recompile room its graphs need."""
+"""Compiled decoding: ``step_logits`` under ``torch.compile``, one copy per bucket size, the
+recompile room its graphs need, and the lines that say when compiling starts and ends.
+
+Compiling takes minutes on a CPU, with nothing else to see: ``CompileWatch`` writes one line
+when a decoding run is about to compile graphs its model has not run yet (what, how many)
+and one when they are compiled (how many, the seconds). They go to the logger
+``flashar_adapt.compile`` at INFO, which writes them to stderr by default;
+``logging.getLogger("flashar_adapt.compile").setLevel(logging.WARNING)`` silences them, and
+replacing its handlers sends them elsewhere.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 import types
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -11,6 +23,57 @@ import torch
 from .decoder import step_logits
 
 _COMPILED: dict = {}
+
+
+class _Stderr(logging.Handler):
+    """Writes to the current ``sys.stderr`` (not the one at import: tests and notebooks swap it)."""
+
+    def emit(self, record):
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+log = logging.getLogger("flashar_adapt.compile")
+log.setLevel(logging.INFO)
+log.addHandler(_Stderr())
+log.propagate = False  # one line on stderr, not a second one through the root logger's handlers
+
+# per model (weakly held): the graphs (device type, bucket, batch rows, cache length) it has run
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graphs_made() -> int:
+    """Graphs dynamo has compiled in this process (its own counter; none before it is imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")  # not imported here: eager decoding never pays for dynamo
+    return 0 if utils is None else utils.counters["stats"].get("unique_graphs", 0)
+
+
+class CompileWatch:
+    """The start and end lines of a decoding run that compiles. ``keys``: the graphs the run
+    needs; those its model has not run yet are announced before the first step, and the end
+    line (``finish``) gives the graphs dynamo made and the time since the start."""
+
+    def __init__(self, model, what: str, keys: set):
+        seen = _SEEN.setdefault(model, set())
+        self.model, self.new = model, keys - seen
+        self.t0 = self.made0 = None
+        if self.new:
+            self.made0 = _graphs_made()
+            log.info(
+                "flashar-adapt: compiling %s: %d new graph(s), once per process (a CPU takes minutes)...",
+                what,
+                len(self.new),
+            )
+            self.t0 = time.perf_counter()
+
+    def finish(self) -> None:
+        if self.t0 is None:
+            return
+        n = _graphs_made() - self.made0
+        log.info(
+            "flashar-adapt: compiled %d graph(s) in %.1f s (later calls reuse them)", n, time.perf_counter() - self.t0
+        )
+        _SEEN[self.model] |= self.new
+        self.t0 = None
 
 
 def compiled_step(device_type: str, size: int):

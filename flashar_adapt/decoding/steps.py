@@ -51,6 +51,7 @@ class DecoderState:
     compiled: bool = False
     _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
     _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
+    _watch: compiled.CompileWatch | None = field(default=None, repr=False)  # compiled: the start/end lines
 
     @property
     def num_steps(self) -> int:
@@ -124,6 +125,12 @@ def _prefill(
     n = len(sched.steps)
     # per-step guidance scales as tensors: a compiled step would specialise on a float
     scales = [torch.tensor(sampling.scale_at(t, n), device=dev) for t in range(n)] if compile else None
+    watch = None
+    if compile:
+        rows = pre.embeds.shape[0]  # with CFG, twice the images
+        keys = {(dev.type, st.entries.numel(), rows, layout.seq_len, mode) for st in sched.steps[1:]}
+        what = f"{mode} decoding of a batch of {B} at {layout.height}x{layout.width}"
+        watch = compiled.CompileWatch(model, what, keys)
     return DecoderState(
         model,
         mode,
@@ -137,6 +144,7 @@ def _prefill(
         compiled=compile,
         _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
         _scales=scales,
+        _watch=watch,
     )
 
 
@@ -205,6 +213,8 @@ def _step(state: DecoderState, forced=None) -> torch.Tensor:
     state.codes[:, out] = tok
     state.logits = lg
     state.t += 1
+    if state.done and state._watch is not None:
+        state._watch.finish()
     return tok
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -109,6 +110,8 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     if state is not None:
         check_run_identity(state, cfg, ctx.recipe, ckpt_path, allow_config_change)
     step = state["global_step"] if state else 0
+    if acc.is_main_process:
+        _say_resume(cfg, ckpt_path, state, total)
     if step >= total:
         load_trainable(model, state, cfg)
         return model
@@ -123,6 +126,7 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     loss_mod = opt = sched = teacher = None
     it = None
     bar = None
+    first, recent = step, collections.deque(maxlen=10)  # the summary averages the last steps
     if progress and acc.is_main_process:
         bar = tqdm(total=total, initial=step, desc="flashar train", dynamic_ncols=True)
     while step < total:
@@ -136,14 +140,45 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
         _, idx = next(it)
         t0 = time.perf_counter()
         metrics = _train_step(loss_mod, opt, sched, data, ctx, cfg, acc, idx, step, ckpt_path)
+        recent.append(metrics)
         step += 1
         _log_step(acc, bar, log_path, cfg, step, stage, metrics, opt.param_groups[0]["lr"], t0)
         save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe, cfg, step)
     if bar is not None:
         bar.close()
+    if acc.is_main_process:
+        _say_done(cfg, ckpt_path, step - first, total, recent)
     model = acc.unwrap_model(loss_mod).model
     model.eval()
     return model
+
+
+def _next_command(cfg: TrainConfig) -> str:
+    return f"flashar-adapt export --config {cfg.source or 'CONFIG.yaml'} --out EXPORT_DIR"
+
+
+def _say_resume(cfg: TrainConfig, ckpt_path: Path, state: dict | None, total: int) -> None:
+    """One line when a run continues from its checkpoint (or has nothing left to do)."""
+    if state is None:
+        return
+    step = state["global_step"]
+    if step >= total:
+        print(f"train: {ckpt_path} is complete ({step}/{total} steps), nothing to train; next: {_next_command(cfg)}")
+    else:
+        print(f"train: resuming {ckpt_path} at step {step}/{total} (stage {stage_of(step, cfg)[0]})")
+
+
+def _say_done(cfg: TrainConfig, ckpt_path: Path, ran: int, total: int, recent) -> None:
+    """The summary at the end of a run: steps, final losses and gate (means of the last
+    steps), where the checkpoint is, what to run next."""
+    mean = {k: sum(m[k] for m in recent) / len(recent) for k in recent[-1]} if recent else {}
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if k != "gate")
+    print(
+        f"train: done, {total} steps ({ran} in this run); last {len(recent)} steps' mean: {losses}; "
+        f"gate mean {mean.get('gate', float('nan')):.3f}\n"
+        f"train: checkpoint {ckpt_path}; metrics {ckpt_path.parent / 'metrics.jsonl'}\n"
+        f"train: next: {_next_command(cfg)}"
+    )
 
 
 def _start_stage(model, cfg: TrainConfig, acc, stage: int, state: dict | None, teacher):

@@ -10,12 +10,19 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from flashar_adapt.formats import ModelFormat, dtype_name
+from flashar_adapt.formats import FormatError, ModelFormat, dtype_name
 from flashar_adapt.patching import backbone_state_dict
 from flashar_adapt.recipe import RecipeError
 from flashar_adapt.runners import Runner
 
-from .checkpoints import infer_model_args, load_checkpoint, read_state_dict
+from .checkpoints import (
+    MODEL_ARGS,
+    check_model_args,
+    load_state_dict_into,
+    model_args_of,
+    read_state_dict,
+    resolve_model_args,
+)
 from .fused import FusedBranchBlock
 from .model import GPT_models, KVCache, ModelArgs, Transformer, setup_kv_caches
 
@@ -40,6 +47,19 @@ class LlamaGenRunner(Runner):
         if not isinstance(getattr(ctx.model, "config", None), ModelArgs):
             raise RecipeError(
                 "backend", f"'llamagen' needs a LlamaGen Transformer, got {type(ctx.model).__name__}", ctx.recipe.source
+            )
+        # The 2D rotary table is built for a square grid of block_size cells and read by raster
+        # position: another grid would give its cells the positions of other cells, silently.
+        n = ctx.model.config.block_size
+        side = int(round(n**0.5))
+        if list(ctx.recipe.image.grid) != [side, side]:
+            H, W = ctx.recipe.image.grid
+            raise RecipeError(
+                "image.grid",
+                f"the model's 2D rotary positions are a {side}x{side} grid (block_size {n}), the recipe's "
+                f"grid is {H}x{W}: build the model with block_size={H * W} (--set block_size={H * W}) or "
+                f"patch with grid=({side}, {side})",
+                ctx.recipe.source,
             )
 
     def max_positions(self, ctx):
@@ -107,8 +127,9 @@ class LlamaGenFormat(ModelFormat):
     """A LlamaGen checkpoint: a ``.pt``/``.pth`` (``{"model": ...}`` or a raw state dict) or
     ``.safetensors`` file. Spec: ``{checkpoint: the file, model_args: a JSON file of ModelArgs |
     config: {ModelArgs fields} | gpt_model: "GPT-B" (+ config), dtype}``; without any of them
-    the sizes are inferred from the weights. ``overrides`` are ModelArgs fields (e.g. ``n_head``,
-    which the weights do not record)."""
+    the sizes come from a ``model_args.json`` beside the checkpoint, else from the weights and
+    the official sizes (``checkpoints.resolve_model_args``: never guessed). ``overrides`` are
+    ModelArgs fields (``--set n_head=16``) and win over every other source."""
 
     name = "llamagen"
     runner = "llamagen"
@@ -136,19 +157,30 @@ class LlamaGenFormat(ModelFormat):
         root = Path(root or ".")
         ckpt = spec.get("checkpoint")
         given = dict(spec.get("config") or {})
+        source = "the model spec's config"
         if spec.get("model_args"):
-            given = {**json.loads((root / spec["model_args"]).read_text()), **given}
-        args = {**given, **(overrides or {})}
+            f = root / spec["model_args"]
+            given, source = {**json.loads(f.read_text()), **given}, str(f)
+        overrides = dict(overrides or {})
         if spec.get("gpt_model"):
-            model = GPT_models[spec["gpt_model"]](**args)
-        elif ckpt is not None and not given:
-            model = Transformer(infer_model_args(read_state_dict(root / ckpt), **args))
-        elif args:
-            model = Transformer(ModelArgs(**args))
+            name = spec["gpt_model"]
+            if name not in GPT_models:
+                raise FormatError(f"gpt_model: {name!r} is not an official size ({', '.join(GPT_models)})")
+            model_args_of({**given, **overrides}, source)  # unknown keys named before building
+            model = GPT_models[name](**{**given, **overrides})
+            if ckpt is not None:
+                sd = read_state_dict(root / ckpt)
+                check_model_args(model.config, sd, f"gpt_model {name}")
+                load_state_dict_into(model, sd, root / ckpt)
+        elif ckpt is not None:
+            sd = read_state_dict(root / ckpt)
+            args = resolve_model_args(root / ckpt, sd, given, source, overrides, beside=not spec.get("model_args"))
+            model = Transformer(args)
+            load_state_dict_into(model, sd, root / ckpt)
+        elif given or overrides:
+            model = Transformer(model_args_of({**given, **overrides}, source))
         else:
             raise ValueError("model spec needs 'checkpoint' or a 'config'/'gpt_model' to build from")
-        if ckpt is not None:
-            load_checkpoint(model, root / ckpt)
         if spec.get("dtype"):
             model = model.to(getattr(torch, spec["dtype"]))
         return model.eval()
@@ -157,9 +189,9 @@ class LlamaGenFormat(ModelFormat):
     def save(cls, model, out_dir):
         torch.save({"model": backbone_state_dict(model)}, out_dir / "llamagen.pt")  # the official {"model": ...} layout
         args = {f.name: getattr(model.config, f.name) for f in fields(ModelArgs)}
-        (out_dir / "model_args.json").write_text(json.dumps(args, indent=1))
+        (out_dir / MODEL_ARGS).write_text(json.dumps(args, indent=1))
         dtype = dtype_name(model.tok_embeddings.weight.dtype)
-        return {"checkpoint": "llamagen.pt", "model_args": "model_args.json", "dtype": dtype}
+        return {"checkpoint": "llamagen.pt", "model_args": MODEL_ARGS, "dtype": dtype}
 
 
 def _step_inputs(ctx, embeds, slots, key_slots, allowed, cache, entries=None):
