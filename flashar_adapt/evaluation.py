@@ -24,7 +24,8 @@ from .extractors import extractor_name, load_extractor
 from .files import atomic_write_bytes
 from .generation import labelled_grid, steps_per_image
 from .patching import context
-from .quality import Features, Images, QualityError, compare, extract, open_images, save_stats
+from .quality import Images, QualityError, compare, extract, open_images, save_stats
+from .recipe import recipe_from_dict
 from .sample_sets import Processes, sample_set
 from .shards import ShardDataset
 
@@ -114,6 +115,23 @@ def side_by_side(panels: dict[str, Image.Image], path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def measure_set(
+    folder, manifest: dict, ext, name: str, reference, *, model=None, shards=None, progress: bool = True
+) -> dict:
+    """One sample set's row: steps, quality against ``reference``, the NLL of ``shards``
+    under its mode's factorisation (with ``model``), and the model time it took."""
+    recipe = recipe_from_dict(manifest["recipe_spec"])
+    imgs = open_images(folder)
+    feats = extract(imgs, ext, FEATURE_BATCH, f"{manifest['mode']} features" if progress else None)
+    return {
+        "steps_per_image": steps_per_image(manifest["mode"], recipe.image.grid),
+        **compare(feats, reference, name, imgs.labels, type(ext).classifies(recipe)),
+        **(nll_bits(model, shards, manifest["mode"]) if shards else {}),
+        "model_seconds": manifest["model_seconds"],
+        "seconds_per_image": manifest["model_seconds"] / manifest["num_samples"],
+    }
+
+
 def evaluate_model(
     model,
     conds: list,
@@ -140,29 +158,22 @@ def evaluate_model(
     if tok is None:
         raise QualityError(f"recipe {recipe.name!r} has no tokenizer section: there are no images to measure")
     out = Path(out)
-    sets = {}
+    progress = opts.get("progress", True)
+    rows, sets, ext, ref = {}, {}, None, None
     for mode in MODES:
-        sets[mode] = sample_set(
+        m = sample_set(
             model, conds, out / mode, tok=tok, text=text, mode=mode, procs=procs, model_info=model_info, **opts
         )
+        if not procs.main:
+            continue  # rank 0 measures while the others draw the next mode
+        if ext is None:
+            name = extractor_name(extractor, recipe)
+            ext = load_extractor(name, device or next(model.parameters()).device)
+            ref = reference_of(reference, ext, name, save_reference_stats, progress)
+        rows[mode] = measure_set(out / mode, m, ext, name, ref, model=model, shards=shards, progress=progress)
+        sets[mode] = m
     if not procs.main:
         return None
-    progress = opts.get("progress", True)
-    name = extractor_name(extractor, recipe)
-    ext = load_extractor(name, device or next(model.parameters()).device)
-    ref = reference_of(reference, ext, name, save_reference_stats, progress)
-    rows = {}
-    for mode in MODES:
-        imgs = open_images(out / mode)
-        feats: Features = extract(imgs, ext, FEATURE_BATCH, f"{mode} features" if progress else None)
-        n = sets[mode]["num_samples"]
-        rows[mode] = {
-            "steps_per_image": steps_per_image(mode, recipe.image.grid),
-            **compare(feats, ref, name, imgs.labels, type(ext).classifies(recipe)),
-            **(nll_bits(model, shards, mode) if shards else {}),
-            "model_seconds": sets[mode]["model_seconds"],
-            "seconds_per_image": sets[mode]["model_seconds"] / n,
-        }
     report = {
         "recipe": recipe.name,
         "model": model_info,

@@ -23,7 +23,9 @@ reader following the guide would. Commands are `flashar-adapt ...`, run in-proce
 The stand-ins (`given`): `gpt2 PATH` (a 4-layer GPT-2 save_pretrained folder),
 `llamagen-checkpoint PATH KEY=VALUE...` (random weights of `ModelArgs(KEY=VALUE...)` in the
 official `{"model": state_dict}` layout), `class-batches NAME grid=H codebook=K classes=C`
-(`NAME` = two batches of 4 random `(codes, labels)`).
+(`NAME` = two batches of 4 random `(codes, labels)`), `fmnist-export PATH` (a copy of the shipped
+Fashion-MNIST export), `fmnist-reference PATH N` (its first N test images as an ADM .npz and
+their shards, `flashar_adapt.fmnist.reference`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +48,8 @@ import yaml
 
 import flashar_adapt as fa
 from flashar_adapt import commands
+from flashar_adapt.fmnist import ASSETS
+from flashar_adapt.fmnist.reference import write_reference
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +124,10 @@ def _given(spec: str, ns: dict) -> None:
             )
             for _ in range(2)
         ]
+    elif kind == "fmnist-export":  # PATH: a copy of the shipped Fashion-MNIST export
+        shutil.copytree(ASSETS / "flashar", args[0])
+    elif kind == "fmnist-reference":  # PATH N: the first N test images (test.npz) and their shards
+        write_reference(args[0], int(args[1]))
     else:
         pytest.fail(f"unknown docs-test given {kind!r}")
 
