@@ -88,7 +88,7 @@ def nll_bits(model, shards, mode: str, batch: int = 64) -> dict:
 def _grid_of(folder: Path, conds: list, n: int, per_row: int = 8, rows: int = 10):
     """A labelled grid of the first ``per_row`` samples of each of the first ``rows`` conditions."""
     c = len(conds)
-    picks = [[k + c * j for j in range(per_row) if k + c * j < n] for k in range(min(rows, c))]
+    picks = [[k + c * j for j in range(per_row) if k + c * j < n] for k in range(min(rows, c, n))]
     per_row = min(per_row, max(len(p) for p in picks))
     idx = [p[j] if j < len(p) else p[-1] for p in picks for j in range(per_row)]
     ims = []

@@ -20,9 +20,9 @@ The folder::
     samples.npz         arr_0 uint8 [N, H, W, 3] (the ADM evaluator's layout), arr_1 class ids
     manifest.json       written last: a folder with it is complete
 
-A killed run started again with the same command skips the batches whose part file exists
-and redoes the others (a batch's images are written before its part file); the last process
-to be needed, rank 0, then writes the merged files and the manifest.
+A killed run started again with the same command (on any number of processes) skips the
+batches whose part file exists and redoes the others (a batch's images are written before
+its part file); once every process is done, rank 0 writes the merged files and the manifest.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def sample_set(
     _check_inputs(recipe, conds, text, mode, sampling, seed, n)
     out = Path(out)
     ident = _identity(recipe, conds, n, mode, sampling, seed, batch_size, model_info)
-    ident["compile"] = compile
+    ident.update(compile=compile, images=tok is not None)
     state = _check_folder(out, ident)
     if state == "complete":
         return json.loads((out / MANIFEST).read_text()) if procs.main else None
@@ -237,8 +237,13 @@ def sample_set(
         atomic_write_bytes(out / RUN, json.dumps(ident, indent=1).encode())
     procs.wait()
     todo = [(b, idx) for b, idx in _numbered(n, batch_size, procs) if not _part(out, b).is_file()]
-    who = f" (process {procs.rank + 1} of {procs.world})" if procs.world > 1 else ""
-    bar = tqdm(total=sum(len(i) for _, i in todo), desc=f"sample {mode}{who}", unit="img", disable=not progress)
+    who = f" (rank 0's share of {procs.world} processes)" if procs.world > 1 else ""
+    bar = tqdm(
+        total=sum(len(i) for _, i in todo),
+        desc=f"sample {mode}{who}",
+        unit="img",
+        disable=not (progress and procs.main),  # one bar per launch
+    )
     for b, idx in todo:
         codes, seconds = _draw(model, conds, idx, text=text, mode=mode, sampling=sampling, seed=seed, compile=compile)
         if tok is not None:

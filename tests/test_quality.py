@@ -237,7 +237,10 @@ def test_evaluate_an_export_writes_raster_and_two_way_side_by_side(export_dir, t
     md = (out / "report.md").read_text()
     assert "| | raster | two-way |" in md and "| FID |" in md and "| decoding steps per image | 196 | 27 |" in md
     assert "NLL of the held-out shards" in md
-    assert PIL.open(out / "samples.png").size[0] > 2 * 8 * 28
+    # 8 samples of 10 classes: one labelled row per class drawn, a 28 px sample zoomed to 84 (+2),
+    # under a title line, for each mode
+    w, h = PIL.open(out / "samples.png").size
+    assert h == 20 + 8 * 86 and w > 2 * 86
 
 
 def _shards_batch(path):
