@@ -2,10 +2,10 @@
 
 - ``inside``: a file name taken from a manifest or an export config resolves inside its
   folder (no absolute names, no ``..``, no symbolic link leading out), or it is refused.
-- ``atomic_write_bytes`` / ``atomic_save_safetensors``: a temp file in the same folder,
-  fsynced, renamed over the target; a failure leaves the previous file as it was. The temp
-  file's name carries this host and pid, so ``remove_dead_temp_files`` can tell a dead
-  writer's leftover from anything else.
+- ``atomic_write_bytes`` / ``atomic_save_safetensors`` / ``atomic_write``: a temp file in the
+  same folder, fsynced, renamed over the target; a failure leaves the previous file as it was.
+  The temp file's name carries this host and pid, so ``remove_dead_temp_files`` can tell a
+  dead writer's leftover from anything else.
 - ``apply_umask``: files and folders end up with the modes the user's umask gives, like
   any other tool (``mkstemp``/``mkdtemp`` would leave 0600/0700).
 - ``exclusive_lock``: an advisory lock on a folder, so two runs cannot share it;
@@ -238,6 +238,12 @@ def _replace_atomically(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path, write) -> None:
+    """``write(tmp)`` writes the file at the path ``tmp`` (piece by piece, for a file too large
+    to hold in memory); it then replaces ``path`` as ``atomic_write_bytes`` does."""
+    _replace_atomically(path, write)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

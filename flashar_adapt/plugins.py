@@ -1,4 +1,4 @@
-"""Plugins: runners, model formats and tokenizer kinds, found by name.
+"""Plugins: runners, model formats, tokenizer kinds and feature extractors, found by name.
 
 Each kind has one :class:`Registry`. Installed packages (this one included) declare their
 plugins as entry points in their metadata, e.g. in ``pyproject.toml``::
@@ -27,6 +27,7 @@ from .errors import FlashARError
 RUNNERS = "flashar_adapt.runners"
 FORMATS = "flashar_adapt.formats"
 TOKENIZERS = "flashar_adapt.tokenizers"
+EXTRACTORS = "flashar_adapt.extractors"
 
 
 class MissingDependency(FlashARError, ImportError):

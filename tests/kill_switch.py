@@ -82,3 +82,34 @@ def kill_tokenize_mid_run(argv: list[str], state_file, done: int, slow: str) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def kill_cli_when(argv: list[str], ready, slow: str, timeout: float = 120) -> None:
+    """Run ``flashar-adapt *argv`` in a child whose ``slow`` function ("module.name") sleeps
+    0.3 s a call, and SIGKILL it as soon as ``ready()`` (polled) is true."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    module, name = slow.rsplit(".", 1)
+    code = (
+        f"import sys, time; import {module} as m; f = m.{name}; "
+        f"m.{name} = lambda *a, **k: (time.sleep(0.3), f(*a, **k))[1]; "
+        "from flashar_adapt.commands import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the child finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

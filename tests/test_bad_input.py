@@ -726,7 +726,19 @@ def test_cli_keeps_the_traceback_of_a_bug(capsys, monkeypatch):
         commands.main(["show", "x"])
 
 
-COMMANDS = ("recipes", "show", "demo", "inspect", "check", "train", "export", "tokenize", "generate")
+COMMANDS = (
+    "recipes",
+    "show",
+    "demo",
+    "inspect",
+    "check",
+    "train",
+    "export",
+    "tokenize",
+    "generate",
+    "sample",
+    "evaluate",
+)
 # A child process in which the optional dependencies are not importable.
 _WITHOUT_EXTRAS = (
     "import sys; sys.modules.update(dict.fromkeys(['accelerate', 'peft', 'transformers', 'matplotlib'])); "

@@ -28,7 +28,9 @@ The stand-ins (`given`): `gpt2 PATH` (a 4-layer GPT-2 save_pretrained folder),
 writes its sizes beside it, as an official size needs no file), `llamagen-vq PATH
 codebook_size=K` (a small VQ-16), `image-folder DIR classes=C per-class=N size=S mode=L|RGB`
 (random PNGs in class sub-folders), `class-batches NAME grid=H codebook=K classes=C` (`NAME`
-= two batches of 4 random `(codes, labels)`). `needs fashion-mnist`: the guide is skipped
+= two batches of 4 random `(codes, labels)`), `fmnist-export PATH` (a copy of the shipped
+Fashion-MNIST export), `fmnist-reference PATH N` (its first N test images as an ADM .npz and
+their shards, `flashar_adapt.fmnist.reference`). `needs fashion-mnist`: the guide is skipped
 where the dataset is not installed (it is wherever scripts/test.sh ran as root).
 """
 
@@ -44,6 +46,7 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -54,6 +57,8 @@ import yaml
 
 import flashar_adapt as fa
 from flashar_adapt import commands
+from flashar_adapt.fmnist import ASSETS
+from flashar_adapt.fmnist.reference import write_reference
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +166,10 @@ def _given(spec: str, ns: dict) -> None:
             )
             for _ in range(2)
         ]
+    elif kind == "fmnist-export":  # PATH: a copy of the shipped Fashion-MNIST export
+        shutil.copytree(ASSETS / "flashar", args[0])
+    elif kind == "fmnist-reference":  # PATH N: the first N test images (test.npz) and their shards
+        write_reference(args[0], int(args[1]))
     else:
         pytest.fail(f"unknown docs-test given {kind!r}")
 

@@ -15,13 +15,13 @@ import traceback
 
 from ..errors import FlashARError
 from ..recipe import RecipeError
-from . import demo, export, generate, inspect_check, recipes, tokenize, train
+from . import demo, evaluate, export, generate, inspect_check, recipes, sample, tokenize, train
 from .report import missing_dependency, one_line
 
 # Every subcommand's module, in the order ``--help`` lists them: each adds its parsers with
 # ``add_parsers(subparsers)`` and sets ``fn`` on them. All are always listed; one that needs a
 # missing optional dependency says so when it runs.
-COMMAND_MODULES = (recipes, demo, inspect_check, train, export, tokenize, generate)
+COMMAND_MODULES = (recipes, demo, inspect_check, train, export, tokenize, generate, sample, evaluate)
 
 
 # Options accepted both before and after the subcommand (``flashar-adapt recipes --recipe-dir X``).

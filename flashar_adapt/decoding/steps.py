@@ -3,6 +3,7 @@ raster token) and ``generate``, that loop."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..context import PatchContext, context
 from ..errors import InputError
 from ..grid import Layout
-from ..sampling import Sampling, guide, sample
+from ..sampling import Sampling, draw, guide
 from . import compiled
 from .decoder import Decoder, step_logits
 from .forward import cell_logits
@@ -33,7 +34,8 @@ class DecoderState:
 
     ``codes`` [B, H*W] fills as steps run (``image()`` is the [B, H, W] view); ``t`` is the
     next step; ``logits`` the guided logits [B, n, K] the last step sampled from;
-    ``schedule.steps[t]`` what step t feeds and samples. A later ``prefill``/``generate`` on
+    ``schedule.steps[t]`` what step t feeds and samples; ``noise`` [B, H*W] the uniform each
+    cell is drawn with (None when greedy), drawn at prefill. A later ``prefill``/``generate`` on
     the same model makes this state stale (its caches may be reused): stepping it then
     raises."""
 
@@ -49,6 +51,7 @@ class DecoderState:
     t: int = 0
     logits: torch.Tensor | None = field(default=None, repr=False)
     compiled: bool = False
+    noise: torch.Tensor | None = field(default=None, repr=False)
     _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
     _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
     _watch: compiled.CompileWatch | None = field(default=None, repr=False)  # compiled: the start/end lines
@@ -107,6 +110,7 @@ def _prefill(
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = check_grid(ctx, grid)
     sampling.check_device(cond.device)
+    sampling.check_batch(cond.shape[0])
     if sampling.guided and not has_uncond(ctx):
         raise InputError(
             f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
@@ -131,6 +135,9 @@ def _prefill(
         keys = {(dev.type, st.entries.numel(), rows, layout.seq_len, mode) for st in sched.steps[1:]}
         what = f"{mode} decoding of a batch of {B} at {layout.height}x{layout.width}"
         watch = compiled.CompileWatch(model, what, keys)
+    # one uniform per cell, drawn now: a cell's draw depends on its image's generator and the
+    # cell, not on the step order (raster and two-way use the same uniforms for the same seed)
+    noise = sampling.noise(B, layout.height * layout.width, dev)
     return DecoderState(
         model,
         mode,
@@ -142,6 +149,7 @@ def _prefill(
         dec,
         sched,
         compiled=compile,
+        noise=noise,
         _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
         _scales=scales,
         _watch=watch,
@@ -207,7 +215,8 @@ def _step(state: DecoderState, forced=None) -> torch.Tensor:
     lg = lg.reshape(state.batch, -1, lg.shape[-1])
     out = state.schedule.steps[state.t].out
     if forced is None:
-        tok = sample(lg.reshape(-1, lg.shape[-1]), state.sampling).view(state.batch, -1)
+        u = None if state.noise is None else state.noise[:, out].reshape(-1)
+        tok = draw(lg.reshape(-1, lg.shape[-1]), u, state.sampling).view(state.batch, -1)
     else:
         tok = check_step_codes(ctx, forced, state.t, (state.batch, lg.shape[1]), state.codes.device)
     state.codes[:, out] = tok
@@ -244,7 +253,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cond_mask=None,
     sampling: Sampling | None = None,
     compile: bool = False,
@@ -253,6 +262,8 @@ def generate(
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
     model's own next-token decoding, H*W forwards. CFG runs [cond; uncond] in one batch.
+    ``generator``: one ``torch.Generator``, or one per image (each image's codes then depend
+    on its own generator alone, whatever the batch it is decoded in).
     ``prefill`` + ``step`` until done, under the model's lock and in eval behaviour (the
     caller's train/eval flags are restored).
 
