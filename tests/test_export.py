@@ -135,3 +135,28 @@ def test_cli_train_then_export(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = fa.load_adapted(tmp_path / "exp")
     assert m.generate(torch.tensor([3]), top_k=1).shape == (1, 4, 4)
+
+
+def test_the_run_data_class_names_are_inside_the_export_when_it_appears(tmp_path, monkeypatch):
+    from flashar_adapt import export as export_module
+    from flashar_adapt.export import export_run
+
+    cfg = llamagen_run(tmp_path, stage1=1, stage2=0)
+    monkeypatch.chdir(tmp_path)
+    train(TrainConfig.load(cfg), progress=False)
+    names = ["tee", "coat", "bag"]
+    (tmp_path / "data" / "classes.json").write_text(json.dumps(names))
+    seen = []
+    real_swap = export_module._swap_in  # noqa: SLF001 - observe the folder at the moment it appears
+
+    def swap(tmp, out):
+        seen.append(json.loads((tmp / "classes.json").read_text()))
+        return real_swap(tmp, out)
+
+    monkeypatch.setattr(export_module, "_swap_in", swap)
+    out, _ = export_run(cfg, tmp_path / "exp", log=lambda *_: None)
+    assert seen == [names] and json.loads((out / "classes.json").read_text()) == names
+    model = fa.load_adapted(out)
+    with pytest.raises(ExportError, match="extra_files: 'notes.txt' is not a file an export holds"):
+        fa.export_merged(model, tmp_path / "exp2", extra_files={"notes.txt": b"x"})
+    assert not (tmp_path / "exp2").exists()
