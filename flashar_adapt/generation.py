@@ -26,7 +26,7 @@ from .files import apply_umask, atomic_save_safetensors, disown, owned_temp_dir,
 from .image_folders import to_pil
 from .patching import context
 from .recipe import Recipe
-from .sampling import Sampling, sample
+from .sampling import Sampling, draw
 from .tokenizers import ImageTokenizer, TokenizerError
 
 GENERATE_KIND = "flashar-adapt generate"  # the kind our temp folders' markers name
@@ -191,14 +191,18 @@ def _decode_padded(model, cond, mask, n_real: int, mode: str, sampling: Sampling
     numbers), so padding changes no image."""
     if sampling.greedy:
         return model.generate(cond, mode=mode, cond_mask=mask, sampling=sampling, compile=True)
+    H, W = context(model).recipe.image.grid
+    # the uniforms an unpadded batch draws at its prefill, drawn here for the real rows only
+    noise = sampling.noise(n_real, H * W, cond.device)
     greedy = Sampling(sampling.cfg_scale, sampling.cfg_schedule, top_k=1)
     state = prefill(model, cond, mode=mode, cond_mask=mask, sampling=greedy, compile=True)
     while not state.done:
         cells = state.cells()
         step(state)
         lg = state.logits[:n_real]
+        u = noise[:, cells].reshape(-1)
         with torch.inference_mode():  # the state's tensors are inference tensors
-            state.codes[:n_real, cells] = sample(lg.reshape(-1, lg.shape[-1]), sampling).view(n_real, -1)
+            state.codes[:n_real, cells] = draw(lg.reshape(-1, lg.shape[-1]), u, sampling).view(n_real, -1)
     return state.image()
 
 

@@ -144,15 +144,18 @@ def post_config(
     w_kd_fused=W_KD_FUSED,
     base: Path | None = None,
     data: Path | None = None,
+    batch_size: int | None = None,
 ) -> Path:
     """A training config for one variant; written to work/<name>.yaml. ``data``: the shards
-    (default: the real training images, work/shards)."""
+    (default: the real training images, work/shards); ``batch_size``: default the shipped one."""
     work = work.resolve()  # the config's relative paths would resolve against its own folder
     changes = {"stage1.steps": stage1, "stage2.steps": stage2, "stage2.lora": lora, "w_kd_fused": w_kd_fused}
     if base is not None:
         changes["model.checkpoint"] = str(Path(base).resolve() / "base.safetensors")
     if fixed_gate is not None:
         changes["fixed_gate"] = fixed_gate
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
     if branch_layer is not None:
         changes["recipe_overrides"] = {"flashar.branch_layer": branch_layer}
     data = Path(data).resolve() if data else work / "shards"

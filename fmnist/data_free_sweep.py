@@ -68,7 +68,9 @@ def teacher_data(work: Path, n: int, cfg: float, temperature: float, progress: b
 
 def student(work: Path, name: str, data: Path, steps: tuple[int, int]):
     """The base post-trained on ``data`` with the shipped recipe (resumes); (model, seconds)."""
-    cfg_path = post_config(work, name, data=data, stage1=steps[0], stage2=steps[1])
+    # a tiny sweep (fewer teacher samples than a batch) trains on batches of what there is
+    n = json.loads((data / "manifest.json").read_text())["num_examples"]
+    cfg_path = post_config(work, name, data=data, stage1=steps[0], stage2=steps[1], batch_size=min(POST_BATCH, n))
     done = work / "runs" / name / "sweep_done.json"
     if not done.is_file():
         t = time.perf_counter()

@@ -33,7 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 # What a case may pass: the thing to work on (a file, a folder, a recipe, where to write), and
 # for tokenize --from-model how many examples (it has no default). Never a tuning option.
-WHAT_TO_WORK_ON = {"--out", "--config", "--recipe", "--export", "--model", "--from-model", "--num-samples"}
+WHAT_TO_WORK_ON = {"--out", "--config", "--recipe", "--export", "--model", "--from-model", "--num-samples", "--ref"}
 
 
 def images(root: Path, per_class: tuple[int, ...], seed: int = 0, size=(28, 28)) -> dict[Path, torch.Tensor]:
@@ -95,6 +95,20 @@ def _cases(d: dict, tmp: Path) -> dict[str, list[list[str]]]:
             ],
         ],
         "generate": [["generate", "--export", str(d["export"]), "--out", str(tmp / "gen")]],
+        "sample": [["sample", "--export", str(d["export"]), "--out", str(tmp / "samples")]],
+        # the samples against themselves (the reference need only be images); then both modes of the export
+        "evaluate": [
+            ["evaluate", str(tmp / "samples"), "--ref", str(tmp / "samples" / "samples.npz")],
+            [
+                "evaluate",
+                "--export",
+                str(d["export"]),
+                "--ref",
+                str(tmp / "samples" / "samples.npz"),
+                "--out",
+                str(tmp / "eval"),
+            ],
+        ],
         "demo": [["demo"]],  # the full demo: run in test_demo_at_its_defaults_starts_and_draws (slow)
     }
 
@@ -108,7 +122,7 @@ def test_every_command_has_a_case_at_its_defaults(data, tmp_path):
 
 
 # train before export: export reads the run that train finished
-ORDER = ["recipes", "show", "inspect", "check", "train", "export", "tokenize", "generate"]
+ORDER = ["recipes", "show", "inspect", "check", "train", "export", "tokenize", "generate", "sample", "evaluate"]
 
 
 def test_every_command_runs_at_its_defaults(data, tmp_path, monkeypatch, capsys):
@@ -128,6 +142,8 @@ def test_every_command_runs_at_its_defaults(data, tmp_path, monkeypatch, capsys)
     assert len(ShardDataset(tmp_path / "sampled")) == 3
     assert len(list((tmp_path / "gen" / "images").iterdir())) == 10  # every class, once
     assert (tmp_path / "gen" / "grid.png").is_file()
+    assert json.loads((tmp_path / "samples" / "manifest.json").read_text())["num_samples"] == 10  # one per class
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["modes"].keys() == {"raster", "two_way"}
 
 
 @pytest.mark.slow

@@ -139,3 +139,15 @@ def test_unpatch_from_inside_a_generate_is_refused():
     assert seen and "re-entrant" in seen[0]
     assert model.generate(torch.tensor([1]), top_k=1).shape == (1, 4, 4)  # still patched
     fa.unpatch(model)
+
+
+def test_a_model_that_generated_can_be_patched_again():
+    """generate leaves the LlamaGen attention caches on the model, made under inference_mode;
+    the next patch's order probe runs outside it and must not trip over them."""
+    model = tiny.llamagen(grid=4)  # its caches (17 entries) hold the probe's 11 tokens: reused
+    recipe = tiny.llamagen_recipe(grid=4)
+    fa.patch(model, recipe)
+    first = model.generate(torch.tensor([1]), top_k=1)
+    fa.unpatch(model)
+    fa.patch(model, recipe)
+    assert torch.equal(model.generate(torch.tensor([1]), top_k=1), first)

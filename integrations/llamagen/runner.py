@@ -243,6 +243,9 @@ def _ensure_caches(layers, batch: int, max_len: int, model, exact: bool = False)
             and c.k_cache.shape[0] >= batch
             and c.k_cache.shape[2] >= max_len
             and (not exact or c.k_cache.shape[2] == max_len)
+            # buffers made under inference_mode (by a generate) cannot be written outside it
+            # (patch's probe, a user's own no_grad decoding): those are made again
+            and (torch.is_inference_mode_enabled() or not c.k_cache.is_inference())
         ):
             break
     else:
