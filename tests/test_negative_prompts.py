@@ -33,16 +33,17 @@ def _emu3(seed: int = 0):
 
 def _allowed(batch_id, input_ids):
     """The model card's prefix_allowed_tokens_fn (transformers docs/source/en/model_doc/emu3.md),
-    with the recipe's ids: visual ids, an end-of-line after every W codes, then EOF, EOI, EOS."""
+    in its order, with the recipe's ids: an end-of-line after every W codes, then EOF, EOI, EOS,
+    then padding; visual ids everywhere else."""
     start = int(torch.nonzero(input_ids == IMG)[0, 0])
     offset = input_ids.shape[0] - start
     body = (W + 1) * H
-    if offset % (W + 1) == 0 and offset <= body:
+    if offset % (W + 1) == 0:
         return [EOL]
     ends = {body + 1: EOF, body + 2: EOI, body + 3: EOS}
     if offset in ends:
         return [ends[offset]]
-    return [PAD] if offset > body else list(range(V0, V0 + K))
+    return [PAD] if offset > body + 3 else list(range(V0, V0 + K))
 
 
 def _header() -> list[int]:
@@ -169,6 +170,7 @@ def test_negative_prompts_are_checked_like_prompts():
         (dict(negative=NEG), "cfg_scale != 1"),  # no guidance: the negative would do nothing
         (dict(negative=torch.tensor(NEG).float(), cfg_scale=2.0), "negative must be a LongTensor"),
         (dict(negative=torch.zeros(2, 0, dtype=torch.long), cfg_scale=2.0), "negative is empty"),
+        (dict(negative=[[BOS, 40], [BOS]], cfg_scale=2.0), "rows of one length"),
         (dict(negative=[[BOS, 40]] * 3, cfg_scale=2.0), "1 or 2 rows"),
         (dict(negative=[BOS, 200000], cfg_scale=2.0), r"negative token ids must be in \[0, 184622\)"),
         (dict(negative=[BOS] * 513, cfg_scale=2.0), "at most 512"),

@@ -174,7 +174,12 @@ def check_negative(ctx: PatchContext, negative, negative_mask, batch: int, guide
         )
     if not guided:
         raise InputError("a negative prompt acts only through classifier-free guidance: pass cfg_scale != 1")
-    ids = negative if isinstance(negative, torch.Tensor) else torch.as_tensor(negative)
+    try:
+        ids = negative if isinstance(negative, torch.Tensor) else torch.as_tensor(negative)
+    except (TypeError, ValueError, RuntimeError):  # ragged rows, strings
+        raise InputError(
+            "negative must be token ids [T] or [B, T] (rows of one length: pad on the left under negative_mask)"
+        ) from None
     if ids.dim() == 1:  # one negative prompt for the batch
         ids = ids[None]
         if negative_mask is not None:
