@@ -85,6 +85,24 @@ def conditions(
     return [c for c in conds for _ in range(per_cond)]
 
 
+def negative_prompt_ids(recipe: Recipe, negative: str | None, cfg_scale: float, text) -> list[int] | None:
+    """The token ids of ``--negative-prompt`` (written through the prompt template, like the
+    prompts), checked before any work: a prompt recipe, guidance on, 1..prefix_len tokens."""
+    if negative is None:
+        return None
+    if recipe.condition.kind != "tokens" or text is None:
+        raise GenerateError(f"--negative-prompt needs a prompt-conditioned recipe; {recipe.name!r} is not one")
+    if cfg_scale == 1.0:
+        raise GenerateError("--negative-prompt acts only through classifier-free guidance: pass --cfg other than 1")
+    if not negative.strip():
+        raise GenerateError("--negative-prompt: empty prompt")
+    ids = list(text(negative))
+    limit = recipe.condition.prefix_len
+    if not ids or (limit is not None and len(ids) > limit):
+        raise GenerateError(f"--negative-prompt is {len(ids)} tokens; condition.prefix_len allows 1..{limit}")
+    return ids
+
+
 def _prompt_batch(prompts: list[str], text, prefix_len: int):
     ids = [list(text(p)) for p in prompts]
     for p, i in zip(prompts, ids):
@@ -146,13 +164,16 @@ def generate_codes(
     progress=True,
     log=print,
     compile=False,
+    negative: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Codes for every condition, batch by batch, with the steps and wall time of each batch.
     With ``compile`` the first batch includes the compile time, and a smaller last batch is
     padded to the batch size (with its last condition, results dropped) so that it runs the
-    graphs already compiled instead of compiling its own."""
+    graphs already compiled instead of compiling its own. ``negative``: token ids of one
+    negative prompt for every image (``negative_prompt_ids``)."""
     ctx = context(model)
     dev = next(model.parameters()).device
+    neg = None if negative is None else torch.tensor(negative, dtype=torch.long, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     grid = ctx.recipe.image.grid
     out, timings = [], []
@@ -171,9 +192,9 @@ def generate_codes(
         t0 = time.perf_counter()
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, g)
         if n_real == len(part):
-            codes = model.generate(cond, mode=mode, cond_mask=mask, sampling=sampling, compile=compile)
+            codes = model.generate(cond, mode=mode, cond_mask=mask, negative=neg, sampling=sampling, compile=compile)
         else:
-            codes = _decode_padded(model, cond, mask, n_real, mode, sampling)
+            codes = _decode_padded(model, cond, mask, n_real, mode, sampling, neg)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
@@ -185,17 +206,17 @@ def generate_codes(
     return torch.cat(out), timings
 
 
-def _decode_padded(model, cond, mask, n_real: int, mode: str, sampling: Sampling) -> torch.Tensor:
+def _decode_padded(model, cond, mask, n_real: int, mode: str, sampling: Sampling, negative=None) -> torch.Tensor:
     """Compiled decoding of a batch padded past its ``n_real`` images: the first rows sample
     exactly as an unpadded batch would (the padding rows decode greedily, drawing no random
     numbers), so padding changes no image."""
     if sampling.greedy:
-        return model.generate(cond, mode=mode, cond_mask=mask, sampling=sampling, compile=True)
+        return model.generate(cond, mode=mode, cond_mask=mask, negative=negative, sampling=sampling, compile=True)
     H, W = context(model).recipe.image.grid
     # the uniforms an unpadded batch draws at its prefill, drawn here for the real rows only
     noise = sampling.noise(n_real, H * W, cond.device)
     greedy = Sampling(sampling.cfg_scale, sampling.cfg_schedule, top_k=1)
-    state = prefill(model, cond, mode=mode, cond_mask=mask, sampling=greedy, compile=True)
+    state = prefill(model, cond, mode=mode, cond_mask=mask, negative=negative, sampling=greedy, compile=True)
     while not state.done:
         cells = state.cells()
         step(state)
@@ -273,11 +294,13 @@ def generate_to_folder(
     progress: bool = True,
     compile: bool = False,
     class_names: list[str] | None = None,
+    negative: list[int] | None = None,
 ) -> str:
     """Generate one image per entry of ``conds`` into the new folder ``out``: codes.safetensors,
     generate.json (settings and per-batch timings) and, when ``tok`` decodes them, PNG files and
     grid.png (``per_cond`` images a row), labelled with ``class_names`` where they name the
-    class (``read_class_names``). Returns what was written, in words."""
+    class (``read_class_names``); ``negative``: the token ids of a negative prompt
+    (``negative_prompt_ids``). Returns what was written, in words."""
     out = refuse_existing(out)
     recipe = context(model).recipe
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,12 +322,14 @@ def generate_to_folder(
             batch_size=batch_size,
             progress=progress,
             compile=compile,
+            negative=negative,
         )
         labels = condition_labels(conds, class_names)
         meta = {
             "recipe": recipe.name,
             "mode": mode,
             "cfg": cfg_scale,
+            "negative": negative,
             "seed": seed,
             "grid": list(codes.shape[1:]),
             "compile": compile,

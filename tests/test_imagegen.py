@@ -503,6 +503,18 @@ def test_generate_from_prompts_file_with_the_models_own_text_tokenizer(tmp_path,
     )
     assert torch.equal(codes, want)
     assert len(list((tmp_path / "g" / "images").iterdir())) == 4 and (tmp_path / "g" / "grid.png").is_file()
+    # a negative prompt, through the template like the prompts: the unconditional branch of every image
+    neg_run = ["generate", "--export", str(exp), "--prompts-file", str(tmp_path / "p.txt")]
+    neg_run += ["--prompt-template", "{prompt} boi", "--negative-prompt", "blue car", "--no-progress"]
+    assert main([*neg_run, "--out", str(tmp_path / "gn"), "--cfg", "3"]) == 0, capsys.readouterr().err
+    got = load_file(str(tmp_path / "gn" / "codes.safetensors"))["codes"].long()
+    neg = [vocab["blue"], vocab["car"], 10]
+    assert json.loads((tmp_path / "gn" / "generate.json").read_text())["negative"] == neg
+    want_neg = m.generate(cond[::2], cfg_scale=3.0, negative=neg, generator=torch.Generator().manual_seed(0))
+    plain = m.generate(cond[::2], cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want_neg) and not torch.equal(got, plain)
+    assert main([*neg_run, "--out", str(tmp_path / "gn1")]) == 2  # --cfg 1: the branch would not run
+    assert "classifier-free guidance" in capsys.readouterr().err and not (tmp_path / "gn1").exists()
     (tmp_path / "bad.txt").write_text("a red car\n\na blue sky\n")
     assert (
         main(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from ..generation import GenerateError, conditions, generate_to_folder, refuse_existing
+from ..generation import GenerateError, conditions, generate_to_folder, negative_prompt_ids, refuse_existing
 from ..tokenizers import tokenizer_of
 from .model_options import add_model_options, add_sampling_options, class_names_of, load_from, sampling_of, text_of
 
@@ -22,6 +22,7 @@ def _generate(args) -> int:
         recipe, classes=args.classes, prompts=args.prompts, prompts_file=args.prompts_file, per_cond=args.per_cond
     )
     text = text_of(args, recipe, folder)
+    negative = negative_prompt_ids(recipe, args.negative_prompt, args.cfg_scale, text)
     # built before sampling: a bad tokenizer fails fast
     tok = tokenizer_of(model, checkpoint=args.tokenizer_checkpoint) if recipe.tokenizer is not None else None
     t0 = time.perf_counter()
@@ -39,6 +40,7 @@ def _generate(args) -> int:
         progress=not args.no_progress,
         compile=args.compile,
         class_names=class_names_of(args, recipe),
+        negative=negative,
     )
     print(f"{len(conds)} images in {time.perf_counter() - t0:.1f} s -> {out}: {what}")
     return 0
@@ -53,6 +55,12 @@ def add_parsers(sub) -> None:
     s.add_argument("--prompts", nargs="+", help="prompts")
     s.add_argument("--prompts-file", help="a file with one prompt per line")
     s.add_argument("--per-cond", type=int, default=1, help="images per class or prompt")
+    s.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="prompt recipes with --cfg: the unconditional branch's prompt for every image (through "
+        "--prompt-template, like the prompts), instead of the recipe's condition.uncond",
+    )
     s.add_argument("--mode", choices=("two_way", "raster"), default="two_way")
     add_sampling_options(s)
     s.add_argument("--batch-size", type=int, default=16)

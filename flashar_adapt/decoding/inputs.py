@@ -82,24 +82,45 @@ def _check_features(ctx: PatchContext, cond: torch.Tensor) -> torch.Tensor:
     return cond if ref is None else cond.to(ref.dtype)
 
 
-def _check_mask(c, cond: torch.Tensor, cond_mask, dev) -> torch.Tensor | None:
+def _check_mask(c, cond: torch.Tensor, cond_mask, dev, name: str = "cond_mask") -> torch.Tensor | None:
     if cond_mask is None:
         return None
     if c.kind == "class":
-        raise InputError("cond_mask is only for prompt conditions")
+        raise InputError(f"{name} is only for prompt conditions")
     cond_mask = torch.as_tensor(cond_mask)
     if cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
-        raise InputError("cond_mask must hold only 0/1 (or False/True)")
+        raise InputError(f"{name} must hold only 0/1 (or False/True)")
     cond_mask = cond_mask.to(dev).bool()
     if cond_mask.shape != cond.shape[:2]:
-        raise InputError(f"cond_mask must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
+        raise InputError(f"{name} must have shape {tuple(cond.shape[:2])}, got {tuple(cond_mask.shape)}")
     if not bool(cond_mask.any(1).all()):
-        raise InputError("every prompt needs at least one unmasked token")
+        raise InputError(
+            f"every {'prompt' if name == 'cond_mask' else 'negative prompt'} needs at least one unmasked token"
+        )
     # Prompts are left-padded (the image follows the last prompt token): a row must be
     # False...False True...True. Right or inner padding would put pad tokens in the prefix.
     if bool((cond_mask[:, :-1] & ~cond_mask[:, 1:]).any()):
-        raise InputError("cond_mask must be left padding (False... then True...): pad prompts on the left")
+        raise InputError(f"{name} must be left padding (False... then True...): pad prompts on the left")
     return cond_mask
+
+
+def _check_prompt(ctx: PatchContext, ids: torch.Tensor, name: str, shape: str) -> torch.Tensor:
+    """Prompt token ids [B, T] (a condition or a negative prompt): integers in the vocabulary,
+    at most ``condition.prefix_len`` of them."""
+    c = ctx.recipe.condition
+    if not _is_int(ids) or ids.dim() != 2:
+        raise InputError(
+            f"{name} must be a LongTensor {shape} of prompt token ids for this recipe, "
+            f"got {ids.dtype} {tuple(ids.shape)}"
+        )
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputError(f"{name} is empty: pass at least one prompt token per row")
+    if ctx.vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= ctx.vocab_size):
+        raise InputError(f"{'prompt' if name == 'cond' else name} token ids must be in [0, {ctx.vocab_size})")
+    if c.prefix_len is not None and ids.shape[1] > c.prefix_len:
+        what = "prompt" if name == "cond" else f"{name} prompt"
+        raise InputError(f"{what} has {ids.shape[1]} tokens; this recipe allows at most {c.prefix_len}")
+    return ids.long()
 
 
 def check_cond(
@@ -123,21 +144,54 @@ def check_cond(
             raise InputError(f"class ids must be in [0, {top}), got min {int(cond.min())} max {int(cond.max())}")
         cond = cond.long()
     elif c.kind == "tokens":
-        if not _is_int(cond) or cond.dim() != 2:
-            raise InputError(
-                "cond must be a LongTensor [B, T] of prompt token ids for this recipe, "
-                f"got {cond.dtype} {tuple(cond.shape)}"
-            )
-        if cond.shape[0] == 0 or cond.shape[1] == 0:
-            raise InputError("cond is empty: pass at least one prompt token per row")
-        if ctx.vocab_size is not None and (int(cond.min()) < 0 or int(cond.max()) >= ctx.vocab_size):
-            raise InputError(f"prompt token ids must be in [0, {ctx.vocab_size})")
-        if c.prefix_len is not None and cond.shape[1] > c.prefix_len:
-            raise InputError(f"prompt has {cond.shape[1]} tokens; this recipe allows at most {c.prefix_len}")
-        cond = cond.long()
+        cond = _check_prompt(ctx, cond, "cond", "[B, T]")
     else:
         cond = _check_features(ctx, cond)
     return cond.to(dev), _check_mask(c, cond, cond_mask, dev)
+
+
+@dataclass
+class Negative:
+    """A checked negative prompt: the unconditional branch's token ids for one call."""
+
+    ids: torch.Tensor  # [B, T] on the model's device, one row per image
+    valid: torch.Tensor  # [B, T] bool: False on left padding
+
+
+def check_negative(ctx: PatchContext, negative, negative_mask, batch: int, guided: bool) -> Negative | None:
+    """Validate a negative prompt like a prompt: ids [T] (or [1, T]) for the whole batch or
+    [B, T] one per image, left-padded under ``negative_mask``; None when none is given. Only
+    prompt recipes take one, and only with guidance (it is the unconditional branch)."""
+    if negative is None:
+        if negative_mask is not None:
+            raise InputError("negative_mask was given without negative")
+        return None
+    c = ctx.recipe.condition
+    if c.kind != "tokens":
+        raise InputError(
+            f"negative prompts are token ids, but recipe {ctx.recipe.name!r} is conditioned on {c.kind} "
+            "(condition.kind); drop negative"
+        )
+    if not guided:
+        raise InputError("a negative prompt acts only through classifier-free guidance: pass cfg_scale != 1")
+    try:
+        ids = negative if isinstance(negative, torch.Tensor) else torch.as_tensor(negative)
+    except (TypeError, ValueError, RuntimeError):  # ragged rows, strings
+        raise InputError(
+            "negative must be token ids [T] or [B, T] (rows of one length: pad on the left under negative_mask)"
+        ) from None
+    if ids.dim() == 1:  # one negative prompt for the batch
+        ids = ids[None]
+        if negative_mask is not None:
+            negative_mask = torch.as_tensor(negative_mask)[None]
+    ids = _check_prompt(ctx, ids, "negative", "[T] or [B, T]")
+    dev = ctx.device()
+    mask = _check_mask(c, ids, negative_mask, dev, "negative_mask")
+    if ids.shape[0] not in (1, batch):
+        raise InputError(f"negative must have 1 or {batch} rows (one per image), got {ids.shape[0]}")
+    ids = ids.to(dev).expand(batch, -1)
+    valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.expand(batch, -1)
+    return Negative(ids, valid)
 
 
 def check_codes(ctx: PatchContext, codes, batch: int) -> torch.Tensor:
@@ -213,18 +267,27 @@ def eval_behaviour(model: torch.nn.Module):
             m.training = True
 
 
-def has_uncond(ctx: PatchContext) -> bool:
-    return ctx.recipe.condition.uncond != "none"
+def has_uncond(ctx: PatchContext, negative: Negative | None = None) -> bool:
+    """Whether CFG has an unconditional branch: the recipe's (condition.uncond), or the
+    negative prompt given for the call."""
+    return negative is not None or ctx.recipe.condition.uncond != "none"
 
 
 # ---------------------------------------------------------------- the prefix
 
 
 def condition_prefix(
-    ctx: PatchContext, cond: torch.Tensor, cond_mask: torch.Tensor | None, grid, uncond: bool
+    ctx: PatchContext,
+    cond: torch.Tensor,
+    cond_mask: torch.Tensor | None,
+    grid,
+    uncond: bool,
+    negative: Negative | None = None,
 ) -> Prefix:
     """The prefix of a checked condition batch: its conditional rows, or with ``uncond`` the
-    unconditional ones (null class, unconditional features or prompt)."""
+    unconditional ones (null class, unconditional features or prompt; the ``negative``
+    prompt where one is given). The forced ``image.before`` tokens follow the unconditional
+    rows only where ``condition.uncond_before`` says so."""
     c = ctx.recipe.condition
     B = cond.shape[0]
     dev = cond.device
@@ -244,13 +307,15 @@ def condition_prefix(
     else:
         valid = cond_mask if cond_mask is not None else torch.ones_like(cond, dtype=torch.bool)
         ids = cond
-        if uncond:
+        if uncond and negative is not None:
+            ids, valid = negative.ids, negative.valid
+        elif uncond:
             ids = _uncond_prompt(ctx, cond, valid)
             if c.uncond == "ids":
                 valid = ids != -1
                 ids = ids.clamp(min=0)
         emb = (ctx.cond_embed or ctx.embed)(ids)
-    meta = ctx.meta_ids(grid)
+    meta = ctx.meta_ids(grid) if c.uncond_before or not uncond else []
     if meta:
         m = embed_ids(ctx, torch.tensor(meta, device=dev))[None].expand(B, -1, -1).to(emb.dtype)
         emb = torch.cat([emb, m], 1)
@@ -295,11 +360,13 @@ def _stack_guided(a: Prefix, b: Prefix) -> Prefix:
     return Prefix(torch.cat([ea, eb]), valid, (~valid).sum(1), guided=True)
 
 
-def build_prefix(ctx: PatchContext, cond: torch.Tensor, cond_mask, grid, guided: bool) -> Prefix:
+def build_prefix(
+    ctx: PatchContext, cond: torch.Tensor, cond_mask, grid, guided: bool, negative: Negative | None = None
+) -> Prefix:
     """The prefix embeddings of a checked condition batch; ``guided`` (classifier-free
     guidance) stacks the unconditional prefixes below ([cond; uncond], left-padded to one
-    length)."""
+    length), built from the checked ``negative`` prompt where one is given."""
     p = condition_prefix(ctx, cond, cond_mask, grid, uncond=False)
     if guided:
-        p = _stack_guided(p, condition_prefix(ctx, cond, cond_mask, grid, uncond=True))
+        p = _stack_guided(p, condition_prefix(ctx, cond, cond_mask, grid, uncond=True, negative=negative))
     return p

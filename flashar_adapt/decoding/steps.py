@@ -20,6 +20,7 @@ from .inputs import (
     check_cond,
     check_grid,
     check_mode,
+    check_negative,
     check_positions,
     check_step_codes,
     eval_behaviour,
@@ -106,17 +107,20 @@ def _prefill(
     cond_mask,
     vertical: bool,
     compile: bool = False,
+    negative=None,
+    negative_mask=None,
 ) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = check_grid(ctx, grid)
     sampling.check_device(cond.device)
     sampling.check_batch(cond.shape[0])
-    if sampling.guided and not has_uncond(ctx):
+    neg = check_negative(ctx, negative, negative_mask, cond.shape[0], sampling.guided)
+    if sampling.guided and not has_uncond(ctx, neg):
         raise InputError(
             f"cfg_scale={sampling.cfg_scale} needs an unconditional prefix, but recipe "
-            f"{ctx.recipe.name!r} defines none (condition.uncond)"
+            f"{ctx.recipe.name!r} defines none (condition.uncond) and no negative prompt was given"
         )
-    pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided)
+    pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided, neg)
     layout = ctx.layout(pre.length, grid)
     check_positions(ctx, layout)
     dev = pre.embeds.device
@@ -164,22 +168,25 @@ def prefill(
     grid=None,
     sampling: Sampling | None = None,
     cond_mask=None,
+    negative=None,
+    negative_mask=None,
     vertical: bool = True,
     compile: bool = False,
     **sampling_kwargs,
 ) -> DecoderState:
     """Check the inputs, build the prefix and run it into fresh static caches; returns the
     state that ``step`` advances. Sampling settings as ``sampling=Sampling(...)`` or as its
-    keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
-    skips the vertical branch and takes the horizontal head everywhere: the backbone work
-    of two-way decoding alone, a speed ablation, not a generator. ``compile=True``: every
-    ``step`` after the first runs compiled (see ``generate``)."""
+    keywords (``cfg_scale=``, ``temperature=``, ...); ``negative`` as in ``generate``.
+    ``vertical=False`` (two-way only) skips the vertical branch and takes the horizontal
+    head everywhere: the backbone work of two-way decoding alone, a speed ablation, not a
+    generator. ``compile=True``: every ``step`` after the first runs compiled (see
+    ``generate``)."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
     s = _sampling(sampling, sampling_kwargs)
     with ctx.guard, eval_behaviour(model), torch.inference_mode():
-        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile)
+        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile, negative, negative_mask)
 
 
 def _logits(state: DecoderState) -> torch.Tensor:
@@ -255,6 +262,8 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cond_mask=None,
+    negative=None,
+    negative_mask=None,
     sampling: Sampling | None = None,
     compile: bool = False,
 ) -> torch.Tensor:
@@ -262,6 +271,9 @@ def generate(
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
     model's own next-token decoding, H*W forwards. CFG runs [cond; uncond] in one batch.
+    ``negative`` (prompt recipes, with ``cfg_scale != 1``): the token ids of a negative
+    prompt, [T] for the batch or [B, T] per image (left-padded under ``negative_mask``, as
+    prompts), that build the unconditional branch for this call instead of the recipe's.
     ``generator``: one ``torch.Generator``, or one per image (each image's codes then depend
     on its own generator alone, whatever the batch it is decoded in).
     ``prefill`` + ``step`` until done, under the model's lock and in eval behaviour (the
@@ -287,7 +299,7 @@ def generate(
         )
         sampling = _sampling(sampling, {k: v for k, v in given.items() if v != _GENERATE_DEFAULTS[k]})
     with ctx.guard, eval_behaviour(model), torch.inference_mode(), compiled.recompile_room(compile):
-        state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile)
+        state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile, negative, negative_mask)
         while not state.done:
             _step(state)
         return state.image()

@@ -18,6 +18,7 @@ from .inputs import (
     check_cond,
     check_grid,
     check_mode,
+    check_negative,
     check_positions,
     condition_prefix,
     embed_codes,
@@ -37,26 +38,40 @@ class TeacherForced:
 
 
 def teacher_forward(
-    model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, uncond: bool = False, grid=None
+    model,
+    cond,
+    codes: torch.Tensor,
+    mode: str = "two_way",
+    cond_mask=None,
+    uncond: bool = False,
+    grid=None,
+    negative=None,
+    negative_mask=None,
 ) -> TeacherForced:
     """One forward over the whole raster sequence (with grads if enabled), in the model's
     current train/eval mode (training wants its dropout).
 
-    two_way: proximity mask, fused logits; raster: causal mask, the model's own head."""
+    two_way: proximity mask, fused logits; raster: causal mask, the model's own head.
+    ``uncond``: the unconditional prefix, from the ``negative`` prompt where one is given."""
     ctx = context(model)
-    inputs = _teacher_inputs(ctx, cond, codes, mode, cond_mask, uncond, grid)
+    if negative is not None and not uncond:
+        raise InputError("negative is the unconditional prefix: pass uncond=True with it")
+    inputs = _teacher_inputs(ctx, cond, codes, mode, cond_mask, uncond, grid, negative, negative_mask)
     with ctx.guard:
         return _teacher_forward(ctx, *inputs, mode)
 
 
-def _teacher_inputs(ctx: PatchContext, cond, codes, mode: str, cond_mask, uncond: bool, grid):
+def _teacher_inputs(
+    ctx: PatchContext, cond, codes, mode: str, cond_mask, uncond: bool, grid, negative=None, negative_mask=None
+):
     """Checked (prefix, layout, codes) for a teacher-forced forward."""
     check_mode(mode)
     cond, cond_mask = check_cond(ctx, cond, cond_mask, allow_null=True)
+    neg = check_negative(ctx, negative, negative_mask, cond.shape[0], guided=True)
     codes = check_codes(ctx, codes, cond.shape[0])
     grid = tuple(codes.shape[1:]) if grid is None else grid
     grid = check_grid(ctx, tuple(int(g) for g in grid))
-    pre = condition_prefix(ctx, cond, cond_mask, grid, uncond=uncond)
+    pre = condition_prefix(ctx, cond, cond_mask, grid, uncond=uncond, negative=neg)
     layout = ctx.layout(pre.length, grid)
     check_positions(ctx, layout)
     return pre, layout, codes
@@ -103,16 +118,23 @@ def logits(
     cond_mask=None,
     cfg_scale: float = 1.0,
     cfg_schedule: str = "constant",
+    negative=None,
+    negative_mask=None,
 ) -> torch.Tensor:
     """Teacher-forced next-token logits [B, H, W, K] over the codebook, in one forward
-    (two with CFG: the guided logits u + s * (c - u) that generate() samples from).
+    (two with CFG: the guided logits u + s * (c - u) that generate() samples from, the
+    unconditional branch from ``negative`` where given, as in generate()).
     Runs the model in eval behaviour, like generate()."""
     s = Sampling(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     ctx = context(model)
-    if s.guided and not has_uncond(ctx):
+    if not s.guided:
+        check_negative(ctx, negative, negative_mask, 1, guided=False)  # refuses a negative without guidance
+    if s.guided and not has_uncond(ctx) and negative is None:
         raise InputError(f"cfg_scale={cfg_scale} needs an unconditional prefix; recipe {ctx.recipe.name!r} has none")
     cond_in = _teacher_inputs(ctx, cond, codes, mode, cond_mask, False, None)
-    uncond_in = _teacher_inputs(ctx, cond, codes, mode, cond_mask, True, None) if s.guided else None
+    uncond_in = (
+        _teacher_inputs(ctx, cond, codes, mode, cond_mask, True, None, negative, negative_mask) if s.guided else None
+    )
     # the lock first, then eval: a call waiting on another thread's generate() must not run
     # with the train flags that call restores when it ends
     with ctx.guard, eval_behaviour(model):

@@ -124,6 +124,9 @@ class Condition:
     uncond: Uncond = "none"  # which ones a kind allows, the first its default: UNCOND_BY_KIND
     uncond_ids: tuple[int, ...] = rule(_IDS, default=())
     uncond_features: str | None = rule(_PATH, default=None)
+    # whether the forced image.before tokens follow the unconditional prefix too (true: the
+    # header closes both branches; false: the unconditional prompt alone, as Emu3's model card)
+    uncond_before: bool = rule(Is((bool,), "true or false", optional=True), default=True)
 
     @staticmethod
     def needs(kind: str, uncond: str) -> set[str]:
