@@ -196,8 +196,9 @@ def _logits(state: DecoderState) -> torch.Tensor:
     if dev.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
     # looked up on the module at every call: tests run the static path uncompiled by replacing it
-    fn = compiled.compiled_step(dev.type, st.entries.numel())
-    lg = fn(dec, state.codes, st, state._scales[t])
+    key = (dev.type, st.entries.numel())
+    fn = compiled.compiled_step(*key)
+    lg = compiled.run_step(key, fn, step_logits, dec, state.codes, st, state._scales[t])
     # a CUDA graph's output is overwritten by its next replay: state.logits must outlive the step
     return lg[:, : st.n].clone() if dev.type == "cuda" else lg[:, : st.n]
 
