@@ -28,7 +28,7 @@ def static_path_uncompiled():
     """Run compile=True's static step eagerly: the padding, trash entries and whole-cache
     masks under test without paying inductor's compile time."""
     old = decoding.compiled.compiled_step
-    decoding.compiled.compiled_step = lambda device_type, size: decoding.step_logits
+    decoding.compiled.compiled_step = lambda device_type, size: decoding.sampled_step
     try:
         yield
     finally:
@@ -135,6 +135,24 @@ def test_static_path_equals_eager_for_every_family(family, mode):
     eager = model.generate(cond, **kw)
     with static_path_uncompiled():
         assert torch.equal(model.generate(cond, compile=True, **kw), eager)
+
+
+@pytest.mark.parametrize("mode", ["two_way", "raster"])
+@pytest.mark.parametrize("family", sorted(tiny.FAMILY_CASES))
+def test_static_path_samples_the_eager_codes_for_every_family(family, mode):
+    """Seeded sampling (temperature, top-k, top-p, CFG, one generator per image) through the
+    static step, draw included (the function compile=True compiles, here run eagerly):
+    the padded rows gather the right uniforms, so the codes are the eager ones."""
+    model, cond, mask = tiny.patched_family(family)
+    B = cond.shape[0]
+
+    def kw():
+        gens = [torch.Generator().manual_seed(100 + i) for i in range(B)]
+        return dict(mode=mode, cond_mask=mask, cfg_scale=2.0, temperature=1.3, top_k=20, top_p=0.9, generator=gens)
+
+    eager = model.generate(cond, **kw())
+    with static_path_uncompiled():
+        assert torch.equal(model.generate(cond, compile=True, **kw()), eager)
 
 
 def test_static_padding_entries_are_never_seen():
@@ -251,6 +269,23 @@ def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
         )
         assert torch.equal(a, b)
     assert counters["stats"]["unique_graphs"] - before == compiled  # same shapes: nothing recompiled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_llamagen, _hf], ids=["llamagen", "transformers"])
+def test_compiled_sampled_codes_equal_eager_for_every_runner(make):
+    """Guidance, temperature, top-k/top-p and the draw run inside the compiled graph, from
+    the uniforms drawn at prefill: seeded sampled codes equal the eager ones, for each
+    runner (LlamaGen's own, and transformers: Llama, Emu3, Emu3.5, Janus, Chameleon)."""
+    model, cond, mask = make()
+    B = cond.shape[0]
+
+    def kw():
+        gens = [torch.Generator().manual_seed(7 + i) for i in range(B)]
+        return dict(cond_mask=mask, cfg_scale=2.0, temperature=1.3, top_k=20, top_p=0.9, generator=gens)
+
+    for _ in range(2):  # the second call runs graphs already built
+        assert torch.equal(model.generate(cond, compile=True, **kw()), model.generate(cond, **kw()))
 
 
 # ---------------------------------------------------------------- refusals

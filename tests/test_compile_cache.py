@@ -112,7 +112,7 @@ def test_a_library_that_keeps_failing_leaves_that_step_size_eager(cache, capsys)
 
     key = ("cpu", 12345)  # a step size no decoding reaches
     assert compiled.run_step(key, fn, lambda x: -x, 5) == -5
-    assert compiled.compiled_step(*key) is compiled.step_logits
+    assert compiled.compiled_step(*key) is compiled.sampled_step
     assert "decodes eagerly" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""Compiled decoding: ``step_logits`` under ``torch.compile``, one copy per bucket size, the
+"""Compiled decoding: ``sampled_step`` (a step's logits, guidance and draw) under ``torch.compile``, one copy per bucket size, the
 recompile room its graphs need, and the lines that say when compiling starts and ends.
 
 Compiling takes minutes on a CPU, with nothing else to see: ``CompileWatch`` writes one line
@@ -38,7 +38,7 @@ import torch
 from filelock import FileLock, Timeout  # torch's own dependency; inductor locks its builds with it
 
 from ..files import OWNER_FILE, is_within, owner_record
-from .decoder import step_logits
+from .decoder import sampled_step
 
 CACHE_ENV = "FLASHAR_COMPILE_CACHE"  # the compile cache folder; see compile_cache_dir
 CACHE_KIND = "flashar-adapt compile cache"  # the kind our cache folder's marker names
@@ -98,18 +98,19 @@ class CompileWatch:
 
 
 def compiled_step(device_type: str, size: int):
-    """``step_logits`` under torch.compile for one device type and bucket size: static
+    """``sampled_step`` under torch.compile for one device type and bucket size: static
     shapes, CUDA graphs on CUDA ("reduce-overhead"). Each bucket gets its own copy of the
     function's code: dynamo keeps a code object's graphs in one list and checks their guards
     (hundreds: every module and parameter the step touches) in turn on every call, so with
-    one list a late bucket would pay for the guards of all the earlier ones."""
+    one list a late bucket would pay for the guards of all the earlier ones. A size whose
+    compiled step kept failing to load (``run_step``) gets the eager function."""
     key = (device_type, size)
     if key in _EAGER:
-        return step_logits
+        return sampled_step
     fn = _COMPILED.get(key)
     if fn is None:
-        code = step_logits.__code__.replace(co_name=f"step_logits_{size}")
-        copy = types.FunctionType(code, step_logits.__globals__, code.co_name, step_logits.__defaults__)
+        code = sampled_step.__code__.replace(co_name=f"sampled_step_{size}")
+        copy = types.FunctionType(code, sampled_step.__globals__, code.co_name, sampled_step.__defaults__)
         mode = "reduce-overhead" if device_type == "cuda" else None
         fn = _COMPILED[key] = torch.compile(copy, dynamic=False, mode=mode)
     return fn

@@ -169,7 +169,8 @@ def sampled_step(dec: Decoder, codes: torch.Tensor, step: Step, scale, noise, ou
     the same arithmetic. On a padded step ``out`` is padded too: rows past ``step.n`` are
     drawn and ignored."""
     lg = step_logits(dec, codes, step, scale)
-    return lg, draw_cells(lg.reshape(dec.batch, -1, lg.shape[-1]), noise, out, s)
+    lg = lg.reshape(dec.batch, -1, lg.shape[-1])
+    return lg, draw_cells(lg, noise, out, s)
 
 
 def draw_cells(lg: torch.Tensor, noise, out, s: Sampling) -> torch.Tensor:
