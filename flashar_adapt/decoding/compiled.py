@@ -1,5 +1,6 @@
-"""Compiled decoding: ``sampled_step`` (a step's logits, guidance and draw) under ``torch.compile``, one copy per bucket size, the
-recompile room its graphs need, and the lines that say when compiling starts and ends.
+"""Compiled decoding: ``sampled_step`` (a step's logits, guidance and draw) under
+``torch.compile``, one copy per bucket size, the recompile room its graphs need, the lines
+that say when compiling starts and ends, the compile cache, and when compiling pays.
 
 Compiling takes minutes on a CPU, with nothing else to see: ``CompileWatch`` writes one line
 when a decoding run is about to compile graphs its model has not run yet (what, how many)
