@@ -291,13 +291,42 @@ def test_compiled_sampled_codes_equal_eager_for_every_runner(make):
 # ---------------------------------------------------------------- refusals
 
 
-def test_compile_flag_must_be_a_bool():
+def test_compile_flag_must_be_a_bool_or_auto():
     model, cond, _ = _llamagen()
-    for bad in ("yes", 1, None):
-        with pytest.raises(InputError, match="compile must be True or False"):
+    for bad in ("yes", "AUTO", 1, None, torch.tensor(1)):
+        with pytest.raises(InputError, match='compile must be True, False or "auto"'):
             model.generate(cond, compile=bad)
-        with pytest.raises(InputError, match="compile must be True or False"):
+        with pytest.raises(InputError, match='compile must be True, False or "auto"'):
             fa.prefill(model, cond, compile=bad)
+
+
+def test_auto_compiles_on_cuda_and_on_a_cpu_up_to_the_measured_rows():
+    """compile="auto": the rule derived from benchmarks/results/compile_speed_cpu.md (compiled
+    steps faster at 2 rows, slower at 128: compile up to 8 rows on a CPU), graphs on CUDA,
+    never where the runner cannot; an explicit bool is kept, anything else left to the check."""
+    limit = decoding.AUTO_CPU_MAX_ROWS
+    assert limit == 8
+    for rows in (1, 2, limit):
+        assert decoding.use_compile("auto", "cpu", rows) is True
+    for rows in (limit + 1, 64, 128):
+        assert decoding.use_compile("auto", "cpu", rows) is False
+    assert decoding.use_compile("auto", "cuda", 4096) is True
+    assert decoding.use_compile("auto", "mps", 1) is False
+    assert decoding.use_compile("auto", "cpu", 1, able=False) is False
+    assert decoding.use_compile(True, "cpu", 4096) is True and decoding.use_compile(False, "cuda", 1) is False
+    assert decoding.use_compile("yes", "cpu", 1) == "yes"
+
+
+def test_auto_decides_by_the_rows_a_run_decodes(monkeypatch):
+    """CFG doubles the rows: 4 guided images compile, 5 do not; 8 unguided compile. A runner
+    without static caches decodes eagerly under "auto" instead of refusing."""
+    model, _, _ = _llamagen()
+    for batch, cfg, want in ((4, 2.0, True), (5, 2.0, False), (8, 1.0, True), (9, 1.0, False)):
+        cond = torch.arange(batch) % 10
+        assert fa.prefill(model, cond, cfg_scale=cfg, top_k=1, compile="auto").compiled is want
+    monkeypatch.setattr(type(model.flashar.ctx.runner), "static_caches", False)
+    state = fa.prefill(model, torch.tensor([1]), top_k=1, compile="auto")
+    assert state.compiled is False
 
 
 def test_compile_refused_for_a_runner_without_static_caches(monkeypatch):

@@ -13,7 +13,7 @@ branch forward, the heads), ``teacher_forcing``, ``schedules`` (steps, buckets),
 (caches, feeding, ``step_logits``, ``sampled_step``), ``compiled``, ``steps`` (the step API).
 """
 
-from .compiled import compiled_step, recompile_room
+from .compiled import AUTO_CPU_MAX_ROWS, compiled_step, recompile_room, use_compile
 from .decoder import Decoder, sampled_step, step_logits
 from .forward import backbone_forward, cell_logits, horizontal_logits, positions
 from .inputs import (
@@ -54,6 +54,8 @@ __all__ = [
     "check_mode",
     "check_positions",
     "compiled_step",
+    "use_compile",
+    "AUTO_CPU_MAX_ROWS",
     "condition_prefix",
     "embed_codes",
     "embed_ids",

@@ -117,6 +117,27 @@ def compiled_step(device_type: str, size: int):
     return fn
 
 
+# compile="auto" on a CPU: compile only where it pays. benchmarks/results/compile_speed_cpu.md
+# (2 threads, CFG 2, so rows = 2 * batch) measured compiled / eager of two-way decoding at
+# 1.39x (Fashion-MNIST L4 d128) and 1.12x (L8 d256) at batch 1 (2 rows), 0.84x and 0.86x at
+# batch 64 (128 rows); raster 1.90x, 1.20x, then 0.96x, 0.89x. Interpolated in log2(rows),
+# two-way stops paying at about 38 and 14 rows: compile up to 8 rows, the power of two below
+# the smaller crossing. Rerun the benchmark with --batches 1,4,16,64 to refine it.
+AUTO_CPU_MAX_ROWS = 8
+
+
+def use_compile(compile, device, rows: int, able: bool = True):
+    """What ``compile`` means for a decoding run of ``rows`` sequences (images, twice with
+    CFG) on ``device``, ``able`` whether its runner can run the compiled step: ``"auto"``
+    becomes a bool (compiled on CUDA, on a CPU up to ``AUTO_CPU_MAX_ROWS`` rows, where
+    compiled steps were measured faster than eager ones; never where the runner cannot);
+    any other value is returned as it is (checked by the caller)."""
+    if not (isinstance(compile, str) and compile == "auto"):
+        return compile
+    kind = torch.device(device).type
+    return able and (kind == "cuda" or (kind == "cpu" and rows <= AUTO_CPU_MAX_ROWS))
+
+
 @contextmanager
 def recompile_room(compile: bool):
     """Room for the bucketed graphs: dynamo counts graphs per function, across every model

@@ -94,8 +94,8 @@ def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
 
 
 def _check_compile(compile) -> None:
-    if not isinstance(compile, bool):
-        raise InputError(f"compile must be True or False, got {compile!r}")
+    if not (isinstance(compile, bool) or (isinstance(compile, str) and compile == "auto")):
+        raise InputError(f'compile must be True, False or "auto", got {compile!r}')
 
 
 def _prefill(
@@ -107,7 +107,7 @@ def _prefill(
     sampling: Sampling,
     cond_mask,
     vertical: bool,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = check_grid(ctx, grid)
@@ -122,6 +122,7 @@ def _prefill(
     layout = ctx.layout(pre.length, grid)
     check_positions(ctx, layout)
     dev = pre.embeds.device
+    compile = compiled.use_compile(compile, dev, pre.embeds.shape[0], ctx.runner.static_caches)
     sched = (padded_schedule if compile else schedule)(layout, mode, dev)
     branch = mode == "two_way" and vertical
     dec = Decoder(ctx, pre, layout, sched.order, branch, sched.pad if compile else None)
@@ -186,7 +187,8 @@ def prefill(
     keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
     skips the vertical branch and takes the horizontal head everywhere: the backbone work
     of two-way decoding alone, a speed ablation, not a generator. ``compile=True``: every
-    ``step`` after the first runs compiled (see ``generate``)."""
+    ``step`` after the first runs compiled (see ``generate``); ``"auto"``: where it pays
+    (``state.compiled`` says whether it does)."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
@@ -273,7 +275,7 @@ def generate(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cond_mask=None,
     sampling: Sampling | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Generate images as codebook indices [B, H, W].
 
@@ -287,7 +289,10 @@ def generate(
     ``compile=True`` runs every step after the first through ``torch.compile`` (CUDA graphs
     on CUDA): static caches attended whole under a mask, steps padded to power-of-two
     buckets, so a process compiles a few graphs per mode and grid, once. The first call
-    pays the compile time; the codes are the eager ones (same math, other kernels)."""
+    pays the compile time; the codes are the eager ones (same math, other kernels).
+    ``compile="auto"``: compiled on CUDA, and on a CPU for up to
+    ``compiled.AUTO_CPU_MAX_ROWS`` sequences (images, twice with CFG), where compiling was
+    measured to pay; eager otherwise."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
