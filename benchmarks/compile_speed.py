@@ -1,7 +1,12 @@
 """Eager against compiled decoding (``generate(compile=True)``), raster and two-way, in one run.
 
+Two-way against raster with both compiled and both eager, the bound (what a bare backbone
+forward allows) and the fraction of it each reaches, what ``compile="auto"`` picks, and
+whether greedy and seeded sampled compiled codes equal the eager ones.
+
     python benchmarks/compile_speed.py          # CPU: the Fashion-MNIST default model and small 16x16, batches 1, 64
     python benchmarks/compile_speed.py --quick  # CPU: the Fashion-MNIST default model, batch 1
+    python benchmarks/compile_speed.py --batches 1,4,16,64  # the points the compile="auto" rule needs
     python benchmarks/compile_speed.py --device cuda --dtype bf16 --preset gpu   # LlamaGen-B shape, CUDA graphs
 
 Per model, grid and batch: the first compiled call of each mode is timed alone (its excess
@@ -21,6 +26,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from flashar_adapt.decoding import use_compile
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -74,8 +81,19 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
     row["speedup_compiled"] = t["raster_compiled"] / t["two_way_compiled"]
     greedy = {c: [gen(m, c, top_k=1)() for m in MODES] for c in (False, True)}
     row["greedy_codes_equal"] = all(torch.equal(x, y) for x, y in zip(greedy[False], greedy[True]))
-    if batch == 1:
-        row["forward_growth_b1"] = ds.forward_growth(model, a.cfg, device)
+
+    def seeded(m, c):  # sampled inside the compiled graph, from the uniforms drawn at prefill
+        g = torch.Generator(device=device).manual_seed(1234)
+        return gen(m, c, top_k=0, temperature=1.0, generator=g)()
+
+    row["sampled_codes_equal"] = all(torch.equal(seeded(m, False), seeded(m, True)) for m in MODES)
+    rows = batch * (2 if a.cfg != 1.0 else 1)
+    row["auto_compiles"] = bool(use_compile("auto", device, rows, model.flashar.ctx.runner.static_caches))
+    if batch == 1:  # the bound is a batch-1 measure (a bare forward on 1 image's tokens)
+        row["forward_growth_b1"] = ds.forward_growth(model, a.cfg, device, reps=a.bound_reps)
+        row["bound"] = bound = 1 / row["forward_growth_b1"]  # the fraction of the ideal a bare forward allows
+        for c in ("eager", "compiled"):
+            row[f"of_bound_{c}"] = row[f"speedup_{c}"] / row["ideal_step_ratio"] / bound
     log(
         f"{name} {H}x{W} b{batch}: two-way eager {t['two_way_eager'] * 1e3:.0f} ms -> compiled "
         f"{t['two_way_compiled'] * 1e3:.0f} ms ({row['compiled_over_eager']['two_way']:.2f}x), raster "
@@ -83,6 +101,11 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
         f"{row['speedup_eager']:.2f}x, compiled {row['speedup_compiled']:.2f}x "
         f"of ideal {row['ideal_step_ratio']:.2f}x; "
         f"compile {row['compile_s']['two_way']:.0f} s + {row['compile_s']['raster']:.0f} s"
+        + (
+            f"; of bound compiled {row['of_bound_compiled']:.2f}, eager {row['of_bound_eager']:.2f}"
+            if "bound" in row
+            else ""
+        )
     )
     return row
 
@@ -90,7 +113,7 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
 def markdown(res: dict) -> str:
     a = res["args"]
     out = [
-        f"# Compiled decoding: eager vs `generate(compile=True)` ({res['device']}, {a['dtype']}, "
+        f"# Compiled decoding: two-way vs raster, both eager and both compiled ({res['device']}, {a['dtype']}, "
         f"threads {res['threads']})",
         "",
         f"The shipped Fashion-MNIST FlashAR model (fmnist-default, both modes on its backbone) and random-weight "
@@ -98,24 +121,28 @@ def markdown(res: dict) -> str:
         f"of {a['repeats']} (batch 1) / {a['batch_repeats']} (larger batches) interleaved runs of the four decoders; "
         f"compile = first compiled call minus the steady compiled time (inductor, graphs for this batch size). "
         f"Speedup = raster time / two-way time in the same mode; of ideal = speedup / (H*W/(H+W-1)); bound = "
-        f"1 / forward growth (see docs/speed.md): the fraction of the ideal reachable if both steps were a bare "
-        f"backbone forward.",
+        f"1 / forward growth (see docs/speed.md), measured at batch 1 (only) in this run: the fraction of the ideal "
+        f"reachable if both steps were a bare backbone forward; of bound = of ideal / bound. auto = what "
+        f'`compile="auto"` picks for this batch. Equal: greedy and seeded sampled compiled codes against eager.',
         "",
         "| model | grid | batch | two-way eager / compiled | raster eager / compiled | compiled / eager (two-way, "
-        "raster) | speedup eager | speedup compiled | of ideal (compiled) | bound | compile two-way + raster | "
-        "greedy equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "raster) | speedup eager (of ideal) | speedup compiled (of ideal) | bound | of bound eager / compiled | "
+        "auto | compile two-way + raster | equal greedy, sampled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        t, c = r["seconds"], r["compiled_over_eager"]
-        bound = f"{1 / r['forward_growth_b1']:.2f}" if "forward_growth_b1" in r else "-"
+        t, c, ideal = r["seconds"], r["compiled_over_eager"], r["ideal_step_ratio"]
+        bound = f"{r['bound']:.2f}" if "bound" in r else "-"
+        of_bound = f"{r['of_bound_eager']:.2f} / {r['of_bound_compiled']:.2f}" if "bound" in r else "-"
+        auto = {True: "compiled", False: "eager", None: "-"}[r.get("auto_compiles")]
         out.append(
             f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | {r['batch']} | "
             f"{t['two_way_eager'] * 1e3:.0f} / {t['two_way_compiled'] * 1e3:.0f} ms | "
             f"{t['raster_eager'] * 1e3:.0f} / {t['raster_compiled'] * 1e3:.0f} ms | "
-            f"{c['two_way']:.2f}x, {c['raster']:.2f}x | {r['speedup_eager']:.2f}x | {r['speedup_compiled']:.2f}x | "
-            f"{r['speedup_compiled'] / r['ideal_step_ratio']:.2f} | {bound} | "
-            f"{r['compile_s']['two_way']:.0f} + {r['compile_s']['raster']:.0f} s | {r['greedy_codes_equal']} |"
+            f"{c['two_way']:.2f}x, {c['raster']:.2f}x | {r['speedup_eager']:.2f}x ({r['speedup_eager'] / ideal:.2f}) | "
+            f"{r['speedup_compiled']:.2f}x ({r['speedup_compiled'] / ideal:.2f}) | {bound} | {of_bound} | {auto} | "
+            f"{r['compile_s']['two_way']:.0f} + {r['compile_s']['raster']:.0f} s | "
+            f"{r['greedy_codes_equal']}, {r.get('sampled_codes_equal', '-')} |"
         )
     out += [
         "",
@@ -133,8 +160,9 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
-    x = range(len(rows))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(2 * max(6, 1.6 * len(rows)), 4))
+    x = list(range(len(rows)))
+    labels = [f"{r['model']}\n{r['grid']} b{r['batch']}" for r in rows]
     cols = [
         ("two_way_eager", "two-way eager"),
         ("two_way_compiled", "two-way compiled"),
@@ -145,10 +173,22 @@ def plot(res: dict, path: Path) -> None:
     for k, (key, label) in enumerate(cols):
         ax.bar([i - 0.4 + (k + 0.5) * w for i in x], [r["batch"] / r["seconds"][key] for r in rows], w, label=label)
     ax.set_yscale("log")
-    ax.set_xticks(list(x), [f"{r['model']}\n{r['grid']} b{r['batch']}" for r in rows], fontsize=8)
+    ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("images / s (log)")
     ax.set_title(f"Eager vs compiled decoding ({res['device']}, {res['args']['dtype']})")
     ax.legend(fontsize=7)
+    w = 0.35
+    for k, c in enumerate(("eager", "compiled")):
+        frac = [r[f"speedup_{c}"] / r["ideal_step_ratio"] for r in rows]
+        bx.bar([i - w / 2 + k * w for i in x], frac, w, label=f"two-way / raster, both {c}")
+    bounds = [(i, r["bound"]) for i, r in zip(x, rows) if "bound" in r]
+    if bounds:
+        bx.scatter([i for i, _ in bounds], [b for _, b in bounds], marker="_", s=600, color="k", label="bound")
+    bx.set_xticks(x, labels, fontsize=8)
+    bx.set_ylabel("fraction of the ideal H*W / (H+W-1)")
+    bx.set_ylim(0, 1.05)
+    bx.set_title("Two-way over raster, as a fraction of the ideal")
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -162,6 +202,7 @@ def main(argv=None):
     p.add_argument("--batch-repeats", type=int, default=None, help="interleaved runs at larger batches (CPU 2, GPU 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="the Fashion-MNIST default model at batch 1 only")
+    p.add_argument("--bound-reps", type=int, default=100, help="bare forwards timed for the bound")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if a.threads:

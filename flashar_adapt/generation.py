@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .decoding import prefill, step
+from .decoding import prefill, step, use_compile
 from .errors import InputError
 from .files import apply_umask, atomic_save_safetensors, disown, owned_temp_dir, remove_dead_temp_dirs
 from .image_folders import to_pil
@@ -169,10 +169,13 @@ def generate_codes(
     """Codes for every condition, batch by batch, with the steps and wall time of each batch.
     With ``compile`` the first batch includes the compile time, and a smaller last batch is
     padded to the batch size (with its last condition, results dropped) so that it runs the
-    graphs already compiled instead of compiling its own. ``negative``: token ids of one
-    negative prompt for every image (``negative_prompt_ids``)."""
+    graphs already compiled instead of compiling its own. ``compile="auto"`` is decided once,
+    for the batch size (``decoding.use_compile``). ``negative``: token ids of one negative
+    prompt for every image (``negative_prompt_ids``)."""
     ctx = context(model)
     dev = next(model.parameters()).device
+    rows = min(batch_size, len(conds)) * (2 if cfg_scale != 1.0 else 1)  # the largest batch's, CFG doubling
+    compile = use_compile(compile, dev, rows, ctx.runner.static_caches)
     neg = None if negative is None else torch.tensor(negative, dtype=torch.long, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     grid = ctx.recipe.image.grid
@@ -292,7 +295,7 @@ def generate_to_folder(
     batch_size: int = 16,
     per_cond: int = 1,
     progress: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     class_names: list[str] | None = None,
     negative: list[int] | None = None,
 ) -> str:

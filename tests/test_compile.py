@@ -28,7 +28,7 @@ def static_path_uncompiled():
     """Run compile=True's static step eagerly: the padding, trash entries and whole-cache
     masks under test without paying inductor's compile time."""
     old = decoding.compiled.compiled_step
-    decoding.compiled.compiled_step = lambda device_type, size: decoding.step_logits
+    decoding.compiled.compiled_step = lambda device_type, size: decoding.sampled_step
     try:
         yield
     finally:
@@ -137,6 +137,24 @@ def test_static_path_equals_eager_for_every_family(family, mode):
         assert torch.equal(model.generate(cond, compile=True, **kw), eager)
 
 
+@pytest.mark.parametrize("mode", ["two_way", "raster"])
+@pytest.mark.parametrize("family", sorted(tiny.FAMILY_CASES))
+def test_static_path_samples_the_eager_codes_for_every_family(family, mode):
+    """Seeded sampling (temperature, top-k, top-p, CFG, one generator per image) through the
+    static step, draw included (the function compile=True compiles, here run eagerly):
+    the padded rows gather the right uniforms, so the codes are the eager ones."""
+    model, cond, mask = tiny.patched_family(family)
+    B = cond.shape[0]
+
+    def kw():
+        gens = [torch.Generator().manual_seed(100 + i) for i in range(B)]
+        return dict(mode=mode, cond_mask=mask, cfg_scale=2.0, temperature=1.3, top_k=20, top_p=0.9, generator=gens)
+
+    eager = model.generate(cond, **kw())
+    with static_path_uncompiled():
+        assert torch.equal(model.generate(cond, compile=True, **kw()), eager)
+
+
 def test_static_padding_entries_are_never_seen():
     """Every padded token writes an entry past the sequence, which the key rows mask, and no
     two steps write the same real entry."""
@@ -234,35 +252,88 @@ def test_compiled_greedy_equals_eager_and_teacher_forcing(make, mode):
 @pytest.mark.slow
 def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
     """CFG (a linear schedule: the scale changes every step) and seeded sampling give the
-    eager codes; the first call compiles at most one graph per bucket size, a second none."""
+    eager codes; the first call of a sampling setting compiles at most one graph per bucket
+    size (greedy and sampled steps are graphs of their own: the draw is inside), a second
+    call none, whatever its seed."""
     model, cond, _ = _llamagen()
     kw = dict(cfg_scale=3.0, cfg_schedule="linear")
-    before = counters["stats"]["unique_graphs"]
-    assert torch.equal(model.generate(cond, top_k=1, compile=True, **kw), model.generate(cond, top_k=1, **kw))
     layout = model.flashar.ctx.layout(1, (3, 3))
     steps = decoding.padded_schedule(layout, "two_way", torch.device("cpu")).steps
     sizes = {s.entries.numel() for s in steps[1:]}
-    compiled = counters["stats"]["unique_graphs"] - before
-    assert 1 <= compiled <= len(sizes)
-    for seed in (0, 1):
+    before = counters["stats"]["unique_graphs"]
+    assert torch.equal(model.generate(cond, top_k=1, compile=True, **kw), model.generate(cond, top_k=1, **kw))
+    greedy = counters["stats"]["unique_graphs"] - before
+    assert 1 <= greedy <= len(sizes)
+    for seed in (0, 1, 2):
         a = model.generate(cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
         b = model.generate(
             cond, top_k=5, temperature=1.5, generator=torch.Generator().manual_seed(seed), compile=True, **kw
         )
         assert torch.equal(a, b)
-    assert counters["stats"]["unique_graphs"] - before == compiled  # same shapes: nothing recompiled
+        if seed == 0:
+            sampled = counters["stats"]["unique_graphs"] - before - greedy
+            assert 1 <= sampled <= len(sizes)
+    assert counters["stats"]["unique_graphs"] - before == greedy + sampled  # other seeds: nothing recompiled
+    model.generate(cond, top_k=1, compile=True, **kw)
+    assert counters["stats"]["unique_graphs"] - before == greedy + sampled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_llamagen, _hf], ids=["llamagen", "transformers"])
+def test_compiled_sampled_codes_equal_eager_for_every_runner(make):
+    """Guidance, temperature, top-k/top-p and the draw run inside the compiled graph, from
+    the uniforms drawn at prefill: seeded sampled codes equal the eager ones, for each
+    runner (LlamaGen's own, and transformers: Llama, Emu3, Emu3.5, Janus, Chameleon)."""
+    model, cond, mask = make()
+    B = cond.shape[0]
+
+    def kw():
+        gens = [torch.Generator().manual_seed(7 + i) for i in range(B)]
+        return dict(cond_mask=mask, cfg_scale=2.0, temperature=1.3, top_k=20, top_p=0.9, generator=gens)
+
+    for _ in range(2):  # the second call runs graphs already built
+        assert torch.equal(model.generate(cond, compile=True, **kw()), model.generate(cond, **kw()))
 
 
 # ---------------------------------------------------------------- refusals
 
 
-def test_compile_flag_must_be_a_bool():
+def test_compile_flag_must_be_a_bool_or_auto():
     model, cond, _ = _llamagen()
-    for bad in ("yes", 1, None):
-        with pytest.raises(InputError, match="compile must be True or False"):
+    for bad in ("yes", "AUTO", 1, None, torch.tensor(1)):
+        with pytest.raises(InputError, match='compile must be True, False or "auto"'):
             model.generate(cond, compile=bad)
-        with pytest.raises(InputError, match="compile must be True or False"):
+        with pytest.raises(InputError, match='compile must be True, False or "auto"'):
             fa.prefill(model, cond, compile=bad)
+
+
+def test_auto_compiles_on_cuda_and_on_a_cpu_up_to_the_measured_rows():
+    """compile="auto": the rule derived from benchmarks/results/compile_speed_cpu.md (compiled
+    steps faster at 2 rows, slower at 128: compile up to 8 rows on a CPU), graphs on CUDA,
+    never where the runner cannot; an explicit bool is kept, anything else left to the check."""
+    limit = decoding.AUTO_CPU_MAX_ROWS
+    assert limit == 8
+    for rows in (1, 2, limit):
+        assert decoding.use_compile("auto", "cpu", rows) is True
+    for rows in (limit + 1, 64, 128):
+        assert decoding.use_compile("auto", "cpu", rows) is False
+    assert decoding.use_compile("auto", "cuda", 4096) is True
+    assert decoding.use_compile("auto", "mps", 1) is False
+    assert decoding.use_compile("auto", "cpu", 1, able=False) is False
+    assert decoding.use_compile(True, "cpu", 4096) is True and decoding.use_compile(False, "cuda", 1) is False
+    assert decoding.use_compile("yes", "cpu", 1) == "yes"
+
+
+def test_auto_decides_by_the_rows_a_run_decodes(monkeypatch):
+    """CFG doubles the rows: 4 guided images compile, 5 do not; 8 unguided compile. A runner
+    without static caches decodes eagerly under "auto" instead of refusing."""
+    model, _, _ = _llamagen()
+    for batch, cfg, want in ((4, 2.0, True), (5, 2.0, False), (8, 1.0, True), (9, 1.0, False)):
+        cond = torch.arange(batch) % 10
+        assert fa.prefill(model, cond, cfg_scale=cfg, top_k=1, compile="auto").compiled is want
+    monkeypatch.setattr(type(model.flashar.ctx.runner), "static_caches", False)
+    state = fa.prefill(model, torch.tensor([1]), top_k=1, compile="auto")
+    assert state.compiled is False
 
 
 def test_compile_refused_for_a_runner_without_static_caches(monkeypatch):

@@ -338,7 +338,8 @@ def test_generate_raster_from_checkpoint_plus_recipe_and_codes_only(export_dir, 
 
 @pytest.mark.slow
 def test_generate_compile_flag_gives_the_eager_codes(export_dir, tmp_path):
-    """--compile reaches generate(compile=True) (raster: one compiled graph) and changes no code."""
+    """--compile reaches generate(compile="auto"), which compiles a CPU batch of 2 (raster:
+    one compiled graph), and changes no code."""
     base = [
         "generate",
         "--export",
@@ -360,7 +361,7 @@ def test_generate_compile_flag_gives_the_eager_codes(export_dir, tmp_path):
     assert counters["frames"]["ok"] > frames  # the step was compiled
     codes = [load_file(str(tmp_path / d / "codes.safetensors"))["codes"] for d in ("eager", "compiled")]
     assert torch.equal(*codes)
-    assert json.loads((tmp_path / "compiled" / "generate.json").read_text())["compile"] is True
+    assert json.loads((tmp_path / "compiled" / "generate.json").read_text())["compile"] == "auto"
     assert json.loads((tmp_path / "eager" / "generate.json").read_text())["compile"] is False
 
 

@@ -5,15 +5,16 @@ The decoders are built on one public seam, ``prefill`` (a ``DecoderState``) and 
 teacher-forced pass share ``build_prefix``, ``embed_codes``, ``backbone_forward`` and
 ``FlashARModules.fuse``, so incremental decoding equals teacher forcing by construction
 (and the tests check it does). What step t feeds and samples is one ``Step`` of the
-layout's ``schedule``; ``step_logits`` runs one, eagerly or compiled (``compiled``).
+layout's ``schedule``; ``sampled_step`` runs one (``step_logits``, then the draw from the
+uniforms drawn at prefill), eagerly or compiled (``compiled``).
 
 Modules, in import order: ``inputs`` (checks, the prefix), ``forward`` (one backbone and
 branch forward, the heads), ``teacher_forcing``, ``schedules`` (steps, buckets), ``decoder``
-(caches, feeding, ``step_logits``), ``compiled``, ``steps`` (the step API).
+(caches, feeding, ``step_logits``, ``sampled_step``), ``compiled``, ``steps`` (the step API).
 """
 
-from .compiled import compiled_step, recompile_room
-from .decoder import Decoder, step_logits
+from .compiled import AUTO_CPU_MAX_ROWS, compiled_step, recompile_room, use_compile
+from .decoder import Decoder, sampled_step, step_logits
 from .forward import backbone_forward, cell_logits, horizontal_logits, positions
 from .inputs import (
     MODES,
@@ -57,6 +58,8 @@ __all__ = [
     "check_negative",
     "check_positions",
     "compiled_step",
+    "use_compile",
+    "AUTO_CPU_MAX_ROWS",
     "condition_prefix",
     "embed_codes",
     "embed_ids",
@@ -74,6 +77,7 @@ __all__ = [
     "score",
     "sequence_embeds",
     "step",
+    "sampled_step",
     "step_logits",
     "teacher_forward",
 ]

@@ -8,7 +8,7 @@ import torch
 from ..context import PatchContext
 from ..errors import InputError
 from ..grid import Layout
-from ..sampling import guide
+from ..sampling import Sampling, draw, guide
 from .forward import backbone_forward, cell_logits, positions
 from .inputs import Prefix, embed_codes, embed_ids
 from .schedules import Step
@@ -159,3 +159,22 @@ def step_logits(dec: Decoder, codes: torch.Tensor, step: Step, scale) -> torch.T
     hh, hv = dec.feed_step(codes, step)
     lg = cell_logits(dec.ctx, hh, hv, step.h_idx, step.v_idx, step.has_h, step.has_v, dec.branch)
     return guide(lg, dec.batch, scale)
+
+
+def sampled_step(dec: Decoder, codes: torch.Tensor, step: Step, scale, noise, out, s: Sampling):
+    """``step_logits`` and the draw: (guided logits [B, n, K], codes [B, n]) of the cells
+    ``step`` samples, each drawn with its uniform ``noise[:, out]`` (``noise`` [B, H*W], drawn
+    at prefill; None when greedy). The function ``generate(compile=True)`` compiles, so
+    guidance, temperature, top-k/top-p and the draw run inside the graph; eager decoding runs
+    the same arithmetic. On a padded step ``out`` is padded too: rows past ``step.n`` are
+    drawn and ignored."""
+    lg = step_logits(dec, codes, step, scale)
+    lg = lg.reshape(dec.batch, -1, lg.shape[-1])
+    return lg, draw_cells(lg, noise, out, s)
+
+
+def draw_cells(lg: torch.Tensor, noise, out, s: Sampling) -> torch.Tensor:
+    """Codes [B, n] from guided logits [B, n, K] and the uniforms of the cells ``out``."""
+    B = lg.shape[0]
+    u = None if noise is None else noise[:, out].reshape(-1)
+    return draw(lg.reshape(-1, lg.shape[-1]), u, s).view(B, -1)

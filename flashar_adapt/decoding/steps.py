@@ -4,16 +4,16 @@ raster token) and ``generate``, that loop."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from ..context import PatchContext, context
 from ..errors import InputError
 from ..grid import Layout
-from ..sampling import Sampling, draw, guide
+from ..sampling import Sampling, guide
 from . import compiled
-from .decoder import Decoder, step_logits
+from .decoder import Decoder, draw_cells, sampled_step, step_logits
 from .forward import cell_logits
 from .inputs import (
     build_prefix,
@@ -55,6 +55,8 @@ class DecoderState:
     noise: torch.Tensor | None = field(default=None, repr=False)
     _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
     _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
+    _outs: list = field(default=None, repr=False)  # compiled: per-step sampled cells, padded to the bucket
+    _draw: Sampling = field(default=None, repr=False)  # the settings the draw reads (no generator: its noise is drawn)
     _watch: compiled.CompileWatch | None = field(default=None, repr=False)  # compiled: the start/end lines
 
     @property
@@ -93,8 +95,8 @@ def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
 
 
 def _check_compile(compile) -> None:
-    if not isinstance(compile, bool):
-        raise InputError(f"compile must be True or False, got {compile!r}")
+    if not (isinstance(compile, bool) or (isinstance(compile, str) and compile == "auto")):
+        raise InputError(f'compile must be True, False or "auto", got {compile!r}')
 
 
 def _prefill(
@@ -106,7 +108,7 @@ def _prefill(
     sampling: Sampling,
     cond_mask,
     vertical: bool,
-    compile: bool = False,
+    compile: bool | str = False,
     negative=None,
     negative_mask=None,
 ) -> DecoderState:
@@ -124,6 +126,7 @@ def _prefill(
     layout = ctx.layout(pre.length, grid)
     check_positions(ctx, layout)
     dev = pre.embeds.device
+    compile = compiled.use_compile(compile, dev, pre.embeds.shape[0], ctx.runner.static_caches)
     sched = (padded_schedule if compile else schedule)(layout, mode, dev)
     branch = mode == "two_way" and vertical
     dec = Decoder(ctx, pre, layout, sched.order, branch, sched.pad if compile else None)
@@ -134,9 +137,11 @@ def _prefill(
     # per-step guidance scales as tensors: a compiled step would specialise on a float
     scales = [torch.tensor(sampling.scale_at(t, n), device=dev) for t in range(n)] if compile else None
     watch = None
+    settings = replace(sampling, generator=None)  # what the draw reads; a compiled step specialises on it
     if compile:
         rows = pre.embeds.shape[0]  # with CFG, twice the images
-        keys = {(dev.type, st.entries.numel(), rows, layout.seq_len, mode) for st in sched.steps[1:]}
+        knobs = (settings.greedy, settings.temperature, settings.top_k, settings.top_p)
+        keys = {(dev.type, st.entries.numel(), rows, layout.seq_len, mode, knobs) for st in sched.steps[1:]}
         what = f"{mode} decoding of a batch of {B} at {layout.height}x{layout.width}"
         watch = compiled.CompileWatch(model, what, keys)
     # one uniform per cell, drawn now: a cell's draw depends on its image's generator and the
@@ -156,8 +161,17 @@ def _prefill(
         noise=noise,
         _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
         _scales=scales,
+        _outs=[None] + [_padded_out(st) for st in sched.steps[1:]] if compile else None,
+        _draw=settings,
         _watch=watch,
     )
+
+
+def _padded_out(st) -> torch.Tensor:
+    """A padded step's sampled cells, padded (with cell 0) to its rows: the uniforms the
+    compiled step gathers for each row; the padding rows' draws are ignored."""
+    out = st.out if torch.is_tensor(st.out) else torch.arange(st.out.start, st.out.stop, device=st.h_idx.device)
+    return torch.cat([out, out.new_zeros(st.h_idx.numel() - out.numel())])
 
 
 def prefill(
@@ -180,7 +194,7 @@ def prefill(
     ``vertical=False`` (two-way only) skips the vertical branch and takes the horizontal
     head everywhere: the backbone work of two-way decoding alone, a speed ablation, not a
     generator. ``compile=True``: every ``step`` after the first runs compiled (see
-    ``generate``)."""
+    ``generate``); ``"auto"``: where it pays (``state.compiled`` says whether it does)."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
@@ -189,24 +203,33 @@ def prefill(
         return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile, negative, negative_mask)
 
 
-def _logits(state: DecoderState) -> torch.Tensor:
+def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Feed what the previous step sampled (nothing at step 0: the prefill's last state
-    predicts the first cells) and return the guided logits of this step's cells."""
-    t, st, dec = state.t, state.schedule.steps[state.t], state.decoder
-    if t == 0:
-        hh, hv = state._hidden
-        lg = cell_logits(dec.ctx, hh, hv, st.h_idx, st.v_idx, st.has_h, st.has_v, state.vertical)
-        return guide(lg, state.batch, state.sampling.scale_at(t, state.num_steps))
-    if not state.compiled:
-        return step_logits(dec, state.codes, st, state.sampling.scale_at(t, state.num_steps))
+    predicts the first cells); return this step's guided logits [B, n, K] and, with
+    ``sample``, its codes [B, n]: drawn inside the compiled step when compiled, by the same
+    arithmetic eagerly (``sampled_step``)."""
+    t, st, dec, B = state.t, state.schedule.steps[state.t], state.decoder, state.batch
+    if t == 0 or not state.compiled:
+        scale = state.sampling.scale_at(t, state.num_steps)
+        if t == 0:
+            hh, hv = state._hidden
+            lg = cell_logits(dec.ctx, hh, hv, st.h_idx, st.v_idx, st.has_h, st.has_v, state.vertical)
+            lg = guide(lg, B, scale)
+        else:
+            lg = step_logits(dec, state.codes, st, scale)
+        lg = lg.reshape(B, -1, lg.shape[-1])
+        return lg, draw_cells(lg, state.noise, st.out, state._draw) if sample else None
     dev = state.codes.device
     if dev.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
+    key = (dev.type, st.entries.numel())
     # looked up on the module at every call: tests run the static path uncompiled by replacing it
-    fn = compiled.compiled_step(dev.type, st.entries.numel())
-    lg = fn(dec, state.codes, st, state._scales[t])
-    # a CUDA graph's output is overwritten by its next replay: state.logits must outlive the step
-    return lg[:, : st.n].clone() if dev.type == "cuda" else lg[:, : st.n]
+    fn = compiled.compiled_step(*key)
+    args = (dec, state.codes, st, state._scales[t], state.noise, state._outs[t], state._draw)
+    lg, tok = compiled.run_step(key, fn, sampled_step, *args)
+    lg, tok = lg.reshape(B, -1, lg.shape[-1])[:, : st.n], tok[:, : st.n]
+    # a CUDA graph's outputs are overwritten by its next replay: state.logits must outlive the step
+    return (lg.clone(), tok.clone()) if dev.type == "cuda" else (lg, tok)
 
 
 def _step(state: DecoderState, forced=None) -> torch.Tensor:
@@ -218,15 +241,10 @@ def _step(state: DecoderState, forced=None) -> torch.Tensor:
             "this decoder state is stale: a later prefill or generate on the same model reused its "
             "caches; prefill again (or decode on a copy.deepcopy of the model)"
         )
-    lg = _logits(state)
-    lg = lg.reshape(state.batch, -1, lg.shape[-1])
-    out = state.schedule.steps[state.t].out
-    if forced is None:
-        u = None if state.noise is None else state.noise[:, out].reshape(-1)
-        tok = draw(lg.reshape(-1, lg.shape[-1]), u, state.sampling).view(state.batch, -1)
-    else:
+    lg, tok = _advance(state, forced is None)
+    if forced is not None:
         tok = check_step_codes(ctx, forced, state.t, (state.batch, lg.shape[1]), state.codes.device)
-    state.codes[:, out] = tok
+    state.codes[:, state.schedule.steps[state.t].out] = tok
     state.logits = lg
     state.t += 1
     if state.done and state._watch is not None:
@@ -265,7 +283,7 @@ def generate(
     negative=None,
     negative_mask=None,
     sampling: Sampling | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Generate images as codebook indices [B, H, W].
 
@@ -282,7 +300,10 @@ def generate(
     ``compile=True`` runs every step after the first through ``torch.compile`` (CUDA graphs
     on CUDA): static caches attended whole under a mask, steps padded to power-of-two
     buckets, so a process compiles a few graphs per mode and grid, once. The first call
-    pays the compile time; the codes are the eager ones (same math, other kernels)."""
+    pays the compile time; the codes are the eager ones (same math, other kernels).
+    ``compile="auto"``: compiled on CUDA, and on a CPU for up to
+    ``compiled.AUTO_CPU_MAX_ROWS`` sequences (images, twice with CFG), where compiling was
+    measured to pay; eager otherwise."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
