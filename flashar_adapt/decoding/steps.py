@@ -21,9 +21,11 @@ from .inputs import (
     check_grid,
     check_mode,
     check_positions,
+    check_preview,
     check_step_codes,
     eval_behaviour,
     has_uncond,
+    with_grid,
 )
 from .schedules import Schedule, padded_schedule, schedule
 
@@ -35,7 +37,9 @@ class DecoderState:
     ``codes`` [B, H*W] fills as steps run (``image()`` is the [B, H, W] view); ``t`` is the
     next step; ``logits`` the guided logits [B, n, K] the last step sampled from;
     ``schedule.steps[t]`` what step t feeds and samples; ``noise`` [B, H*W] the uniform each
-    cell is drawn with (None when greedy), drawn at prefill. A later ``prefill``/``generate`` on
+    cell is drawn with (None when greedy), drawn at prefill; ``preview`` [B, h, w] the preview
+    grid the main grid is conditioned on (recipes with ``image.preview_*``: decoded, raster,
+    inside ``prefill``), else None. A later ``prefill``/``generate`` on
     the same model makes this state stale (its caches may be reused): stepping it then
     raises."""
 
@@ -52,6 +56,7 @@ class DecoderState:
     logits: torch.Tensor | None = field(default=None, repr=False)
     compiled: bool = False
     noise: torch.Tensor | None = field(default=None, repr=False)
+    preview: torch.Tensor | None = field(default=None, repr=False)  # [B, h, w]: the preview grid, if the recipe has one
     _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
     _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
     _watch: compiled.CompileWatch | None = field(default=None, repr=False)  # compiled: the start/end lines
@@ -106,6 +111,7 @@ def _prefill(
     cond_mask,
     vertical: bool,
     compile: bool = False,
+    preview=None,
 ) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = check_grid(ctx, grid)
@@ -117,14 +123,37 @@ def _prefill(
             f"{ctx.recipe.name!r} defines none (condition.uncond)"
         )
     pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided)
-    layout = ctx.layout(pre.length, grid)
+    before = ()
+    small = ctx.preview_grid(grid)
+    if small is not None:
+        if preview is None:
+            # the preview grid first, raster (its own prefill and h*w - 1 steps), then the main
+            # grid conditioned on it: the preview's cells end the main grid's prefix
+            first = _start(model, ctx, pre, "raster", ctx.layout(pre.length, small), sampling, False, compile)
+            while not first.done:
+                _step(first)
+            preview = first.image()
+        else:
+            preview = check_preview(ctx, preview, cond.shape[0], grid)
+        pre, before = with_grid(ctx, pre, preview), (small,)
+    elif preview is not None:
+        check_preview(ctx, preview, cond.shape[0], grid)  # raises: this recipe has no preview
+    state = _start(model, ctx, pre, mode, ctx.layout(pre.length, grid, before), sampling, vertical, compile)
+    state.preview = preview
+    return state
+
+
+def _start(
+    model, ctx: PatchContext, pre, mode: str, layout: Layout, sampling: Sampling, vertical: bool, compile: bool
+) -> DecoderState:
+    """Prefill ``pre`` into fresh caches for decoding ``layout`` in ``mode``."""
     check_positions(ctx, layout)
     dev = pre.embeds.device
     sched = (padded_schedule if compile else schedule)(layout, mode, dev)
     branch = mode == "two_way" and vertical
     dec = Decoder(ctx, pre, layout, sched.order, branch, sched.pad if compile else None)
     hh, hv = dec.prefill()
-    B = cond.shape[0]
+    B = pre.batch
     codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
     n = len(sched.steps)
     # per-step guidance scales as tensors: a compiled step would specialise on a float
@@ -166,6 +195,7 @@ def prefill(
     cond_mask=None,
     vertical: bool = True,
     compile: bool = False,
+    preview=None,
     **sampling_kwargs,
 ) -> DecoderState:
     """Check the inputs, build the prefix and run it into fresh static caches; returns the
@@ -173,13 +203,15 @@ def prefill(
     keywords (``cfg_scale=``, ``temperature=``, ...). ``vertical=False`` (two-way only)
     skips the vertical branch and takes the horizontal head everywhere: the backbone work
     of two-way decoding alone, a speed ablation, not a generator. ``compile=True``: every
-    ``step`` after the first runs compiled (see ``generate``)."""
+    ``step`` after the first runs compiled (see ``generate``). A recipe with a preview grid
+    decodes it here first (raster, with the same sampling), or takes its codes as ``preview``
+    [B, h, w] (teacher forcing, continuing known codes); the steps then decode the main grid."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
     s = _sampling(sampling, sampling_kwargs)
     with ctx.guard, eval_behaviour(model), torch.inference_mode():
-        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile)
+        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile, preview)
 
 
 def _logits(state: DecoderState) -> torch.Tensor:
@@ -257,7 +289,8 @@ def generate(
     cond_mask=None,
     sampling: Sampling | None = None,
     compile: bool = False,
-) -> torch.Tensor:
+    return_preview: bool = False,
+):
     """Generate images as codebook indices [B, H, W].
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
@@ -270,10 +303,19 @@ def generate(
     ``compile=True`` runs every step after the first through ``torch.compile`` (CUDA graphs
     on CUDA): static caches attended whole under a mask, steps padded to power-of-two
     buckets, so a process compiles a few graphs per mode and grid, once. The first call
-    pays the compile time; the codes are the eager ones (same math, other kernels)."""
+    pays the compile time; the codes are the eager ones (same math, other kernels).
+
+    A recipe with a preview grid (``image.preview_grid`` / ``image.preview_side``) first
+    decodes the h x w preview, raster (h*w forwards), then the main grid conditioned on it:
+    h*w + H+W-1 forwards in all (two-way), h*w + H*W (raster). ``return_preview=True``
+    returns ``(codes, preview)`` with the preview's codes [B, h, w]."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
+    if not isinstance(return_preview, bool):
+        raise InputError(f"return_preview must be True or False, got {return_preview!r}")
+    if return_preview and ctx.recipe.image.preview(check_grid(ctx, grid)) is None:
+        raise InputError(f"recipe {ctx.recipe.name!r} decodes no preview grid: return_preview=True has none to return")
     if sampling is None:
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
     else:
@@ -290,4 +332,4 @@ def generate(
         state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile)
         while not state.done:
             _step(state)
-        return state.image()
+        return (state.image(), state.preview) if return_preview else state.image()
