@@ -98,7 +98,9 @@ def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torc
     allowed = layout.attention(mode)[:L, :L].to(dev)[None] & valid[:, None, :]
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=dev)[None]
     two = mode == "two_way"
-    hh, hv = backbone_forward(ctx, embeds, positions(layout, slots, pre.n_pad), slots, slots, allowed, None, None, branch=two)
+    hh, hv = backbone_forward(
+        ctx, embeds, positions(layout, slots, pre.n_pad), slots, slots, allowed, None, None, branch=two
+    )
     h_src, v_src, has_h, has_v = (t.to(dev) for t in layout.sources())
     h_in = hh[:, h_src.flatten()].view(B, H, W, -1)
     if not two:
