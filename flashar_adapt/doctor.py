@@ -212,7 +212,7 @@ def _check_generation(ctx, model, rep, cond, grid):
     cut = (
         ""
         if bool(compared.all())
-        else f"; the model's own generate chose ids outside the codebook, compared {n} of {ref.numel()} cells up to there"
+        else f"; the model's own generate chose ids outside the codebook: {n} of {ref.numel()} cells compared"
     )
     if n == 0:
         return rep.add(
@@ -229,8 +229,8 @@ def _check_generation(ctx, model, rep, cond, grid):
     return rep.add(
         "raster",
         FAIL,
-        f"greedy raster codes differ from the model's own generate in {', '.join(said)}{cut}: the model "
-        "positions or orders its image tokens otherwise (check image.positions, image.preview_grid / image.preview_side)",
+        f"greedy raster codes differ from the model's own generate in {', '.join(said)}{cut}: the model positions "
+        "or orders its image tokens otherwise (check image.positions, image.preview_grid / image.preview_side)",
         key="image.positions",
     )
 
