@@ -169,10 +169,13 @@ class Runner(abc.ABC):
         [B, H, W, K] for ``cond`` and ``codes`` (its own forward, not the patched path)."""
         raise NotImplementedError(f"runner {self.name!r} declares no reference_forward")
 
-    def reference_generate(self, ctx, cond: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+    def reference_generate(
+        self, ctx, cond: torch.Tensor, grid: tuple[int, int], cond_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Only when ``reference_generation``: the model's own greedy generation (its own
-        ``generate``, not the patched path) for the prompts ``cond`` [B, T] (the recipe's forced
-        tokens follow them, as in the patched prefix), as codebook indices: one [B, h, w]
+        ``generate``, not the patched path) for the prompts ``cond`` [B, T] (left-padded where
+        ``cond_mask`` is False; the recipe's forced tokens follow them, as in the patched
+        prefix), as codebook indices: one [B, h, w]
         tensor per grid in decoding order (a preview grid first, ``grid`` last). A cell the
         model filled with an id outside the codebook holds -1."""
         raise NotImplementedError(f"runner {self.name!r} declares no reference_generation")

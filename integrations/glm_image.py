@@ -26,11 +26,13 @@ class GlmImageRunner(TransformersRunner):
     name = "glm-image"
     reference_generation = True
 
-    def reference_generate(self, ctx, cond, grid):
+    def reference_generate(self, ctx, cond, grid, cond_mask=None):
         grid = (int(grid[0]), int(grid[1]))
         B, dev = cond.shape[0], cond.device
         meta = torch.tensor(ctx.meta_ids(grid), dtype=torch.long, device=dev).expand(B, -1)
         prompt = torch.cat([cond.long(), meta], 1)
+        if cond_mask is not None:  # left padding, as the patched prefix takes it
+            mask = torch.cat([cond_mask.long(), torch.ones_like(meta)], 1)
         small = ctx.preview_grid(grid)
         grids = ([small] if small is not None else []) + [grid]  # decoding order
         thw = torch.tensor([[1, h, w] for h, w in reversed(grids)] * B, device=dev)  # upstream's order: main first
@@ -40,7 +42,7 @@ class GlmImageRunner(TransformersRunner):
         with torch.no_grad():
             out = own(
                 input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
+                attention_mask=torch.ones_like(prompt) if cond_mask is None else mask,
                 image_grid_thw=thw,
                 images_per_sample=torch.full((B,), len(grids), device=dev),
                 max_new_tokens=n,

@@ -411,6 +411,15 @@ def _chameleon_case():
     return chameleon(), r, torch.tensor([[0, 30, 31, 8197], [0, 40, 41, 8197]]), None
 
 
+def _glm_image_case():
+    # grid positions without the preview grid (teacher forcing here takes no preview codes), and
+    # an unconditional prompt of pads (upstream has none) so the CFG tests cover it too
+    r = glm_image_recipe(grid=(3, 4), preview=None, **{"condition.uncond": "pad_inner", "condition.pad_id": 167841})
+    cond = torch.tensor([[0, 0, 170, 171, 172], [180, 181, 182, 183, 184]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return glm_image(), r, cond, mask
+
+
 FAMILY_CASES = {
     "llamagen-c2i": _llamagen_case,
     "llamagen-t2i": _llamagen_t2i_case,
@@ -418,6 +427,7 @@ FAMILY_CASES = {
     "emu3": _emu3_case,
     "janus": _janus_case,
     "chameleon": _chameleon_case,
+    "glm-image": _glm_image_case,
 }
 
 
