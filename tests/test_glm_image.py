@@ -258,3 +258,47 @@ def test_recipe_refuses_grid_positions_with_end_of_line_tokens_and_two_previews(
         tiny.hf_llama_recipe(**{"image.positions": "2d"})
     with pytest.raises(RecipeError, match="image.preview_side: give the preview as image.preview_grid or"):
         fa.load_recipe("glm-image").replace(**{"image.preview_grid": [2, 2]})
+
+
+# ---------------------------------------------------------------- training data and training
+
+
+def test_data_free_shards_hold_the_preview_and_train_on_it(tmp_path):
+    """Data-free shards sampled from the raster model hold both grids (the preview as the
+    model decoded it before the image); the training loss reads them through the same
+    teacher forcing as decoding, and a data folder without the preview is refused."""
+    from flashar_adapt.datafree import TeacherSampling, sample_dataset
+    from flashar_adapt.shards import ShardDataset, ShardWriter
+    from flashar_adapt.training.config import TrainConfig
+    from flashar_adapt.training.loop import TrainingError, check_data
+    from flashar_adapt.training.loss import FlashARLoss
+
+    model = _patched(tiny.glm_image_recipe(GRID, PREVIEW, **{"condition.prefix_len": 8}))
+    text = {"a cat": [170, 171], "a dog on a mat": [180, 181, 182, 183]}
+    sample_dataset(
+        model,
+        list(text),
+        tmp_path / "d",
+        sampling=TeacherSampling(top_k=1),
+        text=text.get,
+        batch_size=2,
+        progress=False,
+    )
+    data = ShardDataset(tmp_path / "d")
+    assert data.preview_grid == PREVIEW
+    batch = data.get(torch.arange(2))
+    codes, preview = model.generate(batch.cond, cond_mask=batch.cond_mask, mode="raster", top_k=1, return_preview=True)
+    assert torch.equal(batch.preview, preview) and torch.equal(batch.codes, codes)
+    check_data(data, fa.context(model).recipe)
+    cfg = TrainConfig(model={"format": "transformers"}, recipe="glm-image", data="d", out_dir="o")
+    loss = FlashARLoss(model, cfg, stage=1)
+    out = loss(batch.cond, batch.codes, batch.cond_mask, batch.preview)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    # the loss is the image's given this preview: another preview gives another loss
+    other = loss(batch.cond, batch.codes, batch.cond_mask, (batch.preview + 1) % 16384)
+    assert not torch.allclose(other["loss"], out["loss"])
+    w = ShardWriter(tmp_path / "plain", GRID, 16384, "tokens")
+    w.add(batch.codes, batch.cond, batch.cond_mask.sum(1))
+    w.close()
+    with pytest.raises(TrainingError, match="preview grid is none"):
+        check_data(ShardDataset(tmp_path / "plain"), fa.context(model).recipe)
