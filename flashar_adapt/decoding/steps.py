@@ -314,7 +314,7 @@ def generate(
     ctx = context(model)
     if not isinstance(return_preview, bool):
         raise InputError(f"return_preview must be True or False, got {return_preview!r}")
-    if return_preview and ctx.recipe.image.preview(check_grid(ctx, grid)) is None:
+    if return_preview and ctx.preview_grid(check_grid(ctx, grid)) is None:
         raise InputError(f"recipe {ctx.recipe.name!r} decodes no preview grid: return_preview=True has none to return")
     if sampling is None:
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
