@@ -14,7 +14,7 @@ ever attends to, so it is not a slot of the layout).
 Positions follow a rule (``recipe.POSITION_RULES``), not the slot count: ``sequence`` gives slot s
 position s (one axis); ``grid`` gives three axes (t, h, w): prompt slot s -> (s, s, s), cell
 (r, c) of a grid starting at P -> (P, P + r, P + c), and the next grid starts at
-P + max(h, w) (M-RoPE models such as GLM-Image). ``before_grids``: grids already decoded that
+P + max(h, w) (multi-axis rotary positions, M-RoPE). ``before_grids``: grids already decoded that
 end the prefix (a preview grid), in order; their cells are prefix slots.
 """
 

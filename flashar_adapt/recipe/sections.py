@@ -208,7 +208,7 @@ class Image:
             return self.preview_grid
         if self.preview_side is None:
             return None
-        ratio = grid[0] / grid[1]  # as GLM-Image's processor computes it (float, then truncated)
+        ratio = grid[0] / grid[1]  # in floats, then truncated: as the processors that define this rule do
         return max(1, int(math.sqrt(ratio) * self.preview_side)), max(1, int(math.sqrt(1 / ratio) * self.preview_side))
 
     @classmethod
