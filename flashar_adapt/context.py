@@ -116,8 +116,15 @@ class PatchContext:
     def flashar(self) -> FlashARModules:
         return self.model.flashar
 
-    def layout(self, prefix_len: int, grid: tuple[int, int]) -> Layout:
-        return Layout(prefix_len, grid[0], grid[1], self.recipe.eol, self.recipe.eol_last)
+    def layout(self, prefix_len: int, grid: tuple[int, int], before_grids: tuple = ()) -> Layout:
+        """The layout of ``grid`` after a prefix of ``prefix_len`` slots, whose last cells are
+        those of ``before_grids`` (a preview grid already decoded), positioned by the recipe's rule."""
+        r = self.recipe
+        return Layout(prefix_len, grid[0], grid[1], r.eol, r.eol_last, r.image.positions, tuple(before_grids))
+
+    def preview_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The grid decoded before ``grid`` (the recipe's preview), or None."""
+        return self.recipe.image.preview(grid)
 
     def meta_ids(self, grid: tuple[int, int]) -> list[int]:
         """Forced tokens between the condition and the first code, for this grid."""

@@ -98,8 +98,9 @@ def sample_batch(
     sampling: TeacherSampling,
     text: Callable[[str], list[int]] | None = None,
     on_step: Callable[[int, int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(codes, cond, prompt lengths or None) of one batch, sampled by raster decoding: the
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(codes, cond, prompt lengths or None, preview codes or None) of one batch, sampled by
+    raster decoding (a recipe's preview grid first, inside ``prefill``): the
     ``prefill``/``step`` loop ``model.generate(mode="raster")`` runs (the same codes), so that
     ``on_step(t, steps)`` can report every step of a long batch."""
     dev = next(model.parameters()).device
@@ -119,7 +120,7 @@ def sample_batch(
         step(state)
         if on_step is not None:
             on_step(state.t, state.num_steps)
-    return state.image().cpu(), cond, lens
+    return state.image().cpu(), cond, lens, None if state.preview is None else state.preview.cpu()
 
 
 def _step_progress(bar, new_images: int, label: str) -> Callable[[int, int], None]:
@@ -198,6 +199,7 @@ def sample_dataset(
         shard_size,
         T,
         num_classes=recipe.condition.num_classes if kind == "class" else None,
+        preview_grid=recipe.image.preview(recipe.image.grid),
     )
     writer.shards = list(state["shards"])
     done, n = state["done"], len(conds)
@@ -208,9 +210,16 @@ def sample_dataset(
         part = conds[start : start + batch_size]
         skip = max(0, done - start)  # a resumed run's first batch: the shards already hold its head
         on_step = _step_progress(bar, len(part) - skip, f"batch {b + 1}/{-(-n // batch_size)}")
-        codes, cond, lens = sample_batch(model, part, b, seed=seed, sampling=sampling, text=text, on_step=on_step)
+        codes, cond, lens, preview = sample_batch(
+            model, part, b, seed=seed, sampling=sampling, text=text, on_step=on_step
+        )
         before = len(writer.shards)
-        writer.add(codes[skip:], cond[skip:], None if lens is None else lens[skip:])
+        writer.add(
+            codes[skip:],
+            cond[skip:],
+            None if lens is None else lens[skip:],
+            None if preview is None else preview[skip:],
+        )
         done = start + codes.shape[0]
         if len(writer.shards) != before:  # a shard was written: record what the shards hold
             state.update(

@@ -1,7 +1,10 @@
 """The recipe doctor: ``check(model, recipe)`` verifies a recipe on the real model.
 
 1. patch: the recipe fits the model (paths, ids, positions) -- else the RecipeError's key.
-2. raster: the patched raster logits equal the model's own next-token logits for the same
+2. raster: when the runner can run the model's own generation (``reference_generation``: a
+   ``generate`` that produces image tokens), greedy raster codes from the patched model equal
+   the model's own greedy generation for the same prompt, every grid (a preview, then the
+   image). Otherwise the patched raster logits equal the model's own next-token logits for the same
    sequence (prompt, forced meta tokens, codes at their vocabulary ids, end-of-line tokens).
    The reference is, in order: the runner's own reference forward (if it declares one); the
    model's forward on input ids sliced to the visual ids; and, when that forward alters
@@ -103,9 +106,11 @@ def _sample_inputs(ctx, grid, batch: int = 2, seed: int = 0):
         cond = torch.randn(batch, c.prefix_len, lin.in_features, generator=g)
     else:
         top = min(ctx.vocab_size or 1000, 1000)
-        cond = torch.randint(1, top, (batch, min(4, c.prefix_len)), generator=g)
+        cond = torch.randint(1, top, (batch, min(4, c.prefix_len or 4)), generator=g)  # prefix_len: a limit, maybe none
     codes = torch.randint(0, ctx.recipe.image.codebook_size, (batch, *grid), generator=g)
-    return cond, codes
+    small = ctx.preview_grid(grid)
+    preview = None if small is None else torch.randint(0, ctx.recipe.image.codebook_size, (batch, *small), generator=g)
+    return cond, codes, preview
 
 
 def _default_grid(recipe: Recipe) -> tuple[int, int]:
@@ -188,7 +193,51 @@ def _find_offset(ours, full, tol):
 _LOGIT_MAP_WORDS = {"logits.scale": "times a logit scale of", "logits.softcap": "soft-capped (tanh) at"}
 
 
+def _check_generation(ctx, model, rep, cond, grid):
+    """Greedy raster codes of the patched model, every grid, against the model's own greedy
+    generation (the runner's ``reference_generate``): the check that sees wrong positions,
+    which a reference forward with the same wrong positions would not."""
+    small = ctx.preview_grid(grid)
+    with torch.no_grad():
+        theirs = ctx.runner.reference_generate(ctx, cond, grid)
+        out = model.generate(cond, mode="raster", grid=grid, top_k=1, return_preview=small is not None)
+    ours = [out[1], out[0]] if small is not None else [out]
+    names = (["preview"] if small is not None else []) + ["image"]
+    sizes = " then ".join(f"{n} {a.shape[1]}x{a.shape[2]}" for n, a in zip(names, ours))
+    # a model whose head is wider than its codebook may pick another id (-1 here), which the
+    # patched decoder never samples: each image is compared up to that cell, in decoding order
+    mine, ref = (torch.cat([g.flatten(1).cpu() for g in x], 1) for x in (ours, theirs))
+    compared = torch.cumprod((ref >= 0).long(), 1).bool()
+    n = int(compared.sum())
+    cut = (
+        ""
+        if bool(compared.all())
+        else f"; the model's own generate chose ids outside the codebook: {n} of {ref.numel()} cells compared"
+    )
+    if n == 0:
+        return rep.add(
+            "raster", SKIP, "no reference: the model's own generate starts every image with an id outside the codebook"
+        )
+    wrong = (mine != ref) & compared
+    if not bool(wrong.any()):
+        return rep.add("raster", PASS, f"greedy raster codes equal the model's own generate ({sizes}{cut})")
+    at, said = 0, []
+    for name, g in zip(names, ours):
+        k = g[0].numel()
+        said.append(f"{int(wrong[:, at : at + k].sum())} of {int(compared[:, at : at + k].sum())} {name} cells")
+        at += k
+    return rep.add(
+        "raster",
+        FAIL,
+        f"greedy raster codes differ from the model's own generate in {', '.join(said)}{cut}: the model positions "
+        "or orders its image tokens otherwise (check image.positions, image.preview_grid / image.preview_side)",
+        key="image.positions",
+    )
+
+
 def _check_raster(ctx, model, rep, cond, codes, grid, atol):
+    if ctx.runner.reference_generation:
+        return _check_generation(ctx, model, rep, cond, grid)
     ours = logits(model, cond, codes, mode="raster").float()
     if ctx.runner.reference_forward:
         with torch.no_grad():
@@ -304,8 +353,8 @@ def _logit_map_item(ctx, rep, cond, codes, grid):
 def _check_layout_hints(ctx, rep, cond, codes, grid):
     """On a trained model the own forward should predict visual ids inside rows and the
     end-of-line token at row ends. Informational only (random test models fail it)."""
-    if ctx.recipe.condition.kind != "tokens" or ctx.image_embed:
-        return
+    if ctx.recipe.condition.kind != "tokens" or ctx.image_embed or ctx.preview_grid(grid) is not None:
+        return  # (the sequence below has no preview grid)
     try:
         with torch.no_grad():
             full = _own_forward(ctx, cond, codes, grid)
@@ -345,11 +394,11 @@ def _check_layout_hints(ctx, rep, cond, codes, grid):
     )
 
 
-def _check_steps(model, rep, cond, codes, mode: str):
+def _check_steps(model, rep, cond, codes, mode: str, preview=None):
     """Every decoding step's logits, the sample's codes forced, against one teacher-forced
     pass, on values under the float bound (``exactness``): the caches, the feeding order and
     (two-way) the vertical branch compute exactly what the model computes in one pass."""
-    found = steps_match_teacher(model, cond, codes, mode)
+    found = steps_match_teacher(model, cond, codes, mode, preview=preview)
     rep.add(STEP_ITEMS[mode], PASS if found.ok else FAIL, found.describe(), key=None if found.ok else "backend")
 
 
@@ -414,25 +463,31 @@ def check(
     try:
         g = tuple(int(x) for x in grid) if grid is not None else _default_grid(ctx.recipe)
         rep.grid = g
-        s_cond, codes = _sample_inputs(ctx, g)
+        s_cond, codes, preview = _sample_inputs(ctx, g)
         if cond is not None:
             s_cond = torch.as_tensor(cond)
             codes = codes[:1].expand(s_cond.shape[0], -1, -1).clone()
+            preview = None if preview is None else preview[:1].expand(s_cond.shape[0], -1, -1).clone()
         dev = next(ctx.layers.parameters()).device
         s_cond, codes = s_cond.to(dev), codes.to(dev)
+        preview = None if preview is None else preview.to(dev)
         was_training = model.training
         model.eval()
         try:
             _check_raster(ctx, model, rep, s_cond, codes, g, atol)
             _check_layout_hints(ctx, rep, s_cond, codes, g)
             for mode in ("two_way", "raster"):
-                _check_steps(model, rep, s_cond, codes, mode)
+                _check_steps(model, rep, s_cond, codes, mode, preview)
             _, calls = _backbone_steps(ctx, lambda: model.generate(s_cond, top_k=1, grid=g))
-            want = g[0] + g[1] - 1
+            small = ctx.preview_grid(g)
+            first = 0 if small is None else small[0] * small[1]  # the preview, raster
+            want = first + g[0] + g[1] - 1
+            before = "" if small is None else f"{first} for the {small[0]}x{small[1]} preview + "
             rep.add(
                 "steps",
                 PASS if len(calls) == want else FAIL,
-                f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid (H+W-1 = {want}, raster {g[0] * g[1]})",
+                f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid ({before}H+W-1 = {want}, "
+                f"raster {first + g[0] * g[1]})",
                 key=None if len(calls) == want else "modules.layers",
             )
         finally:

@@ -73,10 +73,19 @@ class StepComparison:
 
 
 def forced_steps(
-    model, cond, codes, mode: str = "two_way", cond_mask=None, cfg_scale: float = 1.0, negative=None, negative_mask=None
+    model,
+    cond,
+    codes,
+    mode: str = "two_way",
+    cond_mask=None,
+    cfg_scale: float = 1.0,
+    negative=None,
+    negative_mask=None,
+    preview=None,
 ) -> ForcedSteps:
     """Run ``prefill`` / ``step`` with ``codes`` [B, H, W] forced at every step, keeping each
-    step's logits (what the model predicted before the forced codes were fed)."""
+    step's logits (what the model predicted before the forced codes were fed); ``preview``: the
+    preview grid's codes, for a recipe that has one."""
     codes = torch.as_tensor(codes)
     grid = tuple(int(g) for g in codes.shape[1:])
     state = prefill(
@@ -88,6 +97,7 @@ def forced_steps(
         cfg_scale=cfg_scale,
         negative=negative,
         negative_mask=negative_mask,
+        preview=preview,
     )
     flat = codes.flatten(1).to(state.codes.device)
     run = ForcedSteps([], [], state.layout)
@@ -121,23 +131,34 @@ def step_tol(model, mode: str, fed_len: int) -> float:
 
 
 def steps_match_teacher(
-    model, cond, codes, mode: str = "two_way", cond_mask=None, cfg_scale: float = 1.0, negative=None, negative_mask=None
+    model,
+    cond,
+    codes,
+    mode: str = "two_way",
+    cond_mask=None,
+    cfg_scale: float = 1.0,
+    negative=None,
+    negative_mask=None,
+    preview=None,
 ) -> StepComparison:
     """Force ``codes`` through every decoding step and compare each step's logits with one
     teacher-forced pass. With guidance the logits are u + s (c - u): each term's error is
     bounded relative to its own pass, so the bound is s times the conditional one plus
     |1 - s| times the unconditional one (the largest s of the schedule). ``negative``: the
-    unconditional branch's prompt, as in ``generate``."""
+    unconditional branch's prompt, as in ``generate``; ``preview``: the preview grid's codes
+    (recipes with one), the same for both."""
     neg = dict(negative=negative, negative_mask=negative_mask)
-    ref = logits(model, cond, codes, mode=mode, cond_mask=cond_mask, cfg_scale=cfg_scale, **neg)
-    run = forced_steps(model, cond, codes, mode, cond_mask, cfg_scale, **neg)
+    ref = logits(model, cond, codes, mode=mode, cond_mask=cond_mask, cfg_scale=cfg_scale, preview=preview, **neg)
+    run = forced_steps(model, cond, codes, mode, cond_mask, cfg_scale, preview=preview, **neg)
     tol = step_tol(model, mode, run.layout.fed_len)
     s = Sampling(cfg_scale=cfg_scale)
     if not s.guided:
         return compare_steps(run, ref, tol * float(ref.abs().max()), mode)
-    cond_ref = logits(model, cond, codes, mode=mode, cond_mask=cond_mask)
+    cond_ref = logits(model, cond, codes, mode=mode, cond_mask=cond_mask, preview=preview)
     with torch.no_grad(), eval_behaviour(model):
-        uncond_ref = teacher_forward(model, cond, codes, mode=mode, cond_mask=cond_mask, uncond=True, **neg).fused
+        uncond_ref = teacher_forward(
+            model, cond, codes, mode=mode, cond_mask=cond_mask, uncond=True, preview=preview, **neg
+        ).fused
     n = len(run.cells)
     scales = [s.scale_at(t, n) for t in range(n)]
     weight_c, weight_u = max(abs(x) for x in scales), max(abs(1 - x) for x in scales)

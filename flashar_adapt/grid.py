@@ -10,6 +10,12 @@ end-of-line token of row ``i`` is treated as cell ``(i, W)``: it lives on anti-d
 With ``eol_last=False`` the last row has no end-of-line token: the sequence ends with the
 last code (models such as Emu3.5 follow it with an end-of-image token instead, which no code
 ever attends to, so it is not a slot of the layout).
+
+Positions follow a rule (``recipe.POSITION_RULES``), not the slot count: ``sequence`` gives slot s
+position s (one axis); ``grid`` gives three axes (t, h, w): prompt slot s -> (s, s, s), cell
+(r, c) of a grid starting at P -> (P, P + r, P + c), and the next grid starts at
+P + max(h, w) (multi-axis rotary positions, M-RoPE). ``before_grids``: grids already decoded that
+end the prefix (a preview grid), in order; their cells are prefix slots.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import torch
 
 @dataclass(frozen=True)
 class Layout:
-    prefix_len: int  # P: condition + meta tokens, all before the first code
+    prefix_len: int  # P: condition + meta tokens (+ the cells of before_grids), all before the first code
     height: int
     width: int
     eol: bool
     eol_last: bool = True  # with eol: whether the last row is closed by an end-of-line token too
+    positions: str = "sequence"  # the position rule: "sequence" or "grid"
+    before_grids: tuple[tuple[int, int], ...] = ()  # (h, w) of each grid at the end of the prefix, in order
 
     @property
     def row_len(self) -> int:
@@ -54,6 +62,31 @@ class Layout:
     @property
     def num_steps_raster(self) -> int:
         return self.height * self.width
+
+    @property
+    def position_axes(self) -> int:
+        """Axes of the position ids: 1 (``sequence``, ids [B, T]) or 3 (``grid``, ids [3, B, T])."""
+        return 1 if self.positions == "sequence" else 3
+
+    @cached_property
+    def position_table(self) -> torch.Tensor:
+        """[A, L]: the position of every slot on each axis, before left padding is removed."""
+        if self.positions == "sequence":
+            return torch.arange(self.seq_len)[None]
+        text = self.prefix_len - sum(h * w for h, w in self.before_grids)
+        parts, start = [torch.arange(text).expand(3, -1)], text
+        for h, w in (*self.before_grids, (self.height, self.width)):
+            r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+            parts.append(torch.stack([torch.full_like(r, start), start + r, start + c]))
+            start += max(h, w)
+        return torch.cat(parts, 1)
+
+    def position_ids(self, slots: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
+        """Position ids of sequence ``slots`` [T] with each row's left padding removed: [B, T]
+        under the ``sequence`` rule, [3, B, T] under ``grid`` (what the runner hands the model)."""
+        t = self.position_table.to(slots.device)[:, slots]  # [A, T]
+        out = (t[:, None, :] - n_pad[None, :, None]).clamp(min=0)
+        return out[0] if self.position_axes == 1 else out
 
     def slot(self, i: int, j: int) -> int:
         return self.prefix_len + i * self.row_len + j

@@ -217,7 +217,8 @@ def _check_fits(ctx: PatchContext, limit: int, src) -> None:
     the key that is too big: the grid when it does not fit even beside a 1-token prompt or
     feeds more tokens than the prompt, else the prompt length."""
     im, c = ctx.recipe.image, ctx.recipe.condition
-    meta = len(ctx.meta_ids(im.grid))
+    small = im.preview(im.grid)
+    meta = len(ctx.meta_ids(im.grid)) + (0 if small is None else small[0] * small[1])  # a preview grid is fed too
     need = ctx.layout(meta + (c.prefix_len or 1), im.grid).fed_len
     if need <= limit:
         return

@@ -10,7 +10,7 @@ entry points of the group ``flashar_adapt.runners``, or classes registered in-pr
 The contract: ``run``, ``new_cache``, ``new_branch_cache`` and ``branch_call`` are required
 (abstract); ``bind``, ``max_positions`` and ``prepare_branch_layers`` have defaults; what a
 runner can do beyond that it declares as class attributes (``static_caches``,
-``fused_branch``, ``reference_forward``), and the core asks the attribute, never a method
+``fused_branch``, ``reference_forward``, ``reference_generation``), and the core asks the attribute, never a method
 that might return None.
 """
 
@@ -77,6 +77,11 @@ class Runner(abc.ABC):
     #: the runner implements ``reference_logits``: the model's own raster forward, which
     #: ``check`` compares the patched raster logits against (otherwise the generic references)
     reference_forward: ClassVar[bool] = False
+    #: the runner implements ``reference_generate``: the model's own greedy generation of image
+    #: codes, which ``check`` compares the patched greedy raster codes against (before any
+    #: reference forward: a model's own forward may position image tokens otherwise than its
+    #: own generation does)
+    reference_generation: ClassVar[bool] = False
 
     def bind(self, ctx) -> None:  # noqa: B027 - optional: a runner with nothing to check or configure keeps it
         """Check the model against what this runner needs and configure for it (called once,
@@ -100,7 +105,10 @@ class Runner(abc.ABC):
     ) -> torch.Tensor:
         """Run the decoder stack on ``embeds`` [B, T, d].
 
-        positions [B, T]: position ids (raster order, left padding removed); slots [T]:
+        positions: position ids by the recipe's rule (``image.positions``), left padding
+        removed: [B, T] for ``sequence`` (one axis, the slot index), or [A, B, T] for a rule
+        with A axes (``grid``: A = 3, (t, h, w) per token, as M-RoPE models take
+        ``position_ids``); a runner hands them to the model as they are. slots [T]:
         sequence indices of the new tokens; key_slots [S]: sequence index of every key the
         attention will see after this call, in cache order (cached keys, then the new
         ones); allowed [B, T, S], or [B, 1, S] when every query sees the same keys: True where
@@ -160,3 +168,14 @@ class Runner(abc.ABC):
         """Only when ``reference_forward``: the model's own raster next-code logits
         [B, H, W, K] for ``cond`` and ``codes`` (its own forward, not the patched path)."""
         raise NotImplementedError(f"runner {self.name!r} declares no reference_forward")
+
+    def reference_generate(
+        self, ctx, cond: torch.Tensor, grid: tuple[int, int], cond_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Only when ``reference_generation``: the model's own greedy generation (its own
+        ``generate``, not the patched path) for the prompts ``cond`` [B, T] (left-padded where
+        ``cond_mask`` is False; the recipe's forced tokens follow them, as in the patched
+        prefix), as codebook indices: one [B, h, w]
+        tensor per grid in decoding order (a preview grid first, ``grid`` last). A cell the
+        model filled with an id outside the codebook holds -1."""
+        raise NotImplementedError(f"runner {self.name!r} declares no reference_generation")

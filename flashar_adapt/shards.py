@@ -6,7 +6,9 @@ Layout of a data folder::
                               "recipe": name, "cond_kind": "class" | "tokens",
                               "num_examples": N, "shards": [{"file": ..., "num_examples": n}, ...]}
     shard-00000.safetensors  codes [n, H, W] int16/int32; class ids ``cond`` [n] int64, or prompt ids
-                             ``prompt`` [n, T] int32 left-padded with ``prompt_len`` [n] int32
+                             ``prompt`` [n, T] int32 left-padded with ``prompt_len`` [n] int32;
+                             with a preview grid (manifest ``preview_grid`` [h, w]): ``preview``
+                             [n, h, w], the grid decoded before the image (same dtype as codes)
 
 Shards are validated when opened (shapes, dtypes, index ranges) and every file is written
 atomically, so a crash while writing never leaves a shard that looks complete.
@@ -44,6 +46,7 @@ MANIFEST_RULES = {
     "cond_kind": OneOf(("class", "tokens")),
     "num_examples": Num(0, integer=True),
     "num_classes": Num(1, integer=True, optional=True),
+    "preview_grid": Seq(Num(1, integer=True), length=2, optional=True),
     "shards": Is((list,), "a list of {file, num_examples}"),
 }
 SHARD_RULES = {"file": Is((str,), "a file name"), "num_examples": Num(0, integer=True)}
@@ -66,9 +69,12 @@ class ShardWriter:
         shard_size: int = 4096,
         max_prompt_len: int | None = None,
         num_classes: int | None = None,
+        preview_grid: tuple[int, int] | None = None,
     ):
         """``num_classes``: class ids must lie in [0, num_classes] (the last one for the null
-        class); recorded in the manifest so training checks it against the recipe."""
+        class); recorded in the manifest so training checks it against the recipe.
+        ``preview_grid`` (h, w): every example also holds the codes of a preview grid decoded
+        before the image (``add(..., preview=)``)."""
         args = {
             "grid": list(grid) if isinstance(grid, (list, tuple)) else grid,
             "codebook_size": codebook_size,
@@ -76,11 +82,12 @@ class ShardWriter:
             "shard_size": shard_size,
             "max_prompt_len": max_prompt_len,
             "num_classes": num_classes,
+            "preview_grid": None if preview_grid is None else list(preview_grid),
         }
         bad = first_problem(
             args,
             {
-                **{k: MANIFEST_RULES[k] for k in ("grid", "codebook_size", "cond_kind", "num_classes")},
+                **{k: MANIFEST_RULES[k] for k in ("grid", "codebook_size", "cond_kind", "num_classes", "preview_grid")},
                 "shard_size": Num(1, integer=True),
                 "max_prompt_len": Num(1, integer=True, optional=True),
             },
@@ -91,13 +98,22 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.grid, self.K, self.kind, self.recipe = tuple(grid), codebook_size, cond_kind, recipe
         self.shard_size, self.max_prompt_len, self.num_classes = shard_size, max_prompt_len, num_classes
+        self.preview_grid = None if preview_grid is None else tuple(preview_grid)
         self.shards: list[dict] = []
+        self._previews: list[torch.Tensor] = []
         self._codes: list[torch.Tensor] = []
         self._cond: list[torch.Tensor] = []
         self._pending = 0
 
-    def add(self, codes: torch.Tensor, cond: torch.Tensor, prompt_len: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        codes: torch.Tensor,
+        cond: torch.Tensor,
+        prompt_len: torch.Tensor | None = None,
+        preview: torch.Tensor | None = None,
+    ) -> None:
         codes = _integers(codes, "codes")
+        preview = self._check_preview(preview, codes.shape[0])
         if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
             raise DataError(f"codes must be [N, {self.grid[0]}, {self.grid[1]}], got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.K):
@@ -138,10 +154,27 @@ class ShardWriter:
         elif cond.dim() != 1:
             raise DataError("class ids must be [N]")
         self._codes.append(codes.to(_code_dtype(self.K)))
+        if preview is not None:
+            self._previews.append(preview.to(_code_dtype(self.K)))
         self._cond.append(cond)
         self._pending += codes.shape[0]
         while self._pending >= self.shard_size:
             self._flush(self.shard_size)
+
+    def _check_preview(self, preview, n: int) -> torch.Tensor | None:
+        if self.preview_grid is None:
+            if preview is not None:
+                raise DataError("this data folder has no preview grid (ShardWriter preview_grid): pass no preview")
+            return None
+        h, w = self.preview_grid
+        if preview is None:
+            raise DataError(f"this data folder holds a {h}x{w} preview grid per example: pass preview= [N, {h}, {w}]")
+        preview = _integers(preview, "preview")
+        if tuple(preview.shape) != (n, h, w):
+            raise DataError(f"preview must be [{n}, {h}, {w}], got {tuple(preview.shape)}")
+        if preview.numel() and (int(preview.min()) < 0 or int(preview.max()) >= self.K):
+            raise DataError(f"preview codes must lie in [0, {self.K}), got min {int(preview.min())}")
+        return preview
 
     def _flush(self, n: int) -> None:
         codes, cond = torch.cat(self._codes), torch.cat(self._cond)
@@ -153,6 +186,10 @@ class ShardWriter:
             tensors = {"codes": codes, "cond": cond.to(torch.int64)}
         else:
             tensors = {"codes": codes, "prompt": cond[:, :-1].contiguous(), "prompt_len": cond[:, -1].contiguous()}
+        if self.preview_grid is not None:
+            previews = torch.cat(self._previews)
+            self._previews = [previews[n:]]
+            tensors["preview"] = previews[:n]
         atomic_save_safetensors(tensors, self.dir / name)
         self.shards.append({"file": name, "num_examples": n})
 
@@ -170,6 +207,8 @@ class ShardWriter:
         }
         if self.num_classes is not None:
             manifest["num_classes"] = self.num_classes
+        if self.preview_grid is not None:
+            manifest["preview_grid"] = list(self.preview_grid)
         atomic_write_bytes(self.dir / "manifest.json", json.dumps(manifest, indent=1).encode())
         return self.dir
 
@@ -187,6 +226,7 @@ class Batch:
     codes: torch.Tensor  # [B, H, W] int64
     cond: torch.Tensor  # [B] class ids or [B, T] prompt ids
     cond_mask: torch.Tensor | None  # [B, T] bool for prompts
+    preview: torch.Tensor | None = None  # [B, h, w] int64: the preview grid, where the data has one
 
 
 class ShardDataset:
@@ -230,6 +270,7 @@ class ShardDataset:
         self.cond_kind = m["cond_kind"]
         self.recipe = m.get("recipe", "")
         self.num_classes = m.get("num_classes")
+        self.preview_grid = None if m.get("preview_grid") is None else tuple(m["preview_grid"])
         self.max_class: int | None = None if self.num_classes is None else self.num_classes
         self.sizes = [int(s["num_examples"]) for s in m["shards"]]
         if sum(self.sizes) != m["num_examples"]:
@@ -305,17 +346,32 @@ class ShardDataset:
                 raise DataError(f"{path}: integer 'prompt' [n, T] and 'prompt_len' [n] are required for prompt data")
             if n and (int(lens.min()) < 1 or int(lens.max()) > p.shape[1] or int(p.min()) < 0):
                 raise DataError(f"{path}: prompt_len outside [1, {p.shape[1]}] or negative prompt ids")
+        if self.preview_grid is not None:
+            pv = t.get("preview")
+            if (
+                pv is None
+                or pv.dtype not in (torch.int16, torch.int32, torch.int64)
+                or pv.shape != (n, *self.preview_grid)
+            ):
+                raise DataError(
+                    f"{path}: 'preview' must be an integer tensor [{n}, {self.preview_grid[0]}, "
+                    f"{self.preview_grid[1]}] (manifest preview_grid)"
+                )
+            if n and (int(pv.min()) < 0 or int(pv.max()) >= self.codebook_size):
+                raise DataError(f"{path}: preview codes outside the codebook [0, {self.codebook_size})")
         self._cache = {k: t}  # keep one shard in memory
         return t
 
     def get(self, indices: torch.Tensor) -> Batch:
         """Examples at global ``indices`` (any order)."""
-        codes, conds, masks = [], [], []
+        codes, conds, masks, previews = [], [], [], []
         for idx in indices.tolist():
             k = next(i for i in range(len(self.sizes)) if idx < self.offsets[i + 1])
             t = self._shard(k)
             r = idx - self.offsets[k]
             codes.append(t["codes"][r].long())
+            if self.preview_grid is not None:
+                previews.append(t["preview"][r].long())
             if self.cond_kind == "class":
                 conds.append(t["cond"][r].long())
             else:
@@ -323,7 +379,12 @@ class ShardDataset:
                 L = int(t["prompt_len"][r])
                 conds.append(p)
                 masks.append(torch.arange(p.shape[0]) >= p.shape[0] - L)
-        return Batch(torch.stack(codes), torch.stack(conds), torch.stack(masks) if masks else None)
+        return Batch(
+            torch.stack(codes),
+            torch.stack(conds),
+            torch.stack(masks) if masks else None,
+            torch.stack(previews) if previews else None,
+        )
 
     def order(self, epoch: int, seed: int) -> torch.Tensor:
         """The example order of an epoch: shards shuffled, then examples within each shard,

@@ -79,7 +79,8 @@ def test_runner_declares_its_contract(name):
     # an ability is declared exactly when its method is there
     assert cls.fused_branch == (cls.run_with_branch is not Runner.run_with_branch)
     assert cls.reference_forward == (cls.reference_logits is not Runner.reference_logits)
-    for attr in ("static_caches", "fused_branch", "reference_forward"):
+    assert cls.reference_generation == (cls.reference_generate is not Runner.reference_generate)
+    for attr in ("static_caches", "fused_branch", "reference_forward", "reference_generation"):
         assert isinstance(getattr(cls, attr), bool)
 
 
@@ -130,7 +131,8 @@ def test_runner_runs_with_and_without_caches_to_the_same_values(case):
 def test_runner_abilities_match_what_it_does(case, monkeypatch):
     """Greedy two-way decoding equals teacher forcing on the path the runner declares (its
     fused backbone+branch pass when ``fused_branch``) and on the core's generic path; the
-    reference forward, when declared, equals the patched raster logits; a runner without
+    reference forward, when declared, equals the patched raster logits, and the reference
+    generation the patched greedy raster codes; a runner without
     static caches is refused compile=True. Whatever the calls, the runner's state is what its
     ``__init__`` declared."""
     model, cond, mask = tiny.patched_family(case)
@@ -149,6 +151,13 @@ def test_runner_abilities_match_what_it_does(case, monkeypatch):
             ref = runner.reference_logits(ctx, cond, codes)
         raster = fa.logits(model, cond, codes, cond_mask=mask, mode="raster")
         assert_same_math(raster, ref, layers=len(ctx.layers), width=_width(ctx))
+    if cls.reference_generation:  # the model's own greedy generation: the patched greedy raster codes
+        grid = tuple(codes.shape[1:])
+        with torch.no_grad():
+            theirs = runner.reference_generate(ctx, cond, grid, cond_mask=mask)[-1]
+        ours = model.generate(cond, top_k=1, cond_mask=mask, mode="raster", grid=grid)
+        assert bool((theirs >= 0).all()), "the tiny model chose an id outside the codebook: pick another seed"
+        assert torch.equal(ours, theirs)
     if not cls.static_caches:
         with pytest.raises(fa.FlashARError, match="static caches"):
             model.generate(cond, top_k=1, cond_mask=mask, compile=True)

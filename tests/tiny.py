@@ -150,6 +150,42 @@ def emu3(seed: int = 0):
     return model
 
 
+def glm_image(seed: int = 0, attn: str = "eager"):
+    """GlmImageForConditionalGeneration with the real vocabularies (16512 head outputs, 168064
+    text ids: the shipped recipe's ids and the config's pad/image ids fit) and M-RoPE on
+    (t, h, w): partial rotary 0.5 of head_dim 32, sections [2, 3, 3]."""
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=168064,
+        vision_vocab_size=16512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        attention_bias=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5, mrope_section=[2, 3, 3]),
+    )
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, image_size=64, patch_size=16)
+    vq = dict(embed_dim=8, num_embeddings=16384, latent_channels=32)  # latent_channels = the vision width
+    cfg = GlmImageConfig(text_config=text, vision_config=vision, vq_config=vq)
+    cfg._attn_implementation = cfg.text_config._attn_implementation = attn
+    model = GlmImageForConditionalGeneration(cfg).eval()
+    randomize(model.model.language_model, seed)
+    randomize(model.lm_head, seed + 1)
+    return model
+
+
+def glm_image_recipe(grid=(4, 6), preview=(2, 3), **over) -> fa.Recipe:
+    """The shipped recipe at a small grid; ``preview`` None: no preview grid."""
+    over = {"grid": list(grid), "flashar.branch_layer": -2, "flashar.branch_depth": 1, **over}
+    r = fa.load_recipe("glm-image").replace(**over, **{"image.preview_side": None})
+    return r.replace(**{"image.preview_grid": None if preview is None else list(preview)})
+
+
 def janus(seed: int = 0):
     from transformers import JanusConfig, JanusForConditionalGeneration
 
@@ -375,6 +411,15 @@ def _chameleon_case():
     return chameleon(), r, torch.tensor([[0, 30, 31, 8197], [0, 40, 41, 8197]]), None
 
 
+def _glm_image_case():
+    # grid positions without the preview grid (teacher forcing here takes no preview codes), and
+    # an unconditional prompt of pads (upstream has none) so the CFG tests cover it too
+    r = glm_image_recipe(grid=(3, 4), preview=None, **{"condition.uncond": "pad_inner", "condition.pad_id": 167841})
+    cond = torch.tensor([[0, 0, 170, 171, 172], [180, 181, 182, 183, 184]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return glm_image(), r, cond, mask
+
+
 FAMILY_CASES = {
     "llamagen-c2i": _llamagen_case,
     "llamagen-t2i": _llamagen_t2i_case,
@@ -382,6 +427,7 @@ FAMILY_CASES = {
     "emu3": _emu3_case,
     "janus": _janus_case,
     "chameleon": _chameleon_case,
+    "glm-image": _glm_image_case,
 }
 
 

@@ -52,7 +52,7 @@ class Decoder:
         self.cache = ctx.runner.new_cache(ctx, Bt, n, **self._static_kw)
         self.bcache = ctx.runner.new_branch_cache(ctx, Bt, n, **self._static_kw) if branch else None
         self.order = order  # key_slots of a step = order[:stop]
-        self.positions = positions(order, pre.n_pad)  # [Bt, n], in cache order
+        self.positions = positions(layout, order, pre.n_pad)  # [Bt, n] or [A, Bt, n], in cache order
         # One row per sequence: every image key is visible once cached, prefix keys unless padding.
         self.key_valid = torch.ones(Bt, 1, n, dtype=torch.bool, device=dev)
         self.key_valid[:, 0, :P] = pre.valid
@@ -80,7 +80,7 @@ class Decoder:
         allowed = torch.ones(P, P, dtype=torch.bool, device=dev).tril()[None] & pre.valid[:, None, :]
         allowed = allowed | torch.eye(P, dtype=torch.bool, device=dev)[None]
         return backbone_forward(
-            self.ctx, pre.embeds, self.positions[:, :P], slots, slots, allowed, self.cache, self.bcache, self.branch
+            self.ctx, pre.embeds, self.positions[..., :P], slots, slots, allowed, self.cache, self.bcache, self.branch
         )
 
     def feed(
@@ -103,7 +103,7 @@ class Decoder:
         return backbone_forward(
             self.ctx,
             embeds.to(self.dtype),
-            self.positions[:, start:stop],
+            self.positions[..., start:stop],
             self.order[start:stop],
             self.order[:stop],
             allowed,
@@ -127,7 +127,7 @@ class Decoder:
         return backbone_forward(
             self.ctx,
             embeds.to(self.dtype),
-            self.positions[:, entries],
+            self.positions[..., entries],
             self.order[entries],
             None,
             allowed,

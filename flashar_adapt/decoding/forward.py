@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..context import CAPTURE, PatchContext
+from ..grid import Layout
 from ..heads import finish_logits, visual_rows
 
 
@@ -18,9 +19,11 @@ def horizontal_logits(ctx: PatchContext, h: torch.Tensor) -> torch.Tensor:
     return finish_logits(out, ctx.recipe.logits.scale, ctx.recipe.logits.softcap)
 
 
-def positions(slots: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
-    """Position ids [B, T] of sequence ``slots`` [T] with each row's left padding removed."""
-    return (slots[None, :] - n_pad[:, None]).clamp(min=0)
+def positions(layout: Layout, slots: torch.Tensor, n_pad: torch.Tensor) -> torch.Tensor:
+    """Position ids of sequence ``slots`` [T] by the layout's rule, each row's left padding
+    removed: [B, T], or [A, B, T] for a rule with A axes (``Layout.position_ids``). The one
+    place decoding (eager and compiled) and teacher forcing get positions from."""
+    return layout.position_ids(slots, n_pad)
 
 
 def backbone_forward(

@@ -211,6 +211,35 @@ def check_codes(ctx: PatchContext, codes, batch: int) -> torch.Tensor:
     return codes.to(ctx.device(), torch.long)
 
 
+def check_preview(ctx: PatchContext, preview, batch: int, grid: tuple[int, int]) -> torch.Tensor | None:
+    """The preview codes [B, h, w] a recipe with a preview grid conditions ``grid`` on, checked;
+    None when the recipe has no preview (then ``preview`` must be None too)."""
+    want = ctx.preview_grid(grid)
+    if want is None:
+        if preview is not None:
+            raise InputError(f"recipe {ctx.recipe.name!r} decodes no preview grid: pass no preview codes")
+        return None
+    if preview is None:
+        raise InputError(
+            f"recipe {ctx.recipe.name!r} conditions the {grid[0]}x{grid[1]} grid on a {want[0]}x{want[1]} "
+            "preview grid: pass its codes as preview= [B, h, w]"
+        )
+    preview = check_codes(ctx, preview, batch)
+    if tuple(preview.shape[1:]) != want:
+        raise InputError(f"preview codes must be [B, {want[0]}, {want[1]}] for a {grid[0]}x{grid[1]} grid")
+    return preview
+
+
+def with_grid(ctx: PatchContext, pre: Prefix, codes: torch.Tensor) -> Prefix:
+    """``pre`` followed by the cells of a decoded grid ``codes`` [B, h, w] (a preview the next
+    grid is conditioned on), in raster order: the prefix of the next grid."""
+    e = embed_codes(ctx, codes.flatten(1)).to(pre.embeds.dtype)
+    if pre.guided:
+        e = torch.cat([e, e])
+    valid = torch.cat([pre.valid, pre.valid.new_ones(e.shape[:2])], 1)
+    return Prefix(torch.cat([pre.embeds, e], 1), valid, pre.n_pad, pre.guided)
+
+
 def check_step_codes(ctx: PatchContext, codes, t: int, shape: tuple[int, int], device) -> torch.Tensor:
     """Codes a caller forces at step ``t`` instead of sampling: integers [B, n] in the codebook."""
     codes = torch.as_tensor(codes)

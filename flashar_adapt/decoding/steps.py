@@ -22,9 +22,11 @@ from .inputs import (
     check_mode,
     check_negative,
     check_positions,
+    check_preview,
     check_step_codes,
     eval_behaviour,
     has_uncond,
+    with_grid,
 )
 from .schedules import Schedule, padded_schedule, schedule
 
@@ -36,7 +38,9 @@ class DecoderState:
     ``codes`` [B, H*W] fills as steps run (``image()`` is the [B, H, W] view); ``t`` is the
     next step; ``logits`` the guided logits [B, n, K] the last step sampled from;
     ``schedule.steps[t]`` what step t feeds and samples; ``noise`` [B, H*W] the uniform each
-    cell is drawn with (None when greedy), drawn at prefill. A later ``prefill``/``generate`` on
+    cell is drawn with (None when greedy), drawn at prefill; ``preview`` [B, h, w] the preview
+    grid the main grid is conditioned on (recipes with ``image.preview_*``: decoded, raster,
+    inside ``prefill``), else None. A later ``prefill``/``generate`` on
     the same model makes this state stale (its caches may be reused): stepping it then
     raises."""
 
@@ -53,6 +57,7 @@ class DecoderState:
     logits: torch.Tensor | None = field(default=None, repr=False)
     compiled: bool = False
     noise: torch.Tensor | None = field(default=None, repr=False)
+    preview: torch.Tensor | None = field(default=None, repr=False)  # [B, h, w]: the preview grid, if the recipe has one
     _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
     _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
     _outs: list = field(default=None, repr=False)  # compiled: per-step sampled cells, padded to the bucket
@@ -111,6 +116,7 @@ def _prefill(
     compile: bool | str = False,
     negative=None,
     negative_mask=None,
+    preview=None,
 ) -> DecoderState:
     cond, cond_mask = check_cond(ctx, cond, cond_mask)
     grid = check_grid(ctx, grid)
@@ -123,7 +129,30 @@ def _prefill(
             f"{ctx.recipe.name!r} defines none (condition.uncond) and no negative prompt was given"
         )
     pre = build_prefix(ctx, cond, cond_mask, grid, sampling.guided, neg)
-    layout = ctx.layout(pre.length, grid)
+    before = ()
+    small = ctx.preview_grid(grid)
+    if small is not None:
+        if preview is None:
+            # the preview grid first, raster (its own prefill and h*w - 1 steps), then the main
+            # grid conditioned on it: the preview's cells end the main grid's prefix
+            first = _start(model, ctx, pre, "raster", ctx.layout(pre.length, small), sampling, False, compile)
+            while not first.done:
+                _step(first)
+            preview = first.image()
+        else:
+            preview = check_preview(ctx, preview, cond.shape[0], grid)
+        pre, before = with_grid(ctx, pre, preview), (small,)
+    elif preview is not None:
+        check_preview(ctx, preview, cond.shape[0], grid)  # raises: this recipe has no preview
+    state = _start(model, ctx, pre, mode, ctx.layout(pre.length, grid, before), sampling, vertical, compile)
+    state.preview = preview
+    return state
+
+
+def _start(
+    model, ctx: PatchContext, pre, mode: str, layout: Layout, sampling: Sampling, vertical: bool, compile: bool | str
+) -> DecoderState:
+    """Prefill ``pre`` into fresh caches for decoding ``layout`` in ``mode``."""
     check_positions(ctx, layout)
     dev = pre.embeds.device
     compile = compiled.use_compile(compile, dev, pre.embeds.shape[0], ctx.runner.static_caches)
@@ -131,7 +160,7 @@ def _prefill(
     branch = mode == "two_way" and vertical
     dec = Decoder(ctx, pre, layout, sched.order, branch, sched.pad if compile else None)
     hh, hv = dec.prefill()
-    B = cond.shape[0]
+    B = pre.batch
     codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
     n = len(sched.steps)
     # per-step guidance scales as tensors: a compiled step would specialise on a float
@@ -185,7 +214,8 @@ def prefill(
     negative=None,
     negative_mask=None,
     vertical: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
+    preview=None,
     **sampling_kwargs,
 ) -> DecoderState:
     """Check the inputs, build the prefix and run it into fresh static caches; returns the
@@ -194,13 +224,16 @@ def prefill(
     ``vertical=False`` (two-way only) skips the vertical branch and takes the horizontal
     head everywhere: the backbone work of two-way decoding alone, a speed ablation, not a
     generator. ``compile=True``: every ``step`` after the first runs compiled (see
-    ``generate``); ``"auto"``: where it pays (``state.compiled`` says whether it does)."""
+    ``generate``); ``"auto"``: where it pays (``state.compiled`` says whether it does). A
+    recipe with a preview grid decodes it here first (raster, with the same sampling), or
+    takes its codes as ``preview`` [B, h, w] (teacher forcing, continuing known codes); the
+    steps then decode the main grid."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
     s = _sampling(sampling, sampling_kwargs)
     with ctx.guard, eval_behaviour(model), torch.inference_mode():
-        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile, negative, negative_mask)
+        return _prefill(model, ctx, cond, mode, grid, s, cond_mask, vertical, compile, negative, negative_mask, preview)
 
 
 def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -284,7 +317,8 @@ def generate(
     negative_mask=None,
     sampling: Sampling | None = None,
     compile: bool | str = False,
-) -> torch.Tensor:
+    return_preview: bool = False,
+):
     """Generate images as codebook indices [B, H, W].
 
     two_way: H+W-1 backbone forwards (prefill, then one per anti-diagonal); raster: the
@@ -303,10 +337,19 @@ def generate(
     pays the compile time; the codes are the eager ones (same math, other kernels).
     ``compile="auto"``: compiled on CUDA, and on a CPU for up to
     ``compiled.AUTO_CPU_MAX_ROWS`` sequences (images, twice with CFG), where compiling was
-    measured to pay; eager otherwise."""
+    measured to pay; eager otherwise.
+
+    A recipe with a preview grid (``image.preview_grid`` / ``image.preview_side``) first
+    decodes the h x w preview, raster (h*w forwards), then the main grid conditioned on it:
+    h*w + H+W-1 forwards in all (two-way), h*w + H*W (raster). ``return_preview=True``
+    returns ``(codes, preview)`` with the preview's codes [B, h, w]."""
     check_mode(mode)
     _check_compile(compile)
     ctx = context(model)
+    if not isinstance(return_preview, bool):
+        raise InputError(f"return_preview must be True or False, got {return_preview!r}")
+    if return_preview and ctx.preview_grid(check_grid(ctx, grid)) is None:
+        raise InputError(f"recipe {ctx.recipe.name!r} decodes no preview grid: return_preview=True has none to return")
     if sampling is None:
         sampling = Sampling(cfg_scale, cfg_schedule, temperature, top_k, top_p, generator)
     else:
@@ -323,4 +366,4 @@ def generate(
         state = _prefill(model, ctx, cond, mode, grid, sampling, cond_mask, True, compile, negative, negative_mask)
         while not state.done:
             _step(state)
-        return state.image()
+        return (state.image(), state.preview) if return_preview else state.image()

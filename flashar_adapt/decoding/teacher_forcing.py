@@ -20,11 +20,13 @@ from .inputs import (
     check_mode,
     check_negative,
     check_positions,
+    check_preview,
     condition_prefix,
     embed_codes,
     embed_ids,
     eval_behaviour,
     has_uncond,
+    with_grid,
 )
 
 
@@ -47,22 +49,36 @@ def teacher_forward(
     grid=None,
     negative=None,
     negative_mask=None,
+    preview=None,
 ) -> TeacherForced:
     """One forward over the whole raster sequence (with grads if enabled), in the model's
     current train/eval mode (training wants its dropout).
 
     two_way: proximity mask, fused logits; raster: causal mask, the model's own head.
-    ``uncond``: the unconditional prefix, from the ``negative`` prompt where one is given."""
+    ``uncond``: the unconditional prefix, from the ``negative`` prompt where one is given.
+    ``preview`` [B, h, w]: the preview grid's codes, for a recipe that decodes one before the
+    main grid (they end the prefix; their own logits are not returned)."""
     ctx = context(model)
     if negative is not None and not uncond:
         raise InputError("negative is the unconditional prefix: pass uncond=True with it")
-    inputs = _teacher_inputs(ctx, cond, codes, mode, cond_mask, uncond, grid, negative, negative_mask)
+    inputs = _teacher_inputs(
+        ctx, cond, codes, mode, cond_mask, uncond, grid, preview=preview, negative=negative, negative_mask=negative_mask
+    )
     with ctx.guard:
         return _teacher_forward(ctx, *inputs, mode)
 
 
 def _teacher_inputs(
-    ctx: PatchContext, cond, codes, mode: str, cond_mask, uncond: bool, grid, negative=None, negative_mask=None
+    ctx: PatchContext,
+    cond,
+    codes,
+    mode: str,
+    cond_mask,
+    uncond: bool,
+    grid,
+    preview=None,
+    negative=None,
+    negative_mask=None,
 ):
     """Checked (prefix, layout, codes) for a teacher-forced forward."""
     check_mode(mode)
@@ -71,8 +87,12 @@ def _teacher_inputs(
     codes = check_codes(ctx, codes, cond.shape[0])
     grid = tuple(codes.shape[1:]) if grid is None else grid
     grid = check_grid(ctx, tuple(int(g) for g in grid))
+    preview = check_preview(ctx, preview, cond.shape[0], grid)
     pre = condition_prefix(ctx, cond, cond_mask, grid, uncond=uncond, negative=neg)
-    layout = ctx.layout(pre.length, grid)
+    before = ()
+    if preview is not None:
+        pre, before = with_grid(ctx, pre, preview), (tuple(preview.shape[1:]),)
+    layout = ctx.layout(pre.length, grid, before)
     check_positions(ctx, layout)
     return pre, layout, codes
 
@@ -98,7 +118,9 @@ def _teacher_forward(ctx: PatchContext, pre: Prefix, layout: Layout, codes: torc
     allowed = layout.attention(mode)[:L, :L].to(dev)[None] & valid[:, None, :]
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=dev)[None]
     two = mode == "two_way"
-    hh, hv = backbone_forward(ctx, embeds, positions(slots, pre.n_pad), slots, slots, allowed, None, None, branch=two)
+    hh, hv = backbone_forward(
+        ctx, embeds, positions(layout, slots, pre.n_pad), slots, slots, allowed, None, None, branch=two
+    )
     h_src, v_src, has_h, has_v = (t.to(dev) for t in layout.sources())
     h_in = hh[:, h_src.flatten()].view(B, H, W, -1)
     if not two:
@@ -120,20 +142,23 @@ def logits(
     cfg_schedule: str = "constant",
     negative=None,
     negative_mask=None,
+    preview=None,
 ) -> torch.Tensor:
     """Teacher-forced next-token logits [B, H, W, K] over the codebook, in one forward
     (two with CFG: the guided logits u + s * (c - u) that generate() samples from, the
     unconditional branch from ``negative`` where given, as in generate()).
-    Runs the model in eval behaviour, like generate()."""
+    Runs the model in eval behaviour, like generate(). ``preview``: as in ``teacher_forward``."""
     s = Sampling(cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     ctx = context(model)
     if not s.guided:
         check_negative(ctx, negative, negative_mask, 1, guided=False)  # refuses a negative without guidance
     if s.guided and not has_uncond(ctx) and negative is None:
         raise InputError(f"cfg_scale={cfg_scale} needs an unconditional prefix; recipe {ctx.recipe.name!r} has none")
-    cond_in = _teacher_inputs(ctx, cond, codes, mode, cond_mask, False, None)
+    cond_in = _teacher_inputs(ctx, cond, codes, mode, cond_mask, False, None, preview)
     uncond_in = (
-        _teacher_inputs(ctx, cond, codes, mode, cond_mask, True, None, negative, negative_mask) if s.guided else None
+        _teacher_inputs(ctx, cond, codes, mode, cond_mask, True, None, preview, negative, negative_mask)
+        if s.guided
+        else None
     )
     # the lock first, then eval: a call waiting on another thread's generate() must not run
     # with the train flags that call restores when it ends
@@ -153,9 +178,10 @@ def logits(
 
 
 @torch.no_grad()
-def score(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None) -> torch.Tensor:
-    """Exact log-likelihood (nats) of ``codes`` under the mode's factorisation, [B]."""
-    lg = logits(model, cond, codes, mode, cond_mask)
+def score(model, cond, codes: torch.Tensor, mode: str = "two_way", cond_mask=None, preview=None) -> torch.Tensor:
+    """Exact log-likelihood (nats) of ``codes`` under the mode's factorisation, [B] (given the
+    ``preview`` codes, for a recipe with a preview grid)."""
+    lg = logits(model, cond, codes, mode, cond_mask, preview=preview)
     idx = torch.as_tensor(codes).to(lg.device, torch.long)[..., None]
     lp = torch.log_softmax(lg.float(), -1).gather(-1, idx)[..., 0]
     return lp.flatten(1).sum(1)

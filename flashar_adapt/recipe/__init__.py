@@ -20,6 +20,7 @@ from .schema import TODO, Recipe, recipe_from_dict, todo_keys
 from .sections import (
     GRID_ITEMS,
     MAX_GATE_HIDDEN,
+    POSITION_RULES,
     SECTIONS,
     UNCOND_BY_KIND,
     Condition,
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_PATTERN_LEN",
     "MAX_PATTERN_REPEATS",
     "MAX_YAML_BYTES",
+    "POSITION_RULES",
     "SECTIONS",
     "TODO",
     "UNCOND_BY_KIND",

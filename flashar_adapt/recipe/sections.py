@@ -7,6 +7,7 @@ the section; a value the YAML leaves out (or sets to null) takes the field's def
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -178,6 +179,12 @@ _BEFORE_ITEM = AnyOf(
 )
 
 
+# How image tokens are positioned (grid.Layout.position_table): "sequence", one axis, slot s at
+# s (the default); "grid", three axes (t, h, w): prompt token s at (s, s, s), cell (r, c) of a
+# grid starting at P at (P, P + r, P + c), the next grid starting at P + max(h, w).
+POSITION_RULES = ("sequence", "grid")
+
+
 @dataclass(frozen=True)
 class Image:
     codebook_size: int = rule(Num(2, integer=True))
@@ -192,10 +199,39 @@ class Image:
     size_token_divisor: int = rule(_COUNT, default=1)
     # id after the last code in place of the last row's eol_token (end-of-image)
     last_row_end: int | None = rule(_ID, default=None)
+    positions: str = rule(AnyOf((OneOf(POSITION_RULES),), "'sequence' or 'grid'", optional=True), default="sequence")
+    # a preview grid decoded (raster) before the main grid, which is conditioned on it: given
+    # as [h, w], or as a side s with h = int(sqrt(H / W) * s), w = int(sqrt(W / H) * s)
+    preview_grid: tuple[int, int] | None = rule(_GRID, default=None)
+    preview_side: int | None = rule(_COUNT, default=None)
+
+    def preview(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The preview grid (h, w) decoded before the main ``grid`` (H, W), or None."""
+        if self.preview_grid is not None:
+            return self.preview_grid
+        if self.preview_side is None:
+            return None
+        ratio = grid[0] / grid[1]  # in floats, then truncated: as the processors that define this rule do
+        return max(1, int(math.sqrt(ratio) * self.preview_side)), max(1, int(math.sqrt(1 / ratio) * self.preview_side))
 
     @classmethod
     def parse(cls, im: dict, src) -> Image:
         kw = checked(cls, im, "image", src)
+        expect(
+            kw.get("preview_grid") is None or kw.get("preview_side") is None,
+            "image.preview_side",
+            "give the preview as image.preview_grid or as image.preview_side, not both",
+            src,
+        )
+        if kw.get("preview_grid") is not None:
+            kw["preview_grid"] = tuple(int(g) for g in kw["preview_grid"])
+        expect(
+            kw.get("positions", "sequence") == "sequence" or kw.get("eol_token") is None,
+            "image.positions",
+            "grid positions place cells by (row, column): a grid with end-of-line tokens (image.eol_token) "
+            "needs positions: sequence",
+            src,
+        )
         grid, before = tuple(int(g) for g in kw["grid"]), tuple(kw.get("before", ()))
         digits = tuple(kw.get("digit_ids", ()))
         if any(item in ("{H}", "{W}") for item in before):

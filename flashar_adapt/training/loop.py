@@ -95,7 +95,7 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     torch.manual_seed(cfg.seed)  # the gate's first layer is randomly initialised
     model = build_model(cfg)
     ctx = context(model)
-    _check_data(data, ctx.recipe)
+    check_data(data, ctx.recipe)
     total = cfg.stage1.steps + cfg.stage2.steps
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -244,6 +244,7 @@ def _train_step(loss_mod, opt, sched, data, ctx, cfg: TrainConfig, acc, idx, ste
                     cond.to(acc.device),
                     batch.codes.to(acc.device),
                     None if batch.cond_mask is None else batch.cond_mask.to(acc.device),
+                    None if batch.preview is None else batch.preview.to(acc.device),
                 )
             loss = res["loss"]
             if not torch.isfinite(loss):
@@ -304,12 +305,25 @@ def _drop_cond(ctx, cond, cfg: TrainConfig, step: int, start: int):
     return torch.where(u < cfg.cond_dropout, torch.full_like(cond, c.null_class), cond)
 
 
-def _check_data(data: ShardDataset, recipe) -> None:
+def check_data(data: ShardDataset, recipe) -> None:
+    """Refuse data that does not fit ``recipe`` (grid, codebook, condition kind, classes,
+    preview grid), with a TrainingError naming what differs."""
     im, c = recipe.image, recipe.condition
     if tuple(data.grid) != tuple(im.grid) and not im.variable_grid:
         raise TrainingError(f"data grid {list(data.grid)} differs from the recipe's {list(im.grid)}")
     if data.codebook_size != im.codebook_size:
         raise TrainingError(f"data codebook {data.codebook_size} differs from the recipe's {im.codebook_size}")
+    small = im.preview(tuple(data.grid))
+    if small != data.preview_grid:
+        have = "none" if data.preview_grid is None else "x".join(map(str, data.preview_grid))
+        raise TrainingError(
+            f"{data.dir}: the data's preview grid is {have} (manifest preview_grid); the recipe decodes "
+            + (
+                "none"
+                if small is None
+                else f"a {small[0]}x{small[1]} preview before the {data.grid[0]}x{data.grid[1]} grid"
+            )
+        )
     want = "class" if c.kind == "class" else "tokens" if c.kind == "tokens" else None
     if want and data.cond_kind != want:
         raise TrainingError(

@@ -28,16 +28,18 @@ class FlashARLoss(nn.Module):
         # Kept out of the module tree so that DDP, the optimizer and checkpoints never see it.
         self.__dict__["teacher"] = teacher
 
-    def _teacher_logits(self, cond, codes, cond_mask):
+    def _teacher_logits(self, cond, codes, cond_mask, preview=None):
         with torch.no_grad():
             if self.teacher is not None:
-                return teacher_forward(self.teacher, cond, codes, "raster", cond_mask).fused
+                return teacher_forward(self.teacher, cond, codes, "raster", cond_mask, preview=preview).fused
             with adapters_disabled(self.model) if self.stage == 2 else contextlib.nullcontext():
-                return teacher_forward(self.model, cond, codes, "raster", cond_mask).fused
+                return teacher_forward(self.model, cond, codes, "raster", cond_mask, preview=preview).fused
 
-    def forward(self, cond, codes, cond_mask=None):
+    def forward(self, cond, codes, cond_mask=None, preview=None):
+        """``preview``: the preview grid's codes the image is conditioned on (recipes with
+        one); the loss is the image's (the preview stays raster)."""
         cfg = self.cfg
-        out = teacher_forward(self.model, cond, codes, "two_way", cond_mask)
+        out = teacher_forward(self.model, cond, codes, "two_way", cond_mask, preview=preview)
         K = out.fused.shape[-1]
         ce = F.cross_entropy(out.fused.reshape(-1, K), codes.reshape(-1))
         has_v = torch.zeros(codes.shape[1:], dtype=torch.bool, device=codes.device)
@@ -48,7 +50,7 @@ class FlashARLoss(nn.Module):
         kd = ce.new_zeros(())
         kd_f = ce.new_zeros(())
         if (cfg.w_kd > 0 and lv.numel()) or cfg.w_kd_fused > 0:
-            teach = self._teacher_logits(cond, codes, cond_mask).float()
+            teach = self._teacher_logits(cond, codes, cond_mask, preview).float()
             if cfg.w_kd > 0 and lv.numel():
                 kd = kd_loss(lv, teach[:, has_v], cfg.kd_temperature)
             if cfg.w_kd_fused > 0:
