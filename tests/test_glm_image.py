@@ -144,7 +144,7 @@ def test_static_caches_decode_the_eager_codes(monkeypatch):
     """compile=True's static step (run uncompiled here) takes the same positions: same codes,
     preview and image, as eager decoding, in both modes."""
     model = _patched()
-    monkeypatch.setattr(decoding.compiled, "compiled_step", lambda device_type, size: decoding.step_logits)
+    monkeypatch.setattr(decoding.compiled, "compiled_step", lambda device_type, size: decoding.sampled_step)
     for mode in ("two_way", "raster"):
         eager = model.generate(PROMPTS, cond_mask=MASK, mode=mode, top_k=1, return_preview=True)
         static = model.generate(PROMPTS, cond_mask=MASK, mode=mode, top_k=1, return_preview=True, compile=True)
