@@ -145,6 +145,55 @@ def _fingerprint(
     return h.hexdigest()
 
 
+def _check_inputs(recipe, conds: list, text, batch_size: int, shard_size: int) -> None:
+    """DataError unless ``conds`` suit the recipe's condition and the sizes are positive."""
+    kind = recipe.condition.kind
+    if kind not in ("class", "tokens") or (kind == "tokens") != (text is not None):
+        raise DataError(
+            f"condition.kind {kind!r}: give class ids (class recipes) or prompts with a text tokenizer (prompt recipes)"
+        )
+    if not conds:
+        raise DataError("nothing to sample: no conditions")
+    if batch_size < 1 or shard_size < 1:
+        raise DataError("batch_size and shard_size must be >= 1")
+    if kind == "class":
+        class_id = Num(0, recipe.condition.num_classes, hi_open=True, integer=True)
+        bad = [c for c in conds if class_id.problem(c) is not None]
+        if bad:
+            raise DataError(f"class id {bad[0]!r} is outside the recipe's {recipe.condition.num_classes} classes")
+
+
+def _run_state(out: Path, fp: str) -> dict:
+    """The state of the run at ``out``: an interrupted one with the same fingerprint, or a new
+    one recorded before the first shard (a folder with shards always has its state)."""
+    state = resume_state(out)
+    if state is not None and state.get("fingerprint") != fp:
+        raise DataError(
+            f"{out}: holds an interrupted run of other conditions, settings or model; finish it with the "
+            "same command, or choose another --out"
+        )
+    if state is None:
+        state = {"fingerprint": fp, "done": 0, "shards": [], "seconds": 0.0}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / STATE, json.dumps(state).encode())
+    return state
+
+
+def _writer(out: Path, recipe, shard_size: int) -> ShardWriter:
+    kind = recipe.condition.kind
+    return ShardWriter(
+        out,
+        recipe.image.grid,
+        recipe.image.codebook_size,
+        kind,
+        recipe.name,
+        shard_size,
+        recipe.condition.prefix_len if kind == "tokens" else None,
+        num_classes=recipe.condition.num_classes if kind == "class" else None,
+        preview_grid=recipe.image.preview(recipe.image.grid),
+    )
+
+
 def sample_dataset(
     model,
     conds: list,
@@ -163,44 +212,10 @@ def sample_dataset(
     (it joins the fingerprint, so a run is never continued with another model). Returns the
     report (examples, seconds spent sampling in this and earlier runs)."""
     recipe = context(model).recipe
-    kind = recipe.condition.kind
-    if kind not in ("class", "tokens") or (kind == "tokens") != (text is not None):
-        raise DataError(
-            f"condition.kind {kind!r}: give class ids (class recipes) or prompts with a text tokenizer (prompt recipes)"
-        )
-    if not conds:
-        raise DataError("nothing to sample: no conditions")
-    if batch_size < 1 or shard_size < 1:
-        raise DataError("batch_size and shard_size must be >= 1")
-    if kind == "class":
-        class_id = Num(0, recipe.condition.num_classes, hi_open=True, integer=True)
-        bad = [c for c in conds if class_id.problem(c) is not None]
-        if bad:
-            raise DataError(f"class id {bad[0]!r} is outside the recipe's {recipe.condition.num_classes} classes")
+    _check_inputs(recipe, conds, text, batch_size, shard_size)
     out = Path(out_dir)
-    state = resume_state(out)
-    fp = _fingerprint(conds, recipe.name, sampling, seed, batch_size, shard_size, extra)
-    if state is not None and state.get("fingerprint") != fp:
-        raise DataError(
-            f"{out}: holds an interrupted run of other conditions, settings or model; finish it with the "
-            "same command, or choose another --out"
-        )
-    if state is None:  # recorded before the first shard, so a folder with shards always has its state
-        state = {"fingerprint": fp, "done": 0, "shards": [], "seconds": 0.0}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / STATE, json.dumps(state).encode())
-    T = recipe.condition.prefix_len if kind == "tokens" else None
-    writer = ShardWriter(
-        out,
-        recipe.image.grid,
-        recipe.image.codebook_size,
-        kind,
-        recipe.name,
-        shard_size,
-        T,
-        num_classes=recipe.condition.num_classes if kind == "class" else None,
-        preview_grid=recipe.image.preview(recipe.image.grid),
-    )
+    state = _run_state(out, _fingerprint(conds, recipe.name, sampling, seed, batch_size, shard_size, extra))
+    writer = _writer(out, recipe, shard_size)
     writer.shards = list(state["shards"])
     done, n = state["done"], len(conds)
     bar = tqdm(total=n, initial=done, desc="sample (raster teacher)", unit="img", disable=not progress)

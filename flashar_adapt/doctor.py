@@ -251,7 +251,7 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
             f"patched raster logits differ from the model's own forward by {d:.3g}",
             key="modules.layers",
         )
-    hidden_ok = None
+    hidden_ok, hidden_d = None, None
     if hasattr(ctx.decoder, "forward") and "inputs_embeds" in _inspect.signature(ctx.decoder.forward).parameters:
         with torch.no_grad():
             hid = _hidden_rule(ctx, cond, codes, grid)
@@ -267,51 +267,7 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
                 "forward", SKIP, f"model(input_ids=...) failed ({type(e).__name__}: {e}); using the hidden-state rule"
             )
     if full is not None:
-        own = _visual_slice(ctx, full)
-        d = (ours - own).abs().max().item()
-        if d <= atol:
-            return rep.add(
-                "raster",
-                PASS,
-                f"patched raster logits equal the model's own forward sliced to the visual ids (max diff {d:.2e})",
-            )
-        masked = ~torch.isfinite(own) | (own < -1e30)  # some forwards mask image logits (set them to -inf / min)
-        rest = (ours - own)[~masked].abs().max().item() if (~masked).any() else 0.0
-        if masked.any() and rest <= atol and hidden_ok is not False:
-            how = f"equal head(last_hidden_state) (max diff {hidden_d:.2e})" if hidden_ok else "were not compared"
-            return rep.add(
-                "raster",
-                PASS,
-                f"the model's forward masks {masked.float().mean().item():.0%} of the image "
-                f"logits; the unmasked ones equal ours and all of ours {how}",
-            )
-        if hidden_ok is False:
-            return rep.add(
-                "raster",
-                FAIL,
-                f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
-                "the decoder run by the runner is not the model's decoder",
-                key="modules.decoder",
-            )
-        if hidden_ok:
-            item = _logit_map_item(ctx, rep, cond, codes, grid)
-            if item is not None:
-                return item
-        o = _find_offset(ours, full, atol)
-        if o is not None and o != ctx.recipe.image.visual_token_offset:
-            return rep.add(
-                "raster",
-                FAIL,
-                f"codebook logits found at vocabulary offset {o}, recipe says {ctx.recipe.image.visual_token_offset}",
-                key="image.visual_token_offset",
-            )
-        return rep.add(
-            "raster",
-            FAIL,
-            f"patched raster logits differ from the model's own forward by {d:.3g} while the "
-            "decoder's hidden states agree: the recipe's head is not the one the model uses",
-            key="modules.head",
-        )
+        return _against_own_forward(ctx, rep, cond, codes, grid, ours, full, atol, hidden_ok, hidden_d)
     if hidden_ok is None:
         return rep.add(
             "raster", SKIP, "no reference: the runner has no reference forward and the decoder takes no inputs_embeds"
@@ -323,6 +279,56 @@ def _check_raster(ctx, model, rep, cond, codes, grid, atol):
         FAIL,
         f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}",
         key="modules.decoder",
+    )
+
+
+def _against_own_forward(ctx, rep, cond, codes, grid, ours, full, atol, hidden_ok, hidden_d):
+    """The raster item from the model's own forward ``full`` (all vocabulary logits): equal,
+    equal where that forward does not mask image logits, or which recipe key is wrong."""
+    own = _visual_slice(ctx, full)
+    d = (ours - own).abs().max().item()
+    if d <= atol:
+        return rep.add(
+            "raster",
+            PASS,
+            f"patched raster logits equal the model's own forward sliced to the visual ids (max diff {d:.2e})",
+        )
+    masked = ~torch.isfinite(own) | (own < -1e30)  # some forwards mask image logits (set them to -inf / min)
+    rest = (ours - own)[~masked].abs().max().item() if (~masked).any() else 0.0
+    if masked.any() and rest <= atol and hidden_ok is not False:
+        how = f"equal head(last_hidden_state) (max diff {hidden_d:.2e})" if hidden_ok else "were not compared"
+        return rep.add(
+            "raster",
+            PASS,
+            f"the model's forward masks {masked.float().mean().item():.0%} of the image "
+            f"logits; the unmasked ones equal ours and all of ours {how}",
+        )
+    if hidden_ok is False:
+        return rep.add(
+            "raster",
+            FAIL,
+            f"patched raster logits differ from head(last_hidden_state) by {hidden_d:.3g}: "
+            "the decoder run by the runner is not the model's decoder",
+            key="modules.decoder",
+        )
+    if hidden_ok:
+        item = _logit_map_item(ctx, rep, cond, codes, grid)
+        if item is not None:
+            return item
+    o = _find_offset(ours, full, atol)
+    if o is not None and o != ctx.recipe.image.visual_token_offset:
+        return rep.add(
+            "raster",
+            FAIL,
+            f"codebook logits found at vocabulary offset {o}, recipe says {ctx.recipe.image.visual_token_offset}",
+            key="image.visual_token_offset",
+        )
+    return rep.add(
+        "raster",
+        FAIL,
+        f"patched raster logits differ from the model's own forward by {d:.3g} while the "
+        "decoder's hidden states agree: the recipe's head is not the one the model uses",
+        key="modules.head",
     )
 
 

@@ -116,14 +116,48 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     if dim is None:
         dim = next(p for p in norm.parameters()).shape[-1]
 
+    _check_image_ids(recipe, head, vocab, bool(image_embed))
+    cond_embed, uncond_features = _condition_modules(model, recipe, vocab)
+    b = _branch_index(recipe, len(layers))
+
+    ctx = PatchContext(
+        recipe=recipe,
+        runner=runner,
+        model=model,
+        decoder=decoder,
+        layers=layers,
+        norm=norm,
+        head=head,
+        embed=embed,
+        image_embed=image_embed,
+        cond_embed=cond_embed,
+        uncond_features=uncond_features,
+        branch_index=b,
+        dim=dim,
+        vocab_size=vocab,
+        after_norm=after_norm,
+    )
+    runner.bind(ctx)
+    limit = runner.max_positions(ctx)
+    if limit is not None:
+        _check_fits(ctx, limit, src)
+    # what the paths cannot say, asked of the model itself on a few tokens (flashar_adapt.probes)
+    check_head_width(ctx)
+    check_order_independence(ctx, limit)
+    return ctx
+
+
+def _check_image_ids(recipe: Recipe, head: nn.Module, vocab: int | None, own_image_embed: bool) -> None:
+    """The image token ids fit the vocabulary and the head; special ids are inside the vocabulary."""
+    src = recipe.source
     im = recipe.image
     K = im.codebook_size
     id_key = "image.codebook_size" if im.visual_token_offset == 0 else "image.visual_token_offset"
-    if not image_embed and vocab is not None and im.visual_token_offset + K > vocab:
+    if not own_image_embed and vocab is not None and im.visual_token_offset + K > vocab:
         raise RecipeError(
             id_key,
             f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} are outside the "
-            f"vocabulary of {m.embed!r} ({vocab} entries)",
+            f"vocabulary of {recipe.modules.embed!r} ({vocab} entries)",
             src,
         )
     if isinstance(head, nn.Linear):
@@ -131,7 +165,7 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
             raise RecipeError(
                 id_key,
                 f"visual ids {im.visual_token_offset}..{im.visual_token_offset + K - 1} do not fit the "
-                f"head {m.head!r} ({head.out_features} outputs)",
+                f"head {recipe.modules.head!r} ({head.out_features} outputs)",
                 src,
             )
     _check_ids([x for x in im.before if isinstance(x, int)], "image.before", vocab, src)
@@ -144,6 +178,13 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
         for g in im.grid:
             _check_ids([im.size_token_offset + g // im.size_token_divisor], "image.size_token_offset", vocab, src)
 
+
+def _condition_modules(
+    model: nn.Module, recipe: Recipe, vocab: int | None
+) -> tuple[nn.Module | None, torch.Tensor | None]:
+    """(conditioning embedding or None, unconditional features or None), checked against the
+    recipe's condition section."""
+    src = recipe.source
     c = recipe.condition
     cond_embed = None
     uncond_features = None
@@ -172,7 +213,12 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
             _check_ids([c.pad_id], "condition.pad_id", vocab, src)
         _check_ids(list(c.uncond_ids), "condition.uncond_ids", vocab, src)
 
-    n = len(layers)
+    return cond_embed, uncond_features
+
+
+def _branch_index(recipe: Recipe, n: int) -> int:
+    """The first branch layer's index among ``n`` decoder layers (a negative index counts from the end)."""
+    src = recipe.source
     b = recipe.flashar.branch_layer
     b = n + b if b < 0 else b
     k = recipe.flashar.branch_depth
@@ -185,31 +231,7 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     if b + k > n:
         raise RecipeError("flashar.branch_depth", f"{k} layers from layer {b} run past the last of {n} layers", src)
 
-    ctx = PatchContext(
-        recipe=recipe,
-        runner=runner,
-        model=model,
-        decoder=decoder,
-        layers=layers,
-        norm=norm,
-        head=head,
-        embed=embed,
-        image_embed=image_embed,
-        cond_embed=cond_embed,
-        uncond_features=uncond_features,
-        branch_index=b,
-        dim=dim,
-        vocab_size=vocab,
-        after_norm=after_norm,
-    )
-    runner.bind(ctx)
-    limit = runner.max_positions(ctx)
-    if limit is not None:
-        _check_fits(ctx, limit, src)
-    # what the paths cannot say, asked of the model itself on a few tokens (flashar_adapt.probes)
-    check_head_width(ctx)
-    check_order_independence(ctx, limit)
-    return ctx
+    return b
 
 
 def _check_fits(ctx: PatchContext, limit: int, src) -> None:
