@@ -176,3 +176,12 @@ def test_a_null_value_takes_the_default_and_sizes_are_bounded():
     with pytest.raises(fa.RecipeError) as e:
         fa.recipe_from_dict(d)
     assert e.value.key == "tokenizer.channels"
+
+
+@pytest.mark.parametrize("data", [b"\x00", "name: a\x00b\n", "a: 1\n\x07"])
+def test_control_characters_in_yaml_are_a_recipe_error(data):
+    """PyYAML's reader refuses them while the loader is built, before parsing starts."""
+    from flashar_adapt.recipe import RecipeError, safe_yaml
+
+    with pytest.raises(RecipeError, match="not valid YAML: unacceptable character"):
+        safe_yaml(data, "cfg.yaml")

@@ -52,7 +52,10 @@ def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
             raise RecipeError(
                 "<yaml>", f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", source
             ) from None
-    loader = _Loader(data)
+    try:
+        loader = _Loader(data)  # the reader refuses control characters (a NUL byte) right here
+    except yaml.YAMLError as e:
+        raise RecipeError("<yaml>", "not valid YAML: " + " ".join(str(e).split()), source) from None
     try:
         return loader.get_single_data()
     except yaml.YAMLError as e:
