@@ -45,6 +45,7 @@ from .files import (
 )
 from .formats import FormatError, save_model, spec_format
 from .generation import CLASSES
+from .numerics import non_finite_weights
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
 from .training import RunPoint, TrainConfig, TrainingError, add_lora, load_run
@@ -106,6 +107,12 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
     ``extra_files`` ({name in ``EXPORT_ENTRIES``: bytes}) are written into the folder before
     it appears, so an export is complete or absent, never half labelled."""
     ctx = context(model)
+    nan = non_finite_weights(model)
+    if nan:
+        raise ExportError(
+            f"the model holds NaN or infinite weights ({', '.join(nan)}); refusing to export them "
+            "(training diverged? export an earlier checkpoint)"
+        )
     for name in extra_files or {}:
         if name not in EXPORT_ENTRIES or "/" in name:
             raise ExportError(f"extra_files: {name!r} is not a file an export holds ({', '.join(EXPORT_ENTRIES)})")
@@ -268,6 +275,9 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     load_flashar_weights(model, inside(out_dir, "flashar.safetensors", ExportError))
     if cfg.get("lora_adapters"):
         _attach_adapters(model, out_dir, cfg["lora_adapters"])
+    nan = non_finite_weights(model)
+    if nan:
+        raise ExportError(f"{out_dir}: the exported weights hold NaN or infinite values ({', '.join(nan)})")
     return model.eval()
 
 

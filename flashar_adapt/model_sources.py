@@ -15,6 +15,7 @@ from torch import nn
 from .errors import InputError
 from .export import ExportError, load_adapted, load_flashar_weights
 from .inspection import load_model
+from .numerics import non_finite_weights
 from .patching import context, patch
 from .recipe import Recipe, load_recipe
 from .training import TrainConfig, build_model, build_model_from_run
@@ -66,6 +67,7 @@ def load_patched(
         return loaded, context(loaded).recipe, Path(export) / "backbone"
     if run_config:
         loaded = build_model_from_run(TrainConfig.load(run_config), allow_config_change=allow_config_change)
+        _check_finite(loaded, run_config)
         return (loaded.to(device) if device else loaded), context(loaded).recipe, None
     if not recipe:
         raise ModelSourceError("say which model: --export DIR, --config RUN.yaml, or --model PATH with --recipe NAME")
@@ -78,7 +80,16 @@ def load_patched(
     loaded = patch(loaded.to(device) if device else loaded, rec)
     if flashar_weights:
         load_flashar_weights(loaded, flashar_weights)
+    _check_finite(loaded, model)
     return loaded.eval(), rec, Path(model)
+
+
+def _check_finite(model: nn.Module, source) -> None:
+    nan = non_finite_weights(model)
+    if nan:
+        raise ModelSourceError(
+            f"{source}: the weights hold NaN or infinite values ({', '.join(nan)}); refusing to use them"
+        )
 
 
 def load_raster_teacher(

@@ -52,3 +52,16 @@ def sum_width(modules: nn.Module, seq_len: int) -> int:
             widths.append(mod.in_channels // mod.groups * math.prod(mod.kernel_size))
         widths += [max(p.shape) for p in mod.parameters(recurse=False) if p.dim() >= 2]
     return max(widths)
+
+
+def non_finite_weights(model: nn.Module, limit: int = 3) -> list[str]:
+    """Names of (up to ``limit``) floating parameters of ``model`` holding a NaN or an
+    infinity: weights that cannot be exported or sampled from (every output turns NaN).
+    Buffers are not weights (a mask may hold -inf on purpose)."""
+    bad = []
+    for name, t in model.named_parameters():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad

@@ -698,6 +698,8 @@ def _one_line(err: str, *words: str) -> None:
 def test_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path, capsys):
     cfg = llamagen_run(tmp_path / "proj", stage1=1, stage2=0)  # written, never trained
     (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    unknown_format = tmp_path / "unknown_format.yaml"
+    unknown_format.write_text("model: {format: llamagenn}\nrecipe: fmnist-c2i\ndata: missing\nout_dir: run\n")
     cases = [
         (("train", "--config", tmp_path / "missing.yaml"), ["error:", "training config not found"]),
         (("export", "--config", cfg, "--out", tmp_path / "exp"), ["error:", "no checkpoint yet"]),
@@ -706,14 +708,23 @@ def test_cli_turns_bad_input_into_one_line_and_exit_2(tmp_path, capsys):
         (("check", tmp_path / "nonexistent", "llamagen-c2i-b"), ["error:", "no such file or folder"]),
         (("show", tmp_path / "latin1.yaml"), ["recipe error:", "not UTF-8"]),
         (("show", "no-such-recipe"), ["recipe error:", "no recipe named"]),
+        # a folder the user named is never silently skipped (the shipped recipe would be used)
+        (("--recipe-dir", tmp_path / "nope", "show", "fmnist-c2i"), ["recipe error:", "nope: no such folder"]),
+        (("recipes", "--recipe-dir", tmp_path / "latin1.yaml"), ["recipe error:", "not a folder"]),
+        # the model's format is checked when the config is read, before data or weights
+        (("train", "--config", unknown_format), ["error:", "unknown model format 'llamagenn'", "did you mean"]),
     ]
     for argv, words in cases:
         rc, _, err = _cli(capsys, *argv)
         assert rc == 2, (argv, err)
         _one_line(err, *words)
-    for argv in (("demo", "--tiny", "--batch", "0"), ("check", tmp_path, "--atol", "-1")):
+    for argv, option in (
+        (("demo", "--tiny", "--batch", "0"), "--batch"),
+        (("check", tmp_path, "--atol", "-1"), "--atol"),
+    ):
         rc, _, err = _cli(capsys, *argv)
-        assert rc == 2 and "must be" in err, (argv, err)  # argparse: usage plus one error line
+        assert rc == 2, (argv, err)
+        _one_line(err, f"argument {option}: must be")  # a usage error too: one line, not the usage
     rc, _, err = _cli(capsys, "--debug", "train", "--config", tmp_path / "missing.yaml")
     assert rc == 2 and "Traceback" in err and "TrainingError" in err
     rc, _, err = _cli(capsys, "train", "--config", tmp_path / "missing.yaml", "--debug")

@@ -160,3 +160,25 @@ def test_the_run_data_class_names_are_inside_the_export_when_it_appears(tmp_path
     with pytest.raises(ExportError, match="extra_files: 'notes.txt' is not a file an export holds"):
         fa.export_merged(model, tmp_path / "exp2", extra_files={"notes.txt": b"x"})
     assert not (tmp_path / "exp2").exists()
+
+
+def test_nan_weights_are_neither_exported_nor_loaded(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests import tiny
+
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    out = fa.export_merged(model, tmp_path / "good")
+    name, p = next(iter(model.flashar.named_parameters()))
+    with torch.no_grad():
+        p.view(-1)[0] = float("nan")
+    with pytest.raises(ExportError, match=f"NaN or infinite weights \\(flashar.{name}\\)"):
+        fa.export_merged(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["good"]
+    # an export whose weights turned non-finite after it was written
+    sd = load_file(str(out / "flashar.safetensors"))
+    sd[name].view(-1)[0] = float("inf")
+    save_file(sd, str(out / "flashar.safetensors"))
+    with pytest.raises(ExportError, match="NaN or infinite values"):
+        fa.load_adapted(out)

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 import flashar_adapt as fa
+from flashar_adapt.recipe import safe_yaml
 from tests import tiny
 
 
@@ -82,7 +83,11 @@ LOAD_ERRORS = [
     ("image.eol_token", -3, "image.eol_token", ">= 0"),
     ("condition.kind", "audio", "condition.kind", "one of"),
     ("condition.uncond", "pad_inner", "condition.uncond", "for kind 'class'"),
-    ("condition.null_class", 1001, "condition.null_class", "<= condition.num_classes"),
+    ("condition.null_class", 5, "condition.null_class", "outside the real classes 0..999"),
+    ("condition.null_class", 999, "condition.null_class", "outside the real classes"),
+    # a special token that is also a code: the decoder could not tell them apart
+    ("image.eol_token", 16383, "image.eol_token", "inside the visual range 0..16383"),
+    ("image.before", [16384, 7], "image.before", "id 7 is inside the visual range"),
     ("flashar.branch_depth", 0, "flashar.branch_depth", ">= 1"),
     ("flashar.branch_layer", True, "flashar.branch_layer", "integer"),
     ("lora.targets", ["all-linear"], "lora.targets", "all-linear"),
@@ -108,6 +113,23 @@ def test_bad_yaml_and_missing_file(tmp_path):
     p.write_text("!!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(fa.RecipeError):
         fa.load_recipe(p)
+
+
+def test_a_key_given_twice_is_refused_naming_key_and_lines(tmp_path):
+    # PyYAML keeps the last one: a second `flashar:` block would silently replace the first
+    text = fa.load_recipe("llamagen-c2i-b").to_yaml() + "flashar:\n  branch_layer: -2\n"
+    p = tmp_path / "twice.yaml"
+    p.write_text(text)
+    first = 1 + text.splitlines().index("flashar:")
+    last = len(text.splitlines()) - 1
+    with pytest.raises(fa.RecipeError, match=f"given twice \\(line {last}, first at line {first}\\)") as e:
+        fa.load_recipe(p)
+    assert e.value.key == "flashar"
+    p.write_text("image:\n  grid: [4, 4]\n  grid: [8, 8]\n")
+    with pytest.raises(fa.RecipeError, match="'grid' is given twice"):
+        fa.load_recipe(p)
+    # equal keys in two mappings are fine
+    assert safe_yaml("a: &x 1\nb: {c: *x}\nd: {c: 2}\n") == {"a": 1, "b": {"c": 1}, "d": {"c": 2}}
 
 
 PATCH_ERRORS = [

@@ -16,7 +16,8 @@ import traceback
 from ..errors import FlashARError
 from ..recipe import RecipeError
 from . import demo, evaluate, export, generate, inspect_check, recipes, sample, tokenize, train
-from .report import missing_dependency, one_line
+from .report import missing_dependency, one_line, printable
+from .types import text
 
 # Every subcommand's module, in the order ``--help`` lists them: each adds its parsers with
 # ``add_parsers(subparsers)`` and sets ``fn`` on them. All are always listed; one that needs a
@@ -43,17 +44,35 @@ def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with its usage error as one line on stderr, naming the option
+    (argparse prints the whole usage first); ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, printable(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="flashar-adapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    # subcommands' parsers are of the same class (argparse's add_subparsers default)
+    p = Parser(prog="flashar-adapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p, top=True)
     sub = p.add_subparsers(dest="cmd", required=True)
     for mod in COMMAND_MODULES:
         mod.add_parsers(sub)
     for sp in sub.choices.values():
         _add_common(sp, top=False)
+    for parser in (p, *sub.choices.values()):
+        _refuse_blank_strings(parser)
     return p
+
+
+def _refuse_blank_strings(parser: argparse.ArgumentParser) -> None:
+    # Every value an option takes as plain text is a path, a name or a prompt, none of which
+    # may be blank: "" would otherwise name the current folder ("." after path joins).
+    for action in parser._actions:  # argparse has no public accessor for a parser's actions
+        if action.type is None and action.nargs != 0 and not isinstance(action, argparse._SubParsersAction):
+            if action.choices is None:
+                action.type = text
 
 
 def subcommands(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:

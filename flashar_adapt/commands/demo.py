@@ -4,7 +4,7 @@ or ``--tiny``: a small random model decoded both ways."""
 from __future__ import annotations
 
 from ..fmnist.main import run, tiny_demo
-from .types import positive_int
+from .types import MAX_TINY_GRID, guidance_float, positive_int, tiny_grid
 
 
 def _demo(args) -> int:
@@ -24,15 +24,20 @@ def _demo(args) -> int:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("demo", help="run the end-to-end example")
-    s.add_argument("--grid", type=positive_int, default=16)
+    s.add_argument("--grid", type=tiny_grid, default=16, help=f"--tiny: grid side (at most {MAX_TINY_GRID})")
     s.add_argument("--batch", type=positive_int, default=4)
     s.add_argument("--tiny", action="store_true", help="use a small random model instead of the shipped one")
     s.add_argument("--retrain", action="store_true", help="re-run the post-training from the shipped base")
     s.add_argument("--out", default="out/demo", help="where the PNG (and any re-trained model) go")
     s.add_argument(
-        "--cfg", dest="cfg_scale", metavar="CFG", type=float, default=2.0, help="classifier-free guidance scale"
+        "--cfg",
+        dest="cfg_scale",
+        metavar="CFG",
+        type=guidance_float,
+        default=2.0,
+        help="classifier-free guidance scale",
     )
-    s.add_argument("--samples", type=int, default=500, help="samples per model for the quick quality numbers")
-    s.add_argument("--nll-images", type=int, default=1000, help="test images for the quick NLL")
-    s.add_argument("--repeat", type=int, default=2, help="timing repeats (best of)")
+    s.add_argument("--samples", type=positive_int, default=500, help="samples per model for the quick quality numbers")
+    s.add_argument("--nll-images", type=positive_int, default=1000, help="test images for the quick NLL")
+    s.add_argument("--repeat", type=positive_int, default=2, help="timing repeats (best of)")
     s.set_defaults(fn=_demo)

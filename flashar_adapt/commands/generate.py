@@ -8,6 +8,7 @@ import time
 from ..generation import GenerateError, conditions, generate_to_folder, negative_prompt_ids, refuse_existing
 from ..tokenizers import tokenizer_of
 from .model_options import add_model_options, add_sampling_options, class_names_of, load_from, sampling_of, text_of
+from .types import class_id, positive_int
 
 
 def _generate(args) -> int:
@@ -51,10 +52,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--out", required=True, help="output folder (must not exist)")
     add_model_options(s, need_model=True)
     s.add_argument("--flashar-weights", help="flashar.safetensors of an export, with --model")
-    s.add_argument("--classes", type=int, nargs="+", help="class ids (default: every class)")
+    s.add_argument("--classes", type=class_id, nargs="+", help="class ids (default: every class)")
     s.add_argument("--prompts", nargs="+", help="prompts")
     s.add_argument("--prompts-file", help="a file with one prompt per line")
-    s.add_argument("--per-cond", type=int, default=1, help="images per class or prompt")
+    s.add_argument("--per-cond", type=positive_int, default=1, help="images per class or prompt")
     s.add_argument(
         "--negative-prompt",
         metavar="TEXT",
@@ -63,7 +64,7 @@ def add_parsers(sub) -> None:
     )
     s.add_argument("--mode", choices=("two_way", "raster"), default="two_way")
     add_sampling_options(s)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=positive_int, default=16)
     s.add_argument(
         "--compile",
         action="store_true",

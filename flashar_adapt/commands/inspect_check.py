@@ -9,7 +9,7 @@ from ..inspection import inspect_model
 from ..model_sources import load_model_file
 from ..recipe import load_recipe
 from .model_options import add_set_option
-from .types import key_values, non_negative_float
+from .types import key_values, non_negative_float, positive_int
 
 
 def _inspect(args) -> int:
@@ -49,7 +49,9 @@ def add_parsers(sub) -> None:
     )
     s.add_argument("model", help="a transformers save_pretrained folder or a checkpoint file")
     s.add_argument("recipe", nargs="?", default="auto", help="registry name or YAML path (default: auto-match)")
-    s.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)")
+    s.add_argument(
+        "--grid", type=positive_int, nargs=2, metavar=("H", "W"), help="grid to test (default: small if variable)"
+    )
     s.add_argument("--atol", type=non_negative_float, default=1e-4)
     add_set_option(s)
     s.set_defaults(fn=_check)

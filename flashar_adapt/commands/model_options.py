@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..generation import CLASSES, read_class_names
 from ..model_sources import load_patched, model_folders, pick_text_tokenizer
-from .types import key_values
+from .types import device_name, guidance_float, key_values, non_negative_int, probability, seed_int, temperature_float
 
 
 def add_set_option(s) -> None:
@@ -36,7 +36,7 @@ def add_model_options(s, need_model: bool) -> None:
         default="{prompt}",
         help="how a prompt is written before tokenising, e.g. '{prompt}<begin_of_image>'",
     )
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1, ...")
     s.add_argument("--no-progress", action="store_true")
 
 
@@ -45,15 +45,15 @@ def add_sampling_options(s) -> None:
         "--cfg",
         dest="cfg_scale",
         metavar="CFG",
-        type=float,
+        type=guidance_float,
         default=1.0,
         help="classifier-free guidance scale (1 = off)",
     )
     s.add_argument("--cfg-schedule", default="constant")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--temperature", type=temperature_float, default=1.0)
+    s.add_argument("--top-k", type=non_negative_int, default=0)
+    s.add_argument("--top-p", type=probability, default=1.0)
+    s.add_argument("--seed", type=seed_int, default=0)
 
 
 def sampling_of(args) -> dict:

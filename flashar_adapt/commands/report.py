@@ -7,8 +7,14 @@ from __future__ import annotations
 OPTIONAL_DEPENDENCIES = {"accelerate": "train", "peft": "train", "transformers": "hf", "matplotlib": "plots"}
 
 
+def printable(text: str) -> str:
+    """``text`` with characters stderr cannot encode (a non-UTF-8 file name's surrogate
+    escapes, as Python reads it from argv) written as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    return printable(" ".join(str(e).split()) or type(e).__name__)
 
 
 def missing_dependency(e: ModuleNotFoundError, command: str) -> str | None:

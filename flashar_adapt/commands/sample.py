@@ -12,7 +12,7 @@ from ..generation import GenerateError, conditions
 from ..sample_sets import Processes, launched_processes, sample_set
 from ..tokenizers import tokenizer_of
 from .model_options import add_model_options, add_sampling_options, load_from, sampling_of, source_of, text_of
-from .types import positive_int
+from .types import class_id, positive_int
 
 
 def processes_of(args) -> Processes:
@@ -99,7 +99,7 @@ def add_sample_options(s) -> None:
         default=None,
         help="how many samples (default: one per class or prompt); conditions are taken in turn",
     )
-    s.add_argument("--classes", type=int, nargs="+", help="class ids (default: every class)")
+    s.add_argument("--classes", type=class_id, nargs="+", help="class ids (default: every class)")
     s.add_argument("--prompts", nargs="+", help="prompts")
     s.add_argument("--prompts-file", help="a file with one prompt per line")
     add_sampling_options(s)

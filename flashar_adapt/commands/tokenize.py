@@ -136,8 +136,8 @@ def add_parsers(sub) -> None:
     )
     s.add_argument("--out", required=True, help="data folder to write (an interrupted run there is continued)")
     add_model_options(s, need_model=False)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--shard-size", type=int, default=4096)
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--shard-size", type=positive_int, default=4096)
     s.add_argument("--allow-upscale", action="store_true", help="scale up images smaller than the tokenizer input")
     t = s.add_argument_group("data-free: --from-model samples the shards from the raster model itself")
     t.add_argument(

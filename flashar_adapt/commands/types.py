@@ -1,39 +1,81 @@
 """What the command line accepts beside plain strings: argparse types (checked with
-``validate``'s rules) and ``--set KEY=VALUE`` pairs."""
+``validate``'s rules, so a wrong value is refused by the parser, naming its option, before
+anything is loaded) and ``--set KEY=VALUE`` pairs."""
 
 from __future__ import annotations
 
 import argparse
 
+import torch
 import yaml
 
 from ..errors import InputError
+from ..sampling import SEED_LIMIT
 from ..validate import Num
 
-_POSITIVE_INT = Num(1, integer=True)
-_NON_NEGATIVE = Num(0)
+# The largest count an option takes: far above any real run, small enough that nothing sized
+# by it (a range, a list of seeds) is allocated before the work starts.
+MAX_COUNT = 10**9
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _number(text: str, rule: Num, integer: bool):
     try:
-        v = int(text)
+        v = int(text) if integer else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if _POSITIVE_INT.problem(v) is not None:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
+    problem = rule.problem(v)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"must be {rule.describe()}, got {text}")
     return v
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
+def _typed(name: str, rule: Num, integer: bool):
+    def parse(text: str):
+        return _number(text, rule, integer)
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _typed("positive_int", Num(1, MAX_COUNT, integer=True), True)
+non_negative_int = _typed("non_negative_int", Num(0, MAX_COUNT, integer=True), True)
+# a CPU torch.Generator keeps 32 bits of its seed; per-sample seeds are derived within them
+seed_int = _typed("seed_int", Num(0, SEED_LIMIT - 1, integer=True), True)
+class_id = _typed("class_id", Num(0, MAX_COUNT, integer=True), True)
+non_negative_float = _typed("non_negative_float", Num(0), False)
+# guidance and temperature: finite, and bounded where a larger value only overflows the logits
+guidance_float = _typed("guidance_float", Num(0, 1e4), False)
+temperature_float = _typed("temperature_float", Num(0, 1e4), False)
+probability = _typed("probability", Num(0, 1, lo_open=True), False)
+# the tiny demo builds a random model of grid x grid positions in memory
+MAX_TINY_GRID = 64
+tiny_grid = _typed("tiny_grid", Num(1, MAX_TINY_GRID, integer=True), True)
+
+
+def text(value: str) -> str:
+    """argparse type of every plain-text option (a path, a name, a prompt): not blank."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, name or text, got {value!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device this build and machine have (cpu, cuda, cuda:1, mps)."""
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if _NON_NEGATIVE.problem(v) is not None:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this torch build or machine has no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
+    return text
 
 
 def key_values(pairs: list[str] | None) -> dict:
@@ -41,7 +83,7 @@ def key_values(pairs: list[str] | None) -> dict:
     out = {}
     for p in pairs or []:
         k, sep, v = p.partition("=")
-        if not sep:
+        if not sep or not k:
             raise InputError(f"--set expects KEY=VALUE, got {p!r}")
         try:
             out[k] = yaml.safe_load(v)

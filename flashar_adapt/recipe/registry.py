@@ -23,6 +23,9 @@ ENTRY_POINT_GROUP = "flashar_adapt.recipes"
 
 def _search_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
     dirs = [Path(p) for p in (extra or [])]
+    for d in dirs:  # a folder the user named: a typo must not silently fall back to the shipped recipes
+        if not d.is_dir():
+            raise RecipeError("<recipe-dir>", f"{d}: {'not a folder' if d.exists() else 'no such folder'}")
     env = os.environ.get(ENV_RECIPE_PATH, "")
     dirs += [Path(p) for p in env.split(os.pathsep) if p]
     dirs += _entry_point_dirs()

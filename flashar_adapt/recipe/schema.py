@@ -120,6 +120,8 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     top = checked(Recipe, {k: data.get(k) for k in ("name", "backend", "description", "match")}, "", src)
     modules, condition = Modules.parse(data["modules"], src), Condition.parse(data["condition"], src)
     image = Image.parse(data["image"], src)
+    if not modules.image_embed:  # codes read through the shared vocabulary: specials apart from codes
+        image.check_special_ids(src)
     return Recipe(
         **top,
         modules=modules,

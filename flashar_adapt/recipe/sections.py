@@ -162,10 +162,13 @@ class Condition:
         if kind == "tokens" and uncond == "ids":
             expect(len(cond.uncond_ids) > 0, "condition.uncond_ids", "is required when condition.uncond is 'ids'", src)
         if kind == "class" and cond.null_class is not None:
+            # inside the real classes, guidance would steer a class against itself and class
+            # dropout would relabel real examples
             expect(
-                cond.null_class <= cond.num_classes,
+                cond.null_class >= cond.num_classes,
                 "condition.null_class",
-                f"must be <= condition.num_classes ({cond.num_classes}), got {cond.null_class}",
+                f"must be outside the real classes 0..{cond.num_classes - 1} (the unconditional row; "
+                f"LlamaGen's is num_classes = {cond.num_classes}), got {cond.null_class}",
                 src,
             )
         return cond
@@ -264,6 +267,33 @@ class Image:
                 src,
             )
         return cls(**{**kw, "grid": grid, "before": before, "digit_ids": digits})
+
+    def special_ids(self) -> dict[str, list[int]]:
+        """The token ids the recipe places beside the codes, by key: none may be a code's id
+        when the codes share the vocabulary (a decoder could not tell them apart)."""
+        sizes = []
+        if self.size_token_offset is not None:
+            sizes = [self.size_token_offset + g // self.size_token_divisor for g in self.grid]
+        return {
+            "image.before": [x for x in self.before if isinstance(x, int)],
+            "image.digit_ids": list(self.digit_ids),
+            "image.eol_token": [] if self.eol_token is None else [self.eol_token],
+            "image.last_row_end": [] if self.last_row_end is None else [self.last_row_end],
+            "image.size_token_offset": sizes,
+        }
+
+    def check_special_ids(self, src) -> None:
+        """Refuse a special id inside the visual range [visual_token_offset, + codebook_size)."""
+        lo, hi = self.visual_token_offset, self.visual_token_offset + self.codebook_size
+        for key, ids in self.special_ids().items():
+            inside = [i for i in ids if lo <= i < hi]
+            expect(
+                not inside,
+                key,
+                f"id {inside[0] if inside else ''} is inside the visual range {lo}..{hi - 1} "
+                "(image.visual_token_offset + image.codebook_size): a special token must not be a code",
+                src,
+            )
 
 
 MAX_GATE_HIDDEN = 65536

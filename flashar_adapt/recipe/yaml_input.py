@@ -1,5 +1,5 @@
 """YAML from files the toolkit did not write (recipes, training configs): plain data only,
-bounded in size, no aliases that expand."""
+bounded in size, no aliases that expand, no duplicate keys."""
 
 from __future__ import annotations
 
@@ -32,6 +32,30 @@ class _Loader(yaml.SafeLoader):
                 )
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys: a second `stage2:` block would silently
+        # replace the first. Merge keys (<<) may be overridden, as YAML says.
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if first is not None:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1, first)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        self.key, self.line, self.first = key, line, first
+        super().__init__(f"key {key!r} is given twice (line {line}, first at line {first}); keep one")
+
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -42,7 +66,8 @@ _Loader.add_implicit_resolver(
 
 def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
     """Parse YAML text from a file we did not write: UTF-8, at most MAX_YAML_BYTES, plain data
-    only (as ``yaml.safe_load``), no aliases that expand. Errors are a RecipeError (key ``<yaml>``)."""
+        only (as ``yaml.safe_load``), no aliases that expand, no key given twice in one mapping.
+    Errors are a RecipeError (key ``<yaml>``, or the key given twice)."""
     if isinstance(data, bytes):
         if len(data) > MAX_YAML_BYTES:
             raise RecipeError("<yaml>", f"file is {len(data)} bytes; more than {MAX_YAML_BYTES} is refused", source)
@@ -58,6 +83,8 @@ def safe_yaml(data: bytes | str, source: str | None = None) -> Any:
         raise RecipeError("<yaml>", "not valid YAML: " + " ".join(str(e).split()), source) from None
     try:
         return loader.get_single_data()
+    except DuplicateKey as e:
+        raise RecipeError(str(e.key), str(e), source) from None
     except yaml.YAMLError as e:
         raise RecipeError("<yaml>", "not valid YAML: " + " ".join(str(e).split()), source) from None
     finally:

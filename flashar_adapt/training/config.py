@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FlashARError
+from ..formats import FormatError, spec_format
 from ..recipe import RecipeError, safe_yaml
 from ..validate import (
     Is,
@@ -119,6 +120,10 @@ class TrainConfig:
                 f"{source}: model must be a mapping with a 'format' key (the model format; 'backend' "
                 "is its old name) and how to load it"
             )
+        try:  # the model's format is known before anything is loaded (the rest its loader checks)
+            spec_format(data["model"])
+        except FormatError as e:
+            raise TrainingError(f"{source}: model: {e}") from None
         kw = dict(data)
         if kw.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
             kw["mixed_precision"] = "no"
