@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from .extractors import extractor_name, load_extractor
 from .files import atomic_write_bytes
 from .generation import labelled_grid, steps_per_image
 from .patching import context
-from .quality import Images, QualityError, compare, extract, open_images, save_stats
+from .quality import Images, QualityError, compare, extract, open_images, save_stats, stats_target_problem
 from .recipe import recipe_from_dict
 from .sample_sets import Processes, sample_set
 from .shards import ShardDataset
@@ -44,6 +45,44 @@ def reference_of(path, extractor, name: str, save_stats_to=None, progress: bool 
     return feats
 
 
+REPORT_MARKER = "flashar-adapt evaluate"
+_REPORT_FILES = ("report.json", "report.md", "samples.png")
+
+
+def report_folder_problem(out, with_samples: bool) -> str | None:
+    """Why the report may not be written into ``out``, or None. The folder must be new, empty
+    or this command's earlier output: only report files (``report.json`` marked as ours) and,
+    ``with_samples``, the modes' sample folders (``sample_set`` guards those itself)."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} exists and is not a folder"
+    allowed = set(_REPORT_FILES) | (set(MODES) if with_samples else set())
+    foreign = sorted(n for n in os.listdir(out) if n not in allowed and not n.startswith("."))
+    if foreign:
+        return f"{out} holds {foreign[0]!r}, which is not this command's; report into a new or empty folder"
+    if any((out / n).exists() for n in _REPORT_FILES):
+        try:
+            ours = json.loads((out / "report.json").read_bytes()).get("written_by") == REPORT_MARKER
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            return f"{out} holds report files this command did not write; report into a new or empty folder"
+    return None
+
+
+def write_samples_report(out, measures: dict) -> Path:
+    """``measures`` (of ``evaluate_samples``) as ``out``/report.json, marked as ours."""
+    problem = report_folder_problem(out, with_samples=False)
+    if problem:
+        raise QualityError(problem)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / "report.json"
+    atomic_write_bytes(path, json.dumps({"written_by": REPORT_MARKER, **measures}, indent=1).encode())
+    return path
+
+
 def evaluate_samples(
     samples, reference, *, extractor: str | None = None, device="cpu", save_reference_stats=None, progress=True
 ) -> dict:
@@ -51,6 +90,8 @@ def evaluate_samples(
     ``samples`` (a sample folder, an .npz or a folder of images) against ``reference`` (the
     same kinds, or a statistics .npz). ``extractor``: a name (default: the one that suits
     the samples' recipe, else ``inception``)."""
+    if save_reference_stats and stats_target_problem(save_reference_stats):
+        raise QualityError(stats_target_problem(save_reference_stats))
     imgs = open_images(samples)
     if not isinstance(imgs, Images):
         raise QualityError(f"{samples}: statistics, not images; give the samples' images")
@@ -158,6 +199,11 @@ def evaluate_model(
     if tok is None:
         raise QualityError(f"recipe {recipe.name!r} has no tokenizer section: there are no images to measure")
     out = Path(out)
+    problem = report_folder_problem(out, with_samples=True) or (
+        stats_target_problem(save_reference_stats) if save_reference_stats else None
+    )
+    if problem:  # before any sampling: nothing of the user's is replaced at the end
+        raise QualityError(problem)
     progress = opts.get("progress", True)
     rows, sets, ext, ref = {}, {}, None, None
     for mode in MODES:
@@ -175,6 +221,7 @@ def evaluate_model(
     if not procs.main:
         return None
     report = {
+        "written_by": REPORT_MARKER,
         "recipe": recipe.name,
         "model": model_info,
         "reference": str(reference),

@@ -23,6 +23,7 @@ any defect is an ``ExportError``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import base_layers_in_place, lora_layers, lora_named_parameters, merge_lora
-from .errors import FlashARError
+from .devices import device_problem
+from .errors import FlashARError, InputError
 from .files import (
     apply_umask,
     disown,
@@ -49,7 +51,17 @@ from .numerics import non_finite_weights
 from .patching import context, patch
 from .recipe import RecipeError, recipe_from_dict, safe_yaml
 from .training import RunPoint, TrainConfig, TrainingError, add_lora, load_run
-from .validate import Is, Num, OneOf, differing_keys, first_problem, short, state_dict_misfit
+from .validate import (
+    Is,
+    Num,
+    OneOf,
+    did_you_mean,
+    differing_keys,
+    first_problem,
+    first_unknown,
+    short,
+    state_dict_misfit,
+)
 from .version import __version__
 
 FORMAT = "flashar-export/1"
@@ -64,6 +76,20 @@ CONFIG_RULES = {
     "backbone": {"format": Is((str,), "a model format name", optional=True)},
     "fixed_gate": Num(0, 1, optional=True),
 }
+# Every key an export's config may hold (what _write_export writes, and "backend", its older name
+# for the backbone's format).
+CONFIG_KEYS = (
+    "format",
+    "recipe",
+    "backbone",
+    "backend",
+    "fixed_gate",
+    "lora_layers_merged",
+    "flashar_adapt",
+    "recipe_config",
+    "lora_adapters",
+    "backbone_files",
+)
 _ADAPTER_RULES = {"file": Is((str,), "a file name"), "r": Num(1, integer=True), "alpha": Num(1, integer=True)}
 # Recipe keys that do not change what the exported weights compute.
 _RECIPE_FREE = ("name", "description", "match", "lora", "tokenizer")
@@ -112,6 +138,12 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
         raise ExportError(
             f"the model holds NaN or infinite weights ({', '.join(nan)}); refusing to export them "
             "(training diverged? export an earlier checkpoint)"
+        )
+    if not merge and not lora_layers(model):
+        raise ExportError(
+            "merge=False (--keep-adapters) keeps LoRA adapters apart, but this model has none (a run with "
+            "stage2.lora: false fine-tunes the backbone itself, so its original weights are not kept); "
+            "export it merged"
         )
     for name in extra_files or {}:
         if name not in EXPORT_ENTRIES or "/" in name:
@@ -192,7 +224,40 @@ def _write_export(model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta:
     }
     if lora_meta is not None:
         cfg["lora_adapters"] = lora_meta
+    cfg["backbone_files"] = backbone_files(tmp / "backbone")
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
+
+
+# Files up to this size (configs, model_args.json) are recorded by hash; larger ones (weights)
+# by size, so loading a multi-GB backbone is not slowed by hashing it.
+HASHED_BYTES = 1 << 20
+
+
+def backbone_files(root: Path) -> dict:
+    """{path under ``root``: {"bytes": size, "sha256": digest for small files}}: what the
+    export wrote, so a file edited since (a model_args.json with another head count) is named
+    on load instead of building another model."""
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        rec = {"bytes": size}
+        if size <= HASHED_BYTES:
+            rec["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+        out[f.relative_to(root).as_posix()] = rec
+    return out
+
+
+def _check_backbone_files(out_dir: Path, recorded) -> None:
+    if not isinstance(recorded, dict):  # exports written before files were recorded
+        return
+    now = backbone_files(out_dir / "backbone")
+    for name, rec in recorded.items():
+        if now.get(name) != rec:
+            what = "is missing" if name not in now else "differs from what the export wrote"
+            raise ExportError(
+                f"{out_dir / 'backbone' / name} {what}; the weights would load into another model. "
+                "Restore it or export again"
+            )
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
@@ -244,6 +309,8 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     defect of the folder (missing or damaged files, a file leading outside the folder, a
     recipe.yaml edited since the export) is an ``ExportError``."""
     out_dir = Path(out_dir)
+    if device is not None and device_problem(device) is not None:
+        raise InputError(f"device: {device_problem(device)}")
     cfg_path = out_dir / CONFIG
     if not cfg_path.is_file():
         raise ExportError(f"{out_dir}: no {CONFIG} (not a flashar-adapt export?)")
@@ -260,6 +327,7 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     links = escaping_links(out_dir)
     if links:
         raise ExportError(f"{links[0]}: a symbolic link leading outside the export folder; refused")
+    _check_backbone_files(out_dir, cfg.get("backbone_files"))
     try:
         model = fmt.load(spec, root)
     except Exception as e:  # noqa: BLE001 - a damaged backbone raises many types; report which file
@@ -294,6 +362,9 @@ def _read_config(out_dir: Path) -> dict:
     bad = first_problem(cfg, CONFIG_RULES)
     if bad:
         raise ExportError(f"{path}: {bad[0]}: {bad[1]}")
+    unknown = first_unknown(cfg, CONFIG_KEYS)
+    if unknown is not None:  # a key edited by hand (fixed_gat) would otherwise be ignored
+        raise ExportError(f"{path}: unknown key {short(unknown)}{did_you_mean(str(unknown), CONFIG_KEYS)}")
     return cfg
 
 

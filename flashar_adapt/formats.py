@@ -90,6 +90,9 @@ class ModelFormat(abc.ABC):
     #: order in which formats are asked to recognise a file or own a model (lowest first):
     #: family-specific formats go before generic ones
     priority: ClassVar[int] = 0
+    #: the keys a model spec of this format may hold (beside ``format``); a key outside them
+    #: (a typo: ``dtyp``) is refused with "did you mean". None: not checked.
+    spec_keys: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     @abc.abstractmethod
@@ -146,7 +149,15 @@ def spec_format(spec: dict, legacy: str | None = None) -> tuple[type[ModelFormat
         raise FormatError(
             f"a model spec needs '{FORMAT_KEY}': the name of a model format ({', '.join(list_formats())}), got {name!r}"
         )
-    return get_format(name), rest
+    cls = get_format(name)
+    if cls.spec_keys is not None:
+        unknown = sorted((k for k in rest if k not in cls.spec_keys), key=str)
+        if unknown:
+            raise FormatError(
+                f"{unknown[0]!r} is not a key of a {name} model spec{did_you_mean(str(unknown[0]), cls.spec_keys)} "
+                f"(it takes {', '.join(cls.spec_keys)})"
+            )
+    return cls, rest
 
 
 def load_spec(spec: dict, root: str | os.PathLike | None = None, legacy: str | None = None) -> nn.Module:

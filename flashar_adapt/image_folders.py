@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,29 +52,70 @@ class Item:
 # ---------------------------------------------------------------- sources
 
 
+_NUMBERED = re.compile(r"^(\d+)[_\- .]")
+
+
 def list_class_folder(root: Path) -> tuple[list[Item], list[str]]:
     """Items of an image folder with one sub-folder per class (sorted names -> ids 0..n-1).
     A sub-folder that is a data folder (ours: a manifest or a tokenize state) is refused:
-    it would silently become a class."""
+    it would silently become a class. So are what would otherwise be dropped or mislabelled
+    without a word: image files beside the class folders (no class), links to nothing, and
+    numbered folder names whose number is not the id they get (``8_Bag`` alone would be
+    class 0). Links to folders inside a class are followed (once each)."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    for name in classes:
+    loose = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    if loose:
+        raise DataError(
+            f"{root}: {len(loose)} image file(s) beside the class folders belong to no class ({loose[0]!r}, ...); "
+            "move them into a class sub-folder"
+        )
+    for cid, name in enumerate(classes):
         if (root / name / "manifest.json").is_file() or (root / name / STATE).is_file():
             raise DataError(
                 f"{root / name}: a data folder (tokenize output) inside the image folder would be read as a "
                 "class; move it out of the image folder"
             )
+        m = _NUMBERED.match(name)
+        if m and int(m.group(1)) != cid:
+            raise DataError(
+                f"{root / name}: class ids follow the sorted folder names, so this folder is class {cid}, not "
+                f"{int(m.group(1))} as its name says; give every class from 0 a folder, or drop the numbers"
+            )
     items = []
     for cid, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        items += [Item(p, cid) for p in files]
+        items += [Item(p, cid) for p in _image_files(root / name, root)]
     if not items:
         raise DataError(
             f"{root}: no images in its {len(classes)} class sub-folder(s) (looked for {', '.join(IMAGE_SUFFIXES)})"
         )
     return items, classes
+
+
+def _image_files(folder: Path, root: Path) -> list[Path]:
+    """The image files under the class ``folder`` of ``root``, sorted, following links to
+    folders once each, but never back into ``root`` (another class, or a loop); a link named
+    like an image that leads nowhere is an error (it would be skipped unseen)."""
+    out, seen = [], set()
+    root_real, own = Path(os.path.realpath(root)), Path(os.path.realpath(folder))
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = Path(os.path.realpath(top))
+        other_class = is_within(real, root_real) and not is_within(real, own)
+        if real in seen or other_class or is_within(root_real, real):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for f in files:
+            p = Path(top) / f
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not p.exists():
+                raise DataError(f"{p}: a link to nothing ({os.readlink(p)!r}); remove it or restore its target")
+            out.append(p)
+    return sorted(out)
 
 
 def check_out_outside(source, out) -> None:
@@ -92,7 +134,14 @@ def read_jsonl(path: Path, cond_kind: str) -> list[Item]:
     path = Path(path)
     key = "prompt" if cond_kind == "tokens" else "class"
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte at offset {e.start}); a source is a class folder or a JSONL file of "
+            '{"image": ..., "class": ...} lines'
+        ) from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -127,6 +176,10 @@ def load_image(path: Path, tok: ImageTokenizer, allow_upscale: bool = False) -> 
             # cameras store the pixels as shot and the turn to show them upright in EXIF
             im = ImageOps.exif_transpose(im)
             w, h = im.size
+            if _transparent(im):  # convert() would drop the alpha: a cut-out turns into its background
+                raise BadImage(
+                    f"has transparent pixels ({im.mode}); flatten it onto the background your model's images have"
+                )
             im = im.convert("L" if tok.channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, BadImage):
@@ -143,6 +196,16 @@ def load_image(path: Path, tok: ImageTokenizer, allow_upscale: bool = False) -> 
         im = im.crop((left, top, left + W, top + H))
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(H, W, -1)
     return x.permute(2, 0, 1).float().div(255.0)
+
+
+def _transparent(im) -> bool:
+    """Whether any pixel of ``im`` is not fully opaque (an alpha channel that is all 255, as
+    many editors save, is not transparency)."""
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA" if im.mode != "L" else "LA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return im.getchannel("A").getextrema()[0] < 255
+    return False
 
 
 def to_pil(image: torch.Tensor):

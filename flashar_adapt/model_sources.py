@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .devices import device_problem
 from .errors import InputError
 from .export import ExportError, load_adapted, load_flashar_weights
 from .inspection import load_model
@@ -59,6 +60,7 @@ def load_patched(
     ``overrides`` (``--set``): model constructor values the checkpoint at ``model`` does not
     record."""
     _check_overrides(overrides, model, export, run_config)
+    _check_sources(export, run_config, model, recipe, flashar_weights, device)
     if export:
         try:
             loaded = load_adapted(export, device=device)
@@ -84,6 +86,21 @@ def load_patched(
     return loaded.eval(), rec, Path(model)
 
 
+def _check_sources(export, run_config, model, recipe, flashar_weights, device) -> None:
+    """One model source, nothing given that it would ignore (an export holds its recipe and
+    FlashAR weights, a run's config names its recipe and checkpoint), and a device this
+    machine has: all before anything is loaded."""
+    given = [name for name, v in (("--export", export), ("--config", run_config), ("--model", model)) if v]
+    if len(given) > 1:
+        raise ModelSourceError(f"{' and '.join(given)} each name a model; give one")
+    if (export or run_config) and recipe:
+        raise ModelSourceError(f"{given[0]} carries its own recipe; --recipe goes with --model (or alone)")
+    if flashar_weights and not model:
+        raise ModelSourceError("--flashar-weights goes with --model (an export or a run holds its own)")
+    if device is not None and device_problem(device) is not None:
+        raise ModelSourceError(f"--device: {device_problem(device)}")
+
+
 def _check_finite(model: nn.Module, source) -> None:
     nan = non_finite_weights(model)
     if nan:
@@ -106,6 +123,7 @@ def load_raster_teacher(
     tokenizer folder, its identity for the run's fingerprint). A run's base model, never its
     checkpoint; never an export (its raster mode is the post-trained model)."""
     _check_overrides(overrides, model, export, run_config)
+    _check_sources(export, run_config, model, recipe, None, device)
     if export:
         raise ModelSourceError(
             "--from-model samples the original raster model: give --model with --recipe, or --config "

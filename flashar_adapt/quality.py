@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,10 +199,31 @@ def extract(images: Images, extractor: FeatureExtractor, batch: int = 100, progr
     return Features(torch.cat(feats), torch.cat(logits) if logits else None)
 
 
+STATS_MARKER = "flashar-adapt reference statistics"
+
+
+def stats_target_problem(path) -> str | None:
+    """Why the statistics file ``path`` may not be written, or None: an existing file is
+    replaced only when it is statistics this toolkit wrote (its ``meta`` says so)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ours = "meta" in z.files and json.loads(str(z["meta"])).get("written_by") == STATS_MARKER
+    except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
+        ours = False
+    return None if ours else f"{path} exists and is not statistics this toolkit wrote; refusing to replace it"
+
+
 def save_stats(path, feats: torch.Tensor, extractor: str) -> None:
-    """Mean and covariance of ``feats`` as a reference statistics .npz (``mu``, ``sigma``)."""
+    """Mean and covariance of ``feats`` as a reference statistics .npz (``mu``, ``sigma``);
+    an existing file only if it is statistics written here (``stats_target_problem``)."""
+    problem = stats_target_problem(path)
+    if problem:
+        raise QualityError(problem)
     mu, sigma = mean_cov(feats)
-    meta = np.array(json.dumps({"extractor": extractor, "num_images": int(feats.shape[0])}))
+    meta = np.array(json.dumps({"extractor": extractor, "num_images": int(feats.shape[0]), "written_by": STATS_MARKER}))
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name

@@ -50,12 +50,17 @@ class Num:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a number"
-        if self.lo is not None and self.hi is not None:
-            return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
-        if self.hi is not None:
-            return f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
+
+        def num(x) -> str:  # integers exactly (4294967295, not 4.29497e+09)
+            return str(int(x)) if self.integer or float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+        lo, hi = (None if v is None else num(v) for v in (self.lo, self.hi))
+        if lo is not None and hi is not None:
+            return f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {lo}"
+        if hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {hi}"
         return kind
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from flashar_adapt.errors import InputError
 from flashar_adapt.files import atomic_write_bytes
+from flashar_adapt.recipe import RecipeError, safe_yaml
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -84,7 +85,10 @@ def _changes(pairs: list[str] | None) -> dict:
         key, sep, value = p.partition("=")
         if not sep or not key:
             raise InputError(f"--set expects KEY=VALUE, got {p!r}")
-        out[key] = yaml.safe_load(value)
+        try:  # the toolkit's YAML reader: 5e-5 is a number (YAML 1.2)
+            out[key] = safe_yaml(value)
+        except RecipeError as e:
+            raise InputError(f"--set {key}: not a YAML value ({e})") from None
     return out
 
 

@@ -322,6 +322,7 @@ class Emu3p5Format(ModelFormat):
 
     name = "emu3p5"
     runner = "transformers"
+    spec_keys = ("path", "dtype")
     priority = 0
 
     @classmethod

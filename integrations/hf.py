@@ -489,6 +489,7 @@ class TransformersFormat(ModelFormat):
 
     name = "transformers"
     runner = "transformers"
+    spec_keys = ("path", "class", "dtype")
     priority = 10  # generic: family-specific formats get the first look
 
     @classmethod

@@ -134,6 +134,15 @@ def _set_cfg(key, value):
     return f
 
 
+def _drop_cfg(key):
+    def f(out):
+        cfg = json.loads((out / "flashar_config.json").read_text())
+        del cfg[key]
+        (out / "flashar_config.json").write_text(json.dumps(cfg))
+
+    return f
+
+
 def _truncate_biggest(out):
     p = max((q for q in (out / "backbone").rglob("*") if q.is_file()), key=lambda q: q.stat().st_size)
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
@@ -157,7 +166,11 @@ BROKEN_EXPORTS = {
     "fixed_gate NaN": (_set_cfg("fixed_gate", float("nan")), "fixed_gate: must be a finite number"),
     "backbone file escapes": (_set_cfg("backbone.checkpoint", "../../../base.pt"), "outside the folder"),
     "backbone file absolute": (_set_cfg("backbone.checkpoint", "/etc/passwd"), "absolute path"),
-    "truncated backbone": (_truncate_biggest, "cannot load the backbone"),
+    "truncated backbone": (_truncate_biggest, "llamagen.pt differs from what the export wrote"),
+    "truncated backbone of an export without a file record": (
+        lambda out: (_truncate_biggest(out), _drop_cfg("backbone_files")(out)),
+        "cannot load the backbone",
+    ),
     "symlink to a file outside": (_link_outside, "outside"),
     "recipe not UTF-8": (lambda out: (out / "recipe.yaml").write_bytes(b"name: \xff"), "not UTF-8"),
     "recipe invalid": (lambda out: (out / "recipe.yaml").write_text("name: x\n"), "is required"),

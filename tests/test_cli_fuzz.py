@@ -45,7 +45,7 @@ SETS = ("n_head=4", "n_head=-1", "=", "x", "dim=abc", "a=[1,", "n_layer=0", "k=v
 RECIPES = ("fmnist-c2i", "llamagen-c2i-b", "no-such-recipe")
 PATH_NAMES = ("missing", "empty_dir", "junk", "empty_file", "fake_export", "dup.yaml", "caf\udce9", "x[*]?", "imgs")
 
-_INT_TYPES = {T.positive_int, T.non_negative_int, T.seed_int, T.class_id, T.tiny_grid, int}
+_INT_TYPES = {T.positive_int, T.non_negative_int, T.seed_int, T.class_id, T.tiny_grid, T.tiny_batch, int}
 _FLOAT_TYPES = {T.non_negative_float, T.guidance_float, T.temperature_float, T.probability, float}
 
 
@@ -129,7 +129,7 @@ def long_work_recorded(monkeypatch):
         return 0
 
     def tiny_demo(grid, batch):
-        assert 1 <= grid <= T.MAX_TINY_GRID and 1 <= batch <= T.MAX_COUNT
+        assert 1 <= grid <= T.MAX_TINY_GRID and 1 <= batch <= T.MAX_TINY_BATCH
         return 0
 
     monkeypatch.setattr(commands.demo, "run", run)

@@ -4,15 +4,12 @@ report (``flashar_adapt.evaluation``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from ..evaluation import evaluate_model, evaluate_samples
-from ..files import atomic_write_bytes
+from ..evaluation import evaluate_model, evaluate_samples, report_folder_problem, write_samples_report
 from ..generation import GenerateError
 from .sample import add_sample_options, load_for_sampling, model_info, processes_of, sample_options_of
+from .types import options_of, refuse_given
 
 
 def _summary(m: dict) -> str:
@@ -25,6 +22,16 @@ def _evaluate(args) -> int:
     if args.samples and has_model:
         raise GenerateError("give the samples to measure, or a model to sample (--export ...), not both")
     if args.samples:
+        refuse_given(
+            args,
+            args.sampling_options,
+            "samples a model: with SAMPLES given there is none to sample (give one or the other)",
+            keep=("device", "no_progress"),
+        )
+        if args.shards:
+            raise GenerateError("--shards measures a model's NLL: give a model (--export ...) instead of SAMPLES")
+        if args.out and report_folder_problem(args.out, with_samples=False):  # before measuring
+            raise GenerateError(report_folder_problem(args.out, with_samples=False))
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         m = evaluate_samples(
             args.samples,
@@ -35,8 +42,7 @@ def _evaluate(args) -> int:
             progress=not args.no_progress,
         )
         if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(Path(args.out) / "report.json", json.dumps(m, indent=1).encode())
+            write_samples_report(args.out, m)
         print(f"{m['num_samples']} samples vs {args.ref} ({m['extractor']} features): {_summary(m)}")
         return 0
     if not args.out:
@@ -83,5 +89,4 @@ def add_parsers(sub) -> None:
     )
     s.add_argument("--shards", help="a data folder of held-out examples: their NLL under both factorisations")
     s.add_argument("--save-ref-stats", help="also write the reference's statistics (mu, sigma) to this .npz")
-    add_sample_options(s)
-    s.set_defaults(fn=_evaluate)
+    s.set_defaults(fn=_evaluate, sampling_options=options_of(s, add_sample_options))

@@ -23,7 +23,7 @@ from .model_options import (
     source_of,
     text_of,
 )
-from .types import positive_int
+from .types import options_of, positive_int, refuse_given
 
 
 def _tokenize(args) -> int:
@@ -31,6 +31,7 @@ def _tokenize(args) -> int:
         return _from_model(args)
     if args.source is None:
         raise GenerateError("give the images (a class folder or a .jsonl file), or --from-model")
+    refuse_given(args, args.data_free_options, "samples the model: it goes with --from-model")
     src = Path(args.source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such folder or JSONL file")
@@ -145,9 +146,12 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="sample the model (--model + --recipe, or --config: its base model) instead of encoding images",
     )
+    s.set_defaults(fn=_tokenize, data_free_options=options_of(t, _add_data_free_options))
+
+
+def _add_data_free_options(t) -> None:
     t.add_argument(
         "--num-samples", type=positive_int, help="examples to sample (classes in turn, or the prompts in turn)"
     )
     t.add_argument("--prompts-file", help="prompt-conditioned recipes: one prompt per line")
     add_sampling_options(t)
-    s.set_defaults(fn=_tokenize)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-import yaml
-
+from ..devices import device_problem
 from ..errors import InputError
+from ..recipe import RecipeError, safe_yaml
 from ..sampling import SEED_LIMIT
 from ..validate import Num
 
@@ -50,6 +49,8 @@ probability = _typed("probability", Num(0, 1, lo_open=True), False)
 # the tiny demo builds a random model of grid x grid positions in memory
 MAX_TINY_GRID = 64
 tiny_grid = _typed("tiny_grid", Num(1, MAX_TINY_GRID, integer=True), True)
+MAX_TINY_BATCH = 256
+tiny_batch = _typed("tiny_batch", Num(1, MAX_TINY_BATCH, integer=True), True)
 
 
 def text(value: str) -> str:
@@ -61,32 +62,40 @@ def text(value: str) -> str:
 
 def device_name(text: str) -> str:
     """argparse type: a torch device this build and machine have (cpu, cuda, cuda:1, mps)."""
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: this torch build or machine has no CUDA device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
-    elif dev.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
 def key_values(pairs: list[str] | None) -> dict:
-    """``--set KEY=VALUE`` pairs as a mapping, each value read as YAML (``n_head=16`` is an int)."""
+    """``--set KEY=VALUE`` pairs as a mapping, each value read as YAML (``n_head=16`` is an int,
+    ``rope_base=1e4`` a float)."""
     out = {}
     for p in pairs or []:
         k, sep, v = p.partition("=")
         if not sep or not k:
             raise InputError(f"--set expects KEY=VALUE, got {p!r}")
-        try:
-            out[k] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise InputError(f"--set {k}: not a YAML value ({' '.join(str(e).split())})") from None
+        try:  # the recipes' YAML reader: 1e4 is a number, as in YAML 1.2
+            out[k] = safe_yaml(v)
+        except RecipeError as e:
+            raise InputError(f"--set {k}: not a YAML value ({e})") from None
     return out
+
+
+def options_of(parser, add) -> list:
+    """The argparse actions ``add(parser)`` adds: a group of options one mode of a command
+    uses, so the other mode can refuse them (``refuse_given``)."""
+    before = set(map(id, parser._actions))  # argparse has no public accessor for a parser's actions
+    add(parser)
+    return [a for a in parser._actions if id(a) not in before]
+
+
+def refuse_given(args, actions, why: str, keep: tuple[str, ...] = ()) -> None:
+    """InputError naming the first of ``actions`` given a value other than its default (a
+    mode that would ignore it: nothing a user typed is dropped without a word)."""
+    for a in actions:
+        if a.dest in keep or not a.option_strings:
+            continue
+        if getattr(args, a.dest, a.default) != a.default:
+            raise InputError(f"{a.option_strings[0]} {why}")

@@ -26,8 +26,14 @@ def _search_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
     for d in dirs:  # a folder the user named: a typo must not silently fall back to the shipped recipes
         if not d.is_dir():
             raise RecipeError("<recipe-dir>", f"{d}: {'not a folder' if d.exists() else 'no such folder'}")
-    env = os.environ.get(ENV_RECIPE_PATH, "")
-    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    env = [Path(p) for p in os.environ.get(ENV_RECIPE_PATH, "").split(os.pathsep) if p]
+    for d in env:
+        if not d.is_dir():
+            raise RecipeError(
+                f"<{ENV_RECIPE_PATH}>",
+                f"{d}: {'not a folder' if d.exists() else 'no such folder'} (set in the environment)",
+            )
+    dirs += env
     dirs += _entry_point_dirs()
     dirs.append(Path(str(resources.files("flashar_adapt.recipes"))))
     return dirs
@@ -103,9 +109,16 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str |
     for f in files:
         if f.name == str(name_or_path):
             return _load_file(f.path)
-    for f in files:
-        if _declared_name(f.path) == str(name_or_path):
-            return _load_file(f.path)
+    declaring = [f for f in files if _declared_name(f.path) == str(name_or_path)]
+    if declaring:
+        same_rank = [f for f in declaring if f.rank == declaring[0].rank]
+        if len(same_rank) > 1:  # which one was meant cannot be told: say so, never pick one
+            raise RecipeError(
+                "<name>",
+                f"{len(same_rank)} recipes declare name {str(name_or_path)!r} in one folder "
+                f"({same_rank[0].path.name}, {same_rank[1].path.name}); pass the file's path, or rename one",
+            )
+        return _load_file(declaring[0].path)
     names = [f.name for f in files]
     hint = ""
     for suffix in (".yaml", ".yml"):

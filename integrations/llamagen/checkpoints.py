@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from flashar_adapt.formats import FormatError
+from flashar_adapt.validate import Num, OneOf, did_you_mean, first_problem
 
 from .model import ModelArgs, Transformer, find_multiple
 
@@ -152,13 +153,43 @@ def check_model_args(args: ModelArgs, sd: dict, source: str) -> None:
         )
 
 
+_SIZE = Num(1, integer=True)
+_POSITIVE = Num(0, lo_open=True)
+_PROBABILITY = Num(0, 1)
+# What each ModelArgs field may hold: the model would otherwise fail deep inside (a string
+# rope_base, a null norm_eps) or build something else than the weights were trained as.
+ARG_RULES = {
+    **dict.fromkeys(
+        ("dim", "n_layer", "n_head", "multiple_of", "num_classes", "caption_dim", "vocab_size", "cls_token_num"), _SIZE
+    ),
+    **dict.fromkeys(("block_size", "max_batch_size", "max_seq_len"), _SIZE),
+    "n_kv_head": Num(1, integer=True, optional=True),
+    "ffn_dim_multiplier": Num(0, lo_open=True, optional=True),
+    "rope_base": _POSITIVE,
+    "norm_eps": _POSITIVE,
+    "initializer_range": Num(0),
+    **dict.fromkeys(
+        ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate"), _PROBABILITY
+    ),
+    "class_dropout_prob": _PROBABILITY,
+    "model_type": OneOf(("c2i", "t2i")),
+}
+
+
 def model_args_of(values: dict, source: str) -> ModelArgs:
-    """ModelArgs from a mapping; an unknown key is a FormatError naming it and ``source``."""
+    """ModelArgs from a mapping; an unknown key or a value of the wrong type or range is a
+    FormatError naming the key and ``source``."""
     valid = {f.name for f in fields(ModelArgs)}
-    unknown = sorted(set(values) - valid)
+    unknown = sorted(set(values) - valid, key=str)
     if unknown:
-        raise FormatError(f"{source}: {unknown[0]!r} is not a LlamaGen ModelArgs field")
-    return ModelArgs(**values)
+        raise FormatError(
+            f"{source}: {unknown[0]!r} is not a LlamaGen ModelArgs field{did_you_mean(str(unknown[0]), valid)}"
+        )
+    bad = first_problem(values, {k: ARG_RULES[k] for k in values if k in ARG_RULES})
+    if bad:
+        raise FormatError(f"{source}: {bad[0]} {bad[1]}")
+    floats = {f.name for f in fields(ModelArgs) if "float" in str(f.type)}
+    return ModelArgs(**{k: float(v) if k in floats and isinstance(v, int) else v for k, v in values.items()})
 
 
 def model_args_beside(path: str | os.PathLike) -> tuple[dict, Path] | None:

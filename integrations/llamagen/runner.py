@@ -133,6 +133,7 @@ class LlamaGenFormat(ModelFormat):
 
     name = "llamagen"
     runner = "llamagen"
+    spec_keys = ("checkpoint", "model_args", "config", "gpt_model", "dtype")
     priority = 0
 
     @classmethod

@@ -1,0 +1,271 @@
+"""What an adversarial pass found one step off the tested path, each closed by a mechanism
+and tested here by the class it belongs to: a value of the wrong type reaching a model
+constructor, a file of the user's replaced, an option a mode would ignore, a file edited
+behind an export's back, YAML 1.1's surprising numbers, inputs a tokenize run would drop
+or mislabel without a word."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flashar_adapt as fa
+from flashar_adapt.commands import main
+from flashar_adapt.evaluation import report_folder_problem, write_samples_report
+from flashar_adapt.export import ExportError
+from flashar_adapt.formats import FormatError
+from flashar_adapt.image_folders import BadImage, list_class_folder, load_image, read_jsonl
+from flashar_adapt.integrations.llamagen.checkpoints import model_args_of
+from flashar_adapt.quality import QualityError, save_stats
+from flashar_adapt.recipe import RecipeError, safe_yaml
+from flashar_adapt.shards import DataError
+from flashar_adapt.training import TrainConfig, TrainingError
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "fmnist" / "assets" / "flashar"
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    return rc, err
+
+
+@pytest.fixture
+def export(tmp_path):
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    return fa.export_merged(model, tmp_path / "export")
+
+
+# ---------------------------------------------------------------- values reaching a constructor
+
+
+@pytest.mark.parametrize(
+    "values,msg",
+    [
+        ({"rope_base": "1e4"}, "rope_base must be a number"),
+        ({"norm_eps": None}, "norm_eps is required"),
+        ({"n_head": 4.0}, "n_head must be an integer"),
+        ({"n_head": "four"}, "n_head must be an integer"),
+        ({"n_head": 0}, "n_head must be an integer >= 1"),
+        ({"model_type": "t2v"}, "model_type must be one of"),
+        ({"dimm": 8}, "did you mean 'dim'"),
+    ],
+)
+def test_model_args_are_typed_before_the_model_is_built(values, msg):
+    with pytest.raises(FormatError, match=msg):
+        model_args_of(values, "--set")
+    assert model_args_of({"rope_base": 10000}, "x").rope_base == 10000.0
+
+
+def test_set_reads_numbers_as_yaml_1_2_and_a_wrong_type_is_one_line(capsys, tmp_path):
+    base = ROOT / "fmnist" / "assets" / "base.safetensors"
+    argv = ("generate", "--model", base, "--recipe", "fmnist-c2i", "--mode", "raster", "--out", tmp_path / "g")
+    rc, err = _cli(capsys, *argv, "--classes", "0", "--set", "n_head=four")
+    assert rc == 2 and "n_head must be an integer" in err and not (tmp_path / "g").exists()
+    rc, err = _cli(capsys, *argv, "--classes", "0", "--set", "norm_eps=abc")
+    assert rc == 2 and "norm_eps must be a number" in err
+
+
+def test_an_edited_model_args_json_is_named_on_load(export):
+    args = export / "backbone" / "model_args.json"
+    values = json.loads(args.read_text())
+    values["n_head"] = values["n_head"] * 2
+    args.write_text(json.dumps(values))
+    with pytest.raises(ExportError, match="model_args.json differs from what the export wrote"):
+        fa.load_adapted(export)
+    # an export written before files were recorded still has its values typed
+    cfg = json.loads((export / "flashar_config.json").read_text())
+    del cfg["backbone_files"]
+    (export / "flashar_config.json").write_text(json.dumps(cfg))
+    args.write_text(json.dumps({**values, "n_head": values["n_head"] // 2, "norm_eps": None}))
+    with pytest.raises(ExportError, match="norm_eps is required"):
+        fa.load_adapted(export)
+
+
+def test_unknown_keys_in_an_export_config_and_a_model_spec_are_named(export, tmp_path):
+    cfg = json.loads((export / "flashar_config.json").read_text())
+    (export / "flashar_config.json").write_text(json.dumps({**cfg, "fixed_gat": 0.5}))
+    with pytest.raises(ExportError, match="unknown key 'fixed_gat'.*did you mean 'fixed_gate'"):
+        fa.load_adapted(export)
+    spec = {"model": {"format": "llamagen", "checkpoint": "x.pt", "dtyp": "float16"}}
+    with pytest.raises(TrainingError, match="'dtyp' is not a key of a llamagen model spec.*did you mean 'dtype'"):
+        TrainConfig.from_dict({**spec, "recipe": "fmnist-c2i", "data": "d", "out_dir": "o"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_loading():
+    with pytest.raises(fa.FlashARError, match="no CUDA device"):
+        fa.load_adapted(SHIPPED, device="cuda")
+
+
+# ---------------------------------------------------------------- nothing of the user's replaced
+
+
+def test_reference_statistics_replace_only_statistics_written_here(tmp_path):
+    feats = torch.randn(20, 4)
+    mine = tmp_path / "mine.npz"
+    mine.write_bytes(b"keep")
+    with pytest.raises(QualityError, match="not statistics this toolkit wrote"):
+        save_stats(mine, feats, "x")
+    assert mine.read_bytes() == b"keep"
+    ours = tmp_path / "ours.npz"
+    save_stats(ours, feats, "x")
+    save_stats(ours, feats * 2, "x")  # ours: replaced
+    with np.load(ours) as z:
+        assert np.allclose(z["mu"], (feats * 2).mean(0).numpy(), atol=1e-5)
+
+
+def test_a_report_goes_only_into_a_new_empty_or_earlier_report_folder(tmp_path):
+    out = tmp_path / "ev"
+    assert report_folder_problem(out, with_samples=True) is None
+    write_samples_report(out, {"fid": 1.0})
+    assert report_folder_problem(out, with_samples=False) is None  # our own report: replaced
+    write_samples_report(out, {"fid": 2.0})
+    assert json.loads((out / "report.json").read_text())["fid"] == 2.0
+    (out / "notes.txt").write_text("keep")
+    assert "notes.txt" in report_folder_problem(out, with_samples=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text('{"mine": 1}')
+    with pytest.raises(QualityError, match="did not write"):
+        write_samples_report(other, {"fid": 1.0})
+    assert (other / "report.json").read_text() == '{"mine": 1}'
+    (out / "notes.txt").unlink()
+    (out / "raster").mkdir()
+    assert report_folder_problem(out, with_samples=True) is None
+    assert "raster" in report_folder_problem(out, with_samples=False)
+
+
+def test_keep_adapters_without_adapters_is_refused(tmp_path):
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    with pytest.raises(ExportError, match="has none"):
+        fa.export_merged(model, tmp_path / "e", merge=False)
+    assert not (tmp_path / "e").exists()
+
+
+# ---------------------------------------------------------------- options a mode would ignore
+
+
+def test_an_option_the_chosen_mode_ignores_is_refused_naming_it(capsys, tmp_path, export):
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    cases = [
+        (("tokenize", tmp_path / "imgs", "--out", tmp_path / "d", "--recipe", "fmnist-c2i", "--cfg", "3"), "--cfg"),
+        (
+            ("tokenize", tmp_path / "imgs", "--out", tmp_path / "d", "--recipe", "fmnist-c2i", "--num-samples", "3"),
+            "--num-samples",
+        ),
+        (("evaluate", tmp_path / "imgs", "--ref", tmp_path / "imgs", "--classes", "1"), "--classes"),
+        (("evaluate", tmp_path / "imgs", "--ref", tmp_path / "imgs", "--shards", tmp_path), "--shards"),
+        (("demo", "--tiny", "--out", tmp_path / "o"), "--out"),
+        (("demo", "--tiny", "--samples", "3"), "--samples"),
+        (("generate", "--export", export, "--recipe", "fmnist-c2i", "--out", tmp_path / "g"), "--recipe"),
+        (("generate", "--export", export, "--model", export, "--out", tmp_path / "g"), "--export and --model"),
+        (("generate", "--export", export, "--flashar-weights", export, "--out", tmp_path / "g"), "--flashar-weights"),
+    ]
+    for argv, option in cases:
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and option in err, (argv, err)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "g").exists() and not (tmp_path / "o").exists()
+
+
+def test_recipe_search_path_and_ambiguous_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHAR_RECIPE_PATH", str(tmp_path / "nope"))
+    with pytest.raises(RecipeError, match="nope: no such folder"):
+        fa.load_recipe("fmnist-c2i")
+    monkeypatch.delenv("FLASHAR_RECIPE_PATH")
+    d = tmp_path / "mine"
+    d.mkdir()
+    text = fa.load_recipe("fmnist-c2i").to_dict() | {"name": "foo"}
+    for stem in ("a", "b"):
+        (d / f"{stem}.yaml").write_text(json.dumps(text))
+    with pytest.raises(RecipeError, match="2 recipes declare name 'foo'"):
+        fa.load_recipe("foo", [d])
+    assert fa.load_recipe("a", [d]).name == "foo"  # a file stem is unambiguous
+
+
+# ---------------------------------------------------------------- YAML numbers as they look
+
+
+def test_yaml_numbers_read_as_yaml_1_2(tmp_path):
+    assert safe_yaml("a: 010\nb: 0o10\nc: 0x10\nd: 5e-5\ne: 1:30\n") == {
+        "a": 10,
+        "b": 8,
+        "c": 16,
+        "d": 5e-5,
+        "e": "1:30",
+    }
+    (tmp_path / "t.yaml").write_text(
+        "model: {format: llamagen}\nrecipe: fmnist-c2i\ndata: d\nout_dir: o\nstage1: {steps: 1:30}\n"
+    )  # YAML 1.1 reads 1:30 as 90 (sexagesimal): silently 90 steps
+    with pytest.raises(TrainingError, match="stage1.steps"):
+        TrainConfig.load(tmp_path / "t.yaml")
+
+
+# ---------------------------------------------------------------- tokenize: nothing dropped unseen
+
+
+def _png(path: Path, mode: str = "L", alpha: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new(mode, (28, 28), 255 if mode != "RGBA" else (255, 255, 255, 255))
+    if alpha is not None:
+        im.putalpha(Image.new("L", (28, 28), alpha))
+    im.save(path)
+
+
+def test_class_folders_refuse_what_would_be_dropped_or_mislabelled(tmp_path):
+    root = tmp_path / "imgs"
+    _png(root / "8_Bag" / "a.png")
+    _png(root / "9_Boot" / "a.png")
+    with pytest.raises(DataError, match="this folder is class 0, not 8"):
+        list_class_folder(root)
+    root = tmp_path / "imgs2"
+    _png(root / "0_T-shirt" / "a.png")
+    _png(root / "1_Trouser" / "a.png")
+    assert [i.cond for i in list_class_folder(root)[0]] == [0, 1]
+    _png(root / "loose.png")
+    with pytest.raises(DataError, match="belong to no class"):
+        list_class_folder(root)
+    (root / "loose.png").unlink()
+    (root / "1_Trouser" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match="a link to nothing"):
+        list_class_folder(root)
+    (root / "1_Trouser" / "gone.png").unlink()
+    _png(tmp_path / "elsewhere" / "b.png")
+    (root / "1_Trouser" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "loop").symlink_to(root, target_is_directory=True)  # a link back up: walked once
+    items, _ = list_class_folder(root)
+    assert sorted(i.image.name for i in items) == ["a.png", "a.png", "b.png"]
+
+
+def test_transparent_images_are_listed_not_flattened_to_their_background(tmp_path):
+    from flashar_adapt.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(fa.load_recipe("fmnist-c2i"))
+    _png(tmp_path / "cut.png", "RGBA", alpha=0)
+    with pytest.raises(BadImage, match="transparent pixels"):
+        load_image(tmp_path / "cut.png", tok)
+    _png(tmp_path / "opaque.png", "RGBA", alpha=255)  # an alpha channel that is all opaque is fine
+    assert load_image(tmp_path / "opaque.png", tok).shape == (1, 28, 28)
+
+
+def test_a_jsonl_that_is_not_utf8_is_a_data_error(tmp_path, capsys):
+    bad = tmp_path / "x.jsonl"
+    bad.write_bytes(b'\xff\xfe{"image": "x"}')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_jsonl(bad, "class")
+    rc, err = _cli(capsys, "tokenize", bad, "--out", tmp_path / "d", "--recipe", "fmnist-c2i")
+    assert rc == 2 and "not UTF-8" in err and not os.path.exists(tmp_path / "d" / "manifest.json")
