@@ -150,6 +150,9 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
             raise ExportError(f"extra_files: {name!r} is not a file an export holds ({', '.join(EXPORT_ENTRIES)})")
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
+    blocked = next((q for q in out_dir.parents if q.exists() and not q.is_dir()), None)
+    if blocked is not None:  # mkdir would say "File exists" about a file the user never named
+        raise ExportError(f"{out_dir}: {blocked} is a file, not a folder; export somewhere else")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(out_dir, ExportError, "export"):
         _check_replaceable(out_dir)  # again, now that no other export can be writing it

@@ -206,6 +206,8 @@ def stats_target_problem(path) -> str | None:
     """Why the statistics file ``path`` may not be written, or None: an existing file is
     replaced only when it is statistics this toolkit wrote (its ``meta`` says so)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        return f"{path}: the folder {path.parent} does not exist"
     if not path.exists():
         return None
     try:

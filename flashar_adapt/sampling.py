@@ -10,6 +10,7 @@ image, an image's codes depend on its own generator alone, never on its batchmat
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,6 +69,15 @@ class Sampling:
     generator: torch.Generator | Sequence[torch.Generator] | None = None
 
     def __post_init__(self):
+        # numpy scalars (np.float32(2.0), np.int64(5)) are the numbers they hold; a tensor is not
+        for name, kind in (("cfg_scale", numbers.Real), ("temperature", numbers.Real), ("top_p", numbers.Real)):
+            v = getattr(self, name)
+            if isinstance(v, torch.Tensor):
+                raise InputError(f"{name} must be a Python number, got a tensor (use .item())")
+            if isinstance(v, kind) and not isinstance(v, bool):
+                object.__setattr__(self, name, float(v))
+        if isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool):
+            object.__setattr__(self, "top_k", int(self.top_k))
         if not (_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
             raise InputError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         if not (isinstance(self.cfg_schedule, str) and self.cfg_schedule in SCHEDULES):

@@ -142,10 +142,12 @@ def run(
 
     # 3. quality on a quick sample
     n = samples
-    codes = tokenize(ASSETS, out / "cache")
     sub = torch.arange(nll_images)
+    # said before the test set is coded and the classifier loaded (about 10 s)
+    print(f"\nquality (NLL on {len(sub)} test images; {n} samples per model at CFG {cfg_scale}):", flush=True)
+    print("  coding the test set and loading the classifier (about 10 s; the codes are cached) ...", flush=True)
+    codes = tokenize(ASSETS, out / "cache")
     judge = Judge()
-    print(f"\nquality (NLL on {len(sub)} test images; {n} samples per model at CFG {cfg_scale}):")
     print(f"{'':10s} {'NLL bits/token':>15s} {'Frechet dist.':>14s} {'sample acc.':>12s}")
     for k, model in (("raster", base), ("two_way", flash)):
         nll = nll_bits(model, codes["test"][sub], codes["test_labels"][sub], k)

@@ -269,3 +269,25 @@ def test_a_jsonl_that_is_not_utf8_is_a_data_error(tmp_path, capsys):
         read_jsonl(bad, "class")
     rc, err = _cli(capsys, "tokenize", bad, "--out", tmp_path / "d", "--recipe", "fmnist-c2i")
     assert rc == 2 and "not UTF-8" in err and not os.path.exists(tmp_path / "d" / "manifest.json")
+
+
+# ---------------------------------------------------------------- errors that blame the right thing
+
+
+def test_refusals_name_the_real_cause(tmp_path):
+    from flashar_adapt.sampling import Sampling
+
+    s = Sampling(cfg_scale=np.float32(2.0), temperature=np.float64(0.5), top_k=np.int64(3))
+    assert (s.cfg_scale, s.temperature, s.top_k) == (2.0, 0.5, 3) and type(s.top_k) is int
+    with pytest.raises(fa.FlashARError, match="cfg_scale must be a Python number, got a tensor"):
+        Sampling(cfg_scale=torch.tensor(2.0))
+    with pytest.raises(TrainingError, match="a folder, not a training config file"):
+        TrainConfig.load(tmp_path)
+    (tmp_path / "file.txt").write_text("keep")
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    with pytest.raises(ExportError, match="file.txt is a file, not a folder"):
+        fa.export_merged(model, tmp_path / "file.txt" / "sub")
+    assert (tmp_path / "file.txt").read_text() == "keep"
+    with pytest.raises(QualityError, match="does not exist"):
+        save_stats(tmp_path / "nodir" / "x.npz", torch.randn(5, 2), "x")

@@ -83,6 +83,8 @@ class TrainConfig:
     @classmethod
     def load(cls, path) -> TrainConfig:
         path = Path(path)
+        if path.is_dir():
+            raise TrainingError(f"{path}: a folder, not a training config file (a YAML file)")
         if not path.is_file():
             raise TrainingError(f"{path}: training config not found")
         try:
