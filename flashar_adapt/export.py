@@ -132,6 +132,10 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
 
     ``extra_files`` ({name in ``EXPORT_ENTRIES``: bytes}) are written into the folder before
     it appears, so an export is complete or absent, never half labelled."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ExportError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
+    if not isinstance(merge, bool):
+        raise ExportError(f"merge must be True or False, got {merge!r}")
     ctx = context(model)
     nan = non_finite_weights(model)
     if nan:
@@ -145,9 +149,11 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
             "stage2.lora: false fine-tunes the backbone itself, so its original weights are not kept); "
             "export it merged"
         )
-    for name in extra_files or {}:
+    for name, data in (extra_files or {}).items():
         if name not in EXPORT_ENTRIES or "/" in name:
             raise ExportError(f"extra_files: {name!r} is not a file an export holds ({', '.join(EXPORT_ENTRIES)})")
+        if not isinstance(data, bytes):
+            raise ExportError(f"extra_files[{name!r}] must be bytes, got {type(data).__name__}")
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
     blocked = next((q for q in out_dir.parents if q.exists() and not q.is_dir()), None)

@@ -39,9 +39,16 @@ class GenerateError(InputError):
 def read_prompts(path) -> list[str]:
     """One prompt per line; an empty line is an error naming it (it would be a silent empty prompt)."""
     path = Path(path)
+    if path.is_dir():
+        raise GenerateError(f"{path}: a folder, not a prompts file")
     if not path.is_file():
         raise GenerateError(f"{path}: prompts file not found")
-    lines = path.read_text().splitlines()
+    try:  # utf-8-sig: an editor's byte-order mark is not part of the first prompt
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"{path}: not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
+    # lines end at \n only: str.splitlines would also split a prompt at a form feed or U+2028
+    lines = [ln.removesuffix("\r") for ln in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing newline or blank tail is not a prompt
     empty = [n for n, ln in enumerate(lines, 1) if not ln.strip()]

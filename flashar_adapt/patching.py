@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -275,8 +276,15 @@ def patch(
         isinstance(fixed_gate, (int, float)) and not isinstance(fixed_gate, bool) and 0.0 <= fixed_gate <= 1.0
     ):
         raise InputError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"patch takes a torch.nn.Module, got {type(model).__name__}")
     if recipe is None:
         recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"
+    if not isinstance(recipe, (Recipe, str, os.PathLike)):
+        raise InputError(
+            f"recipe must be a Recipe, a recipe name or a YAML path, got {type(recipe).__name__} "
+            "(a parsed mapping: fa.recipe_from_dict(data))"
+        )
     recipe = load_recipe(recipe)
     if overrides:
         recipe = recipe.replace(**overrides)

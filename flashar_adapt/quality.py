@@ -28,7 +28,7 @@ from .files import atomic_write
 from .image_folders import IMAGE_SUFFIXES
 from .npz_images import NpzError, NpzImages
 from .recipe import Recipe, recipe_from_dict
-from .sample_sets import MANIFEST, read_manifest
+from .sample_sets import MANIFEST, RUN, read_manifest
 
 
 class QualityError(InputError):
@@ -154,6 +154,11 @@ def open_images(path) -> Images | tuple[torch.Tensor, torch.Tensor, dict]:
         imgs = open_images(path / m["files"]["npz"])
         imgs.recipe = recipe_from_dict(m["recipe_spec"])
         return imgs
+    if path.is_dir() and (path / RUN).is_file():  # a sample run that has not finished: a partial set
+        raise QualityError(
+            f"{path}: an unfinished sample run (no {MANIFEST} yet); run the same `flashar-adapt sample` command "
+            "again to finish it, then evaluate"
+        )
     if path.is_dir():
         files = sorted(
             p

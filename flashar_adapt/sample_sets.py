@@ -97,6 +97,19 @@ def sample_indices(num_samples: int, batch_size: int, procs: Processes) -> list[
     return [range(s, min(s + batch_size, num_samples)) for s in starts]
 
 
+def weights_fingerprint(model, per_tensor: int = 4096) -> str:
+    """A hash of the model's weights that is exact (bytes, not float sums, so any thread count
+    or process gives the same) and cheap: each parameter's name, shape, dtype and up to
+    ``per_tensor`` evenly strided elements."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        part = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].cpu().contiguous()
+        h.update(f"{name}\0{list(p.shape)}\0{p.dtype}\0".encode())
+        h.update(part.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _identity(recipe: Recipe, conds: list, n: int, mode: str, sampling: dict, seed: int, batch: int, extra) -> dict:
     h = hashlib.sha256()
     for c in conds:
@@ -216,6 +229,8 @@ def sample_set(
     in the run's identity. Returns the manifest on rank 0 (None on the other ranks)."""
     procs = procs or Processes()
     recipe = context(model).recipe
+    if isinstance(conds, torch.Tensor):  # class ids as a tensor: the same ids as a list
+        conds = conds.tolist()
     n = len(conds) if num_samples is None else num_samples
     if not conds:
         raise SampleSetError("nothing to sample: no conditions")
@@ -225,6 +240,9 @@ def sample_set(
     _check_inputs(recipe, conds, text, mode, sampling, seed, n)
     out = Path(out)
     ident = _identity(recipe, conds, n, mode, sampling, seed, batch_size, model_info)
+    # by content, not by path: an export replaced at the same path between a kill and the
+    # resume would otherwise finish the run with another model
+    ident["weights_sha256"] = weights_fingerprint(model)
     ident.update(compile=compile, images=tok is not None)
     state = _check_folder(out, ident)
     if state == "complete":

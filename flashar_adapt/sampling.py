@@ -19,6 +19,7 @@ import torch
 from .errors import InputError
 
 SCHEDULES = ("constant", "linear")
+MAX_GUIDANCE = 1e4
 
 # A CPU torch.Generator keeps only the low 32 bits of its seed (manual_seed(2**32) is
 # manual_seed(0)): per-sample seeds are built to be distinct within 32 bits.
@@ -78,8 +79,9 @@ class Sampling:
                 object.__setattr__(self, name, float(v))
         if isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool):
             object.__setattr__(self, "top_k", int(self.top_k))
-        if not (_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
-            raise InputError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
+        if not (_number(self.cfg_scale) and 0 <= self.cfg_scale <= MAX_GUIDANCE):
+            # larger scales overflow float32 logits: every code would silently be 0
+            raise InputError(f"cfg_scale must be a number in [0, {MAX_GUIDANCE:g}], got {self.cfg_scale!r}")
         if not (isinstance(self.cfg_schedule, str) and self.cfg_schedule in SCHEDULES):
             raise InputError(f"cfg_schedule must be one of {SCHEDULES}, got {self.cfg_schedule!r}")
         if not (_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
@@ -194,23 +196,44 @@ def draw(logits: torch.Tensor, noise: torch.Tensor | None, s: Sampling) -> torch
 def sample(
     logits: torch.Tensor,
     temperature: float | Sampling = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Sample one index per row of ``logits`` [N, K]; greedy for top_k=1 or temperature=0.
+    """Sample one index per row of ``logits`` [..., K] (the result has the leading shape);
+    greedy for top_k=1 or temperature=0.
     Pass a ``Sampling`` as the second argument, or the settings one by one (validated). With
     a sequence of G generators, the rows are G equal groups in order (one per image)."""
-    s = (
-        temperature
-        if isinstance(temperature, Sampling)
-        else Sampling(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    )
+    if isinstance(temperature, Sampling):
+        if (top_k, top_p, generator) != (None, None, None):
+            raise InputError("give the settings in the Sampling object or one by one, not both")
+        s = temperature
+    else:
+        s = Sampling(
+            temperature=temperature,
+            top_k=0 if top_k is None else top_k,
+            top_p=1.0 if top_p is None else top_p,
+            generator=generator,
+        )
+    _check_logits(logits)
+    shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1])
     groups = len(s.generator) if s.per_image else logits.shape[0]
     if logits.shape[0] % groups:
         raise InputError(f"{logits.shape[0]} rows of logits do not split into {groups} images (one generator each)")
     noise = s.noise(groups, logits.shape[0] // groups, logits.device)
-    return draw(logits, None if noise is None else noise.reshape(-1), s)
+    return draw(logits, None if noise is None else noise.reshape(-1), s).reshape(shape)
+
+
+def _check_logits(logits) -> None:
+    """What ``sample`` can draw from: a float tensor [..., K] with K >= 1 and rows, no NaN and
+    no +inf (a masked entry is -inf or the dtype's lowest; an inf or NaN drew index 0 unseen)."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise InputError(f"logits must be a float tensor [..., K], got {type(logits).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] == 0 or logits.numel() == 0:
+        raise InputError(f"logits must be a non-empty tensor [..., K], got shape {list(logits.shape)}")
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise InputError("logits hold NaN or +inf; nothing can be drawn from them (mask entries with -inf)")
 
 
 def index_seed(seed: int, index: int) -> int:

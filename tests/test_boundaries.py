@@ -291,3 +291,80 @@ def test_refusals_name_the_real_cause(tmp_path):
     assert (tmp_path / "file.txt").read_text() == "keep"
     with pytest.raises(QualityError, match="does not exist"):
         save_stats(tmp_path / "nodir" / "x.npz", torch.randn(5, 2), "x")
+
+
+# ---------------------------------------------------------------- a second pass: the API and resumes
+
+
+def test_prompts_files_read_as_an_editor_writes_them(tmp_path):
+    from flashar_adapt.generation import GenerateError, read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa red car\r\na blue\x0csky\n".encode())  # BOM, CRLF, a form feed inside a prompt
+    assert read_prompts(f) == ["a red car", "a blue\x0csky"]
+    f.write_bytes(b"a red caf\xe9\n")
+    with pytest.raises(GenerateError, match="not UTF-8 text"):
+        read_prompts(f)
+    with pytest.raises(GenerateError, match="a folder, not a prompts file"):
+        read_prompts(tmp_path)
+
+
+def test_sample_refuses_logits_it_cannot_draw_from_and_mixed_settings():
+    from flashar_adapt.sampling import Sampling
+
+    for bad in (torch.empty(0, 5), torch.empty(2, 0), torch.tensor([[0.0, float("nan"), 1.0]])):
+        with pytest.raises(fa.FlashARError, match="logits"):
+            fa.sample(bad)
+    with pytest.raises(fa.FlashARError, match=r"\+inf"):
+        fa.sample(torch.tensor([[0.0, float("inf"), 0.0]]))
+    x = torch.randn(2, 3, 7)
+    assert fa.sample(x, top_k=1).shape == (2, 3) and torch.equal(fa.sample(x, top_k=1), x.argmax(-1))
+    assert fa.sample(x[0, 0], top_k=1).shape == ()
+    with pytest.raises(fa.FlashARError, match="not both"):
+        fa.sample(x, Sampling(top_k=1), top_k=0)
+    with pytest.raises(fa.FlashARError, match=r"cfg_scale must be a number in \[0, 10000\]"):
+        Sampling(cfg_scale=1e30)  # float32 logits overflow: every code would be 0
+
+
+def test_api_arguments_of_the_wrong_type_are_named(tmp_path):
+    model = tiny.llamagen(grid=4)
+    for bad in (5, {"name": "x"}):
+        with pytest.raises(fa.FlashARError, match="recipe must be a Recipe"):
+            fa.patch(model, bad)
+    assert not hasattr(model, "flashar")
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    for kw, msg in (
+        (dict(out_dir=5), "out_dir must be a folder path"),
+        (dict(out_dir=tmp_path / "a", merge="no"), "merge must be True or False"),
+        (dict(out_dir=tmp_path / "b", extra_files={"classes.json": "[]"}), "must be bytes"),
+    ):
+        with pytest.raises(ExportError, match=msg):
+            fa.export_merged(model, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sample_run_resumes_only_with_the_same_weights(tmp_path):
+    from flashar_adapt.quality import open_images
+    from flashar_adapt.sample_sets import SampleSetError, sample_set
+
+    a, b = tiny.llamagen(grid=4, seed=0), tiny.llamagen(grid=4, seed=1)
+    for m in (a, b):
+        fa.patch(m, tiny.llamagen_recipe(grid=4))
+    out = tmp_path / "s"
+    m = sample_set(a, torch.tensor([1, 2]), out, num_samples=2, progress=False)  # class ids as a tensor
+    assert m["num_samples"] == 2
+    with pytest.raises(SampleSetError, match="weights_sha256"):  # same path, other weights (an export replaced)
+        sample_set(b, [1, 2], out, num_samples=2, progress=False)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text("{}")
+    with pytest.raises(QualityError, match="an unfinished sample run"):
+        open_images(tmp_path / "half")
+
+
+def test_a_recipe_declaring_a_shipped_name_in_a_user_folder_is_not_silently_shadowed(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "custom.yaml").write_text(json.dumps(fa.load_recipe("fmnist-c2i").to_dict()))
+    with pytest.raises(RecipeError, match="names both"):
+        fa.load_recipe("fmnist-c2i", [d])
+    assert fa.load_recipe("custom", [d]).name == "fmnist-c2i"

@@ -108,6 +108,14 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str |
     files = recipe_files(extra_dirs)
     for f in files:
         if f.name == str(name_or_path):
+            # a recipe in a folder searched first that declares this name was meant to be found
+            shadowing = next((g for g in files if g.rank < f.rank and _declared_name(g.path) == f.name), None)
+            if shadowing is not None:
+                raise RecipeError(
+                    "<name>",
+                    f"{f.name!r} names both {f.path} (its file name) and {shadowing.path} (its name: key, in a "
+                    "folder searched first); pass the file's path, or rename one",
+                )
             return _load_file(f.path)
     declaring = [f for f in files if _declared_name(f.path) == str(name_or_path)]
     if declaring:
