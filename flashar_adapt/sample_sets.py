@@ -97,12 +97,16 @@ def sample_indices(num_samples: int, batch_size: int, procs: Processes) -> list[
     return [range(s, min(s + batch_size, num_samples)) for s in starts]
 
 
-def weights_fingerprint(model, per_tensor: int = 4096) -> str:
+def weights_fingerprint(model, per_tensor: int = 4096, skip: tuple[str, ...] = ()) -> str:
     """A hash of the model's weights that is exact (bytes, not float sums, so any thread count
     or process gives the same) and cheap: each parameter's name, shape, dtype and up to
-    ``per_tensor`` evenly strided elements."""
+    ``per_tensor`` evenly strided elements. Parameters named with a prefix in ``skip`` are left
+    out (raster decoding never reads the FlashAR modules, which a fresh patch initialises at
+    random)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name.startswith(skip):
+            continue
         flat = p.detach().reshape(-1)
         part = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].cpu().contiguous()
         h.update(f"{name}\0{list(p.shape)}\0{p.dtype}\0".encode())
@@ -242,7 +246,7 @@ def sample_set(
     ident = _identity(recipe, conds, n, mode, sampling, seed, batch_size, model_info)
     # by content, not by path: an export replaced at the same path between a kill and the
     # resume would otherwise finish the run with another model
-    ident["weights_sha256"] = weights_fingerprint(model)
+    ident["weights_sha256"] = weights_fingerprint(model, skip=("flashar.",) if mode == "raster" else ())
     ident.update(compile=compile, images=tok is not None)
     state = _check_folder(out, ident)
     if state == "complete":

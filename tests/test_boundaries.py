@@ -368,3 +368,17 @@ def test_a_recipe_declaring_a_shipped_name_in_a_user_folder_is_not_silently_shad
     with pytest.raises(RecipeError, match="names both"):
         fa.load_recipe("fmnist-c2i", [d])
     assert fa.load_recipe("custom", [d]).name == "fmnist-c2i"
+
+
+def test_a_raster_sample_run_of_a_freshly_patched_model_resumes(tmp_path):
+    # raster decoding never reads the FlashAR modules, which each patch initialises at random
+    from flashar_adapt.sample_sets import sample_set
+
+    out = tmp_path / "s"
+    for seed in (0, 1):
+        m = tiny.llamagen(grid=4, seed=0)
+        fa.patch(m, tiny.llamagen_recipe(grid=4))
+        with torch.no_grad():  # another patch, another random gate and branch
+            for p in m.flashar.parameters():
+                p.add_(seed)
+        assert sample_set(m, [1, 2], out, mode="raster", num_samples=2, progress=False)["num_samples"] == 2

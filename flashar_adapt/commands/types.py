@@ -9,7 +9,7 @@ import argparse
 from ..devices import device_problem
 from ..errors import InputError
 from ..recipe import RecipeError, safe_yaml
-from ..sampling import SEED_LIMIT
+from ..sampling import MAX_GUIDANCE, SEED_LIMIT
 from ..validate import Num
 
 # The largest count an option takes: far above any real run, small enough that nothing sized
@@ -43,7 +43,7 @@ seed_int = _typed("seed_int", Num(0, SEED_LIMIT - 1, integer=True), True)
 class_id = _typed("class_id", Num(0, MAX_COUNT, integer=True), True)
 non_negative_float = _typed("non_negative_float", Num(0), False)
 # guidance and temperature: finite, and bounded where a larger value only overflows the logits
-guidance_float = _typed("guidance_float", Num(0, 1e4), False)
+guidance_float = _typed("guidance_float", Num(0, MAX_GUIDANCE), False)
 temperature_float = _typed("temperature_float", Num(0, 1e4), False)
 probability = _typed("probability", Num(0, 1, lo_open=True), False)
 # the tiny demo builds a random model of grid x grid positions in memory
