@@ -66,7 +66,11 @@ def list_class_folder(root: Path) -> tuple[list[Item], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
-    loose = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    loose = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir() and not p.name.startswith(".")
+    )
     if loose:
         raise DataError(
             f"{root}: {len(loose)} image file(s) beside the class folders belong to no class ({loose[0]!r}, ...); "
