@@ -817,8 +817,9 @@ def test_check_exits_2_when_the_recipe_does_not_fit(tmp_path, capsys):
     d["flashar"]["branch_layer"] = 40  # the model has 5 layers
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(d))
     sizes = ["--set", "n_head=4", "--set", "block_size=16"]
-    rc, out, _ = _cli(capsys, "check", tmp_path / "c2i.pt", tmp_path / "tiny.yaml", *sizes)
+    rc, out, err = _cli(capsys, "check", tmp_path / "c2i.pt", tmp_path / "tiny.yaml", *sizes)
     assert rc == 2 and "flashar.branch_layer" in out
+    _one_line(err, "recipe error: flashar.branch_layer:")  # the refusal on stderr, as every other
     d["flashar"]["branch_layer"] = -1
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(d))
     rc, out, _ = _cli(capsys, "check", tmp_path / "c2i.pt", tmp_path / "tiny.yaml", *sizes)
@@ -835,3 +836,16 @@ def test_every_error_the_toolkit_raises_on_purpose_is_a_flashar_error():
     for cls in (fa.RecipeError, DataError, ExportError, TrainingError, InputError):
         assert issubclass(cls, FlashARError)
     assert issubclass(TrainingError, RuntimeError) and issubclass(DataError, ValueError)  # old catches still work
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    # `flashar-adapt recipes | head -1`: the pipe closes before the listing is written
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flashar_adapt.commands", "recipes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    p.stdout.close()  # before the child (still importing torch) writes a byte
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Broken pipe" not in err and "Traceback" not in err, err

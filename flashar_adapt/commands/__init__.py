@@ -10,6 +10,7 @@ installed. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         args.recipe_dir = (args.recipe_dir or []) + after
     try:
         return args.fn(args) or 0
+    except BrokenPipeError:  # `flashar-adapt recipes | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (FlashARError, OSError, ModuleNotFoundError) as e:
         # Bad input or a file we cannot read: one line, exit 2. (Generation input errors are
         # FlashARError subclasses too; a bare ValueError from elsewhere is a bug.)

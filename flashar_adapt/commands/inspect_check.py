@@ -3,12 +3,15 @@ recipe doctor on the real model)."""
 
 from __future__ import annotations
 
+import sys
+
 from ..doctor import FAIL, check
 from ..files import atomic_write_bytes
 from ..inspection import inspect_model
 from ..model_sources import load_model_file
 from ..recipe import load_recipe
 from .model_options import add_set_option
+from .report import printable
 from .types import key_values, non_negative_float, positive_int
 
 
@@ -34,8 +37,14 @@ def _check(args) -> int:
     print(rep)
     if rep.ok:
         return 0
-    # the recipe does not fit the model (a RecipeError at the patch stage): a recipe error, 2
-    return 2 if any(i.name == "patch" and i.status == FAIL for i in rep.items) else 1
+    # the recipe does not fit the model (a RecipeError at the patch stage): a recipe error, 2,
+    # said on stderr in one line as every other refusal (the report above is on stdout)
+    unfit = next((i for i in rep.items if i.name == "patch" and i.status == FAIL), None)
+    if unfit is not None:
+        key = f"{unfit.key}: " if unfit.key else ""
+        print(f"recipe error: {key}{printable(' '.join(unfit.detail.split()))}", file=sys.stderr)
+        return 2
+    return 1
 
 
 def add_parsers(sub) -> None:
