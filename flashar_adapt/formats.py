@@ -163,7 +163,21 @@ def spec_format(spec: dict, legacy: str | None = None) -> tuple[type[ModelFormat
 def load_spec(spec: dict, root: str | os.PathLike | None = None, legacy: str | None = None) -> nn.Module:
     """The model a spec describes (see ``spec_format``), paths relative to ``root``."""
     cls, rest = spec_format(spec, legacy)
-    return cls.load(rest, root)
+    return _loading(cls, root or ".", rest, root)
+
+
+def _loading(cls, where, *args):
+    """``cls.load(*args)``, with what a damaged or odd model file makes the libraries raise (a
+    SafetensorError, a config validation error, an AttributeError on a config that is not a
+    mapping) turned into a FormatError naming the files: bad input, not a bug here."""
+    try:
+        return cls.load(*args)
+    except (FlashARError, OSError, ImportError, MemoryError, KeyboardInterrupt):  # already clear
+        raise
+    except Exception as e:  # noqa: BLE001 - every library raises its own types for a damaged file
+        raise FormatError(
+            f"{where}: the {cls.name} format cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from e
 
 
 def open_path(path: str | os.PathLike, overrides: dict | None = None) -> tuple[nn.Module, type[ModelFormat]]:
@@ -175,5 +189,5 @@ def open_path(path: str | os.PathLike, overrides: dict | None = None) -> tuple[n
     for cls in formats_in_order():
         spec = cls.sniff(path)
         if spec is not None:
-            return cls.load(spec, None, overrides or {}), cls
+            return _loading(cls, path, spec, None, overrides or {}), cls
     raise ValueError(f"{path}: no model format recognises it (known: {', '.join(list_formats())})")

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from flashar_adapt.errors import InputError
-from flashar_adapt.formats import ModelFormat, dtype_name
+from flashar_adapt.formats import FormatError, ModelFormat, dtype_name
 from flashar_adapt.patching import backbone_only
 from flashar_adapt.recipe import RecipeError
 from flashar_adapt.runners import Runner
@@ -482,6 +482,10 @@ class TransformersRunner(Runner):
 # ---------------------------------------------------------------- files
 
 
+def _is_model_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, transformers.PreTrainedModel)
+
+
 class TransformersFormat(ModelFormat):
     """A ``save_pretrained`` folder: config.json + weights. Spec: ``{path: the folder,
     class: a transformers class name (default: the config's ``architectures`` that
@@ -509,8 +513,13 @@ class TransformersFormat(ModelFormat):
         if spec.get("class"):
             names = [spec["class"]]
         else:
-            archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-            names = [a for a in archs if hasattr(transformers, a)] + ["AutoModelForCausalLM", "AutoModel"]
+            config = json.loads((path / "config.json").read_text())
+            if not isinstance(config, dict):
+                raise FormatError(f"{path / 'config.json'}: must hold a JSON object, got {type(config).__name__}")
+            archs = config.get("architectures") or []
+            # a model class transformers has (not a config or tokenizer class of the same module)
+            names = [a for a in archs if isinstance(a, str) and _is_model_class(getattr(transformers, a, None))]
+            names += ["AutoModelForCausalLM", "AutoModel"]
         kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
         kw.update(overrides or {})
         err = None

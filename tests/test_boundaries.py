@@ -382,3 +382,40 @@ def test_a_raster_sample_run_of_a_freshly_patched_model_resumes(tmp_path):
             for p in m.flashar.parameters():
                 p.add_(seed)
         assert sample_set(m, [1, 2], out, mode="raster", num_samples=2, progress=False)["num_samples"] == 2
+
+
+# ---------------------------------------------------------------- a third pass: damaged model folders
+
+
+def test_a_damaged_model_folder_is_one_line_naming_it(tmp_path, capsys):
+    cfg = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 8, "intermediate_size": 8}
+    cfg |= {"num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 16}
+    cases = {
+        "typed": ({**cfg, "hidden_size": "big"}, None, "hidden_size"),
+        "list": ([1, 2], None, "must hold a JSON object"),
+        "garbage weights": (cfg, b"garbage", "SafetensorError"),
+        "not a model class": ({**cfg, "architectures": ["AutoConfig"]}, b"garbage", "cannot load it"),
+    }
+    for name, (config, weights, msg) in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        if weights is not None:
+            (d / "model.safetensors").write_bytes(weights)
+        for argv in (("inspect", d), ("check", d, "fmnist-c2i")):
+            rc, err = _cli(capsys, *argv)
+            assert rc == 2 and msg in err and d.name in err, (name, argv, err)
+
+
+def test_yml_recipes_are_listed_and_found(tmp_path, capsys):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "fm.yml").write_text(json.dumps(fa.load_recipe("fmnist-c2i").to_dict() | {"name": "fm"}))
+    assert "fm" in fa.list_recipes([d]) and fa.load_recipe("fm", [d]).name == "fm"
+
+
+def test_a_condition_that_is_not_ids_is_named():
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    with pytest.raises(fa.FlashARError, match="cond must be a tensor of class ids"):
+        fa.prefill(model, cond=["1"])

@@ -131,7 +131,11 @@ def check_cond(
     c = ctx.recipe.condition
     dev = ctx.device()
     if not isinstance(cond, torch.Tensor):
-        cond = torch.as_tensor(cond)
+        try:
+            cond = torch.as_tensor(cond)
+        except (ValueError, TypeError, RuntimeError):  # strings, ragged lists: not ids
+            kind = "class ids [B]" if c.kind == "class" else "token ids [B, L]" if c.kind == "tokens" else "features"
+            raise InputError(f"cond must be a tensor of {kind}, got {type(cond).__name__} that is not one") from None
     if c.kind == "class":
         if not _is_int(cond) or cond.dim() != 1:
             raise InputError(

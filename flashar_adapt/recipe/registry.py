@@ -72,7 +72,7 @@ def recipe_files(extra_dirs: list[str | os.PathLike] | None = None) -> list[Reci
     seen: set[str] = set()
     for rank, d in enumerate(_search_dirs(extra_dirs)):
         if d.is_dir():
-            for p in sorted(d.glob("*.yaml")):
+            for p in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
                 if p.stem not in seen:
                     seen.add(p.stem)
                     out.append(RecipeFile(p.stem, p, rank))
