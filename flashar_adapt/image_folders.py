@@ -269,7 +269,10 @@ def tokenize_dataset(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / STATE, json.dumps(state).encode())
     T = recipe.condition.prefix_len if kind == "tokens" else None
-    writer = ShardWriter(out, recipe.image.grid, recipe.image.codebook_size, kind, recipe.name, shard_size, T)
+    classes = recipe.condition.num_classes if kind == "class" else None  # recorded: training checks it
+    writer = ShardWriter(
+        out, recipe.image.grid, recipe.image.codebook_size, kind, recipe.name, shard_size, T, num_classes=classes
+    )
     writer.shards = list(state["shards"])
     run = _Run(items, writer, tok, state, out, T, text_tokenizer, allow_upscale)
     run.go(batch_size, progress)
