@@ -419,3 +419,15 @@ def test_a_condition_that_is_not_ids_is_named():
     fa.patch(model, tiny.llamagen_recipe(grid=4))
     with pytest.raises(fa.FlashARError, match="cond must be a tensor of class ids"):
         fa.prefill(model, cond=["1"])
+
+
+def test_data_tokenized_for_another_recipe_is_said(tmp_path):
+    from flashar_adapt.shards import ShardDataset, ShardWriter
+    from flashar_adapt.training.loop import check_data
+
+    recipe = tiny.llamagen_recipe(grid=4)
+    w = ShardWriter(tmp_path / "d", (4, 4), 48, "class", "another-recipe", num_classes=10)
+    w.add(torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([1, 2]))
+    w.close()
+    with pytest.warns(UserWarning, match="tokenized for recipe 'another-recipe'"):
+        check_data(ShardDataset(tmp_path / "d"), recipe)

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -313,6 +314,14 @@ def check_data(data: ShardDataset, recipe) -> None:
         raise TrainingError(f"data grid {list(data.grid)} differs from the recipe's {list(im.grid)}")
     if data.codebook_size != im.codebook_size:
         raise TrainingError(f"data codebook {data.codebook_size} differs from the recipe's {im.codebook_size}")
+    if data.recipe and data.recipe != recipe.name:
+        # same grid and codebook, maybe another tokenizer: said, not refused (a renamed copy of a
+        # recipe is common and legitimate)
+        warnings.warn(
+            f"{data.dir} was tokenized for recipe {data.recipe!r}; training with {recipe.name!r}. If their "
+            "image tokenizers differ, the codes mean something else to this model",
+            stacklevel=2,
+        )
     small = im.preview(tuple(data.grid))
     if small != data.preview_grid:
         have = "none" if data.preview_grid is None else "x".join(map(str, data.preview_grid))
