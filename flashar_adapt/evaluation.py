@@ -90,8 +90,9 @@ def evaluate_samples(
     ``samples`` (a sample folder, an .npz or a folder of images) against ``reference`` (the
     same kinds, or a statistics .npz). ``extractor``: a name (default: the one that suits
     the samples' recipe, else ``inception``)."""
-    if save_reference_stats and stats_target_problem(save_reference_stats):
-        raise QualityError(stats_target_problem(save_reference_stats))
+    problem = stats_target_problem(save_reference_stats) if save_reference_stats else None
+    if problem:  # before any features are extracted
+        raise QualityError(problem)
     imgs = open_images(samples)
     if not isinstance(imgs, Images):
         raise QualityError(f"{samples}: statistics, not images; give the samples' images")

@@ -318,8 +318,9 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     defect of the folder (missing or damaged files, a file leading outside the folder, a
     recipe.yaml edited since the export) is an ``ExportError``."""
     out_dir = Path(out_dir)
-    if device is not None and device_problem(device) is not None:
-        raise InputError(f"device: {device_problem(device)}")
+    problem = None if device is None else device_problem(device)
+    if problem:
+        raise InputError(f"device: {problem}")
     cfg_path = out_dir / CONFIG
     if not cfg_path.is_file():
         raise ExportError(f"{out_dir}: no {CONFIG} (not a flashar-adapt export?)")

@@ -97,8 +97,9 @@ def _check_sources(export, run_config, model, recipe, flashar_weights, device) -
         raise ModelSourceError(f"{given[0]} carries its own recipe; --recipe goes with --model (or alone)")
     if flashar_weights and not model:
         raise ModelSourceError("--flashar-weights goes with --model (an export or a run holds its own)")
-    if device is not None and device_problem(device) is not None:
-        raise ModelSourceError(f"--device: {device_problem(device)}")
+    problem = None if device is None else device_problem(device)
+    if problem:
+        raise ModelSourceError(f"--device: {problem}")
 
 
 def _check_finite(model: nn.Module, source) -> None:

@@ -71,11 +71,11 @@ class Sampling:
 
     def __post_init__(self):
         # numpy scalars (np.float32(2.0), np.int64(5)) are the numbers they hold; a tensor is not
-        for name, kind in (("cfg_scale", numbers.Real), ("temperature", numbers.Real), ("top_p", numbers.Real)):
+        for name in ("cfg_scale", "temperature", "top_p"):
             v = getattr(self, name)
             if isinstance(v, torch.Tensor):
                 raise InputError(f"{name} must be a Python number, got a tensor (use .item())")
-            if isinstance(v, kind) and not isinstance(v, bool):
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
                 object.__setattr__(self, name, float(v))
         if isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool):
             object.__setattr__(self, "top_k", int(self.top_k))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from flashar_adapt.commands.types import key_values
 from flashar_adapt.errors import InputError
 from flashar_adapt.files import atomic_write_bytes
-from flashar_adapt.recipe import RecipeError, safe_yaml
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -79,19 +79,6 @@ def write_post_training_config(out, data, out_dir, changes: dict | None = None) 
     return out
 
 
-def _changes(pairs: list[str] | None) -> dict:
-    out = {}
-    for p in pairs or []:
-        key, sep, value = p.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects KEY=VALUE, got {p!r}")
-        try:  # the toolkit's YAML reader: 5e-5 is a number (YAML 1.2)
-            out[key] = safe_yaml(value)
-        except RecipeError as e:
-            raise InputError(f"--set {key}: not a YAML value ({e})") from None
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m flashar_adapt.fmnist.config",
@@ -103,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a key (dotted, e.g. stage2.steps=500)")
     a = ap.parse_args(argv)
     try:
-        out = write_post_training_config(a.out, a.data, a.out_dir, _changes(a.set))
+        out = write_post_training_config(a.out, a.data, a.out_dir, key_values(a.set))
     except (InputError, yaml.YAMLError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -30,8 +30,9 @@ def _evaluate(args) -> int:
         )
         if args.shards:
             raise GenerateError("--shards measures a model's NLL: give a model (--export ...) instead of SAMPLES")
-        if args.out and report_folder_problem(args.out, with_samples=False):  # before measuring
-            raise GenerateError(report_folder_problem(args.out, with_samples=False))
+        problem = report_folder_problem(args.out, with_samples=False) if args.out else None
+        if problem:  # before measuring
+            raise GenerateError(problem)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         m = evaluate_samples(
             args.samples,

@@ -23,16 +23,11 @@ ENTRY_POINT_GROUP = "flashar_adapt.recipes"
 
 def _search_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
     dirs = [Path(p) for p in (extra or [])]
-    for d in dirs:  # a folder the user named: a typo must not silently fall back to the shipped recipes
-        if not d.is_dir():
-            raise RecipeError("<recipe-dir>", f"{d}: {'not a folder' if d.exists() else 'no such folder'}")
     env = [Path(p) for p in os.environ.get(ENV_RECIPE_PATH, "").split(os.pathsep) if p]
-    for d in env:
+    # folders the user named: a typo must not silently fall back to the shipped recipes
+    for key, d in [("<recipe-dir>", d) for d in dirs] + [(f"<{ENV_RECIPE_PATH}>", d) for d in env]:
         if not d.is_dir():
-            raise RecipeError(
-                f"<{ENV_RECIPE_PATH}>",
-                f"{d}: {'not a folder' if d.exists() else 'no such folder'} (set in the environment)",
-            )
+            raise RecipeError(key, f"{d}: {'not a folder' if d.exists() else 'no such folder'}")
     dirs += env
     dirs += _entry_point_dirs()
     dirs.append(Path(str(resources.files("flashar_adapt.recipes"))))
