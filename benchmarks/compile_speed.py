@@ -20,14 +20,17 @@ single token). Writes benchmarks/results/compile_speed[_<tag>].{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from flashar_adapt.decoding import use_compile
+import flashar_adapt as fa
+from flashar_adapt.decoding import bucket, recompile_room, use_compile
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -47,6 +50,94 @@ def load_model(name, spec, grid, device, dtype):
 
         return load_flashar().to(device=device, dtype=dtype)
     return ds.build(*spec[:5], grid, device, dtype)
+
+
+@torch.inference_mode()
+def graph_bounds(model, a, device) -> dict:
+    """Batch-1 measures of compiled graphs alone, in this run (each timed alone, re-run on a
+    decoded state: a re-run rewrites the same cache entries).
+
+    ``bound_compiled``: 1 / the growth of a compiled bare backbone forward (no branch, head
+    or sampling) from one token to an average anti-diagonal's (decode_speed.forward_growth,
+    compiled). ``graphs_bound``: the fraction of the ideal two-way decoding would reach if
+    both decoders were nothing but their compiled step graphs (two-way: backbone, branch,
+    both heads, gate and draw, at the buckets it decodes; raster: one token), run in
+    decoding order, one after the other (``graphs_in_sequence_seconds``), i.e. without the
+    Python loop, the prefill and the first (eager) step; ``graphs_alone_bound`` the same
+    from each graph timed alone, repeated (``graph_seconds``, summed over the steps: an
+    optimistic figure, a graph run again and again on the same inputs is as warm as it gets).
+    ``split``: what the two-way
+    graph of the average anti-diagonal's bucket is made of: the bare backbone forward on the
+    bucket's tokens, the vertical branch on top, then the heads, gate, guidance and draw
+    (the rest of the graph); and the raster graph against its bare forward on one token."""
+    cond = torch.zeros(1, dtype=torch.long, device=device)
+    kw = dict(compile=True, cfg_scale=a.cfg, top_k=0, temperature=1.0)
+    cost, graph, bare, sequence = {}, {}, {}, {}
+    with recompile_room(True):
+        for mode in ("two_way", "raster"):  # a prefill makes the model's earlier states stale: one at a time
+            s = fa.prefill(model, cond, mode=mode, generator=torch.Generator(device).manual_seed(0), **kw)
+            while not s.done:
+                fa.step(s)
+            H, W = s.layout.height, s.layout.width
+            avg = round(H * W / (H + W - 1))
+            per_bucket, total = {}, 0.0
+            for t in range(1, s.num_steps):
+                size = s.schedule.steps[t].entries.numel()
+                if size not in per_bucket:
+                    per_bucket[size] = _median(s.compiled_call(t), a, device)
+                total += per_bucket[size]
+            cost[mode] = total
+            graph[mode] = per_bucket
+            calls = [s.compiled_call(t) for t in range(1, s.num_steps)]
+            sequence[mode] = _median(lambda calls=calls: [c() for c in calls], a, device, max(3, a.bound_reps // 10))
+            # bare forwards on this state's decoder: the two-way one runs the branch too
+            sizes = (bucket(avg),) if mode == "two_way" else (1, avg, bucket(avg))
+            for T in sizes:
+                bare[(mode, T)] = _median(_bare_call(s, T, device), a, device)
+    b = bucket(avg)
+    return {
+        "forward_growth_compiled_b1": bare[("raster", avg)] / bare[("raster", 1)],
+        "bound_compiled": bare[("raster", 1)] / bare[("raster", avg)],
+        "graph_seconds": cost,
+        "graphs_in_sequence_seconds": sequence,
+        "graphs_bound": sequence["raster"] / sequence["two_way"] / (H * W / (H + W - 1)),
+        "graphs_alone_bound": cost["raster"] / cost["two_way"] / (H * W / (H + W - 1)),
+        "split": {
+            "bucket": b,
+            "two_way_graph_s": graph["two_way"][b],
+            "bare_s": bare[("raster", b)],
+            "bare_with_branch_s": bare[("two_way", b)],
+            "raster_graph_s": graph["raster"][1],
+            "raster_bare_s": bare[("raster", 1)],
+        },
+    }
+
+
+def _median(call, a, device, reps: int | None = None) -> float:
+    for _ in range(10 if reps is None else 1):
+        call()
+    return statistics.median(ds.timed(call, device) for _ in range(reps or a.bound_reps))
+
+
+def _bare_call(state, T: int, device):
+    """A compiled bare forward of T random tokens written mid-image into ``state``'s caches
+    (its own code object per size and branch: its own graph list)."""
+    dec = state.decoder
+    code = _bare_feed.__code__.replace(co_name=f"bare_feed_{T}_{'branch' if dec.branch else 'plain'}")
+    fn = torch.compile(types.FunctionType(code, _bare_feed.__globals__, code.co_name), dynamic=False)
+    start = state.layout.prefix_len + state.layout.height * state.layout.width // 2
+    Bt, d = dec.pre.embeds.shape[0], dec.pre.embeds.shape[2]
+    args = (
+        dec,
+        torch.randn(Bt, T, d, device=device, dtype=dec.dtype),
+        torch.arange(start, start + T, device=device),
+        torch.tensor([start], device=device),
+    )
+    return lambda: fn(*args)
+
+
+def _bare_feed(dec, embeds, entries, lim):
+    return dec.feed_at(embeds, entries, lim)
 
 
 def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
@@ -94,6 +185,9 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
         row["bound"] = bound = 1 / row["forward_growth_b1"]  # the fraction of the ideal a bare forward allows
         for c in ("eager", "compiled"):
             row[f"of_bound_{c}"] = row[f"speedup_{c}"] / row["ideal_step_ratio"] / bound
+        row.update(graph_bounds(model, a, device))
+        row["of_bound_compiled_compiled"] = row["speedup_compiled"] / row["ideal_step_ratio"] / row["bound_compiled"]
+        row["of_graphs_bound_compiled"] = row["speedup_compiled"] / row["ideal_step_ratio"] / row["graphs_bound"]
     log(
         f"{name} {H}x{W} b{batch}: two-way eager {t['two_way_eager'] * 1e3:.0f} ms -> compiled "
         f"{t['two_way_compiled'] * 1e3:.0f} ms ({row['compiled_over_eager']['two_way']:.2f}x), raster "
@@ -102,7 +196,9 @@ def bench(name, spec, grid, batch, a, device, dtype, log) -> dict:
         f"of ideal {row['ideal_step_ratio']:.2f}x; "
         f"compile {row['compile_s']['two_way']:.0f} s + {row['compile_s']['raster']:.0f} s"
         + (
-            f"; of bound compiled {row['of_bound_compiled']:.2f}, eager {row['of_bound_eager']:.2f}"
+            f"; of bound compiled {row['of_bound_compiled']:.2f}, eager {row['of_bound_eager']:.2f}; compiled "
+            f"bound {row['bound_compiled']:.2f} (reached {row['of_bound_compiled_compiled']:.2f}), graphs only "
+            f"{row['graphs_bound']:.2f} of ideal (reached {row['of_graphs_bound_compiled']:.2f})"
             if "bound" in row
             else ""
         )
@@ -122,28 +218,81 @@ def markdown(res: dict) -> str:
         f"compile = first compiled call minus the steady compiled time (inductor, graphs for this batch size). "
         f"Speedup = raster time / two-way time in the same mode; of ideal = speedup / (H*W/(H+W-1)); bound = "
         f"1 / forward growth (see docs/speed.md), measured at batch 1 (only) in this run: the fraction of the ideal "
-        f"reachable if both steps were a bare backbone forward; of bound = of ideal / bound. auto = what "
+        f"reachable if both steps were a bare backbone forward; of bound = of ideal / bound. Compiled bound: the "
+        f"same with the bare forward compiled. Graphs only: the fraction of the ideal if both decoders were "
+        f"nothing but their compiled step graphs (two-way: backbone, branch, both heads, gate, draw, at its "
+        f"buckets; no Python loop, prefill or first step), run in decoding order; in brackets the fraction of "
+        f"these two the compiled speedup reaches. auto = what "
         f'`compile="auto"` picks for this batch. Equal: greedy and seeded sampled compiled codes against eager.',
         "",
         "| model | grid | batch | two-way eager / compiled | raster eager / compiled | compiled / eager (two-way, "
         "raster) | speedup eager (of ideal) | speedup compiled (of ideal) | bound | of bound eager / compiled | "
-        "auto | compile two-way + raster | equal greedy, sampled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "compiled bound (reached) | graphs only (reached) | auto | compile two-way + raster | equal greedy, sampled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         t, c, ideal = r["seconds"], r["compiled_over_eager"], r["ideal_step_ratio"]
         bound = f"{r['bound']:.2f}" if "bound" in r else "-"
         of_bound = f"{r['of_bound_eager']:.2f} / {r['of_bound_compiled']:.2f}" if "bound" in r else "-"
+        cbound, graphs = "-", "-"
+        if "graphs_bound" in r:
+            cbound = f"{r['bound_compiled']:.2f} ({r['of_bound_compiled_compiled']:.2f})"
+            graphs = f"{r['graphs_bound']:.2f} ({r['of_graphs_bound_compiled']:.2f})"
         auto = {True: "compiled", False: "eager", None: "-"}[r.get("auto_compiles")]
         out.append(
             f"| {r['model']} (L{r['layers']}, d{r['dim']}, K{r['vocab']}) | {r['grid']} | {r['batch']} | "
             f"{t['two_way_eager'] * 1e3:.0f} / {t['two_way_compiled'] * 1e3:.0f} ms | "
             f"{t['raster_eager'] * 1e3:.0f} / {t['raster_compiled'] * 1e3:.0f} ms | "
             f"{c['two_way']:.2f}x, {c['raster']:.2f}x | {r['speedup_eager']:.2f}x ({r['speedup_eager'] / ideal:.2f}) | "
-            f"{r['speedup_compiled']:.2f}x ({r['speedup_compiled'] / ideal:.2f}) | {bound} | {of_bound} | {auto} | "
+            f"{r['speedup_compiled']:.2f}x ({r['speedup_compiled'] / ideal:.2f}) | {bound} | {of_bound} | {cbound} | "
+            f"{graphs} | {auto} | "
             f"{r['compile_s']['two_way']:.0f} + {r['compile_s']['raster']:.0f} s | "
             f"{r['greedy_codes_equal']}, {r.get('sampled_codes_equal', '-')} |"
         )
+    splits = [r for r in res["rows"] if "split" in r]
+    if splits:
+        out += [
+            "",
+            "What one compiled step graph is made of at batch 1, each part timed alone in the same run: the "
+            "two-way graph of the average anti-diagonal's bucket (b tokens fed, b cells drawn) against the bare "
+            "backbone forward on b tokens, the same with the vertical branch, and the rest of the graph (both "
+            "heads, gate, guidance, draw); the raster graph against its bare forward on one token. The last "
+            "column is the two-way graph over the raster graph; the bound asks for it to be the bare growth.",
+            "",
+            "| model | grid | bucket b | bare forward, b tokens | + branch | + heads, gate, guidance, draw | "
+            "two-way graph | raster: bare forward, 1 token / graph | two-way / raster graph (bare growth) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in splits:
+            sp, ms = r["split"], lambda x: f"{x * 1e3:.3f} ms"
+            out.append(
+                f"| {r['model']} | {r['grid']} | {sp['bucket']} | {ms(sp['bare_s'])} | "
+                f"+{ms(sp['bare_with_branch_s'] - sp['bare_s'])} | "
+                f"+{ms(sp['two_way_graph_s'] - sp['bare_with_branch_s'])} | {ms(sp['two_way_graph_s'])} | "
+                f"{ms(sp['raster_bare_s'])} / {ms(sp['raster_graph_s'])} | "
+                f"{sp['two_way_graph_s'] / sp['raster_graph_s']:.2f} ({sp['bare_s'] / sp['raster_bare_s']:.2f}) |"
+            )
+    if splits:
+        out += [
+            "",
+            "Where a compiled batch-1 decoding's time goes: its step graphs each timed alone (the same call "
+            "repeated: as warm as it gets) and summed, the same graphs run once each in decoding order (what "
+            "'graphs only' uses), and the whole `generate` (with the prefill, the first step, run eagerly, and "
+            "the Python loop around the graphs).",
+            "",
+            "| model | grid | two-way: graphs alone / in sequence / generate | raster: graphs alone / in sequence / "
+            "generate |",
+            "|---|---|---|---|",
+        ]
+        for r in splits:
+            g, q, t = r["graph_seconds"], r["graphs_in_sequence_seconds"], r["seconds"]
+            out.append(
+                f"| {r['model']} | {r['grid']} | "
+                + " | ".join(
+                    f"{g[m] * 1e3:.1f} / {q[m] * 1e3:.1f} / {t[m + '_compiled'] * 1e3:.1f} ms" for m in MODES[::-1]
+                )
+                + " |"
+            )
     out += [
         "",
         f"Generated by `python benchmarks/compile_speed.py {' '.join(res['argv'])}` on {res['platform']}, "
@@ -184,6 +333,9 @@ def plot(res: dict, path: Path) -> None:
     bounds = [(i, r["bound"]) for i, r in zip(x, rows) if "bound" in r]
     if bounds:
         bx.scatter([i for i, _ in bounds], [b for _, b in bounds], marker="_", s=600, color="k", label="bound")
+    graphs = [(i, r["graphs_bound"]) for i, r in zip(x, rows) if "graphs_bound" in r]
+    if graphs:
+        bx.scatter([i for i, _ in graphs], [b for _, b in graphs], marker="_", s=600, color="r", label="graphs only")
     bx.set_xticks(x, labels, fontsize=8)
     bx.set_ylabel("fraction of the ideal H*W / (H+W-1)")
     bx.set_ylim(0, 1.05)

@@ -204,7 +204,9 @@ def test_padded_steps_are_the_eager_steps_padded(P, H, W, eol, eol_last, mode):
         assert p.lim[:T].tolist() == e.lim.tolist() and p.causal == e.causal
         for f in ("h_idx", "v_idx", "has_h", "has_v"):
             assert ids(getattr(p, f), e.n) == ids(getattr(e, f), e.n), f
-        assert p.out is e.out and p.n == e.n
+        assert p.out is e.out and p.n == e.n and e.out_rows is None
+        # each row's uniform: the cell it draws, then cell 0 for the padding rows (ignored)
+        assert p.out_rows.tolist() == ids(e.out, e.n) + [0] * (p.h_idx.numel() - e.n)
 
 
 def test_static_caches_live_between_calls_and_stale_entries_stay_unseen():
@@ -220,6 +222,45 @@ def test_static_caches_live_between_calls_and_stale_entries_stay_unseen():
     assert set(held) == {"backbone", "branch"}
     assert all(runner.static_held[k][1] is c for k, c in held.items())
     assert torch.equal(first, again) and torch.equal(other, first.flip(0))
+
+
+def test_compiled_call_reruns_a_step_to_its_values_and_refuses_misuse():
+    """The seam benchmarks time graphs alone with: step t of a compiled state as a call of no
+    arguments. On a decoded state it feeds what step t fed, so it gives step t's logits and
+    codes again, bit for bit; step 0 (eager), a step past the end, an eager state and a
+    stale one are refused."""
+    model, cond, _ = _llamagen()
+    with static_path_uncompiled():
+        state = fa.prefill(model, cond, cfg_scale=2.0, compile=True, generator=torch.Generator().manual_seed(5))
+        seen = {}
+        while not state.done:
+            t = state.t
+            fa.step(state)
+            seen[t] = (state.logits, state.codes[:, state.cells(t)].clone())
+        with torch.inference_mode():
+            for t in range(1, state.num_steps):
+                lg, tok = state.compiled_call(t)()
+                n = seen[t][0].shape[1]
+                assert torch.equal(lg[:, :n], seen[t][0]) and torch.equal(tok[:, :n], seen[t][1]), t
+        for t in (0, state.num_steps):
+            with pytest.raises(IndexError):
+                state.compiled_call(t)
+        eager = fa.prefill(model, cond, top_k=1)
+        with pytest.raises(InputError, match="compile=True"):
+            eager.compiled_call(1)
+        with pytest.raises(RuntimeError, match="stale"):
+            state.compiled_call(1)  # the eager prefill reused its caches
+
+
+def test_step_scales_are_made_once_per_schedule_and_device():
+    """Per-step guidance scales as tensors (a compiled step would specialise on a float),
+    built once per set of values: a raster run has hundreds of steps."""
+    lin = fa.Sampling(cfg_scale=3.0, cfg_schedule="linear")
+    scales = decoding.compiled.step_scales(lin, 5, "cpu")
+    assert [float(x) for x in scales] == [lin.scale_at(t, 5) for t in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert decoding.compiled.step_scales(lin, 5, torch.device("cpu")) is scales
+    const = decoding.compiled.step_scales(fa.Sampling(cfg_scale=3.0), 5, "cpu")
+    assert const is not scales and [float(x) for x in const] == [3.0] * 5
 
 
 # ---------------------------------------------------------------- compiled (inductor)

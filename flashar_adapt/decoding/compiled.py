@@ -117,6 +117,22 @@ def compiled_step(device_type: str, size: int):
     return fn
 
 
+_SCALES: dict = {}
+
+
+def step_scales(sampling, n: int, device) -> list[torch.Tensor]:
+    """The guidance scale of each of ``n`` steps as a 0-d tensor on ``device`` (a compiled
+    step would specialise on a float), made once per set of values and device: a raster
+    run has hundreds of steps, and a tensor per step per call costs more than a step."""
+    values = tuple(sampling.scale_at(t, n) for t in range(n))
+    key = (values, str(device))
+    if key not in _SCALES:
+        if len(_SCALES) > 32:
+            _SCALES.clear()
+        _SCALES[key] = list(torch.tensor(values, device=device).unbind())
+    return _SCALES[key]
+
+
 # compile="auto" on a CPU: compile only where it pays. benchmarks/results/compile_speed_cpu.md
 # (2 threads, CFG 2, so rows = 2 * batch) measured compiled / eager of two-way decoding at
 # 1.39x (Fashion-MNIST L4 d128) and 1.12x (L8 d256) at batch 1 (2 rows), 0.84x and 0.86x at
@@ -174,14 +190,14 @@ def compile_cache_dir() -> Path:
 
 
 def ensure_cache_dir() -> Path:
-    """The cache folder, created if missing; a new (or empty) folder gets our marker, which
-    is what allows us to remove a broken library from it. Once per process and folder, the
+    """The cache folder, created if missing. Once per process and folder: an empty folder
+    gets our marker, which is what allows us to remove a broken library from it, and the
     libraries an interrupted build left broken are removed (``remove_broken_libraries``)."""
     d = compile_cache_dir()
     d.mkdir(parents=True, exist_ok=True)
-    if not any(d.iterdir()):
-        (d / OWNER_FILE).write_text(json.dumps(owner_record(CACHE_KIND)))
-    if d not in _SWEPT:
+    if d not in _SWEPT:  # once per process and folder: listing a cache of hundreds of entries takes a while
+        if not any(d.iterdir()):
+            (d / OWNER_FILE).write_text(json.dumps(owner_record(CACHE_KIND)))
         _SWEPT.add(d)
         removed = remove_broken_libraries(d)
         if removed:

@@ -36,6 +36,9 @@ class Step:
     has_v: torch.Tensor  # [n] bool: the cell has a vertical source
     out: torch.Tensor | slice  # flat cells sampled (unpadded: the first n rows of the logits)
     n: int  # number of cells sampled
+    # padded steps: [bucket] the cell whose uniform each row draws with (``out``, then cell 0
+    # for the padding rows, whose draws are ignored); None on eager steps
+    out_rows: torch.Tensor | None = None
 
     @property
     def causal(self) -> bool:
@@ -213,4 +216,5 @@ def _padded_step(layout: Layout, st: Step, dev) -> Step:
         _padded(st.has_v.tolist(), size, False, dev),
         st.out,
         n,
+        _padded(_ids(st.out), size, 0, dev),
     )

@@ -60,7 +60,6 @@ class DecoderState:
     preview: torch.Tensor | None = field(default=None, repr=False)  # [B, h, w]: the preview grid, if the recipe has one
     _hidden: tuple = field(default=None, repr=False)  # the prefill's last (hidden, branch hidden): step 0's source
     _scales: list = field(default=None, repr=False)  # compiled: per-step guidance scales as tensors
-    _outs: list = field(default=None, repr=False)  # compiled: per-step sampled cells, padded to the bucket
     _draw: Sampling = field(default=None, repr=False)  # the settings the draw reads (no generator: its noise is drawn)
     _watch: compiled.CompileWatch | None = field(default=None, repr=False)  # compiled: the start/end lines
 
@@ -85,6 +84,25 @@ class DecoderState:
 
     def image(self) -> torch.Tensor:
         return self.codes.view(self.batch, self.layout.height, self.layout.width)
+
+    def compiled_call(self, t: int):
+        """Step ``t`` (after the first) of a compiled state as a call of no arguments that
+        returns (padded guided logits, padded codes): what ``step`` runs, without the
+        bookkeeping around it. It feeds the codes ``codes`` holds at step t's cells and
+        rewrites the same cache entries, so it can run again (benchmarks time the graphs
+        alone with it); call it inside ``torch.inference_mode()`` and
+        ``compiled.recompile_room(True)``, as ``step`` does."""
+        if not self.compiled:
+            raise InputError("compiled_call needs a state prefilled with compile=True (state.compiled)")
+        if not 1 <= t < self.num_steps:
+            raise IndexError(f"step {t} is outside 1..{self.num_steps - 1} (step 0 runs eagerly, from the prefill)")
+        _check_fresh(self)
+        st = self.schedule.steps[t]
+        key = (self.codes.device.type, st.entries.numel())
+        args = (self.decoder, self.codes, st, self._scales[t], self.noise, st.out_rows, self._draw)
+        # looked up on the module at every call: tests run the static path uncompiled by replacing it
+        fn = compiled.compiled_step(*key)
+        return lambda: compiled.run_step(key, fn, sampled_step, *args)
 
 
 def _sampling(sampling: Sampling | None, kwargs: dict) -> Sampling:
@@ -164,7 +182,7 @@ def _start(
     codes = torch.zeros(B, layout.height * layout.width, dtype=torch.long, device=dev)
     n = len(sched.steps)
     # per-step guidance scales as tensors: a compiled step would specialise on a float
-    scales = [torch.tensor(sampling.scale_at(t, n), device=dev) for t in range(n)] if compile else None
+    scales = compiled.step_scales(sampling, n, dev) if compile else None
     watch = None
     settings = replace(sampling, generator=None)  # what the draw reads; a compiled step specialises on it
     if compile:
@@ -190,17 +208,9 @@ def _start(
         noise=noise,
         _hidden=(hh[:, -1:], None if hv is None else hv[:, -1:]),
         _scales=scales,
-        _outs=[None] + [_padded_out(st) for st in sched.steps[1:]] if compile else None,
         _draw=settings,
         _watch=watch,
     )
-
-
-def _padded_out(st) -> torch.Tensor:
-    """A padded step's sampled cells, padded (with cell 0) to its rows: the uniforms the
-    compiled step gathers for each row; the padding rows' draws are ignored."""
-    out = st.out if torch.is_tensor(st.out) else torch.arange(st.out.start, st.out.stop, device=st.h_idx.device)
-    return torch.cat([out, out.new_zeros(st.h_idx.numel() - out.numel())])
 
 
 def prefill(
@@ -255,25 +265,25 @@ def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Ten
     dev = state.codes.device
     if dev.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
-    key = (dev.type, st.entries.numel())
-    # looked up on the module at every call: tests run the static path uncompiled by replacing it
-    fn = compiled.compiled_step(*key)
-    args = (dec, state.codes, st, state._scales[t], state.noise, state._outs[t], state._draw)
-    lg, tok = compiled.run_step(key, fn, sampled_step, *args)
+    lg, tok = state.compiled_call(t)()
     lg, tok = lg.reshape(B, -1, lg.shape[-1])[:, : st.n], tok[:, : st.n]
     # a CUDA graph's outputs are overwritten by its next replay: state.logits must outlive the step
     return (lg.clone(), tok.clone()) if dev.type == "cuda" else (lg, tok)
 
 
-def _step(state: DecoderState, forced=None) -> torch.Tensor:
-    ctx = state.decoder.ctx
-    if state.done:
-        raise RuntimeError(f"all {state.num_steps} steps of this decoder state have run")
-    if state.decoder.epoch != ctx.guard.epoch:
+def _check_fresh(state: DecoderState) -> None:
+    if state.decoder.epoch != state.decoder.ctx.guard.epoch:
         raise RuntimeError(
             "this decoder state is stale: a later prefill or generate on the same model reused its "
             "caches; prefill again (or decode on a copy.deepcopy of the model)"
         )
+
+
+def _step(state: DecoderState, forced=None) -> torch.Tensor:
+    if state.done:
+        raise RuntimeError(f"all {state.num_steps} steps of this decoder state have run")
+    _check_fresh(state)
+    ctx = state.decoder.ctx
     lg, tok = _advance(state, forced is None)
     if forced is not None:
         tok = check_step_codes(ctx, forced, state.t, (state.batch, lg.shape[1]), state.codes.device)
