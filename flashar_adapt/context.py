@@ -150,6 +150,16 @@ class PatchContext:
         return next(self.layers.parameters()).device
 
 
+def check_not_meta(model: nn.Module) -> None:
+    """A model built on the meta device has shapes and no values: nothing can run on it."""
+    name = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if name is not None:
+        raise InputError(
+            f"the model's {name} is on the meta device (a shape, no values): load the weights first "
+            "(model.to_empty(device=...) then load_state_dict, or load_state_dict(..., assign=True))"
+        )
+
+
 def context(model: nn.Module) -> PatchContext:
     """The PatchContext of a patched model; RuntimeError if it is not patched."""
     mods = getattr(model, "flashar", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -175,9 +176,23 @@ def _loading(cls, where, *args):
     except (FlashARError, OSError, ImportError, MemoryError, KeyboardInterrupt):  # already clear
         raise
     except Exception as e:  # noqa: BLE001 - every library raises its own types for a damaged file
-        raise FormatError(
-            f"{where}: the {cls.name} format cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
-        ) from e
+        bad = _unreadable_json(where) if isinstance(e, ValueError) else None  # JSON and UTF-8 errors are ValueErrors
+        what = f"{bad[0]} is not UTF-8 JSON ({bad[1]})" if bad else f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise FormatError(f"{where}: the {cls.name} format cannot load it ({what[:300]})") from e
+
+
+def _unreadable_json(where) -> tuple[str, str] | None:
+    """The first ``*.json`` file of the folder ``where`` that does not parse as UTF-8 JSON,
+    and why: the libraries' decode errors name a line and column, not the file."""
+    folder = Path(where)
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.glob("*.json")):
+        try:
+            json.loads(p.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as e:
+            return p.name, " ".join(str(e).split())[:200]
+    return None
 
 
 def open_path(path: str | os.PathLike, overrides: dict | None = None) -> tuple[nn.Module, type[ModelFormat]]:

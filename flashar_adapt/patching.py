@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import lora_layers, remove_lora
-from .context import PatchContext, capture_hook, context
+from .context import PatchContext, capture_hook, check_not_meta, context
 from .decoding import generate
 from .errors import InputError
 from .heads import FlashARModules, FusionGate, ImageHead
@@ -278,6 +278,7 @@ def patch(
         raise InputError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"patch takes a torch.nn.Module, got {type(model).__name__}")
+    check_not_meta(model)
     if recipe is None:
         recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"
     if not isinstance(recipe, (Recipe, str, os.PathLike)):

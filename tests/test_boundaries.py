@@ -405,6 +405,13 @@ def test_a_damaged_model_folder_is_one_line_naming_it(tmp_path, capsys):
         for argv in (("inspect", d), ("check", d, "fmnist-c2i")):
             rc, err = _cli(capsys, *argv)
             assert rc == 2 and msg in err and d.name in err, (name, argv, err)
+    # a config cut short or not UTF-8: the decode error names a line, the message the file
+    for name, raw in {"cut": json.dumps(cfg).encode()[:40], "not utf-8": b"\xff\xfe{}"}.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        (d / "config.json").write_bytes(raw)
+        rc, err = _cli(capsys, "inspect", d)
+        assert rc == 2 and f"{d.name}: the transformers format cannot load it (config.json is not UTF-8 JSON" in err
 
 
 def test_yml_recipes_are_listed_and_found(tmp_path, capsys):
@@ -431,3 +438,19 @@ def test_data_tokenized_for_another_recipe_is_said(tmp_path):
     w.close()
     with pytest.warns(UserWarning, match="tokenized for recipe 'another-recipe'"):
         check_data(ShardDataset(tmp_path / "d"), recipe)
+
+
+def test_meta_device_weights_or_condition_are_refused_in_one_sentence():
+    """A model built on the meta device has shapes and no values: patching it, or decoding
+    after moving it there, is refused naming a weight; so is a condition on the meta device
+    (it decoded nothing and returned a meta tensor, or failed deep inside torch)."""
+    with pytest.raises(fa.FlashARError, match="on the meta device .* load the weights first"):
+        fa.patch(tiny.llamagen(grid=4).to("meta"), tiny.llamagen_recipe(grid=4))
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    with pytest.raises(fa.FlashARError, match="cond is on the meta device"):
+        model.generate(torch.tensor([1], device="meta"))
+    model.to("meta")
+    for call in (lambda: model.generate(torch.tensor([1])), lambda: fa.prefill(model, torch.tensor([1]))):
+        with pytest.raises(fa.FlashARError, match="the model's .* is on the meta device"):
+            call()

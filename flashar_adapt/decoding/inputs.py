@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context import PatchContext
+from ..context import PatchContext, check_not_meta
 from ..errors import InputError
 from ..grid import Layout
 
@@ -130,6 +130,10 @@ def check_cond(
     ``allow_null`` admits the null class (training with condition dropout, unconditional scoring)."""
     c = ctx.recipe.condition
     dev = ctx.device()
+    if dev.type == "meta":
+        check_not_meta(ctx.model)
+    if isinstance(cond, torch.Tensor) and cond.is_meta:
+        raise InputError("cond is on the meta device (a shape, no values): pass the ids themselves")
     if not isinstance(cond, torch.Tensor):
         try:
             cond = torch.as_tensor(cond)

@@ -57,8 +57,9 @@ class LlamaGenRunner(Runner):
             raise RecipeError(
                 "image.grid",
                 f"the model's 2D rotary positions are a {side}x{side} grid (block_size {n}), the recipe's "
-                f"grid is {H}x{W}: build the model with block_size={H * W} (--set block_size={H * W}) or "
-                f"patch with grid=({side}, {side})",
+                f"grid is {H}x{W}: decode the model's own grid (patch(..., grid=({side}, {side})), check "
+                f"--grid {side} {side}), or, if its weights are for {H}x{W}, build it with block_size={H * W} "
+                f"(--set block_size={H * W})",
                 ctx.recipe.source,
             )
 
