@@ -176,9 +176,20 @@ def _loading(cls, where, *args):
     except (FlashARError, OSError, ImportError, MemoryError, KeyboardInterrupt):  # already clear
         raise
     except Exception as e:  # noqa: BLE001 - every library raises its own types for a damaged file
-        bad = _unreadable_json(where) if isinstance(e, ValueError) else None  # JSON and UTF-8 errors are ValueErrors
+        bad = _unreadable_json(where) if _decode_error(e) else None
         what = f"{bad[0]} is not UTF-8 JSON ({bad[1]})" if bad else f"{type(e).__name__}: {' '.join(str(e).split())}"
         raise FormatError(f"{where}: the {cls.name} format cannot load it ({what[:300]})") from e
+
+
+def _decode_error(e: BaseException) -> bool:
+    """``e``, or an error it was raised from, is a JSON or UTF-8 decode error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _unreadable_json(where) -> tuple[str, str] | None:
