@@ -75,6 +75,7 @@ CONFIG_RULES = {
     "backend": Is((str,), "a model format name", optional=True),
     "backbone": {"format": Is((str,), "a model format name", optional=True)},
     "fixed_gate": Num(0, 1, optional=True),
+    "lora_layers_merged": Num(0, integer=True, optional=True),
 }
 # Every key an export's config may hold (what _write_export writes, and "backend", its older name
 # for the backbone's format).
@@ -89,6 +90,8 @@ CONFIG_KEYS = (
     "recipe_config",
     "lora_adapters",
     "backbone_files",
+    "files",
+    "config_sha256",
 )
 _ADAPTER_RULES = {"file": Is((str,), "a file name"), "r": Num(1, integer=True), "alpha": Num(1, integer=True)}
 # Recipe keys that do not change what the exported weights compute.
@@ -168,9 +171,7 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
         ctx.merged_adapters += merged  # the original weights are gone: unpatch refuses from now on
         tmp = owned_temp_dir(out_dir, EXPORT_KIND)
         try:
-            _write_export(model, ctx, tmp, merged, adapters, lora_meta)
-            for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
+            _write_export(model, ctx, tmp, merged, adapters, lora_meta, extra_files or {})
             _swap_in(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # made by this call
@@ -214,7 +215,9 @@ def export_run(
     return export_merged(model, out_dir, merge=merge, extra_files=extra), point
 
 
-def _write_export(model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta: dict | None) -> None:
+def _write_export(
+    model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta: dict | None, extra_files: dict
+) -> None:
     (tmp / "backbone").mkdir()
     with base_layers_in_place(model):
         spec = save_model(model, tmp / "backbone")
@@ -222,6 +225,8 @@ def _write_export(model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta:
     if lora_meta is not None:
         save_file(adapters, str(tmp / lora_meta["file"]), metadata={"format": FORMAT})
     (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
+    for name, data in extra_files.items():
+        (tmp / name).write_bytes(data)
     cfg = {
         "format": FORMAT,
         "recipe": ctx.recipe.name,
@@ -234,39 +239,83 @@ def _write_export(model, ctx, tmp: Path, merged: int, adapters: dict, lora_meta:
     if lora_meta is not None:
         cfg["lora_adapters"] = lora_meta
     cfg["backbone_files"] = backbone_files(tmp / "backbone")
+    # the export's own files (recipe.yaml has its own check, against recipe_config)
+    cfg["files"] = {
+        n: file_record(tmp / n)
+        for n in EXPORT_ENTRIES
+        if n not in ("backbone", "recipe.yaml", CONFIG)
+        if (tmp / n).is_file()
+    }
+    cfg["config_sha256"] = config_digest(cfg)
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
 
 
-# Files up to this size (configs, model_args.json) are recorded by hash; larger ones (weights)
-# by size, so loading a multi-GB backbone is not slowed by hashing it.
+# Files up to this size (configs, model_args.json) are recorded by their hash; larger ones
+# (weights) by their size and the hash of their first and last MiB (the header and the first
+# and last tensors), so loading a multi-GB backbone is not slowed by hashing it whole.
 HASHED_BYTES = 1 << 20
 
 
-def backbone_files(root: Path) -> dict:
-    """{path under ``root``: {"bytes": size, "sha256": digest for small files}}: what the
-    export wrote, so a file edited since (a model_args.json with another head count) is named
-    on load instead of building another model."""
-    out = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        rec = {"bytes": size}
+def file_record(f: Path) -> dict:
+    """{"bytes": size, "sha256": digest} of a small file, {"bytes", "sha256_ends"} of a large one."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
         if size <= HASHED_BYTES:
-            rec["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
-        out[f.relative_to(root).as_posix()] = rec
-    return out
+            return {"bytes": size, "sha256": hashlib.sha256(fh.read()).hexdigest()}
+        h = hashlib.sha256(fh.read(HASHED_BYTES))
+        fh.seek(size - HASHED_BYTES)
+        h.update(fh.read())
+        return {"bytes": size, "sha256_ends": h.hexdigest()}
+
+
+def backbone_files(root: Path) -> dict:
+    """{path under ``root``: ``file_record``}: what the export wrote, so a file edited or
+    swapped since (a model_args.json with another head count, another model's weights of the
+    same size) is named on load instead of building another model."""
+    return {f.relative_to(root).as_posix(): file_record(f) for f in sorted(p for p in root.rglob("*") if p.is_file())}
+
+
+def config_digest(cfg: dict) -> str:
+    """The hash of an export config without its own ``config_sha256``: an edited value (a
+    ``fixed_gate`` set by hand) would silently change what the loaded model computes."""
+    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_files(folder: Path, recorded, now: dict) -> None:
+    """Every recorded file is there and matches what its record holds (exports written before
+    a kind of record existed hold fewer keys: those are compared)."""
+    if not isinstance(recorded, dict):  # exports written before files were recorded
+        return
+    for name, rec in recorded.items():
+        have = now.get(name)
+        if have is None or not isinstance(rec, dict) or any(have.get(k) != v for k, v in rec.items()):
+            what = "is missing" if have is None else "differs from what the export wrote"
+            raise ExportError(
+                f"{folder / name} {what}; the weights would load into another model. Restore it or export again"
+            )
 
 
 def _check_backbone_files(out_dir: Path, recorded) -> None:
-    if not isinstance(recorded, dict):  # exports written before files were recorded
-        return
-    now = backbone_files(out_dir / "backbone")
-    for name, rec in recorded.items():
-        if now.get(name) != rec:
-            what = "is missing" if name not in now else "differs from what the export wrote"
-            raise ExportError(
-                f"{out_dir / 'backbone' / name} {what}; the weights would load into another model. "
-                "Restore it or export again"
-            )
+    if isinstance(recorded, dict):
+        _check_files(out_dir / "backbone", recorded, backbone_files(out_dir / "backbone"))
+
+
+def _check_export_files(out_dir: Path, cfg: dict) -> None:
+    """The config as the export wrote it, and the export's own files (FlashAR weights, adapters,
+    class names) as it recorded them; exports written before these records pass unchecked."""
+    if "config_sha256" in cfg and cfg["config_sha256"] != config_digest(cfg):
+        raise ExportError(
+            f"{out_dir / CONFIG} was edited after the export (its values no longer match its config_sha256); "
+            "the loaded model would compute something else. Restore it or export again"
+        )
+    recorded = cfg.get("files")
+    if isinstance(recorded, dict):
+        odd = next((n for n in recorded if n not in EXPORT_ENTRIES or n in ("backbone", CONFIG)), None)
+        if odd is not None:
+            raise ExportError(f"{out_dir / CONFIG}: files: {odd!r} is not a file an export holds")
+        now = {n: file_record(out_dir / n) for n in recorded if (out_dir / n).is_file()}
+        _check_files(out_dir, recorded, now)
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
@@ -317,6 +366,8 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     """Rebuild the patched model from an export folder: no network, no pickled code. Any
     defect of the folder (missing or damaged files, a file leading outside the folder, a
     recipe.yaml edited since the export) is an ``ExportError``."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise InputError(f"out_dir must be the path of an export folder, got {out_dir!r}")
     out_dir = Path(out_dir)
     problem = None if device is None else device_problem(device)
     if problem:
@@ -337,6 +388,7 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     links = escaping_links(out_dir)
     if links:
         raise ExportError(f"{links[0]}: a symbolic link leading outside the export folder; refused")
+    _check_export_files(out_dir, cfg)
     _check_backbone_files(out_dir, cfg.get("backbone_files"))
     try:
         model = fmt.load(spec, root)

@@ -216,4 +216,5 @@ def open_path(path: str | os.PathLike, overrides: dict | None = None) -> tuple[n
         spec = cls.sniff(path)
         if spec is not None:
             return _loading(cls, path, spec, None, overrides or {}), cls
-    raise ValueError(f"{path}: no model format recognises it (known: {', '.join(list_formats())})")
+    hint = " (a flashar-adapt export: load it with fa.load_adapted)" if (path / "flashar_config.json").is_file() else ""
+    raise FormatError(f"{path}: no model format recognises it (known: {', '.join(list_formats())}){hint}")

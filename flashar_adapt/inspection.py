@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import nn
 
+from .errors import InputError
 from .formats import open_path
 from .logit_maps import find_logit_map
 from .recipe import TODO
@@ -157,6 +158,10 @@ def inspect_model(
     model: nn.Module | str | os.PathLike, backend: str | None = None, overrides: dict | None = None
 ) -> Inspection:
     """Describe ``model`` (a module, or a path loaded with :func:`load_model`) and draft a recipe."""
+    if not isinstance(model, (nn.Module, str, os.PathLike)) or (not isinstance(model, nn.Module) and not str(model)):
+        raise InputError(f"model must be a torch.nn.Module or the path of a model, got {model!r}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise InputError(f"overrides must be a dict of model constructor values, got {type(overrides).__name__}")
     if not isinstance(model, nn.Module):
         model, backend = load_model(model, overrides)
     named = dict(model.named_modules())

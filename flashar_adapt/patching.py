@@ -83,13 +83,32 @@ def resolve(root: nn.Module, path: str, key: str, source: str | None) -> Any:
     return obj
 
 
-def _module(root, path, key, src, kinds=(nn.Module,)):
+def _module(root, path, key, src, kinds=(nn.Module,), called: bool = True):
     obj = resolve(root, path, key, src)
     if not isinstance(obj, kinds):
         raise RecipeError(
             key, f"path {path!r} is a {type(obj).__name__}, expected {' or '.join(k.__name__ for k in kinds)}", src
         )
+    if called and type(obj).forward is nn.Module.forward:  # a container (ModuleList, ModuleDict): nothing to call
+        raise RecipeError(key, f"path {path!r} is a {type(obj).__name__}, a container that cannot be called", src)
     return obj
+
+
+def _check_embed(embed: nn.Module, key: str, path: str, src) -> None:
+    """The token embedding maps ids to vectors (an ``nn.Embedding`` does by its type; any
+    other module is asked on one id: a Linear or a norm there fails only at decoding)."""
+    if isinstance(embed, nn.Embedding):
+        return
+    p = next(embed.parameters(), None)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=None if p is None else p.device)
+    try:
+        with torch.no_grad():
+            out = embed(ids)
+        ok = isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() == 3
+    except Exception:  # noqa: BLE001 - whatever a module that takes no ids raises
+        ok = False
+    if not ok:
+        raise RecipeError(key, f"path {path!r} ({type(embed).__name__}) does not map token ids to vectors", src)
 
 
 def _check_ids(ids, key, vocab, src):
@@ -105,10 +124,11 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     src = recipe.source
     m = recipe.modules
     runner = get_runner(recipe.backend)()  # one runner per patched model
-    layers = _module(model, m.layers, "modules.layers", src, (nn.ModuleList, nn.Sequential))
+    layers = _module(model, m.layers, "modules.layers", src, (nn.ModuleList, nn.Sequential), called=False)
     norm = _module(model, m.norm, "modules.norm", src)
     head = _module(model, m.head, "modules.head", src)
     embed = _module(model, m.embed, "modules.embed", src)
+    _check_embed(embed, "modules.embed", m.embed, src)
     decoder = _module(model, m.decoder, "modules.decoder", src)
     image_embed = [_module(model, p, f"modules.image_embed[{i}]", src) for i, p in enumerate(m.image_embed)]
     after_norm = [_module(model, p, f"modules.after_norm[{i}]", src) for i, p in enumerate(m.after_norm)]
@@ -278,6 +298,11 @@ def patch(
         raise InputError(f"fixed_gate must be a number in [0, 1] (the horizontal head's weight), got {fixed_gate!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"patch takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper: calls go to a graph
+        raise InputError(
+            f"patch the model itself, not the {type(model).__name__} torch.compile wrapped it in: "
+            "fa.patch(compiled._orig_mod) (decode with generate(compile=True) to compile the steps)"
+        )
     check_not_meta(model)
     if recipe is None:
         recipe = match_recipe(model)  # the registry entry whose ``match:`` fits, or a RecipeError "<recipe>"

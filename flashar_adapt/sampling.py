@@ -215,7 +215,7 @@ def sample(
             top_p=1.0 if top_p is None else top_p,
             generator=generator,
         )
-    _check_logits(logits)
+    check_logits(logits)
     shape = logits.shape[:-1]
     logits = logits.reshape(-1, logits.shape[-1])
     groups = len(s.generator) if s.per_image else logits.shape[0]
@@ -225,15 +225,21 @@ def sample(
     return draw(logits, None if noise is None else noise.reshape(-1), s).reshape(shape)
 
 
-def _check_logits(logits) -> None:
-    """What ``sample`` can draw from: a float tensor [..., K] with K >= 1 and rows, no NaN and
-    no +inf (a masked entry is -inf or the dtype's lowest; an inf or NaN drew index 0 unseen)."""
+def check_logits(logits, what: str = "logits") -> None:
+    """What can be drawn from: a float tensor [..., K] with K >= 1 and rows, no NaN, no +inf
+    and in every row a finite entry (a masked entry is -inf or the dtype's lowest; a NaN, an
+    inf or a row masked whole drew index 0 unseen). ``what`` names them in the error."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise InputError(f"logits must be a float tensor [..., K], got {type(logits).__name__}")
+        got = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(f"{what} must be a float tensor [..., K], got {got}")
+    if logits.is_meta:
+        raise InputError(f"{what} are on the meta device (a shape, no values)")
     if logits.dim() < 1 or logits.shape[-1] == 0 or logits.numel() == 0:
-        raise InputError(f"logits must be a non-empty tensor [..., K], got shape {list(logits.shape)}")
+        raise InputError(f"{what} must be a non-empty tensor [..., K], got shape {list(logits.shape)}")
     if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise InputError("logits hold NaN or +inf; nothing can be drawn from them (mask entries with -inf)")
+        raise InputError(f"{what} hold NaN or +inf; nothing can be drawn from them (mask entries with -inf)")
+    if not bool(torch.isfinite(logits).any(-1).all()):
+        raise InputError(f"{what} have a row with no finite entry (all masked): nothing can be drawn from it")
 
 
 def index_seed(seed: int, index: int) -> int:

@@ -67,7 +67,14 @@ class ImageTokenizer:
         return codes.long().view(images.shape[0], *self.grid)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        codes = torch.as_tensor(codes)
+        try:
+            codes = torch.as_tensor(codes)
+        except (TypeError, ValueError, RuntimeError):
+            raise TokenizerError(f"codes must be integer code ids [N, h, w], got {type(codes).__name__}") from None
+        if codes.is_meta or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TokenizerError(
+                f"codes must be integer code ids [N, h, w], got a {codes.dtype} tensor on {codes.device}"
+            )
         if codes.dim() != 3 or tuple(codes.shape[1:]) != self.grid:
             raise TokenizerError(f"codes must be [N, {self.grid[0]}, {self.grid[1]}], got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
@@ -197,23 +204,27 @@ def check_fits(tok: ImageTokenizer, recipe: Recipe) -> None:
 
 # ---------------------------------------------------------------- decode_images
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, ImageTokenizer] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its PatchContext, tokenizer)
 
 
 def tokenizer_of(model: nn.Module, checkpoint: str | os.PathLike | None = None) -> ImageTokenizer:
     """The tokenizer of a patched model's recipe (built once per model and kept)."""
-    if checkpoint is None and model in _CACHE:
-        return _CACHE[model]
-    tok = load_tokenizer(context(model).recipe, model, checkpoint=checkpoint)
-    _CACHE[model] = tok
+    ctx = context(model)
+    held = _CACHE.get(model)
+    if checkpoint is None and held is not None and held[0] is ctx:  # the same patch: a re-patch may name another
+        return held[1]
+    tok = load_tokenizer(ctx.recipe, model, checkpoint=checkpoint)
+    _CACHE[model] = (ctx, tok)
     return tok
 
 
 def decode_images(model: nn.Module, codes: torch.Tensor, tokenizer: ImageTokenizer | None = None) -> torch.Tensor:
     """Codes [N, h, w] from ``model.generate`` -> images float [N, C, H, W] in [0, 1], with the
     tokenizer the model's recipe names (or the one given)."""
+    if tokenizer is not None and not isinstance(tokenizer, ImageTokenizer):
+        raise InputError(f"tokenizer must be an ImageTokenizer (fa.load_tokenizer), got {type(tokenizer).__name__}")
     tok = tokenizer or tokenizer_of(model)
-    return tok.decode(codes.cpu())
+    return tok.decode(codes.cpu() if isinstance(codes, torch.Tensor) and not codes.is_meta else codes)
 
 
 # ---------------------------------------------------------------- colour clusters

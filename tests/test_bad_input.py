@@ -134,13 +134,17 @@ def _set_cfg(key, value):
     return f
 
 
-def _drop_cfg(key):
+def _drop_cfg(*keys):
     def f(out):
         cfg = json.loads((out / "flashar_config.json").read_text())
-        del cfg[key]
+        for key in keys:
+            del cfg[key]
         (out / "flashar_config.json").write_text(json.dumps(cfg))
 
     return f
+
+
+_OLD_EXPORT = ("backbone_files", "files", "config_sha256")  # what exports written before file records lack
 
 
 def _truncate_biggest(out):
@@ -168,22 +172,34 @@ BROKEN_EXPORTS = {
     "backbone file absolute": (_set_cfg("backbone.checkpoint", "/etc/passwd"), "absolute path"),
     "truncated backbone": (_truncate_biggest, "llamagen.pt differs from what the export wrote"),
     "truncated backbone of an export without a file record": (
-        lambda out: (_truncate_biggest(out), _drop_cfg("backbone_files")(out)),
+        lambda out: (_truncate_biggest(out), _drop_cfg(*_OLD_EXPORT)(out)),
         "cannot load the backbone",
     ),
     "symlink to a file outside": (_link_outside, "outside"),
     "recipe not UTF-8": (lambda out: (out / "recipe.yaml").write_bytes(b"name: \xff"), "not UTF-8"),
     "recipe invalid": (lambda out: (out / "recipe.yaml").write_text("name: x\n"), "is required"),
     "weights not float": (
-        lambda out: save_file(
-            {
-                k: torch.zeros(v.shape, dtype=torch.int32)
-                for k, v in load_file(str(out / "flashar.safetensors")).items()
-            },
-            str(out / "flashar.safetensors"),
+        lambda out: (
+            save_file(
+                {
+                    k: torch.zeros(v.shape, dtype=torch.int32)
+                    for k, v in load_file(str(out / "flashar.safetensors")).items()
+                },
+                str(out / "flashar.safetensors"),
+            ),
+            _drop_cfg(*_OLD_EXPORT)(out),
         ),
         "floating point",
     ),
+    "FlashAR weights swapped for others of the same shapes": (
+        lambda out: save_file(
+            {k: v + 1 for k, v in load_file(str(out / "flashar.safetensors")).items()},
+            str(out / "flashar.safetensors"),
+        ),
+        "flashar.safetensors differs from what the export wrote",
+    ),
+    "a valid value edited": (_set_cfg("fixed_gate", 0.5), "flashar_config.json was edited after the export"),
+    "lora_layers_merged negative": (_set_cfg("lora_layers_merged", -1), "lora_layers_merged: must be"),
 }
 
 

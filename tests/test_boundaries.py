@@ -88,7 +88,8 @@ def test_an_edited_model_args_json_is_named_on_load(export):
         fa.load_adapted(export)
     # an export written before files were recorded still has its values typed
     cfg = json.loads((export / "flashar_config.json").read_text())
-    del cfg["backbone_files"]
+    for key in ("backbone_files", "files", "config_sha256"):
+        del cfg[key]
     (export / "flashar_config.json").write_text(json.dumps(cfg))
     args.write_text(json.dumps({**values, "n_head": values["n_head"] // 2, "norm_eps": None}))
     with pytest.raises(ExportError, match="norm_eps is required"):
@@ -454,3 +455,117 @@ def test_meta_device_weights_or_condition_are_refused_in_one_sentence():
     for call in (lambda: model.generate(torch.tensor([1])), lambda: fa.prefill(model, torch.tensor([1]))):
         with pytest.raises(fa.FlashARError, match="the model's .* is on the meta device"):
             call()
+
+
+# ---------------------------------------------------------------- a fourth pass: the Python API
+
+
+def test_a_torch_compile_wrapper_is_refused_and_nothing_is_left_behind():
+    model = tiny.llamagen(grid=4)
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    with pytest.raises(fa.FlashARError, match="not the OptimizedModule torch.compile wrapped it in"):
+        fa.patch(torch.compile(model), tiny.llamagen_recipe(grid=4))
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == hooks
+    fa.patch(model, tiny.llamagen_recipe(grid=4))  # the model itself still patches
+
+
+def test_logits_nothing_can_be_drawn_from_are_refused_not_decoded_as_code_0():
+    """NaN weights, a hook returning NaN, a low-precision overflow: decoding drew code 0 from
+    every cell without a word; now the first step's logits are checked (one sync per run).
+    fa.sample refuses a row masked whole, and names a dtype that is not float."""
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    hook = model.output.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    for mode in ("two_way", "raster"):
+        with pytest.raises(fa.FlashARError, match="logits at the first step hold NaN"):
+            model.generate(torch.tensor([1, 2]), mode=mode)
+    hook.remove()
+    assert model.generate(torch.tensor([1, 2]), top_k=1).shape == (2, 4, 4)
+    with pytest.raises(fa.FlashARError, match="a row with no finite entry"):
+        fa.sample(torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]))
+    with pytest.raises(fa.FlashARError, match="got a torch.int64 tensor"):
+        fa.sample(torch.ones(4, 10, dtype=torch.long))
+
+
+def test_a_model_cast_or_moved_apart_from_its_state_or_its_flashar_modules_is_said():
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    cond = torch.tensor([1, 2])
+    state = fa.prefill(model, cond, top_k=1)
+    model.half()
+    with pytest.raises(RuntimeError, match="stale: the model is now torch.float16"):
+        fa.step(state)
+    model.float()
+    model.flashar.half()
+    with pytest.raises(fa.FlashARError, match="FlashAR modules are torch.float16 .* the model torch.float32"):
+        model.generate(cond)
+    model.float()
+    with pytest.raises(fa.FlashARError, match="vertical must be True or False"):
+        fa.prefill(model, cond, vertical="no")
+    with pytest.raises(fa.FlashARError, match="uncond must be True or False"):
+        fa.teacher_forward(model, cond, torch.zeros(2, 4, 4, dtype=torch.long), uncond="no")
+
+
+def test_recipe_module_paths_that_cannot_play_their_part_are_named_at_patch():
+    for key, path, msg in (
+        ("modules.norm", "layers", "a container that cannot be called"),
+        ("modules.embed", "output", "does not map token ids to vectors"),
+    ):
+        with pytest.raises(fa.RecipeError, match=f"{key}: path '{path}'.*{msg}"):
+            fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), **{key: path})
+
+
+def test_api_arguments_of_the_wrong_kind_are_one_sentence(tmp_path):
+    for bad in ("", None, 5):
+        with pytest.raises(fa.RecipeError, match="a registry name or a YAML file path"):
+            fa.load_recipe(bad)
+    assert fa.load_recipe("fmnist-c2i", str(tmp_path)).name == "fmnist-c2i"  # one folder, not walked per letter
+    with pytest.raises(fa.FlashARError, match="out_dir must be the path of an export folder"):
+        fa.load_adapted(5)
+    with pytest.raises(fa.FlashARError, match="model must be a torch.nn.Module or the path"):
+        fa.inspect_model(5)
+    with pytest.raises(fa.FlashARError, match="overrides must be a dict"):
+        fa.inspect_model(tmp_path, overrides=[1])
+    export = fa.export_merged(_patched_tiny(), tmp_path / "exp")
+    with pytest.raises(fa.FlashARError, match="a flashar-adapt export: load it with fa.load_adapted"):
+        fa.inspect_model(export)
+
+
+def _patched_tiny():
+    model = tiny.llamagen(grid=4)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    return model
+
+
+def test_decode_images_takes_integer_codes_and_a_tokenizer_of_the_current_patch():
+    tok = fa.load_tokenizer("fmnist-c2i")
+    model = tiny.llamagen(grid=14, vocab=256)
+    fa.patch(model, "fmnist-c2i", **{"condition.num_classes": 10})
+    codes = torch.randint(0, 256, (2, 14, 14), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fa.decode_images(model, codes.tolist()), tok.decode(codes))  # a list of ids is ids
+    for bad in (codes.float() + 0.5, codes.bool()):
+        with pytest.raises(fa.FlashARError, match="codes must be integer code ids"):
+            fa.decode_images(model, bad)
+    with pytest.raises(fa.FlashARError, match="tokenizer must be an ImageTokenizer"):
+        fa.decode_images(model, codes, tokenizer="x")
+    fa.unpatch(model)
+    fa.patch(model, "fmnist-c2i", **{"condition.num_classes": 10, "image.codebook_size": 128})
+    with pytest.raises(fa.FlashARError, match="image.codebook_size is 128"):  # the old patch's tokenizer was kept
+        fa.decode_images(model, codes % 128)
+
+
+def test_a_weight_file_swapped_for_another_of_the_same_size_is_seen(tmp_path):
+    """Weight files are recorded by size and the hash of both ends (not read whole on load):
+    another model's file of the same size differs there."""
+    from flashar_adapt.export import HASHED_BYTES, file_record
+
+    f = tmp_path / "w.bin"
+    data = bytearray(torch.randn(3 * HASHED_BYTES // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    f.write_bytes(bytes(data))
+    rec = file_record(f)
+    assert rec["bytes"] == len(data) and "sha256_ends" in rec
+    for at in (10, len(data) - 10):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        f.write_bytes(bytes(changed))
+        assert file_record(f) != rec, at

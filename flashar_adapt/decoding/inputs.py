@@ -123,6 +123,18 @@ def _check_prompt(ctx: PatchContext, ids: torch.Tensor, name: str, shape: str) -
     return ids.long()
 
 
+def _check_flashar_follows(ctx: PatchContext) -> None:
+    """The FlashAR modules are part of the model: moved or cast on their own (model.flashar.half())
+    they fail deep inside a matrix product."""
+    mine = next(ctx.flashar.parameters(), None)
+    theirs = next(ctx.layers.parameters())
+    if mine is not None and (mine.dtype, mine.device) != (theirs.dtype, theirs.device):
+        raise InputError(
+            f"the FlashAR modules are {mine.dtype} on {mine.device}, the model {theirs.dtype} on "
+            f"{theirs.device}: move or cast the whole model (model.to(...)), the modules are part of it"
+        )
+
+
 def check_cond(
     ctx: PatchContext, cond, cond_mask=None, allow_null: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -134,6 +146,7 @@ def check_cond(
         check_not_meta(ctx.model)
     if isinstance(cond, torch.Tensor) and cond.is_meta:
         raise InputError("cond is on the meta device (a shape, no values): pass the ids themselves")
+    _check_flashar_follows(ctx)
     if not isinstance(cond, torch.Tensor):
         try:
             cond = torch.as_tensor(cond)

@@ -240,6 +240,8 @@ def prefill(
     steps then decode the main grid."""
     check_mode(mode)
     _check_compile(compile)
+    if not isinstance(vertical, bool):
+        raise InputError(f"vertical must be True or False, got {vertical!r}")
     ctx = context(model)
     s = _sampling(sampling, sampling_kwargs)
     with ctx.guard, eval_behaviour(model), torch.inference_mode():
@@ -258,6 +260,7 @@ def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Ten
             hh, hv = state._hidden
             lg = cell_logits(dec.ctx, hh, hv, st.h_idx, st.v_idx, st.has_h, st.has_v, state.vertical)
             lg = guide(lg, B, scale)
+            _check_first_logits(lg)
         else:
             lg = step_logits(dec, state.codes, st, scale)
         lg = lg.reshape(B, -1, lg.shape[-1])
@@ -271,11 +274,27 @@ def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Ten
     return (lg.clone(), tok.clone()) if dev.type == "cuda" else (lg, tok)
 
 
+def _check_first_logits(lg: torch.Tensor) -> None:
+    """Once per run (one host sync): NaN weights, a hook that returns NaN or an overflow in a
+    low-precision dtype give logits a draw turns into code 0 without a word."""
+    if not bool(torch.isfinite(lg).any(-1).all()) or bool(torch.isnan(lg).any()) or bool(torch.isposinf(lg).any()):
+        raise InputError(
+            "the model's logits at the first step hold NaN or +inf, or a row with no finite entry (non-finite "
+            "weights or inputs, a hook, or an overflow in a low-precision dtype): nothing can be decoded from them"
+        )
+
+
 def _check_fresh(state: DecoderState) -> None:
     if state.decoder.epoch != state.decoder.ctx.guard.epoch:
         raise RuntimeError(
             "this decoder state is stale: a later prefill or generate on the same model reused its "
             "caches; prefill again (or decode on a copy.deepcopy of the model)"
+        )
+    p = next(state.decoder.ctx.layers.parameters())
+    if p.dtype != state.decoder.dtype or p.device != state.codes.device:
+        raise RuntimeError(
+            f"this decoder state is stale: the model is now {p.dtype} on {p.device}, its caches "
+            f"{state.decoder.dtype} on {state.codes.device}; prefill again"
         )
 
 

@@ -59,6 +59,8 @@ def teacher_forward(
     ``preview`` [B, h, w]: the preview grid's codes, for a recipe that decodes one before the
     main grid (they end the prefix; their own logits are not returned)."""
     ctx = context(model)
+    if not isinstance(uncond, bool):
+        raise InputError(f"uncond must be True or False, got {uncond!r}")
     if negative is not None and not uncond:
         raise InputError("negative is the unconditional prefix: pass uncond=True with it")
     inputs = _teacher_inputs(

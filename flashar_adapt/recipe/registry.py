@@ -95,6 +95,10 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe, extra_dirs: list[str |
     ``./my-gpt2`` still means the recipe of that name."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise RecipeError("<name>", f"a recipe is a registry name or a YAML file path, got {name_or_path!r}")
+    if isinstance(extra_dirs, (str, os.PathLike)):  # one folder given where a list was meant: never walked per letter
+        extra_dirs = [extra_dirs]
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
