@@ -443,6 +443,12 @@ def check(
     patched model is checked as it is). Returns a Report; ``report.ok`` is the verdict."""
     if Num(0).problem(atol) is not None:
         raise InputError(f"atol must be a finite number >= 0, got {atol!r}")
+    if grid is not None and not (
+        isinstance(grid, (tuple, list))
+        and len(grid) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in grid)
+    ):
+        raise InputError(f"grid must be two positive integers (H, W), got {grid!r}")
     already = getattr(model, "flashar", None) is not None
     name = None
     if grid is not None and not already:
@@ -500,6 +506,8 @@ def check(
             model.train(was_training)
     except RecipeError as e:
         rep.add("run", FAIL, str(e), key=e.key)
+    except InputError as e:  # what was asked of the check (its cond, its grid for this recipe), not the backend
+        rep.add("run", FAIL, str(e))
     except Exception as e:  # noqa: BLE001 - report, do not crash the doctor
         rep.add("run", FAIL, f"{type(e).__name__}: {e}", key="backend")
     finally:

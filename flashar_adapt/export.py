@@ -290,7 +290,13 @@ def _check_files(folder: Path, recorded, now: dict) -> None:
     for name, rec in recorded.items():
         have = now.get(name)
         if have is None or not isinstance(rec, dict) or any(have.get(k) != v for k, v in rec.items()):
-            what = "is missing" if have is None else "differs from what the export wrote"
+            size = rec.get("bytes") if isinstance(rec, dict) else None
+            if have is None:
+                what = "is missing"
+            elif isinstance(size, int) and have["bytes"] != size:
+                what = f"differs from what the export wrote ({have['bytes']} bytes, not {size}: truncated or replaced)"
+            else:
+                what = "differs from what the export wrote"
             raise ExportError(
                 f"{folder / name} {what}; the weights would load into another model. Restore it or export again"
             )
@@ -301,14 +307,18 @@ def _check_backbone_files(out_dir: Path, recorded) -> None:
         _check_files(out_dir / "backbone", recorded, backbone_files(out_dir / "backbone"))
 
 
-def _check_export_files(out_dir: Path, cfg: dict) -> None:
-    """The config as the export wrote it, and the export's own files (FlashAR weights, adapters,
-    class names) as it recorded them; exports written before these records pass unchecked."""
+def _check_config_digest(out_dir: Path, cfg: dict) -> None:
+    """The config holds the values the export wrote (exports written before the digest pass)."""
     if "config_sha256" in cfg and cfg["config_sha256"] != config_digest(cfg):
         raise ExportError(
             f"{out_dir / CONFIG} was edited after the export (its values no longer match its config_sha256); "
             "the loaded model would compute something else. Restore it or export again"
         )
+
+
+def _check_export_files(out_dir: Path, cfg: dict) -> None:
+    """The export's own files (FlashAR weights, adapters, class names) as it recorded them;
+    exports written before these records pass unchecked."""
     recorded = cfg.get("files")
     if isinstance(recorded, dict):
         odd = next((n for n in recorded if n not in EXPORT_ENTRIES or n in ("backbone", CONFIG)), None)
@@ -408,6 +418,7 @@ def load_adapted(out_dir, device: str | torch.device | None = None) -> torch.nn.
     nan = non_finite_weights(model)
     if nan:
         raise ExportError(f"{out_dir}: the exported weights hold NaN or infinite values ({', '.join(nan)})")
+    _check_config_digest(out_dir, cfg)  # last: every value a specific check names has been named by now
     return model.eval()
 
 

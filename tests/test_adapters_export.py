@@ -61,6 +61,7 @@ def test_unmerged_export_serves_both_modes(tmp_path, family):
 def test_unmerged_export_without_adapters_file_is_a_clear_error(tmp_path):
     model = train(TrainConfig.load(llamagen_run(tmp_path, stage1=1, stage2=1, lora=True)), progress=False)
     out = fa.export_merged(model, tmp_path / "export", merge=False)
+    adapters = (out / "adapters.safetensors").read_bytes()
     (out / "adapters.safetensors").write_bytes(b"truncated")
     from flashar_adapt.export import ExportError
 
@@ -68,6 +69,8 @@ def test_unmerged_export_without_adapters_file_is_a_clear_error(tmp_path):
         fa.load_adapted(out)
     # a damaged record of the adapters is an ExportError naming the key, not a KeyError
     import json
+
+    (out / "adapters.safetensors").write_bytes(adapters)
 
     cfg = json.loads((out / "flashar_config.json").read_text())
     for bad, key in (

@@ -62,8 +62,9 @@ def _per_layout(store: dict, layout: Layout, mode: str, dev, build):
     """``build(layout, dev)`` once per layout, mode and device (a handful per process)."""
     key = (layout, mode, str(dev))
     if key not in store:
-        if len(store) > 32:
-            store.clear()
+        if len(store) > 32:  # both at once: a padded schedule holds its eager schedule's tensors
+            _SCHEDULES.clear()
+            _PADDED.clear()
         store[key] = build(layout, dev)
     return store[key]
 
