@@ -44,6 +44,7 @@ from .files import (
     owned_temp_dir,
     remove_dead_temp_dirs,
     target_lock,
+    write_failure,
 )
 from .formats import FormatError, save_model, spec_format
 from .generation import CLASSES
@@ -173,8 +174,11 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
         try:
             _write_export(model, ctx, tmp, merged, adapters, lora_meta, extra_files or {})
             _swap_in(tmp, out_dir)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)  # made by this call
+            failed = write_failure(e, out_dir)
+            if failed is not None:
+                raise ExportError(f"{out_dir}: writing the export failed, nothing was replaced ({failed})") from e
             raise
     return out_dir
 

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -221,6 +222,20 @@ def remove_dead_temp_files(folder, name: str) -> list[Path]:
     return removed
 
 
+def write_failure(e: BaseException, path) -> OSError | None:
+    """An ``OSError`` naming ``path`` for a write that failed for want of room or a device
+    error (a full disk, ``ulimit -f``): the serialisers report it in their own types, or
+    as an ``OSError`` without the file's name. None for anything else (a bug stays one)."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError):
+        return None if e.filename else OSError(e.errno, e.strerror or text, str(path))
+    if type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        return OSError(errno.EIO, f"could not write it ({text[:200]})", str(path))
+    if isinstance(e, RuntimeError) and any(k in text for k in ("inline_container", "PytorchStreamWriter")):
+        return OSError(errno.EIO, f"could not write it (torch.save: {text[:200]})", str(path))
+    return None
+
+
 def _replace_atomically(path, write) -> None:
     """``write(tmp)`` a temp file beside ``path``, fsync it (a rename is only as durable as the
     data before it), give it the umask's mode, then rename it over ``path``; on any failure
@@ -234,9 +249,12 @@ def _replace_atomically(path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed = write_failure(e, path)
+        if failed is not None:
+            raise failed from e
         raise
 
 

@@ -226,9 +226,16 @@ def to_pil(image: torch.Tensor):
 def _fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([recipe.name, list(recipe.image.grid), recipe.image.codebook_size, shard_size, extra]).encode())
-    for it in items:
-        h.update(f"{it.image}\0{it.cond}\n".encode())
+    for it in items:  # the size too: an image replaced after it was encoded is another input
+        h.update(f"{it.image}\0{it.cond}\0{_size(it.image)}\n".encode())
     return h.hexdigest()
+
+
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except (OSError, TypeError, ValueError):  # unreadable: listed as bad when it is read
+        return -1
 
 
 def tokenize_dataset(
@@ -259,6 +266,8 @@ def tokenize_dataset(
     out = Path(out_dir)
     state = resume_state(out)
     fp = _fingerprint(items, recipe, shard_size, extra)
+    if state is not None and state.get("fingerprint") != fp and not state.get("shards") and not state.get("done"):
+        state = None  # a run that wrote nothing (every image bad, or killed at once): start over with these inputs
     if state is not None and state.get("fingerprint") != fp:
         raise DataError(
             f"{out}: holds an interrupted run of other inputs or settings; finish it with the same "

@@ -88,8 +88,11 @@ class NpzImages:
         """One member, whole (small ones: labels, statistics)."""
         if key not in self.keys:
             raise NpzError(f"{self.path}: no {key!r} in it; members: {self.keys}")
-        with np.load(self.path, allow_pickle=False) as z:
-            return z[key]
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                return z[key]
+        except (zipfile.BadZipFile, OSError, ValueError) as e:  # a damaged member: bad CRC, cut short
+            raise NpzError(f"{self.path}: {key} is not readable ({e})") from None
 
     def batches(self, size: int) -> Iterator[np.ndarray]:
         """uint8 [b, H, W, 3] batches of ``size`` images (the last one shorter), in order."""
@@ -102,7 +105,10 @@ class NpzImages:
             (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
             for start in range(0, n, size):
                 b = min(size, n - start)
-                raw = f.read(b * per)
+                try:
+                    raw = f.read(b * per)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:  # zipfile checks the CRC as it reads
+                    raise NpzError(f"{self.path}: arr_0 is damaged ({e})") from None
                 if len(raw) != b * per:
                     raise NpzError(f"{self.path}: arr_0 ends after {start + len(raw) // per} of {n} images")
                 x = np.frombuffer(raw, dtype=np.uint8).reshape(b, h, w, c)

@@ -293,9 +293,15 @@ def _read_parts(out: Path, n: int, batch_size: int) -> tuple[torch.Tensor, float
         path = _part(out, b)
         if not path.is_file():
             raise SampleSetError(f"{out}: batch {b} was not drawn ({path} missing); run the same command again")
-        with safe_open(str(path), "pt") as f:
-            index, c = f.get_tensor("index"), f.get_tensor("codes")
-            seconds += float(f.metadata()["seconds"])
+        try:
+            with safe_open(str(path), "pt") as f:
+                index, c = f.get_tensor("index"), f.get_tensor("codes")
+                seconds += float(f.metadata()["seconds"])
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, a missing key
+            raise SampleSetError(
+                f"{path}: damaged ({' '.join(str(e).split())[:120]}); delete it and run the same command "
+                "again (that batch is drawn again)"
+            ) from None
         if index.tolist() != list(range(b * batch_size, min(n, (b + 1) * batch_size))):
             raise SampleSetError(f"{path}: holds other indices than batch {b}'s; remove the folder and sample again")
         codes.append(c)
@@ -303,8 +309,14 @@ def _read_parts(out: Path, n: int, batch_size: int) -> tuple[torch.Tensor, float
 
 
 def _rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:  # PIL: truncated or not an image
+        raise SampleSetError(
+            f"{path}: damaged ({' '.join(str(e).split())[:120]}); delete it and the part file of its batch "
+            "(parts/), then run the same command again"
+        ) from None
 
 
 def _merge(out: Path, ident: dict, recipe: Recipe, conds: list, images: bool, world: int) -> dict:
@@ -341,7 +353,10 @@ def read_manifest(folder) -> dict:
     if not path.is_file():
         why = "an unfinished sample run: run its command again" if (Path(folder) / RUN).is_file() else "no manifest"
         raise SampleSetError(f"{folder}: not a complete sample folder ({why})")
-    m = json.loads(path.read_text())
-    if m.get("format") != FORMAT:
+    try:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise SampleSetError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise SampleSetError(f"{path}: not a flashar-adapt sample manifest")
     return m

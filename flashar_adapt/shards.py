@@ -411,16 +411,32 @@ class ShardDataset:
                 step += 1
 
 
+def _is_data_manifest(path: Path) -> bool:
+    """``path`` is the manifest of a data folder (it lists shards)."""
+    try:
+        m = json.loads(path.read_bytes())
+    except (ValueError, OSError):
+        return False
+    return isinstance(m, dict) and "shards" in m
+
+
 def resume_state(out: Path) -> dict | None:
     """The saved state of an interrupted run in ``out``, None for a fresh folder; refuses a
     finished data folder or a folder that holds something else."""
     if (out / "manifest.json").exists():
-        raise DataError(f"{out}: already holds a finished data folder (manifest.json); choose another --out")
+        if _is_data_manifest(out / "manifest.json"):  # else another command's folder (sample, evaluate)
+            raise DataError(f"{out}: already holds a finished data folder (manifest.json); choose another --out")
+        raise DataError(f"{out}: exists and is not an interrupted tokenize run; choose another --out")
     if (out / STATE).is_file():
         try:
-            return json.loads((out / STATE).read_text())
-        except json.JSONDecodeError as e:
+            state = json.loads((out / STATE).read_bytes().decode("utf-8"))
+        except (ValueError, OSError) as e:  # not JSON, not UTF-8
             raise DataError(f"{out / STATE}: unreadable state of the interrupted run ({e})") from None
+        if not isinstance(state, dict):
+            raise DataError(
+                f"{out / STATE}: the state of an interrupted run is a JSON object, got {type(state).__name__}"
+            )
+        return state
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not an interrupted tokenize run; choose another --out")
     return None

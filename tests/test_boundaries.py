@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -569,3 +570,121 @@ def test_a_weight_file_swapped_for_another_of_the_same_size_is_seen(tmp_path):
         changed[at] ^= 1
         f.write_bytes(bytes(changed))
         assert file_record(f) != rec, at
+
+
+# ---------------------------------------------------------------- a fourth pass: the command line
+
+
+@contextmanager
+def _file_size_limit(nbytes: int):
+    """``ulimit -f`` for this process (Python ignores SIGXFSZ: a write past it fails EFBIG)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_write_that_runs_out_of_room_names_the_file_and_replaces_nothing(tmp_path):
+    """A full disk or `ulimit -f`: the serialisers said it in their own types (SafetensorError,
+    torch.save's RuntimeError: a traceback) or as an OSError without the file's name."""
+    from flashar_adapt.files import atomic_save_safetensors, atomic_write_bytes
+
+    big = {"x": torch.zeros(100_000)}
+    model = _patched_tiny()
+    export = fa.export_merged(model, tmp_path / "exp")
+    before = {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    with _file_size_limit(50_000):
+        with pytest.raises(OSError, match="shard.safetensors"):
+            atomic_save_safetensors(big, tmp_path / "shard.safetensors")
+        with pytest.raises(OSError, match="state.json"):
+            atomic_write_bytes(tmp_path / "state.json", b"x" * 100_000)
+        with pytest.raises(fa.FlashARError, match="writing the export failed, nothing was replaced"):
+            fa.export_merged(model, export)
+    assert {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp file or folder left
+
+
+def _noise_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.randint(0, 256, (28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    Image.fromarray(x.numpy(), "L").save(path)
+
+
+def test_tokenize_resumes_only_what_it_can_and_reads_its_own_state_carefully(tmp_path, capsys):
+    """A run state that is not an object (or not UTF-8) is named; a folder of another command
+    is not called a data folder; a run that wrote nothing starts over with new inputs (the
+    same command could never succeed); an image replaced after it was encoded (another size)
+    makes the inputs other inputs; a --out that links to nothing is a usage error."""
+    imgs = tmp_path / "imgs"
+    for i in range(3):
+        _noise_png(imgs / "0" / f"{i}.png", i)
+    args = ("tokenize", imgs, "--recipe", "fmnist-c2i", "--out")
+    for name, raw in (("list", b"[]"), ("text", b'"x"'), ("latin1", b"\xff\xfe{")):
+        out = tmp_path / name
+        out.mkdir()
+        (out / ".tokenize_state.json").write_bytes(raw)
+        rc, err = _cli(capsys, *args, out)
+        assert rc == 2 and ".tokenize_state.json" in err, (name, err)
+    other = tmp_path / "sampled"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"format": "flashar-adapt sample set 1"}))
+    rc, err = _cli(capsys, *args, other)
+    assert rc == 2 and "is not an interrupted tokenize run" in err
+    # every image bad: nothing written, the state kept; new inputs start over
+    bad = tmp_path / "bad"
+    (bad / "0").mkdir(parents=True)
+    (bad / "0" / "x.png").write_bytes(b"not a png")
+    out = tmp_path / "d"
+    run = ("tokenize", bad, "--recipe", "fmnist-c2i", "--out", out)
+    assert main([str(a) for a in run]) == 2
+    assert "none of the 1 images could be used" in capsys.readouterr().err
+    _noise_png(bad / "0" / "y.png", 7)
+    (bad / "0" / "x.png").unlink()
+    rc = main([str(a) for a in run])
+    err = capsys.readouterr().err
+    assert rc == 0 and (out / "manifest.json").is_file(), err
+    dangling = tmp_path / "dang"
+    dangling.symlink_to(tmp_path / "nowhere")
+    rc, err = _cli(capsys, *args, dangling)
+    assert rc == 2 and "symbolic link to a missing target" in err
+
+
+def test_a_replaced_image_is_another_input_on_resume(tmp_path):
+    from flashar_adapt.image_folders import Item, _fingerprint
+
+    p = tmp_path / "a.png"
+    _noise_png(p, 0)
+    recipe = fa.load_recipe("fmnist-c2i")
+    before = _fingerprint([Item(p, 0)], recipe, 16, "")
+    Image.new("L", (28, 28), 0).save(p)  # black: another image, another size
+    assert _fingerprint([Item(p, 0)], recipe, 16, "") != before
+
+
+def test_damaged_sample_parts_images_and_npz_members_are_named(tmp_path):
+    import zipfile
+
+    from flashar_adapt.npz_images import NpzImages, write_npz
+    from flashar_adapt.sample_sets import SampleSetError, _read_parts, _rgb
+
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "000000.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(SampleSetError, match=r"000000.safetensors: damaged .*run the same command again"):
+        _read_parts(tmp_path, 2, 2)
+    png = tmp_path / "000003.png"
+    Image.new("RGB", (8, 8)).save(png)
+    png.write_bytes(png.read_bytes()[:30])
+    with pytest.raises(SampleSetError, match="000003.png: damaged"):
+        _rgb(png)
+    npz = tmp_path / "s.npz"
+    write_npz(npz, (np.full((64, 64, 3), i, np.uint8) for i in range(40)), (40, 64, 64), None)
+    with zipfile.ZipFile(npz) as zf:
+        info = zf.getinfo("arr_0.npy")
+    data = bytearray(npz.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.file_size - 10] ^= 0xFF  # late in the array: CRC fails
+    npz.write_bytes(bytes(data))
+    with pytest.raises(fa.FlashARError, match="arr_0 is damaged"):
+        list(NpzImages(npz).batches(8))

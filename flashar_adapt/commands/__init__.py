@@ -18,7 +18,7 @@ from ..errors import FlashARError
 from ..recipe import RecipeError
 from . import demo, evaluate, export, generate, inspect_check, recipes, sample, tokenize, train
 from .report import missing_dependency, one_line, printable
-from .types import text
+from .types import out_path, text
 
 # Every subcommand's module, in the order ``--help`` lists them: each adds its parsers with
 # ``add_parsers(subparsers)`` and sets ``fn`` on them. All are always listed; one that needs a
@@ -73,7 +73,7 @@ def _refuse_blank_strings(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:  # argparse has no public accessor for a parser's actions
         if action.type is None and action.nargs != 0 and not isinstance(action, argparse._SubParsersAction):
             if action.choices is None:
-                action.type = text
+                action.type = out_path if action.dest == "out" else text
 
 
 def subcommands(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:

@@ -5,6 +5,7 @@ anything is loaded) and ``--set KEY=VALUE`` pairs."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..devices import device_problem
 from ..errors import InputError
@@ -57,6 +58,15 @@ def text(value: str) -> str:
     """argparse type of every plain-text option (a path, a name, a prompt): not blank."""
     if not value.strip():
         raise argparse.ArgumentTypeError(f"expected a path, name or text, got {value!r}")
+    return value
+
+
+def out_path(value: str) -> str:
+    """argparse type of every ``--out``: a path that is not blank and not a link to nothing
+    (creating it would fail with "File exists" about a name that seems free)."""
+    value = text(value)
+    if os.path.islink(value) and not os.path.exists(value):
+        raise argparse.ArgumentTypeError(f"{value} is a symbolic link to a missing target ({os.readlink(value)})")
     return value
 
 
