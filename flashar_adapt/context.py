@@ -54,7 +54,8 @@ class ModelGuard:
         if self.closed:
             self._lock.release()
             raise RuntimeError(
-                "this model was unpatched (fa.unpatch) while the call waited for it; patch it again to use FlashAR"
+                "this model's patch was removed (fa.unpatch): a decoder state of that patch cannot step any more, "
+                "and a call that waited for the model finds it unpatched; patch it again and prefill again"
             )
         self._owner = me
         return self

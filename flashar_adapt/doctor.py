@@ -450,6 +450,11 @@ def check(
     ):
         raise InputError(f"grid must be two positive integers (H, W), got {grid!r}")
     already = getattr(model, "flashar", None) is not None
+    if already and (recipe is not None or overrides):
+        raise InputError(
+            "model is already patched: check it as it is (no recipe, no overrides), or fa.unpatch(model) first "
+            "to check another recipe"
+        )
     name = None
     if grid is not None and not already:
         overrides.setdefault("grid", [int(x) for x in grid])  # check (and patch) at this grid

@@ -23,6 +23,7 @@ from .errors import InputError
 from .formats import open_path
 from .logit_maps import find_logit_map
 from .recipe import TODO
+from .runners import get_runner
 
 # ---------------------------------------------------------------- loading files
 
@@ -162,6 +163,8 @@ def inspect_model(
         raise InputError(f"model must be a torch.nn.Module or the path of a model, got {model!r}")
     if overrides is not None and not isinstance(overrides, dict):
         raise InputError(f"overrides must be a dict of model constructor values, got {type(overrides).__name__}")
+    if backend is not None:
+        get_runner(backend)  # a backend the draft names must exist: an unknown one is named, with "did you mean"
     if not isinstance(model, nn.Module):
         model, backend = load_model(model, overrides)
     named = dict(model.named_modules())

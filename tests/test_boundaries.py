@@ -688,3 +688,20 @@ def test_damaged_sample_parts_images_and_npz_members_are_named(tmp_path):
     npz.write_bytes(bytes(data))
     with pytest.raises(fa.FlashARError, match="arr_0 is damaged"):
         list(NpzImages(npz).batches(8))
+
+
+def test_check_and_patch_refuse_settings_they_would_ignore_or_overrule(tmp_path):
+    model = _patched_tiny()
+    with pytest.raises(fa.FlashARError, match="already patched: check it as it is"):
+        fa.check(model, tiny.llamagen_recipe(grid=4), branch_layer=-1)
+    with pytest.raises(fa.FlashARError, match="grid must be two positive integers"):
+        fa.check(tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), grid=(0, 1))
+    with pytest.raises(fa.RecipeError, match=r"image.grid: given twice, as grid= and as image.grid="):
+        fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), grid=(4, 4), **{"image.grid": [2, 2]})
+    with pytest.raises(fa.RecipeError, match="unknown backend 'bogus'"):
+        fa.inspect_model(tiny.llamagen(grid=4), backend="bogus")
+    state = fa.prefill(model, torch.tensor([1]), top_k=1)
+    fa.unpatch(model)
+    fa.patch(model, tiny.llamagen_recipe(grid=4))
+    with pytest.raises(RuntimeError, match="patch was removed .* prefill again"):
+        fa.step(state)

@@ -68,6 +68,9 @@ class Recipe:
         """Return a copy with dotted keys (``"flashar.branch_layer"``) or shortcuts
         (``branch_layer``, ``branch_depth``, ``gate_hidden``, ``grid``) overridden."""
         data = self.to_dict()
+        both = next((k for k, d in _SHORTCUTS.items() if k in overrides and d in overrides), None)
+        if both is not None:  # one would silently win over the other
+            raise RecipeError(_SHORTCUTS[both], f"given twice, as {both}= and as {_SHORTCUTS[both]}=", self.source)
         for key, value in overrides.items():
             dotted = _SHORTCUTS.get(key, key)
             node = data
