@@ -178,7 +178,9 @@ def export_merged(model: torch.nn.Module, out_dir, merge: bool = True, extra_fil
             shutil.rmtree(tmp, ignore_errors=True)  # made by this call
             failed = write_failure(e, out_dir)
             if failed is not None:
-                raise ExportError(f"{out_dir}: writing the export failed, nothing was replaced ({failed})") from e
+                raise OSError(
+                    failed.errno, f"{failed.strerror} (writing the export: nothing was replaced)", failed.filename
+                ) from e
             raise
     return out_dir
 

@@ -223,7 +223,9 @@ def to_pil(image: torch.Tensor):
 # ---------------------------------------------------------------- the run
 
 
-def _fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str) -> str:
+def inputs_fingerprint(items: list[Item], recipe: Recipe, shard_size: int, extra: str) -> str:
+    """What a tokenize run records to resume only the same run: the recipe's sizes, the shard
+    size, and each input's image path, condition and byte size."""
     h = hashlib.sha256()
     h.update(json.dumps([recipe.name, list(recipe.image.grid), recipe.image.codebook_size, shard_size, extra]).encode())
     for it in items:  # the size too: an image replaced after it was encoded is another input
@@ -265,7 +267,7 @@ def tokenize_dataset(
             raise DataError(f"class id {over[0].cond} ({over[0].image}) is outside the recipe's {n_cls} classes")
     out = Path(out_dir)
     state = resume_state(out)
-    fp = _fingerprint(items, recipe, shard_size, extra)
+    fp = inputs_fingerprint(items, recipe, shard_size, extra)
     if state is not None and state.get("fingerprint") != fp and not state.get("shards") and not state.get("done"):
         state = None  # a run that wrote nothing (every image bad, or killed at once): start over with these inputs
     if state is not None and state.get("fingerprint") != fp:

@@ -287,7 +287,9 @@ def _numbered(n: int, batch_size: int, procs: Processes) -> list[tuple[int, rang
     return [(idx.start // batch_size, idx) for idx in sample_indices(n, batch_size, procs)]
 
 
-def _read_parts(out: Path, n: int, batch_size: int) -> tuple[torch.Tensor, float]:
+def read_parts(out: Path, n: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    """The codes of every batch part of a sample folder, in index order, and the model seconds
+    they took; a missing or damaged part is a ``SampleSetError`` naming it."""
     codes, seconds = [], 0.0
     for b in range(-(-n // batch_size)):
         path = _part(out, b)
@@ -308,7 +310,8 @@ def _read_parts(out: Path, n: int, batch_size: int) -> tuple[torch.Tensor, float
     return torch.cat(codes), seconds
 
 
-def _rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path) -> np.ndarray:
+    """A sample PNG as uint8 RGB [H, W, 3]; a damaged one is a ``SampleSetError`` naming it."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -322,7 +325,7 @@ def _rgb(path: Path) -> np.ndarray:
 def _merge(out: Path, ident: dict, recipe: Recipe, conds: list, images: bool, world: int) -> dict:
     """Rank 0, once every batch is drawn: the codes file, the .npz and the manifest (last)."""
     n = ident["num_samples"]
-    codes, seconds = _read_parts(out, n, ident["batch_size"])
+    codes, seconds = read_parts(out, n, ident["batch_size"])
     labels = [conds[i % len(conds)] for i in range(n)] if recipe.condition.kind == "class" else None
     tensors = {"codes": codes}
     if labels is not None:
@@ -337,9 +340,9 @@ def _merge(out: Path, ident: dict, recipe: Recipe, conds: list, images: bool, wo
         "files": {"codes": "codes.safetensors"},
     }
     if images:
-        first = _rgb(out / "images" / "000000.png")
+        first = read_rgb(out / "images" / "000000.png")
         h, w = first.shape[:2]
-        pngs = (_rgb(out / "images" / f"{i:06d}.png") for i in range(n))
+        pngs = (read_rgb(out / "images" / f"{i:06d}.png") for i in range(n))
         write_npz(out / "samples.npz", pngs, (n, h, w), labels)
         manifest["image_size"] = [h, w]
         manifest["files"].update(images="images/{index:06d}.png", npz="samples.npz")

@@ -206,11 +206,14 @@ def test_tokenize_with_no_usable_image_writes_no_data_folder_and_can_be_run_agai
     argv = ["tokenize", str(tmp_path / "imgs"), "--out", str(out), "--recipe", "fmnist-c2i", "--no-progress"]
     assert main(argv) == 2 and "none of the 2 images could be used" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()
-    assert main([*argv, "--allow-upscale"]) == 2  # other settings: the folder names the first run
+    assert main([*argv, "--allow-upscale"]) == 0  # other settings: nothing was written, so it starts over
+    assert len(ShardDataset(out)) == 2
+    argv[3] = str(tmp_path / "again")
+    assert main(argv) == 2
     for p in (tmp_path / "imgs" / "class0").iterdir():  # fixed in place: the same command goes on
         PIL.fromarray(torch.zeros(28, 28, dtype=torch.uint8).numpy(), "L").save(p)
     assert main(argv) == 0, capsys.readouterr().err
-    assert len(ShardDataset(out)) == 2
+    assert len(ShardDataset(tmp_path / "again")) == 2
 
 
 @pytest.fixture(scope="module")
