@@ -36,6 +36,8 @@ class Decoder:
     ):
         self.ctx, self.pre, self.layout, self.branch = ctx, pre, layout, branch
         self.batch = pre.batch
+        p = next(ctx.layers.parameters())
+        self.weights = (p.dtype, p.device)  # what the caches were built for: a cast or move makes them stale
         Bt = pre.embeds.shape[0]
         dev = pre.embeds.device
         self.dtype = pre.embeds.dtype

@@ -126,9 +126,11 @@ def _check_prompt(ctx: PatchContext, ids: torch.Tensor, name: str, shape: str) -
 def _check_flashar_follows(ctx: PatchContext) -> None:
     """The FlashAR modules are part of the model: moved or cast on their own (model.flashar.half())
     they fail deep inside a matrix product."""
-    mine = next(ctx.flashar.parameters(), None)
-    theirs = next(ctx.layers.parameters())
-    if mine is not None and (mine.dtype, mine.device) != (theirs.dtype, theirs.device):
+    # the branch's first weight against that of the layer it copies: the same dtype and device
+    # wherever the layer lives (a model spread over devices, modules kept in float32)
+    mine = next(ctx.flashar.branch_layers.parameters(), None)
+    theirs = next(ctx.layers[ctx.branch_index].parameters(), None)
+    if mine is not None and theirs is not None and (mine.dtype, mine.device) != (theirs.dtype, theirs.device):
         raise InputError(
             f"the FlashAR modules are {mine.dtype} on {mine.device}, the model {theirs.dtype} on "
             f"{theirs.device}: move or cast the whole model (model.to(...)), the modules are part of it"

@@ -291,10 +291,11 @@ def _check_fresh(state: DecoderState) -> None:
             "caches; prefill again (or decode on a copy.deepcopy of the model)"
         )
     p = next(state.decoder.ctx.layers.parameters())
-    if p.dtype != state.decoder.dtype or p.device != state.codes.device:
+    if (p.dtype, p.device) != state.decoder.weights:
+        was = state.decoder.weights
         raise RuntimeError(
-            f"this decoder state is stale: the model is now {p.dtype} on {p.device}, its caches "
-            f"{state.decoder.dtype} on {state.codes.device}; prefill again"
+            f"this decoder state is stale: the model is now {p.dtype} on {p.device}, it was {was[0]} on "
+            f"{was[1]} at its prefill; prefill again"
         )
 
 
