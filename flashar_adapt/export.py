@@ -39,6 +39,7 @@ from .files import (
     apply_umask,
     disown,
     escaping_links,
+    file_record,
     inside,
     lock_holder,
     owned_temp_dir,
@@ -254,24 +255,6 @@ def _write_export(
     }
     cfg["config_sha256"] = config_digest(cfg)
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=1))
-
-
-# Files up to this size (configs, model_args.json) are recorded by their hash; larger ones
-# (weights) by their size and the hash of their first and last MiB (the header and the first
-# and last tensors), so loading a multi-GB backbone is not slowed by hashing it whole.
-HASHED_BYTES = 1 << 20
-
-
-def file_record(f: Path) -> dict:
-    """{"bytes": size, "sha256": digest} of a small file, {"bytes", "sha256_ends"} of a large one."""
-    size = f.stat().st_size
-    with f.open("rb") as fh:
-        if size <= HASHED_BYTES:
-            return {"bytes": size, "sha256": hashlib.sha256(fh.read()).hexdigest()}
-        h = hashlib.sha256(fh.read(HASHED_BYTES))
-        fh.seek(size - HASHED_BYTES)
-        h.update(fh.read())
-        return {"bytes": size, "sha256_ends": h.hexdigest()}
 
 
 def backbone_files(root: Path) -> dict:

@@ -222,6 +222,24 @@ def remove_dead_temp_files(folder, name: str) -> list[Path]:
     return removed
 
 
+# Files up to this size (configs, model_args.json) are recorded by their hash; larger ones
+# (weights) by their size and the hash of their first and last MiB (the header and the first
+# and last tensors), so loading a multi-GB backbone is not slowed by hashing it whole.
+HASHED_BYTES = 1 << 20
+
+
+def file_record(f: Path) -> dict:
+    """{"bytes": size, "sha256": digest} of a small file, {"bytes", "sha256_ends"} of a large one."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        if size <= HASHED_BYTES:
+            return {"bytes": size, "sha256": hashlib.sha256(fh.read()).hexdigest()}
+        h = hashlib.sha256(fh.read(HASHED_BYTES))
+        fh.seek(size - HASHED_BYTES)
+        h.update(fh.read())
+        return {"bytes": size, "sha256_ends": h.hexdigest()}
+
+
 def write_failure(e: BaseException, path) -> OSError | None:
     """An ``OSError`` naming ``path`` for a write that failed for want of room or a device
     error (a full disk, ``ulimit -f``): the serialisers report it in their own types, or

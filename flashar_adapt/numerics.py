@@ -21,6 +21,7 @@ their magnitude: orders of magnitude above the bound on the models the tests bui
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -65,3 +66,20 @@ def non_finite_weights(model: nn.Module, limit: int = 3) -> list[str]:
             if len(bad) >= limit:
                 break
     return bad
+
+
+def weights_fingerprint(model, per_tensor: int = 4096, skip: tuple[str, ...] = ()) -> str:
+    """A hash of the model's weights that is exact (bytes, not float sums, so any thread count
+    or process gives the same) and cheap: each parameter's name, shape, dtype and up to
+    ``per_tensor`` evenly strided elements. Parameters named with a prefix in ``skip`` are left
+    out (raster decoding never reads the FlashAR modules, which a fresh patch initialises at
+    random)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name.startswith(skip):
+            continue
+        flat = p.detach().reshape(-1)
+        part = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].cpu().contiguous()
+        h.update(f"{name}\0{list(p.shape)}\0{p.dtype}\0".encode())
+        h.update(part.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

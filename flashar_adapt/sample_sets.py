@@ -49,6 +49,7 @@ from .errors import InputError
 from .files import atomic_save_safetensors, atomic_write_bytes
 from .image_folders import to_pil
 from .npz_images import write_npz
+from .numerics import weights_fingerprint
 from .patching import context
 from .recipe import Recipe
 from .sampling import Sampling, index_generators, index_seed
@@ -95,23 +96,6 @@ def sample_indices(num_samples: int, batch_size: int, procs: Processes) -> list[
     """The global batches (index ranges) that process ``procs.rank`` draws."""
     starts = range(procs.rank * batch_size, num_samples, procs.world * batch_size)
     return [range(s, min(s + batch_size, num_samples)) for s in starts]
-
-
-def weights_fingerprint(model, per_tensor: int = 4096, skip: tuple[str, ...] = ()) -> str:
-    """A hash of the model's weights that is exact (bytes, not float sums, so any thread count
-    or process gives the same) and cheap: each parameter's name, shape, dtype and up to
-    ``per_tensor`` evenly strided elements. Parameters named with a prefix in ``skip`` are left
-    out (raster decoding never reads the FlashAR modules, which a fresh patch initialises at
-    random)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if name.startswith(skip):
-            continue
-        flat = p.detach().reshape(-1)
-        part = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].cpu().contiguous()
-        h.update(f"{name}\0{list(p.shape)}\0{p.dtype}\0".encode())
-        h.update(part.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _identity(recipe: Recipe, conds: list, n: int, mode: str, sampling: dict, seed: int, batch: int, extra) -> dict:

@@ -558,7 +558,7 @@ def test_decode_images_takes_integer_codes_and_a_tokenizer_of_the_current_patch(
 def test_a_weight_file_swapped_for_another_of_the_same_size_is_seen(tmp_path):
     """Weight files are recorded by size and the hash of both ends (not read whole on load):
     another model's file of the same size differs there."""
-    from flashar_adapt.export import HASHED_BYTES, file_record
+    from flashar_adapt.files import HASHED_BYTES, file_record
 
     f = tmp_path / "w.bin"
     data = bytearray(torch.randn(3 * HASHED_BYTES // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
@@ -705,3 +705,63 @@ def test_check_and_patch_refuse_settings_they_would_ignore_or_overrule(tmp_path)
     fa.patch(model, tiny.llamagen_recipe(grid=4))
     with pytest.raises(RuntimeError, match="patch was removed .* prefill again"):
         fa.step(state)
+
+
+# ---------------------------------------------------------------- a fifth pass: training
+
+
+def test_a_run_resumes_only_on_the_data_and_base_model_it_trained_on(tmp_path, capsys):
+    """A data folder or a base model file replaced under the same names resumed without a word
+    (steps 1-2 on one, the rest on the other); the checkpoint now records both, and resuming,
+    exporting or generating from it names what changed."""
+    import shutil
+
+    from flashar_adapt.shards import ShardWriter
+    from flashar_adapt.training import TrainConfig, TrainingError, train
+    from flashar_adapt.training.checkpoints import load_run
+    from tests.train_helpers import llamagen_run, structured_codes
+
+    cfg_path = llamagen_run(tmp_path, stage1=2, stage2=0, save_every=1)
+    cfg = TrainConfig.load(cfg_path)
+    train(cfg, progress=False)
+    log = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(log[0])["lr"] == 3e-3 / 2  # step 1 runs at warmup 1/2 and logs that rate
+    more = TrainConfig.load(llamagen_run(tmp_path, stage1=3, stage2=0, save_every=1))
+    # the same manifest shape, other codes
+    shutil.rmtree(tmp_path / "data")
+    w = ShardWriter(tmp_path / "data", (4, 4), 48, "class", recipe="llamagen-c2i-b", shard_size=24)
+    codes, cls = structured_codes(64, 4, 48, seed=1)
+    w.add(codes, cls)
+    w.close()
+    with pytest.raises(TrainingError, match="data: the files in .* are not those the run trained on"):
+        train(more, progress=False)
+    with pytest.raises(TrainingError, match="data: the files"):
+        load_run(cfg)
+    base = torch.load(tmp_path / "base.pt", weights_only=True)
+    shutil.rmtree(tmp_path / "data")
+    llamagen_run(tmp_path, stage1=3, stage2=0)  # the original data again
+    base["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in base["model"].items()}
+    torch.save(base, tmp_path / "base.pt")
+    with pytest.raises(TrainingError, match="model: the base model's weights are not those the run started from"):
+        train(more, progress=False)
+    capsys.readouterr()
+
+
+def test_training_configs_that_cannot_mean_what_they_say(tmp_path, capsys):
+    from flashar_adapt.training import TrainConfig, TrainingError, train
+    from tests.train_helpers import llamagen_run
+
+    with pytest.raises(TrainingError, match="stage1.steps \\+ stage2.steps is 0: there is nothing to train"):
+        TrainConfig.load(llamagen_run(tmp_path / "a", stage1=0, stage2=0))
+    with pytest.raises(TrainingError, match="out_dir 'data' is inside the data folder"):
+        TrainConfig.load(llamagen_run(tmp_path / "b", out_dir="data"))
+    cfg = TrainConfig.load(llamagen_run(tmp_path / "c", stage1=1, stage2=0))
+    train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "stage1.warmup_steps (2) is longer than the stage (1 steps)" in out
+    (tmp_path / "c" / "run" / "checkpoint.pt").unlink()
+    train(cfg, progress=False)
+    assert (
+        "holds no checkpoint (checkpoint.pt): starting from step 0, metrics.jsonl begins again"
+        in capsys.readouterr().out
+    )

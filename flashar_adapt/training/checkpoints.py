@@ -10,6 +10,7 @@ in it is rewritten, so another tool's ``metrics.jsonl`` is never truncated.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from ..adapters import lora_parameters
-from ..files import atomic_write_bytes, owner_record
+from ..files import atomic_write_bytes, file_record, owner_record
+from ..numerics import weights_fingerprint
 from ..patching import context
 from ..recipe import Recipe
 from ..validate import differing_keys, short, state_dict_misfit
@@ -64,9 +66,12 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe: Recipe, cfg: TrainConfig, step: int) -> None:
+def save_if_due(
+    acc, loss_mod, opt, sched, ckpt_path: Path, recipe: Recipe, cfg: TrainConfig, step: int, inputs: dict | None = None
+) -> None:
     """Checkpoint after optimizer step ``step`` every ``save_every`` steps, at the end of
-    each stage and of the run (the main process writes; all wait for it)."""
+    each stage and of the run (the main process writes; all wait for it). ``inputs``
+    (``run_inputs``) records what the run trains on."""
     total = cfg.stage1.steps + cfg.stage2.steps
     if step % cfg.save_every == 0 or step == total or step == cfg.stage1.steps:
         inner = acc.unwrap_model(loss_mod).model
@@ -84,6 +89,7 @@ def save_if_due(acc, loss_mod, opt, sched, ckpt_path: Path, recipe: Recipe, cfg:
                     "rng": rng_state(),
                     "lora": bool(lora_parameters(inner)),
                     "config": cfg.to_dict(),
+                    **({"inputs": inputs} if inputs else {}),
                 },
             )
         acc.wait_for_everyone()
@@ -164,7 +170,7 @@ def recipe_diff(saved: dict, recipe: Recipe) -> list[str]:
     ]
 
 
-def run_differences(state: dict, cfg: TrainConfig, recipe: Recipe) -> list[str]:
+def run_differences(state: dict, cfg: TrainConfig, recipe: Recipe, inputs: dict | None = None) -> list[str]:
     """How ``cfg`` and its resolved ``recipe`` differ from what made the checkpoint ``state``;
     a record the checkpoint lacks is a difference too (nothing shows it is the same run)."""
     out = []
@@ -179,15 +185,44 @@ def run_differences(state: dict, cfg: TrainConfig, recipe: Recipe) -> list[str]:
         out += recipe_diff(saved_recipe, recipe)
     else:
         out.append("recipe content: not recorded in the checkpoint")
+    saved_inputs = state.get("inputs")
+    if isinstance(saved_inputs, dict) and inputs is not None:  # checkpoints written before it record none
+        if saved_inputs.get("data") != inputs["data"]:
+            out.append(f"data: the files in {cfg.data} are not those the run trained on")
+        if saved_inputs.get("model") != inputs["model"]:
+            out.append("model: the base model's weights are not those the run started from")
     return out
 
 
+def run_inputs(cfg: TrainConfig, model) -> dict:
+    """What a run trains on, beyond its config: the data (its manifest and each shard file
+    it lists, by size and the hash of both ends) and the base model's weights (a sampled
+    hash, ``numerics.weights_fingerprint``; the FlashAR modules are the run's own). A data
+    folder or a model file replaced under the same names is then another run."""
+    data = Path(cfg.data)
+    h = hashlib.sha256()
+    try:
+        manifest = (data / "manifest.json").read_bytes()
+        h.update(manifest)
+        for sh in json.loads(manifest).get("shards", []):
+            h.update(json.dumps(file_record(data / sh["file"]), sort_keys=True).encode())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # read and checked by ShardDataset already
+        pass
+    return {"data": h.hexdigest(), "model": weights_fingerprint(model, skip=("flashar.",))}
+
+
 def check_run_identity(
-    state: dict, cfg: TrainConfig, recipe: Recipe, ckpt_path: Path, allow: bool, action: str = "resume"
+    state: dict,
+    cfg: TrainConfig,
+    recipe: Recipe,
+    ckpt_path: Path,
+    allow: bool,
+    action: str = "resume",
+    inputs: dict | None = None,
 ) -> None:
     """Refuse a checkpoint that the config and recipe given now did not make, naming every
     difference; with ``allow`` (``--allow-config-change``) list them in a warning instead."""
-    diff = run_differences(state, cfg, recipe)
+    diff = run_differences(state, cfg, recipe, inputs)
     if not diff:
         return
     if not allow:
@@ -235,7 +270,8 @@ def load_run(cfg: TrainConfig, allow_config_change: bool = False) -> tuple[nn.Mo
         raise TrainingError(f"{path}: no checkpoint yet; run `flashar-adapt train --config ...` first")
     state = load_checkpoint(path)
     model = build_model(cfg)
-    check_run_identity(state, cfg, context(model).recipe, path, allow_config_change, action="use")
+    inputs = run_inputs(cfg, model)
+    check_run_identity(state, cfg, context(model).recipe, path, allow_config_change, action="use", inputs=inputs)
     load_trainable(model, state, cfg)
     step = int(state["global_step"])
     point = RunPoint(

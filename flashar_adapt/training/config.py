@@ -146,6 +146,13 @@ class TrainConfig:
                 raise TrainingError(f"{source}: {bad[0]} {bad[1]}")
         if not cfg.recipe:
             raise TrainingError(f"{source}: recipe: must name a recipe or a recipe YAML file")
+        if cfg.stage1.steps + cfg.stage2.steps == 0:
+            raise TrainingError(f"{source}: stage1.steps + stage2.steps is 0: there is nothing to train")
+        out, data = os.path.abspath(str(cfg.out_dir)), os.path.abspath(str(cfg.data))
+        if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+            raise TrainingError(
+                f"{source}: out_dir {cfg.out_dir!r} is inside the data folder {cfg.data!r}: choose another"
+            )
         cfg.betas = tuple(cfg.betas)
         return cfg
 

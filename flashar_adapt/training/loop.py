@@ -28,6 +28,7 @@ from .checkpoints import (
     claim_run_folder,
     load_checkpoint,
     load_trainable,
+    run_inputs,
     save_if_due,
     set_rng_state,
     truncate_log,
@@ -97,6 +98,7 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     model = build_model(cfg)
     ctx = context(model)
     check_data(data, ctx.recipe)
+    inputs = run_inputs(cfg, model)  # the base weights, before any checkpoint is loaded into them
     total = cfg.stage1.steps + cfg.stage2.steps
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -109,16 +111,24 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
     if state is not None and state.get("recipe") != ctx.recipe.name:
         raise TrainingError(f"{ckpt_path} was written for recipe {state.get('recipe')!r}, not {ctx.recipe.name!r}")
     if state is not None:
-        check_run_identity(state, cfg, ctx.recipe, ckpt_path, allow_config_change)
+        check_run_identity(state, cfg, ctx.recipe, ckpt_path, allow_config_change, inputs=inputs)
     step = state["global_step"] if state else 0
     if acc.is_main_process:
         _say_resume(cfg, ckpt_path, state, total)
+        for name, st in (("stage1", cfg.stage1), ("stage2", cfg.stage2)):
+            if st.steps and st.warmup_steps > st.steps:  # legal (a short test run), rarely meant
+                print(
+                    f"train: {name}.warmup_steps ({st.warmup_steps}) is longer than the stage ({st.steps} steps): "
+                    f"its learning rate stays below {name}.lr ({st.lr:g})"
+                )
     if step >= total:
         load_trainable(model, state, cfg)
         return model
     log_path = out / LOG
     if acc.is_main_process:
         claim_run_folder(out, state is not None)
+        if state is None and log_path.is_file() and log_path.stat().st_size:
+            print(f"train: {out} holds no checkpoint ({CKPT}): starting from step 0, {LOG} begins again")
         truncate_log(log_path, step)
         for name in (CKPT, LOG, RUN_MARKER):  # temp files of a process killed mid-write
             remove_dead_temp_files(out, name)
@@ -140,11 +150,12 @@ def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_cha
             it = data.global_batches(cfg.batch_size, cfg.seed, start_step=step)
         _, idx = next(it)
         t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]  # the rate this step runs at (the schedule moves on after it)
         metrics = _train_step(loss_mod, opt, sched, data, ctx, cfg, acc, idx, step, ckpt_path)
         recent.append(metrics)
         step += 1
-        _log_step(acc, bar, log_path, cfg, step, stage, metrics, opt.param_groups[0]["lr"], t0)
-        save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe, cfg, step)
+        _log_step(acc, bar, log_path, cfg, step, stage, metrics, lr, t0)
+        save_if_due(acc, loss_mod, opt, sched, ckpt_path, ctx.recipe, cfg, step, inputs)
     if bar is not None:
         bar.close()
     if acc.is_main_process:
