@@ -41,7 +41,7 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if path.is_dir():
         raise GenerateError(f"{path}: a folder, not a prompts file")
-    if not path.is_file():
+    if not path.exists():  # a pipe (<(...)) or a device is read like a file
         raise GenerateError(f"{path}: prompts file not found")
     try:  # utf-8-sig: an editor's byte-order mark is not part of the first prompt
         text = path.read_bytes().decode("utf-8-sig")
@@ -140,6 +140,21 @@ def read_class_names(path: str | os.PathLike) -> list[str] | None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise GenerateError(f"{path}: expected a JSON list of class names")
     return names
+
+
+def check_class_names(names: list[str], num_classes: int, path) -> None:
+    """Class names label files and grid rows: two classes of one name could not be told
+    apart, and names past the recipe's classes name ids the model does not have. (Fewer
+    names than classes is a data folder of some classes: the others are labelled by id.)"""
+    seen = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise GenerateError(
+                f"{path}: classes {seen[n]} and {i} are both named {n!r}; every class needs its own name"
+            )
+        seen[n] = i
+    if len(names) > num_classes:
+        raise GenerateError(f"{path}: names {len(names)} classes, the recipe has {num_classes}")
 
 
 def condition_labels(conds: list, class_names: list[str] | None = None) -> list[str]:

@@ -129,6 +129,10 @@ def _build_context(model: nn.Module, recipe: Recipe) -> PatchContext:
     head = _module(model, m.head, "modules.head", src)
     embed = _module(model, m.embed, "modules.embed", src)
     _check_embed(embed, "modules.embed", m.embed, src)
+    if any(norm is mod for mod in layers.modules()):  # a layer's own norm, not the final one after them
+        raise RecipeError(
+            "modules.norm", f"path {m.norm!r} is inside modules.layers; the final norm comes after the layers", src
+        )
     decoder = _module(model, m.decoder, "modules.decoder", src)
     image_embed = [_module(model, p, f"modules.image_embed[{i}]", src) for i, p in enumerate(m.image_embed)]
     after_norm = [_module(model, p, f"modules.after_norm[{i}]", src) for i, p in enumerate(m.after_norm)]

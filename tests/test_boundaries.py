@@ -765,3 +765,34 @@ def test_training_configs_that_cannot_mean_what_they_say(tmp_path, capsys):
         "holds no checkpoint (checkpoint.pt): starting from step 0, metrics.jsonl begins again"
         in capsys.readouterr().out
     )
+
+
+# ---------------------------------------------------------------- a fifth pass: generate and recipes
+
+
+def test_generate_and_inspect_refuse_labels_and_writes_they_would_get_wrong(tmp_path, capsys):
+    import shutil
+
+    from flashar_adapt.fmnist import ASSETS
+
+    fm = tmp_path / "fm"
+    shutil.copytree(ASSETS / "flashar", fm)  # written before file records: its classes.json may change
+    for names, msg in ((["x"] * 10, "classes 0 and 1 are both named 'x'"), ([str(i) for i in range(12)], "names 12")):
+        (fm / "classes.json").write_text(json.dumps(names))
+        rc, err = _cli(capsys, "generate", "--export", fm, "--out", tmp_path / "o", "--classes", "3", "4")
+        assert rc == 2 and msg in err and "classes.json" in err, err
+    model = _patched_tiny()
+    export = fa.export_merged(model, tmp_path / "exp", extra_files={"classes.json": json.dumps(["a"] * 1).encode()})
+    (export / "classes.json").write_text(json.dumps(["b"]))  # recorded by the export: now it differs
+    rc, err = _cli(capsys, "generate", "--export", export, "--out", tmp_path / "o", "--classes", "3")
+    assert rc == 2 and "classes.json differs from what the export wrote" in err
+    rc, err = _cli(capsys, "generate", "--export", export, "--out", tmp_path / "o", "--prompt-template", "fox")
+    assert rc == 2 and "--prompt-template" in err and "must hold {prompt} once" in err
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("keep me\n")
+    for out, msg in ((mine, "exists; choose a new path"), (tmp_path, "is a folder")):
+        rc, err = _cli(capsys, "inspect", export / "backbone" / "llamagen.pt", "--out", out)
+        assert rc == 2 and msg in err, err
+    assert mine.read_text() == "keep me\n"
+    with pytest.raises(fa.RecipeError, match="modules.norm: path 'layers.0.attention_norm' is inside modules.layers"):
+        fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), **{"modules.norm": "layers.0.attention_norm"})

@@ -3,9 +3,11 @@ recipe doctor on the real model)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..doctor import FAIL, check
+from ..errors import InputError
 from ..files import atomic_write_bytes
 from ..inspection import inspect_model
 from ..model_sources import load_model_file
@@ -16,6 +18,11 @@ from .types import key_values, non_negative_float, positive_int
 
 
 def _inspect(args) -> int:
+    if args.out and os.path.lexists(args.out):  # a recipe the user edited is never written over
+        what = (
+            "is a folder; give the path of a new YAML file" if os.path.isdir(args.out) else "exists; choose a new path"
+        )
+        raise InputError(f"--out {args.out}: {what}")
     model, backend = load_model_file(args.model, key_values(args.set))
     ins = inspect_model(model, backend=backend)
     print(ins)

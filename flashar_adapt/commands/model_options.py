@@ -3,9 +3,18 @@ run, or a checkpoint with a recipe) and how to sample it."""
 
 from __future__ import annotations
 
-from ..generation import CLASSES, read_class_names
+from ..generation import CLASSES, check_class_names, read_class_names
 from ..model_sources import load_patched, model_folders, pick_text_tokenizer
-from .types import device_name, guidance_float, key_values, non_negative_int, probability, seed_int, temperature_float
+from .types import (
+    device_name,
+    guidance_float,
+    key_values,
+    non_negative_int,
+    probability,
+    prompt_template,
+    seed_int,
+    temperature_float,
+)
 
 
 def add_set_option(s) -> None:
@@ -33,6 +42,7 @@ def add_model_options(s, need_model: bool) -> None:
     s.add_argument("--text-tokenizer", help="the model's text tokenizer folder (prompt-conditioned recipes)")
     s.add_argument(
         "--prompt-template",
+        type=prompt_template,
         default="{prompt}",
         help="how a prompt is written before tokenising, e.g. '{prompt}<begin_of_image>'",
     )
@@ -103,5 +113,6 @@ def class_names_of(args, recipe) -> list[str] | None:
     for folder in model_folders(**source_of(args)):
         names = read_class_names(folder / CLASSES)
         if names:
+            check_class_names(names, recipe.condition.num_classes, folder / CLASSES)
             return names
     return None

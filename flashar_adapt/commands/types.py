@@ -70,6 +70,14 @@ def out_path(value: str) -> str:
     return value
 
 
+def prompt_template(value: str) -> str:
+    """argparse type of ``--prompt-template``: holds ``{prompt}`` exactly once (without it every
+    prompt would become the same text, each image labelled with a prompt it never saw)."""
+    if value.count("{prompt}") != 1:
+        raise argparse.ArgumentTypeError(f"must hold {{prompt}} once, where the prompt goes; got {value!r}")
+    return value
+
+
 def device_name(text: str) -> str:
     """argparse type: a torch device this build and machine have (cpu, cuda, cuda:1, mps)."""
     problem = device_problem(text)
