@@ -26,10 +26,10 @@ def install(at_step: int | None = None, in_save: int | None = None) -> None:
     # the loop calls save_if_due through its own module, save_if_due calls save_checkpoint through checkpoints'
     save_if_due, save_checkpoint = loop.save_if_due, checkpoints.save_checkpoint
 
-    def save_if_due_or_die(acc, loss_mod, opt, sched, ckpt_path, recipe, cfg, step):
+    def save_if_due_or_die(acc, loss_mod, opt, sched, ckpt_path, recipe, cfg, step, inputs=None):
         if step == at_step:
             _die()
-        save_if_due(acc, loss_mod, opt, sched, ckpt_path, recipe, cfg, step)
+        save_if_due(acc, loss_mod, opt, sched, ckpt_path, recipe, cfg, step, inputs)
 
     def save_or_die(path, state):
         if state["global_step"] == in_save:
