@@ -796,3 +796,15 @@ def test_generate_and_inspect_refuse_labels_and_writes_they_would_get_wrong(tmp_
     assert mine.read_text() == "keep me\n"
     with pytest.raises(fa.RecipeError, match="modules.norm: path 'layers.0.attention_norm' is inside modules.layers"):
         fa.patch(tiny.llamagen(grid=4), tiny.llamagen_recipe(grid=4), **{"modules.norm": "layers.0.attention_norm"})
+
+
+def test_a_lora_rank_wider_than_the_layers_is_said(capsys):
+    pytest.importorskip("peft")
+    from flashar_adapt.training.model import add_lora
+
+    model = _patched_tiny()
+    add_lora(model, r=4096)
+    assert "lora.r 4096 is larger than the narrowest adapted layer" in capsys.readouterr().out
+    model = _patched_tiny()
+    add_lora(model, r=2)
+    assert "lora.r" not in capsys.readouterr().out

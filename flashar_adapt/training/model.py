@@ -61,6 +61,13 @@ def add_lora(model, r: int | None = None, alpha: int | None = None, dropout: flo
     n = len(lora_parameters(model))
     if n == 0:
         raise TrainingError(f"lora.targets {list(lo.targets)} matched no module of the model")
+    rank = cfg.r
+    widths = [min(m.in_features, m.out_features) for _, m in lora_layers(model) if hasattr(m, "in_features")]
+    if widths and rank > min(widths):  # a factor wider than the layer: more parameters, no more freedom
+        print(
+            f"train: lora.r {rank} is larger than the narrowest adapted layer ({min(widths)}): its adapters hold "
+            f"more parameters than the layer itself and alpha/r = {cfg.lora_alpha}/{rank} scales them down"
+        )
     return n
 
 
