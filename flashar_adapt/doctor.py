@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .decoding import build_prefix, logits, sequence_embeds
+from .decoding import build_prefix, grid_shape, logits, sequence_embeds
 from .errors import InputError
 from .exactness import steps_match_teacher
 from .heads import finish_logits
@@ -443,31 +443,19 @@ def check(
     patched model is checked as it is). Returns a Report; ``report.ok`` is the verdict."""
     if Num(0).problem(atol) is not None:
         raise InputError(f"atol must be a finite number >= 0, got {atol!r}")
-    if grid is not None and not (
-        isinstance(grid, (tuple, list))
-        and len(grid) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in grid)
-    ):
-        raise InputError(f"grid must be two positive integers (H, W), got {grid!r}")
+    grid = None if grid is None else grid_shape(grid)
     already = getattr(model, "flashar", None) is not None
     if already and (recipe is not None or overrides):
         raise InputError(
             "model is already patched: check it as it is (no recipe, no overrides), or fa.unpatch(model) first "
             "to check another recipe"
         )
-    name = None
-    if grid is not None and not already:
-        overrides.setdefault("grid", [int(x) for x in grid])  # check (and patch) at this grid
     if not already:
-        try:
-            if recipe is not None:
-                recipe = load_recipe(recipe)
-                name = recipe.name
-            patch(model, recipe, **overrides)
-        except RecipeError as e:
-            rep = Report(name, type(model).__name__)
-            rep.add("patch", FAIL, str(e), key=e.key)
-            return rep
+        if grid is not None:
+            overrides.setdefault("grid", list(grid))  # check (and patch) at this grid
+        failed = _patch_for_check(model, recipe, overrides)
+        if failed is not None:
+            return failed
     ctx = context(model)
     rep = Report(ctx.recipe.name, type(model).__name__)
     rep.add(
@@ -478,16 +466,8 @@ def check(
         else "model was already patched; checking it as it is",
     )
     try:
-        g = tuple(int(x) for x in grid) if grid is not None else _default_grid(ctx.recipe)
-        rep.grid = g
-        s_cond, codes, preview = _sample_inputs(ctx, g)
-        if cond is not None:
-            s_cond = torch.as_tensor(cond)
-            codes = codes[:1].expand(s_cond.shape[0], -1, -1).clone()
-            preview = None if preview is None else preview[:1].expand(s_cond.shape[0], -1, -1).clone()
-        dev = next(ctx.layers.parameters()).device
-        s_cond, codes = s_cond.to(dev), codes.to(dev)
-        preview = None if preview is None else preview.to(dev)
+        rep.grid = g = grid or _default_grid(ctx.recipe)
+        s_cond, codes, preview = _check_inputs(ctx, g, cond)
         was_training = model.training
         model.eval()
         try:
@@ -495,18 +475,7 @@ def check(
             _check_layout_hints(ctx, rep, s_cond, codes, g)
             for mode in ("two_way", "raster"):
                 _check_steps(model, rep, s_cond, codes, mode, preview)
-            _, calls = _backbone_steps(ctx, lambda: model.generate(s_cond, top_k=1, grid=g))
-            small = ctx.preview_grid(g)
-            first = 0 if small is None else small[0] * small[1]  # the preview, raster
-            want = first + g[0] + g[1] - 1
-            before = "" if small is None else f"{first} for the {small[0]}x{small[1]} preview + "
-            rep.add(
-                "steps",
-                PASS if len(calls) == want else FAIL,
-                f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid ({before}H+W-1 = {want}, "
-                f"raster {first + g[0] * g[1]})",
-                key=None if len(calls) == want else "modules.layers",
-            )
+            _check_step_count(ctx, model, rep, s_cond, g)
         finally:
             model.train(was_training)
     except RecipeError as e:
@@ -519,3 +488,45 @@ def check(
         if not already:
             unpatch(model)
     return rep
+
+
+def _patch_for_check(model, recipe, overrides: dict) -> Report | None:
+    """Patch ``model`` for the check; a recipe that does not fit is the report (its one item)."""
+    name = None
+    try:
+        if recipe is not None:
+            recipe = load_recipe(recipe)
+            name = recipe.name
+        patch(model, recipe, **overrides)
+    except RecipeError as e:
+        rep = Report(name, type(model).__name__)
+        rep.add("patch", FAIL, str(e), key=e.key)
+        return rep
+    return None
+
+
+def _check_inputs(ctx, g: tuple[int, int], cond):
+    """The condition, codes and preview the check decodes (the given ``cond``, else sample
+    ones), on the model's device."""
+    s_cond, codes, preview = _sample_inputs(ctx, g)
+    if cond is not None:
+        s_cond = torch.as_tensor(cond)
+        codes = codes[:1].expand(s_cond.shape[0], -1, -1).clone()
+        preview = None if preview is None else preview[:1].expand(s_cond.shape[0], -1, -1).clone()
+    dev = next(ctx.layers.parameters()).device
+    return s_cond.to(dev), codes.to(dev), None if preview is None else preview.to(dev)
+
+
+def _check_step_count(ctx, model, rep: Report, s_cond, g: tuple[int, int]) -> None:
+    """Two-way decoding runs H+W-1 backbone steps (after the preview's, raster)."""
+    _, calls = _backbone_steps(ctx, lambda: model.generate(s_cond, top_k=1, grid=g))
+    small = ctx.preview_grid(g)
+    first = 0 if small is None else small[0] * small[1]  # the preview, raster
+    want = first + g[0] + g[1] - 1
+    before = "" if small is None else f"{first} for the {small[0]}x{small[1]} preview + "
+    rep.add(
+        "steps",
+        PASS if len(calls) == want else FAIL,
+        f"{len(calls)} backbone steps for a {g[0]}x{g[1]} grid ({before}H+W-1 = {want}, raster {first + g[0] * g[1]})",
+        key=None if len(calls) == want else "modules.layers",
+    )

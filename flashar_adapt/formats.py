@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import FlashARError
+from .errors import FlashARError, error_chain
 from .plugins import FORMATS, MissingDependency, Registry
 from .validate import did_you_mean
 
@@ -183,13 +183,7 @@ def _loading(cls, where, *args):
 
 def _decode_error(e: BaseException) -> bool:
     """``e``, or an error it was raised from, is a JSON or UTF-8 decode error."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+    return any(isinstance(x, (json.JSONDecodeError, UnicodeDecodeError)) for x in error_chain(e))
 
 
 def _unreadable_json(where) -> tuple[str, str] | None:

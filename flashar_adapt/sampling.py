@@ -225,10 +225,11 @@ def sample(
     return draw(logits, None if noise is None else noise.reshape(-1), s).reshape(shape)
 
 
-def check_logits(logits, what: str = "logits") -> None:
+def check_logits(logits, what: str = "logits", why: str = "mask entries with -inf") -> None:
     """What can be drawn from: a float tensor [..., K] with K >= 1 and rows, no NaN, no +inf
     and in every row a finite entry (a masked entry is -inf or the dtype's lowest; a NaN, an
-    inf or a row masked whole drew index 0 unseen). ``what`` names them in the error."""
+    inf or a row masked whole drew index 0 unseen). ``what`` names them in the error, ``why``
+    says what to look at."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = f"a {logits.dtype} tensor" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise InputError(f"{what} must be a float tensor [..., K], got {got}")
@@ -237,9 +238,9 @@ def check_logits(logits, what: str = "logits") -> None:
     if logits.dim() < 1 or logits.shape[-1] == 0 or logits.numel() == 0:
         raise InputError(f"{what} must be a non-empty tensor [..., K], got shape {list(logits.shape)}")
     if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise InputError(f"{what} hold NaN or +inf; nothing can be drawn from them (mask entries with -inf)")
+        raise InputError(f"{what} hold NaN or +inf; nothing can be drawn from them ({why})")
     if not bool(torch.isfinite(logits).any(-1).all()):
-        raise InputError(f"{what} have a row with no finite entry (all masked): nothing can be drawn from it")
+        raise InputError(f"{what} have a row with no finite entry (all masked): nothing can be drawn from it ({why})")
 
 
 def index_seed(seed: int, index: int) -> int:

@@ -32,6 +32,7 @@ from .inputs import (
     embed_ids,
     eval_behaviour,
     feature_width,
+    grid_shape,
     has_uncond,
 )
 from .schedules import Schedule, Step, bucket, padded_schedule, schedule
@@ -80,4 +81,5 @@ __all__ = [
     "sampled_step",
     "step_logits",
     "teacher_forward",
+    "grid_shape",
 ]

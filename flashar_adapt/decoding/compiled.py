@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout  # torch's own dependency; inductor locks its builds with it
 
+from ..errors import error_chain
 from ..files import OWNER_FILE, is_within, owner_record
 from .decoder import sampled_step
 
@@ -267,14 +268,12 @@ _EAGER: set = set()  # (device type, bucket size) whose compiled step failed twi
 def broken_libraries(error: BaseException, folder) -> list[Path]:
     """The built libraries (``.so``) under ``folder`` that ``error`` (or an error it was
     raised from) names: what inductor failed to load."""
-    found, seen, e = [], set(), error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    found = []
+    for e in error_chain(error):
         for m in _LIBRARY.findall(str(e)):
             p = Path(m)
             if p not in found and p.is_file() and is_within(p, folder):
                 found.append(p)
-        e = e.__cause__ or e.__context__
     return found
 
 

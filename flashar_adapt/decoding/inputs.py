@@ -282,14 +282,19 @@ def check_mode(mode) -> None:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def grid_shape(grid) -> tuple[int, int]:
+    """``grid`` as (H, W), two positive integers, or an ``InputError``."""
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid)):
+        raise InputError(f"grid must be two positive integers (H, W), got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
 def check_grid(ctx: PatchContext, grid) -> tuple[int, int]:
     """The grid to decode: the recipe's (None), or (H, W) where the recipe allows other sizes."""
     im = ctx.recipe.image
     if grid is None:
         return im.grid
-    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid)):
-        raise InputError(f"grid must be (H, W) with positive integers, got {grid!r}")
-    grid = (int(grid[0]), int(grid[1]))
+    grid = grid_shape(grid)
     if grid != im.grid and not im.variable_grid:
         raise InputError(f"recipe {ctx.recipe.name!r} has a fixed grid {list(im.grid)}; got {list(grid)}")
     return grid

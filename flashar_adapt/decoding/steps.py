@@ -11,7 +11,7 @@ import torch
 from ..context import PatchContext, context
 from ..errors import InputError
 from ..grid import Layout
-from ..sampling import Sampling, guide
+from ..sampling import Sampling, check_logits, guide
 from . import compiled
 from .decoder import Decoder, draw_cells, sampled_step, step_logits
 from .forward import cell_logits
@@ -29,6 +29,9 @@ from .inputs import (
     with_grid,
 )
 from .schedules import Schedule, padded_schedule, schedule
+
+# what makes the first step's logits undrawable, said with the refusal
+FIRST_LOGITS_WHY = "non-finite weights or inputs, a hook, or an overflow in a low-precision dtype"
 
 
 @dataclass(eq=False)
@@ -260,7 +263,9 @@ def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Ten
             hh, hv = state._hidden
             lg = cell_logits(dec.ctx, hh, hv, st.h_idx, st.v_idx, st.has_h, st.has_v, state.vertical)
             lg = guide(lg, B, scale)
-            _check_first_logits(lg)
+            # once per run (one host sync): NaN weights, a hook returning NaN or a low-precision
+            # overflow would otherwise be drawn as code 0 in every cell without a word
+            check_logits(lg, "the model's logits at the first step", FIRST_LOGITS_WHY)
         else:
             lg = step_logits(dec, state.codes, st, scale)
         lg = lg.reshape(B, -1, lg.shape[-1])
@@ -272,16 +277,6 @@ def _advance(state: DecoderState, sample: bool) -> tuple[torch.Tensor, torch.Ten
     lg, tok = lg.reshape(B, -1, lg.shape[-1])[:, : st.n], tok[:, : st.n]
     # a CUDA graph's outputs are overwritten by its next replay: state.logits must outlive the step
     return (lg.clone(), tok.clone()) if dev.type == "cuda" else (lg, tok)
-
-
-def _check_first_logits(lg: torch.Tensor) -> None:
-    """Once per run (one host sync): NaN weights, a hook that returns NaN or an overflow in a
-    low-precision dtype give logits a draw turns into code 0 without a word."""
-    if not bool(torch.isfinite(lg).any(-1).all()) or bool(torch.isnan(lg).any()) or bool(torch.isposinf(lg).any()):
-        raise InputError(
-            "the model's logits at the first step hold NaN or +inf, or a row with no finite entry (non-finite "
-            "weights or inputs, a hook, or an overflow in a low-precision dtype): nothing can be decoded from them"
-        )
 
 
 def _check_fresh(state: DecoderState) -> None:
