@@ -157,6 +157,17 @@ def disown(folder) -> None:
     (Path(folder) / OWNER_FILE).unlink(missing_ok=True)
 
 
+def marker_kind(path) -> str | None:
+    """The ``kind`` a marker of ours at ``path`` names (``owner_record``), or None when there
+    is none: missing, a link (a link proves nothing), unreadable or not a record."""
+    path = Path(path)
+    try:
+        rec = None if path.is_symlink() else json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return rec.get("kind") if isinstance(rec, dict) else None
+
+
 def dead_owner(folder, kind: str, target_name: str) -> bool:
     """``folder`` is a real folder (not a link) holding our marker for ``kind`` and
     ``target_name``, and the process that wrote it is dead."""

@@ -39,7 +39,7 @@ import torch
 from filelock import FileLock, Timeout  # torch's own dependency; inductor locks its builds with it
 
 from ..errors import error_chain
-from ..files import OWNER_FILE, is_within, owner_record
+from ..files import OWNER_FILE, is_within, marker_kind, owner_record
 from .decoder import sampled_step
 
 CACHE_ENV = "FLASHAR_COMPILE_CACHE"  # the compile cache folder; see compile_cache_dir
@@ -241,11 +241,7 @@ def remove_broken_libraries(folder) -> list[Path]:
 
 def owns_cache(folder) -> bool:
     """``folder`` holds our compile cache marker (a real file, not a link)."""
-    marker = Path(folder) / OWNER_FILE
-    try:
-        return not marker.is_symlink() and json.loads(marker.read_bytes()).get("kind") == CACHE_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    return marker_kind(Path(folder) / OWNER_FILE) == CACHE_KIND
 
 
 @contextmanager

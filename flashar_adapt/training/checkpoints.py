@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..adapters import lora_parameters
-from ..files import atomic_write_bytes, file_record, owner_record
+from ..files import atomic_write_bytes, file_record, marker_kind, owner_record
 from ..numerics import weights_fingerprint
 from ..patching import context
 from ..recipe import Recipe
@@ -254,11 +254,7 @@ def claim_run_folder(out: Path, has_checkpoint: bool) -> None:
 
 
 def _is_run_marker(path: Path) -> bool:
-    try:
-        rec = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(rec, dict) and rec.get("kind") == RUN_KIND
+    return marker_kind(path) == RUN_KIND
 
 
 def load_run(cfg: TrainConfig, allow_config_change: bool = False) -> tuple[nn.Module, RunPoint]:
