@@ -374,6 +374,7 @@ def unpatch(model: nn.Module) -> nn.Module:
                 "model again instead"
             )
         remove_lora(model, ours)
+        ctx.runner.unbind(ctx)
         # By id on the layer itself (not a stored handle): a deep copy's handle would point at
         # the original layer's hook table.
         layer = ctx.layers[ctx.branch_index]

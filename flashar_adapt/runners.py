@@ -8,7 +8,7 @@ entry points of the group ``flashar_adapt.runners``, or classes registered in-pr
 ``@register_runner("name")``.
 
 The contract: ``run``, ``new_cache``, ``new_branch_cache`` and ``branch_call`` are required
-(abstract); ``bind``, ``max_positions`` and ``prepare_branch_layers`` have defaults; what a
+(abstract); ``bind``, ``unbind``, ``max_positions`` and ``prepare_branch_layers`` have defaults; what a
 runner can do beyond that it declares as class attributes (``static_caches``,
 ``fused_branch``, ``reference_forward``, ``reference_generation``), and the core asks the attribute, never a method
 that might return None.
@@ -87,6 +87,11 @@ class Runner(abc.ABC):
         """Check the model against what this runner needs and configure for it (called once,
         by ``patch``, before the FlashAR modules are attached); raise RecipeError naming the key."""
 
+    def unbind(self, ctx) -> None:  # noqa: B027 - optional, like bind
+        """Remove whatever this runner put on the model's own modules (called by ``unpatch``,
+        under the model's guard, before the FlashAR modules are removed). Only what the runner
+        can prove it put there (it marks it), never something found by name."""
+
     def max_positions(self, ctx) -> int | None:
         """Longest sequence the model's position scheme supports, or None for unbounded."""
         return None
@@ -161,7 +166,9 @@ class Runner(abc.ABC):
         Returns (final normed hidden [B, T, d], un-normed branch output [B, T, d]). Called
         for every decoding forward with caches that needs the branch, under
         ``torch.inference_mode``; it must compute the same function as the generic path
-        (``run`` with the capture hook, then ``branch_call`` per branch layer)."""
+        (``run`` with the capture hook, then ``branch_call`` per branch layer), which a runner
+        whose fused pass does not apply to a call runs instead:
+        ``flashar_adapt.decoding.run_then_branch``."""
         raise NotImplementedError(f"runner {self.name!r} declares no fused_branch")
 
     def reference_logits(self, ctx, cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

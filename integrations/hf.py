@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import transformers
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
+from flashar_adapt.decoding import run_then_branch
 from flashar_adapt.errors import InputError
 from flashar_adapt.formats import FormatError, ModelFormat, dtype_name
 from flashar_adapt.patching import backbone_only
@@ -35,6 +37,11 @@ from flashar_adapt.recipe import RecipeError
 from flashar_adapt.runners import Runner
 
 from .hf_caches import FeedOrderCache, mask_row
+from .hf_fused import ACTIVE, PairedLayer, in_graph, why_not
+from .hf_fused import install as install_paired_forward
+from .hf_fused import uninstall as uninstall_paired_forward
+
+log = logging.getLogger("flashar_adapt.compile")  # the lines compiled decoding writes (decoding.compiled)
 
 # The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
 # -> cache); its layers may use any name (layer_past, cache, ...) or take it positionally, so
@@ -159,6 +166,7 @@ class TransformersRunner(Runner):
 
     name = "transformers"
     static_caches = True  # for full-attention decoders (new_cache refuses the others)
+    fused_branch = True  # run_with_branch: compiled steps may fuse the branch layer (fuse_branch_layer, hf_fused)
 
     def __init__(self):
         self.cache_key = "cache"  # the decoder forward's name for its cache argument (bind reads it)
@@ -172,6 +180,14 @@ class TransformersRunner(Runner):
         # what bind saw each decoder layer hand its cache as the layer index (layers that never
         # update a cache are absent): the branch copies keep their originals' slots
         self.cache_slots: dict[int, int] = {}
+        # True: compiled steps run the branch layer fused with its backbone layer (hf_fused). Off by
+        # default: on a CPU it measured no faster (docs/speed.md); on a GPU it is unmeasured
+        self.fuse_branch_layer = False
+        # the fused pair, kept from one compiled run to the next; the pairs whose fused call failed
+        # its check (pair key -> why, never retried); the refusals already said (one line each)
+        self.pair: PairedLayer | None = None
+        self.pair_failed: dict[tuple, str] = {}
+        self.pair_said: set[tuple] = set()
 
     def bind(self, ctx) -> None:
         dec = ctx.decoder
@@ -440,8 +456,93 @@ class TransformersRunner(Runner):
         config = getattr(ctx.decoder, "config", None)
         if full_attention_only(config):
             n = max(self.cache_slots.values(), default=len(ctx.layers) - 1) + 1
-            return self._static_cache("branch", ctx, n, batch, max_len) if static else FeedOrderCache(n, max_len)
+            if static:
+                self._pair_layers(ctx)
+                return self._static_cache("branch", ctx, n, batch, max_len)
+            return FeedOrderCache(n, max_len)
         return _dynamic_cache(config)  # the originals' layer types at the originals' slots
+
+    def _pair_layers(self, ctx) -> None:
+        """Before a compiled run: the fused branch layer, if the layers allow one (with their
+        current weights), else None and one line saying why."""
+        if not self.fuse_branch_layer:  # the pair, if any, is kept for when it is switched on again
+            return
+        b = ctx.branch_index
+        layer, branch = ctx.layers[b], list(ctx.flashar.branch_layers)
+        reason = why_not(layer, branch, self.cache_slots.get(b))
+        key = PairedLayer.key_of(layer, branch[0]) if reason is None else None
+        reason = reason or self.pair_failed.get(key)
+        if reason is not None:
+            self._refuse_pair(ctx, reason)
+            return
+        if self.pair is None or self.pair.key != key:
+            self.pair = PairedLayer(layer, branch[0], self.cache_slots[b])
+        install_paired_forward(layer)
+        self.pair.load()
+
+    def _refuse_pair(self, ctx, reason: str, failed: bool = False) -> None:
+        b = ctx.branch_index
+        layer = ctx.layers[b]
+        if failed:
+            self.pair_failed[self.pair.key] = reason
+        said = (id(layer), reason)
+        if said not in self.pair_said:
+            self.pair_said.add(said)
+            log.info("flashar-adapt: the vertical branch runs beside decoder layer %d, not fused: %s", b, reason)
+        self.pair = None
+        uninstall_paired_forward(layer)
+
+    def run_with_branch(self, ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries=None):
+        # eager decoding: the two calls (see hf_fused)
+        pair = self.pair if entries is not None and self.fuse_branch_layer else None
+        if pair is None:
+            return run_then_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries)
+        if not pair.holds(cache, branch_cache):  # a compiled run's prefill on caches new to the pair
+            return self._adopt(ctx, pair, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries)
+        if not in_graph():  # a compiled run's eager calls (its first step): vmap costs more than it saves there
+            return run_then_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries)
+        ACTIVE.pair = pair
+        try:
+            h = self.run(ctx, embeds, positions, slots, key_slots, allowed, cache, entries)
+            return h, ACTIVE.branch_out
+        finally:
+            ACTIVE.pair = ACTIVE.branch_out = None
+
+    def _adopt(self, ctx, pair, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries):
+        """Run the prefill separately, stack the two slot buffers it filled into the pair's,
+        and check the fused call on the prefill's own inputs against what the separate calls
+        gave (outputs and the keys and values written); refuse the pair if it differs."""
+        seen = {}
+        hook = ctx.layers[ctx.branch_index].register_forward_hook(
+            lambda m, a, k, o: seen.update(args=a, kwargs=k, out=o), with_kwargs=True
+        )
+        try:
+            h, x = run_then_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries)
+        finally:
+            hook.remove()
+        pair.adopt(cache, branch_cache)
+        keys, values = pair.keys.clone(), pair.values.clone()
+        try:
+            out = pair(seen["args"], seen["kwargs"], keys, values)
+            got = (out[0] if isinstance(out, tuple) else out, ACTIVE.branch_out, keys, values)
+        except Exception as e:  # noqa: BLE001 - any failure of the fused call: the layers run separately
+            self._refuse_pair(ctx, f"the fused call fails ({type(e).__name__}: {e})", failed=True)
+            return h, x
+        finally:
+            ACTIVE.branch_out = None
+        ref = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+        for a, r in zip(got, (ref, x, pair.keys, pair.values), strict=True):
+            # detection threshold, not a proof (the tests bound the values): one sum order
+            # against another differs by round-off, a fused call that is another function by O(|r|)
+            tol = (1e-3 if r.dtype == torch.float32 else 5e-2) * (1 + r.abs().max().item())
+            if a.shape != r.shape or (a - r).abs().max().item() > tol:
+                self._refuse_pair(ctx, "its fused call differs from the two separate calls", failed=True)
+                break
+        return h, x
+
+    def unbind(self, ctx) -> None:
+        uninstall_paired_forward(ctx.layers[ctx.branch_index])
+        self.pair = None
 
     def _static_cache(self, which: str, ctx, n_layers: int, batch: int, max_len: int):
         """Static caches live from one generate() call to the next of the same shape (a CUDA

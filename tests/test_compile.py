@@ -291,6 +291,34 @@ def test_compiled_greedy_equals_eager_and_teacher_forcing(make, mode):
 
 
 @pytest.mark.slow
+def test_compiled_fused_branch_layer_equals_eager_and_teacher_forcing():
+    """The transformers runner's fused branch layer (opt-in) inside compiled steps: greedy
+    codes equal eager decoding, every step's logits equal teacher forcing up to float32
+    summation order, seeded sampled codes with CFG equal eager ones, and the fused call is
+    what the steps ran."""
+    model, cond, mask = _hf()
+    runner = model.flashar.ctx.runner
+    runner.fuse_branch_layer = True
+    eager = model.generate(cond, top_k=1, cond_mask=mask)
+    codes, got = _cell_logits(model, cond, "two_way", mask)
+    assert runner.pair is not None and runner.pair.holds(*_held_caches(runner))
+    assert torch.equal(codes, eager)
+    ref = fa.logits(model, cond, codes, cond_mask=mask)
+    assert_same_math(got, ref.flatten(1, 2), layers=5, width=32)
+    B = cond.shape[0]
+
+    def kw():
+        gens = [torch.Generator().manual_seed(3 + i) for i in range(B)]
+        return dict(cond_mask=mask, cfg_scale=2.0, temperature=1.3, top_k=20, top_p=0.9, generator=gens)
+
+    assert torch.equal(model.generate(cond, compile=True, **kw()), model.generate(cond, **kw()))
+
+
+def _held_caches(runner):
+    return runner.static_held["backbone"][1], runner.static_held["branch"][1]
+
+
+@pytest.mark.slow
 def test_compiled_cfg_and_sampling_equal_eager_with_bounded_graphs():
     """CFG (a linear schedule: the scale changes every step) and seeded sampling give the
     eager codes; the first call of a sampling setting compiles at most one graph per bucket

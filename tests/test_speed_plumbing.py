@@ -57,9 +57,10 @@ def test_caches_allocated_once_per_call(make, mode, cfg):
     assert len(spy.calls["new_cache"]) == 1
     assert len(spy.calls["new_branch_cache"]) == (1 if mode == "two_way" else 0)
     H, W = model.flashar.ctx.recipe.image.grid
-    # a backbone forward is either the runner's fused backbone+branch pass or a plain run
+    # a backbone forward is either the runner's fused backbone+branch pass or a plain run; a
+    # fused pass may itself run the stack through ``run`` (transformers: once, the same forward)
     fused = [c for c in spy.calls["run_with_branch"] if c[2] is not None]
-    assert not (fused and spy.calls["run"])
+    assert not fused or len(spy.calls["run"]) in (0, len(fused))
     runs = fused or spy.calls["run"]
     assert len(runs) == (H + W - 1 if mode == "two_way" else H * W)
     # every step after the prefill passes a mask that is a view of the decoder's one key row
@@ -292,3 +293,178 @@ def test_transformers_mask_row_follows_a_changed_key_row():
     assert hf.mask_row(cache, keys[:, :, :5], torch.float32)[0, 0, 0, :5].tolist() == [neg, 0, 0, 0, 0]
     other = torch.tensor([[[True, True, False, True, True]]])
     assert hf.mask_row(cache, other, torch.float32)[0, 0, 0, :5].tolist() == [0, 0, neg, 0, 0]
+
+
+# ---------------------------------------------------------------- the transformers fused branch layer
+
+
+def _width(ctx) -> int:
+    return max([ctx.dim] + [m.in_features for m in ctx.layers.modules() if isinstance(m, torch.nn.Linear)])
+
+
+def _decode_static(model, cond, mask, cfg, seed, monkeypatch):
+    """compile=True's static path run eagerly (no inductor): (codes, every step's fused logits)."""
+    from tests.test_compile import static_path_uncompiled
+
+    steps = []
+    orig_fuse = model.flashar.fuse
+
+    def record(*a, **k):
+        out = orig_fuse(*a, **k)
+        steps.append(out.fused.clone())
+        return out
+
+    with monkeypatch.context() as mp, static_path_uncompiled():
+        mp.setattr(model.flashar, "fuse", record)
+        # the steps run the pair as compiled steps do (eagerly here: the same vmapped call)
+        mp.setattr("flashar_adapt.integrations.hf.in_graph", lambda: True)
+        codes = model.generate(
+            cond, cond_mask=mask, cfg_scale=cfg, top_k=20, generator=torch.Generator().manual_seed(seed), compile=True
+        )
+    return codes, steps
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["llama", "janus", "chameleon", "glm-image"])
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_transformers_fused_branch_layer_equals_the_separate_layers(family, cfg, monkeypatch):
+    """The decoder layer at the branch index and its copy run as one vmapped call in compiled
+    decoding: every step's logits equal those of the two separate calls up to float32 summation
+    order, the seeded sampled codes are equal, and the fused call is the path taken (once to
+    check it at the prefill, then every step)."""
+    from flashar_adapt.integrations import hf_fused
+
+    model, cond, mask = tiny.patched_family(family)
+    ctx = fa.context(model)
+    ctx.runner.fuse_branch_layer = True  # opt-in (docs/speed.md)
+    if cfg != 1.0 and not decoding.has_uncond(ctx):
+        pytest.skip("no unconditional prefix")
+    calls = []
+    fused_call = hf_fused.PairedLayer.__call__
+    monkeypatch.setattr(hf_fused.PairedLayer, "__call__", lambda s, *a, **k: calls.append(1) or fused_call(s, *a, **k))
+    fast, fast_steps = _decode_static(model, cond, mask, cfg, 3, monkeypatch)
+    H, W = ctx.recipe.image.grid
+    # the check at the prefill (which runs the layers apart), then one per fed diagonal (all but the last)
+    assert len(calls) == 1 + (H + W - 2)
+    assert ctx.runner.pair is not None and hf_fused.is_installed(ctx.layers[ctx.branch_index])
+    with monkeypatch.context() as mp:
+        mp.setattr(ctx.runner, "fuse_branch_layer", False)
+        slow, slow_steps = _decode_static(model, cond, mask, cfg, 3, monkeypatch)
+    assert len(calls) == 1 + (H + W - 2)  # not taken
+    assert torch.equal(fast, slow)  # draws flip only within ~1e-6 of a bin edge
+    assert len(fast_steps) == len(slow_steps) == H + W - 1
+    for a, b in zip(fast_steps, slow_steps, strict=True):
+        assert_same_math(a, b, layers=len(ctx.layers), width=_width(ctx))
+
+
+def test_transformers_fused_branch_layer_is_kept_reloads_weights_and_leaves_with_unpatch(monkeypatch):
+    """The pair and its stacked caches live from one compiled run to the next; weights changed
+    in between (through ``.data``, as peft's merge does) are the ones used; a deep copy fuses
+    its own layers; ``unpatch`` removes the layer's forward it installed, and nothing else."""
+    from flashar_adapt.integrations import hf_fused
+
+    model, cond, mask = tiny.patched_family("llama")
+    ctx = fa.context(model)
+    ctx.runner.fuse_branch_layer = True
+    layer = ctx.layers[ctx.branch_index]
+    assert "forward" not in layer.__dict__
+    _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    pair = ctx.runner.pair
+    stacked = pair.keys
+    with torch.no_grad():
+        model.flashar.branch_layers[0].mlp.down_proj.weight.data.mul_(-1.3)
+    codes, steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    assert ctx.runner.pair is pair and pair.keys is stacked  # no new buffers, no second check
+    with monkeypatch.context() as mp:
+        mp.setattr(ctx.runner, "fuse_branch_layer", False)
+        ref, ref_steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    assert torch.equal(codes, ref)
+    for a, b in zip(steps, ref_steps, strict=True):
+        assert_same_math(a, b, layers=len(ctx.layers), width=_width(ctx))
+    _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    import copy
+
+    twin = copy.deepcopy(model)
+    tctx = fa.context(twin)
+    assert hf_fused.is_installed(tctx.layers[tctx.branch_index])  # bound to the copy's own layer
+    assert torch.equal(_decode_static(twin, cond, mask, 1.0, 0, monkeypatch)[0], codes)
+    assert tctx.runner.pair.layer is tctx.layers[tctx.branch_index]
+    fa.unpatch(model)
+    assert "forward" not in layer.__dict__
+    fa.unpatch(twin)
+    assert "forward" not in tctx.layers[tctx.branch_index].__dict__
+
+
+def test_transformers_fused_branch_layer_refusals_say_why(monkeypatch, caplog):
+    """Layers that cannot run as one run separately, with one line saying why: a branch of
+    two layers, a layer in training mode, a hook, a forward replaced by someone else, a
+    branch layer with other modules (an adapter), and a fused call that fails or differs
+    from the separate calls at its check (never retried)."""
+    import logging
+
+    from flashar_adapt.integrations import hf_fused
+
+    model, cond, mask = tiny.patched_family("llama")
+    ctx = fa.context(model)
+    ctx.runner.fuse_branch_layer = True
+    b = ctx.branch_index
+    layer, branch = ctx.layers[b], list(ctx.flashar.branch_layers)
+    slot = ctx.runner.cache_slots[b]
+    assert hf_fused.why_not(layer, branch, slot) is None
+    assert "2 layers deep" in hf_fused.why_not(layer, branch * 2, slot)
+    assert "no cache slot" in hf_fused.why_not(layer, branch, None)
+    branch[0].train()
+    assert "training" in hf_fused.why_not(layer, branch, slot)
+    branch[0].eval()
+    h = layer.mlp.register_forward_hook(lambda *a: None)
+    assert "hooks on mlp" in hf_fused.why_not(layer, branch, slot)
+    h.remove()
+    layer.forward = lambda *a, **k: None  # e.g. accelerate's offloading
+    assert "replaced" in hf_fused.why_not(layer, branch, slot)
+    del layer.forward
+    old = branch[0].mlp.act_fn
+    branch[0].mlp.act_fn = torch.nn.GELU()
+    assert "different modules" in hf_fused.why_not(layer, branch, slot)
+    branch[0].mlp.act_fn = old
+    with monkeypatch.context() as mp:
+        mp.setattr(hf_fused, "functional_call", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no batching")))
+        with caplog.at_level(logging.INFO, logger="flashar_adapt.compile"):
+            codes, _ = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+            _decode_static(model, cond, mask, 1.0, 0, monkeypatch)  # never retried, said once
+    said = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert said == [
+        f"flashar-adapt: the vertical branch runs beside decoder layer {b}, not fused: "
+        "the fused call fails (RuntimeError: no batching)"
+    ]
+    assert ctx.runner.pair is None and not hf_fused.is_installed(layer)
+    assert torch.equal(
+        codes, model.generate(cond, cond_mask=mask, top_k=20, generator=torch.Generator().manual_seed(0))
+    )
+
+
+def test_transformers_fused_branch_layer_that_differs_is_refused(monkeypatch, caplog):
+    import logging
+
+    from flashar_adapt.integrations import hf_fused
+
+    model, cond, mask = tiny.patched_family("llama")
+    ctx = fa.context(model)
+    ctx.runner.fuse_branch_layer = True
+    call = hf_fused.PairedLayer.__call__
+
+    def off(self, args, kwargs, keys=None, values=None):  # a fused call that is another function
+        out = call(self, args, kwargs, keys, values)
+        hf_fused.ACTIVE.branch_out = hf_fused.ACTIVE.branch_out * 1.5
+        return out
+
+    monkeypatch.setattr(hf_fused.PairedLayer, "__call__", off)
+    with caplog.at_level(logging.INFO, logger="flashar_adapt.compile"):
+        codes, steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    assert any("differs from the two separate calls" in r.getMessage() for r in caplog.records)
+    assert ctx.runner.pair is None
+    monkeypatch.setattr(hf_fused.PairedLayer, "__call__", call)
+    with monkeypatch.context() as mp:
+        mp.setattr(ctx.runner, "fuse_branch_layer", False)
+        ref, ref_steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    assert torch.equal(codes, ref)
+    assert all(torch.equal(a, b) for a, b in zip(steps, ref_steps, strict=True))  # the same separate calls

@@ -15,7 +15,7 @@ branch forward, the heads), ``teacher_forcing``, ``schedules`` (steps, buckets),
 
 from .compiled import AUTO_CPU_MAX_ROWS, compiled_step, recompile_room, use_compile
 from .decoder import Decoder, sampled_step, step_logits
-from .forward import backbone_forward, cell_logits, horizontal_logits, positions
+from .forward import backbone_forward, cell_logits, horizontal_logits, positions, run_then_branch
 from .inputs import (
     MODES,
     Negative,
@@ -74,6 +74,7 @@ __all__ = [
     "positions",
     "prefill",
     "recompile_room",
+    "run_then_branch",
     "schedule",
     "score",
     "sequence_embeds",

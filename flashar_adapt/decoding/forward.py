@@ -47,25 +47,44 @@ def backbone_forward(
             ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, **static
         )
         return h, ctx.flashar.branch_norm(x)
-    CAPTURE.layer = ctx.layers[ctx.branch_index] if branch else None
+    if not branch:
+        return ctx.runner.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static), None
+    h, x = run_then_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries)
+    return h, ctx.flashar.branch_norm(x)
+
+
+def run_then_branch(
+    ctx: PatchContext,
+    embeds,
+    positions,
+    slots,
+    key_slots,
+    allowed,
+    cache,
+    branch_cache,
+    entries: torch.Tensor | None = None,
+):
+    """The generic backbone and branch pass: the runner's ``run`` with the branch layer's
+    inputs captured, then ``branch_call`` for each branch layer on them. Returns (final
+    normed hidden, un-normed branch output), as ``Runner.run_with_branch`` does: a runner
+    whose own fused pass does not apply to a call runs this instead."""
+    static = {} if entries is None else {"entries": entries}
+    CAPTURE.layer = ctx.layers[ctx.branch_index]
     CAPTURE.captured = None
     try:
         h = ctx.runner.run(ctx, embeds, positions, slots, key_slots, allowed, cache, **static)
         captured = CAPTURE.captured
     finally:
         CAPTURE.layer = CAPTURE.captured = None
-    if not branch:
-        return h, None
     if captured is None:
         raise RuntimeError(
             "the branch layer was not called during the backbone forward; check modules.layers / the runner"
         )
     args, kwargs = captured
     x = args[0] if args else kwargs["hidden_states"]
-    mods = ctx.flashar
-    for layer in mods.branch_layers:
+    for layer in ctx.flashar.branch_layers:
         x = ctx.runner.branch_call(layer, x, args, kwargs, branch_cache)
-    return h, mods.branch_norm(x)
+    return h, x
 
 
 def cell_logits(
