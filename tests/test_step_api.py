@@ -236,3 +236,19 @@ def test_decode_speed_benchmark_runs_on_the_public_seam():
     finally:
         h.remove()
     assert len(calls) == 2 * (4 + 4 - 1)
+
+
+@pytest.mark.slow
+def test_fused_branch_benchmark_runs_and_writes_its_results(tmp_path):
+    """benchmarks/fused_branch_speed.py at its smallest: both phases compile and run, the fused
+    path is taken, codes agree, and the results are written (times are not checked)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fused_branch_speed as fb
+
+    res = fb.main(["--layers", "1", "--dim", "32", "--grid", "2", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert res["fused_path_taken"] and res["greedy_codes_equal"] and res["sampled_codes_equal"]
+    assert json.loads((tmp_path / "fused_branch_speed.json").read_text())["ms"].keys() == res["ms"].keys()
+    assert "| branch layer fused |" in (tmp_path / "fused_branch_speed.md").read_text()
