@@ -154,6 +154,29 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_checkpoint_changed_on_disk_is_refused_and_an_old_one_still_loads(tmp_path):
+    """torch's reader checks no checksum: a byte flipped inside a saved tensor loads as another
+    weight. A checkpoint carries a digest of its contents, checked on load (resume, export
+    --config, generate --config all load through it); one written before digests loads."""
+    from flashar_adapt.training import TrainingError, save_checkpoint
+
+    w = torch.full((64,), 1.2345)
+    state = {"global_step": 3, "trainable": {"w": w}, "rng": {"python": (3, (1, 2), None)}, "opt": [0.9, 0.99]}
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, state)
+    got = load_checkpoint(path)
+    assert torch.equal(got["trainable"]["w"], w) and got["global_step"] == 3 and "contents_sha256" not in got
+    data = bytearray(path.read_bytes())
+    at = data.find(w.numpy().tobytes())
+    assert at > 0
+    data[at + 17] ^= 0x01  # one bit of one float: still a finite weight, silently another model
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match="differ from the digest"):
+        load_checkpoint(path)
+    torch.save(state, path)  # written by a version without digests
+    assert load_checkpoint(path)["global_step"] == 3
+
+
 # ---------------------------------------------------------------- faults
 
 

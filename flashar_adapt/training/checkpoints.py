@@ -38,19 +38,61 @@ RUN_KIND = "flashar-adapt train run"
 RECIPE_FREE_KEYS = ("name", "description", "match")
 
 
+DIGEST_KEY = "contents_sha256"  # a checkpoint's digest of everything else it holds
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: written to a temp file in the same folder, fsynced, renamed over the old one.
-    Any failure (disk full, kill) leaves the previous checkpoint as it was."""
+    Any failure (disk full, kill) leaves the previous checkpoint as it was. The state gets a
+    digest of its contents (``DIGEST_KEY``): torch's reader checks no checksum, so a byte
+    changed on disk inside a tensor would otherwise load as a different weight."""
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save({**state, DIGEST_KEY: contents_digest(state)}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint's state; TrainingError if unreadable or if its contents no longer match
+    the digest written with them (checkpoints written before digests load unchecked)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TrainingError(f"{path}: checkpoint is unreadable ({e}); move it away to restart from scratch") from None
+    if isinstance(state, dict) and DIGEST_KEY in state:
+        want = state.pop(DIGEST_KEY)
+        if contents_digest(state) != want:
+            raise TrainingError(
+                f"{path}: the checkpoint's contents differ from the digest written with them (damaged on disk or "
+                "edited); restore it from a copy, or move it away to restart from scratch"
+            )
+    return state
+
+
+def contents_digest(state) -> str:
+    """sha256 over a checkpoint state: every tensor's dtype, shape and bytes, every other value
+    by its repr, dict keys in sorted order; a list and a tuple hash alike (a saved tuple may
+    load back as a list)."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    walk(state)
+    return h.hexdigest()
 
 
 def rng_state() -> dict:
