@@ -755,6 +755,13 @@ def test_training_configs_that_cannot_mean_what_they_say(tmp_path, capsys):
         TrainConfig.load(llamagen_run(tmp_path / "a", stage1=0, stage2=0))
     with pytest.raises(TrainingError, match="out_dir 'data' is inside the data folder"):
         TrainConfig.load(llamagen_run(tmp_path / "b", out_dir="data"))
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "run").write_text("a user's file")
+    with pytest.raises(TrainingError, match="out_dir '.*run' is a file, not a folder"):
+        train(TrainConfig.load(llamagen_run(tmp_path / "f")), progress=False)
+    with pytest.raises(TrainingError, match="out_dir '.*run/sub': cannot make the run folder"):
+        train(TrainConfig.load(llamagen_run(tmp_path / "f", out_dir="run/sub")), progress=False)
+    assert (tmp_path / "f" / "run").read_text() == "a user's file"
     cfg = TrainConfig.load(llamagen_run(tmp_path / "c", stage1=1, stage2=0))
     train(cfg, progress=False)
     out = capsys.readouterr().out

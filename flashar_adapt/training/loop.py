@@ -86,10 +86,20 @@ def train(cfg: TrainConfig | str | os.PathLike, progress: bool = True, allow_con
     acc = _accelerator(cfg)
     out = Path(cfg.out_dir)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_run_folder(out, cfg.source)
     acc.wait_for_everyone()
     with exclusive_lock(out, TrainingError, "train run") if acc.is_main_process else contextlib.nullcontext():
         return _train_in(cfg, acc, out, progress, allow_config_change)
+
+
+def _make_run_folder(out: Path, source: str) -> None:
+    where = f"{source}: " if source else ""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{where}out_dir {str(out)!r} is a file, not a folder: choose another out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"{where}out_dir {str(out)!r}: cannot make the run folder ({e.strerror or e})") from None
 
 
 def _train_in(cfg: TrainConfig, acc, out: Path, progress: bool, allow_config_change: bool) -> nn.Module:
