@@ -164,3 +164,21 @@ def test_export_of_a_run_that_is_training_now_is_refused(finished, tmp_path, cap
         rc = main(["export", "--config", str(cfg_path), "--out", str(tmp_path / "exp"), "--allow-unfinished"])
         assert rc == 0 and "(still training)" in capsys.readouterr().out
     assert fa.load_adapted(tmp_path / "exp").generate(torch.tensor([1]), top_k=1).shape == (1, 4, 4)
+
+
+def test_the_same_recipe_and_model_spelled_another_way_are_the_same_run(finished, tmp_path):
+    """The recipe is compared by its resolved content, so naming the same file by another
+    path is the same run; the model spec's old key ``backend:`` is ``format:``. Content that
+    differs is still named."""
+    cfg_path = _copy(finished, tmp_path / "r")
+    d = yaml.safe_load(cfg_path.read_text())
+    d["recipe"] = str((cfg_path.parent / "my-c2i.yaml").resolve())  # was "my-c2i.yaml"
+    d["model"]["backend"] = d["model"].pop("format")
+    cfg_path.write_text(yaml.safe_dump(d))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_model_from_run(TrainConfig.load(cfg_path))
+    assert not [w for w in seen if "changed config" in str(w.message)]
+    _edit_recipe(cfg_path, branch_layer=-2)
+    with pytest.raises(TrainingError, match=r"recipe\.flashar\.branch_layer: -1 -> -2"):
+        build_model_from_run(TrainConfig.load(cfg_path))

@@ -220,7 +220,7 @@ def run_differences(state: dict, cfg: TrainConfig, recipe: Recipe, inputs: dict 
         out.append(f"recipe name: {short(state.get('recipe'), 40)} -> {recipe.name!r}")
     saved_cfg, saved_recipe = state.get("config"), state.get("recipe_config")
     if isinstance(saved_cfg, dict):
-        out += resume_diff(saved_cfg, state["global_step"], cfg)
+        out += resume_diff(saved_cfg, state["global_step"], cfg, recipe_by_content=isinstance(saved_recipe, dict))
     else:
         out.append("config: not recorded in the checkpoint")
     if isinstance(saved_recipe, dict):

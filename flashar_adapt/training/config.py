@@ -174,15 +174,17 @@ def stage_of(step: int, cfg: TrainConfig) -> tuple[int, int]:
 RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every")
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs (RESUME_FREE_KEYS aside)."""
-    return [f"{k}: {short(a, 40)} -> {short(b, 40)}" for k, a, b in differing_keys(old, new, RESUME_FREE_KEYS)]
+def config_diff(old: dict, new: dict, free: tuple = ()) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs (RESUME_FREE_KEYS and ``free`` aside)."""
+    return [f"{k}: {short(a, 40)} -> {short(b, 40)}" for k, a, b in differing_keys(old, new, RESUME_FREE_KEYS + free)]
 
 
 def _portable(d: dict) -> dict:
     """The config with its absolute paths made relative to the folder holding out_dir, so a
     project folder moved or copied as a whole resumes as the same run."""
     d = {**d, "model": dict(d.get("model") or {})}
+    if "backend" in d["model"] and "format" not in d["model"]:  # the old spelling of the same key
+        d["model"]["format"] = d["model"].pop("backend")
     base = Path(str(d.get("out_dir", ""))).parent
     for node, key in ((d, "data"), (d, "recipe"), (d["model"], "checkpoint"), (d["model"], "path")):
         v = node.get(key)
@@ -191,13 +193,15 @@ def _portable(d: dict) -> dict:
     return d
 
 
-def resume_diff(old: dict, step: int, cfg: TrainConfig) -> list[str]:
+def resume_diff(old: dict, step: int, cfg: TrainConfig, recipe_by_content: bool = False) -> list[str]:
     """``key: old -> new`` for every setting of ``cfg`` that differs from ``old`` (a
     checkpoint's recorded config at ``step``) in a way that changes what the run computes.
     At the stage boundary, before any stage-2 step, the stage-2 settings are still free:
     runs that share stage 1 and differ in stage 2 are one stage-1 run copied and resumed
-    (exact, since a stage starts from the config's seed)."""
-    diff = config_diff(_portable(old), _portable(cfg.to_dict()))
+    (exact, since a stage starts from the config's seed). ``recipe_by_content``: the caller
+    compares the resolved recipe itself, so how ``recipe`` names it (a name, a path) is free."""
+    free = ("recipe",) if recipe_by_content else ()
+    diff = config_diff(_portable(old), _portable(cfg.to_dict()), free)
     old_s1 = (old.get("stage1") or {}).get("steps")
     if step == old_s1 == cfg.stage1.steps:
         diff = [d for d in diff if not d.startswith("stage2.")]
