@@ -186,6 +186,7 @@ class TransformersRunner(Runner):
         # the fused pair, kept from one compiled run to the next; the pairs whose fused call failed
         # its check (pair key -> why, never retried); the refusals already said (one line each)
         self.pair: PairedLayer | None = None
+        self.pair_for = None  # the branch cache of the run the pair was checked and loaded for
         self.pair_failed: dict[tuple, str] = {}
         self.pair_said: set[tuple] = set()
 
@@ -457,14 +458,17 @@ class TransformersRunner(Runner):
         if full_attention_only(config):
             n = max(self.cache_slots.values(), default=len(ctx.layers) - 1) + 1
             if static:
-                self._pair_layers(ctx)
-                return self._static_cache("branch", ctx, n, batch, max_len)
+                cache = self._static_cache("branch", ctx, n, batch, max_len)
+                self._pair_layers(ctx, cache)
+                return cache
             return FeedOrderCache(n, max_len)
         return _dynamic_cache(config)  # the originals' layer types at the originals' slots
 
-    def _pair_layers(self, ctx) -> None:
-        """Before a compiled run: the fused branch layer, if the layers allow one (with their
-        current weights), else None and one line saying why."""
+    def _pair_layers(self, ctx, branch_cache) -> None:
+        """At the start of a compiled run: the fused branch layer, if the layers allow one,
+        loaded with their current weights for this run's ``branch_cache`` (only a run it was
+        checked and loaded for uses it), else None and one line saying why."""
+        self.pair_for = None
         if not self.fuse_branch_layer:  # the pair, if any, is kept for when it is switched on again
             return
         b = ctx.branch_index
@@ -479,6 +483,7 @@ class TransformersRunner(Runner):
             self.pair = PairedLayer(layer, branch[0], self.cache_slots[b])
         install_paired_forward(layer)
         self.pair.load()
+        self.pair_for = branch_cache
 
     def _refuse_pair(self, ctx, reason: str, failed: bool = False) -> None:
         b = ctx.branch_index
@@ -489,12 +494,12 @@ class TransformersRunner(Runner):
         if said not in self.pair_said:
             self.pair_said.add(said)
             log.info("flashar-adapt: the vertical branch runs beside decoder layer %d, not fused: %s", b, reason)
-        self.pair = None
+        self.pair = self.pair_for = None
         uninstall_paired_forward(layer)
 
     def run_with_branch(self, ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries=None):
-        # eager decoding: the two calls (see hf_fused)
-        pair = self.pair if entries is not None and self.fuse_branch_layer else None
+        # eager decoding, and a run the pair was not loaded for (switched on mid-run): the two calls
+        pair = self.pair if entries is not None and self.pair_for is branch_cache else None
         if pair is None:
             return run_then_branch(ctx, embeds, positions, slots, key_slots, allowed, cache, branch_cache, entries)
         if not pair.holds(cache, branch_cache):  # a compiled run's prefill on caches new to the pair
@@ -521,7 +526,8 @@ class TransformersRunner(Runner):
         finally:
             hook.remove()
         pair.adopt(cache, branch_cache)
-        keys, values = pair.keys.clone(), pair.values.clone()
+        # zeros: the call must write what it attends (the prefill attends only its own entries)
+        keys, values = torch.zeros_like(pair.keys), torch.zeros_like(pair.values)
         try:
             out = pair(seen["args"], seen["kwargs"], keys, values)
             got = (out[0] if isinstance(out, tuple) else out, ACTIVE.branch_out, keys, values)
@@ -531,7 +537,9 @@ class TransformersRunner(Runner):
         finally:
             ACTIVE.branch_out = None
         ref = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
-        for a, r in zip(got, (ref, x, pair.keys, pair.values), strict=True):
+        e = entries  # the entries the prefill wrote (the rest may hold an earlier run's)
+        got = (*got[:2], got[2][:, :, :, e], got[3][:, :, :, e])
+        for a, r in zip(got, (ref, x, pair.keys[:, :, :, e], pair.values[:, :, :, e]), strict=True):
             # detection threshold, not a proof (the tests bound the values): one sum order
             # against another differs by round-off, a fused call that is another function by O(|r|)
             tol = (1e-3 if r.dtype == torch.float32 else 5e-2) * (1 + r.abs().max().item())
@@ -542,7 +550,7 @@ class TransformersRunner(Runner):
 
     def unbind(self, ctx) -> None:
         uninstall_paired_forward(ctx.layers[ctx.branch_index])
-        self.pair = None
+        self.pair = self.pair_for = None
 
     def _static_cache(self, which: str, ctx, n_layers: int, batch: int, max_len: int):
         """Static caches live from one generate() call to the next of the same shape (a CUDA

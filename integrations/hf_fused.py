@@ -19,8 +19,9 @@ separate calls read and write the same entries.
 
 A pair is used only when the layers match (one branch layer of the same class, the same
 parameters and buffers, eval mode, no hooks, the layer's forward not replaced by anyone
-else: checked at the start of every compiled run) and, once per pair of caches, its first
-fused call reproduces the separate calls on the prefill's inputs; otherwise decoding runs
+else: checked at the start of every compiled run, when the weights are copied in) and, once
+per pair of caches, its first fused call reproduces the separate calls on the prefill's
+inputs (written into empty buffers); otherwise decoding runs
 the layers separately, and one line on the ``flashar_adapt.compile`` logger says why."""
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ class _Active(threading.local):
 
 ACTIVE = _Active()
 
-# vmap runs an op with no batching rule (CPU flash attention, say) once per layer and warns
-# that it does, while compiling too; once per layer is what the two separate calls do anyway
-warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+
+def _quiet_vmap_notes() -> None:
+    """vmap runs an op with no batching rule (CPU flash attention, say) once per layer and
+    warns that it does, while compiling too (outside any call of ours); once per layer is
+    what the two separate calls do anyway. Filtered process-wide from the first pair on
+    (only where fusing was switched on)."""
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 
 
 def in_graph() -> bool:
@@ -161,6 +166,7 @@ class PairedLayer:
     ``load`` copies both layers' current weights in at every run."""
 
     def __init__(self, layer: nn.Module, other: nn.Module, slot: int):
+        _quiet_vmap_notes()
         self.layer, self.other, self.slot = layer, other, slot
         self.key = self.key_of(layer, other)
         self.twin = _meta_twin(layer)

@@ -296,12 +296,20 @@ def test_compiled_fused_branch_layer_equals_eager_and_teacher_forcing():
     codes equal eager decoding, every step's logits equal teacher forcing up to float32
     summation order, seeded sampled codes with CFG equal eager ones, and the fused call is
     what the steps ran."""
+    from flashar_adapt.integrations import hf_fused
+
     model, cond, mask = _hf()
     runner = model.flashar.ctx.runner
     runner.fuse_branch_layer = True
     eager = model.generate(cond, top_k=1, cond_mask=mask)
-    codes, got = _cell_logits(model, cond, "two_way", mask)
-    assert runner.pair is not None and runner.pair.holds(*_held_caches(runner))
+    calls = []  # Python runs the fused call once at the prefill's check, then while dynamo traces each step
+    fused_call = hf_fused.PairedLayer.__call__
+    hf_fused.PairedLayer.__call__ = lambda s, *a, **k: calls.append(1) or fused_call(s, *a, **k)
+    try:
+        codes, got = _cell_logits(model, cond, "two_way", mask)
+    finally:
+        hf_fused.PairedLayer.__call__ = fused_call
+    assert len(calls) >= 2 and runner.pair.holds(*_held_caches(runner))
     assert torch.equal(codes, eager)
     ref = fa.logits(model, cond, codes, cond_mask=mask)
     assert_same_math(got, ref.flatten(1, 2), layers=5, width=32)

@@ -167,18 +167,23 @@ def test_export_of_a_run_that_is_training_now_is_refused(finished, tmp_path, cap
 
 
 def test_the_same_recipe_and_model_spelled_another_way_are_the_same_run(finished, tmp_path):
-    """The recipe is compared by its resolved content, so naming the same file by another
-    path is the same run; the model spec's old key ``backend:`` is ``format:``. Content that
+    """The recipe is compared by its resolved content, so the same recipe read from another
+    file is the same run; the model spec's old key ``backend:`` is ``format:``. Content that
     differs is still named."""
     cfg_path = _copy(finished, tmp_path / "r")
     d = yaml.safe_load(cfg_path.read_text())
-    d["recipe"] = str((cfg_path.parent / "my-c2i.yaml").resolve())  # was "my-c2i.yaml"
+    (cfg_path.parent / "copy").mkdir()
+    shutil.copy(cfg_path.parent / "my-c2i.yaml", cfg_path.parent / "copy" / "my-c2i.yaml")
+    d["recipe"] = "copy/my-c2i.yaml"  # was "my-c2i.yaml": the same recipe from another file
     d["model"]["backend"] = d["model"].pop("format")
     cfg_path.write_text(yaml.safe_dump(d))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         build_model_from_run(TrainConfig.load(cfg_path))
     assert not [w for w in seen if "changed config" in str(w.message)]
-    _edit_recipe(cfg_path, branch_layer=-2)
+    path = cfg_path.parent / "copy" / "my-c2i.yaml"
+    r = yaml.safe_load(path.read_text())
+    r["flashar"]["branch_layer"] = -2
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
     with pytest.raises(TrainingError, match=r"recipe\.flashar\.branch_layer: -1 -> -2"):
         build_model_from_run(TrainConfig.load(cfg_path))

@@ -60,7 +60,10 @@ def test_caches_allocated_once_per_call(make, mode, cfg):
     # a backbone forward is either the runner's fused backbone+branch pass or a plain run; a
     # fused pass may itself run the stack through ``run`` (transformers: once, the same forward)
     fused = [c for c in spy.calls["run_with_branch"] if c[2] is not None]
-    assert not fused or len(spy.calls["run"]) in (0, len(fused))
+    if make is _llamagen:  # its own layer loop: never the plain run as well
+        assert not (fused and spy.calls["run"])
+    else:
+        assert not fused or len(spy.calls["run"]) == len(fused)
     runs = fused or spy.calls["run"]
     assert len(runs) == (H + W - 1 if mode == "two_way" else H * W)
     # every step after the prefill passes a mask that is a view of the decoder's one key row
@@ -368,13 +371,16 @@ def test_transformers_fused_branch_layer_is_kept_reloads_weights_and_leaves_with
     ctx.runner.fuse_branch_layer = True
     layer = ctx.layers[ctx.branch_index]
     assert "forward" not in layer.__dict__
+    adopted = []
+    adopt = hf_fused.PairedLayer.adopt
+    monkeypatch.setattr(hf_fused.PairedLayer, "adopt", lambda s, *a: adopted.append(1) or adopt(s, *a))
     _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
     pair = ctx.runner.pair
     stacked = pair.keys
     with torch.no_grad():
         model.flashar.branch_layers[0].mlp.down_proj.weight.data.mul_(-1.3)
     codes, steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
-    assert ctx.runner.pair is pair and pair.keys is stacked  # no new buffers, no second check
+    assert ctx.runner.pair is pair and pair.keys is stacked and len(adopted) == 1  # no new buffers, no second check
     with monkeypatch.context() as mp:
         mp.setattr(ctx.runner, "fuse_branch_layer", False)
         ref, ref_steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
@@ -468,3 +474,47 @@ def test_transformers_fused_branch_layer_that_differs_is_refused(monkeypatch, ca
         ref, ref_steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
     assert torch.equal(codes, ref)
     assert all(torch.equal(a, b) for a, b in zip(steps, ref_steps, strict=True))  # the same separate calls
+
+
+def test_transformers_fused_branch_layer_is_used_only_by_runs_it_was_loaded_for(monkeypatch):
+    """Switched on in the middle of a run (after its prefill), the pair waits for the next
+    run, which checks the layers and loads their weights first: weights changed in between
+    are never run stale."""
+    from flashar_adapt.integrations import hf_fused
+    from tests.test_compile import static_path_uncompiled
+
+    model, cond, mask = tiny.patched_family("llama")
+    ctx = fa.context(model)
+    ctx.runner.fuse_branch_layer = True
+    _decode_static(model, cond, mask, 1.0, 0, monkeypatch)  # a pair, kept
+    ctx.runner.fuse_branch_layer = False
+    calls = []
+    fused_call = hf_fused.PairedLayer.__call__
+    monkeypatch.setattr(hf_fused.PairedLayer, "__call__", lambda s, *a, **k: calls.append(1) or fused_call(s, *a, **k))
+    with monkeypatch.context() as mp, static_path_uncompiled():
+        mp.setattr("flashar_adapt.integrations.hf.in_graph", lambda: True)
+        state = fa.prefill(model, cond, cond_mask=mask, top_k=1, compile=True)
+        with torch.no_grad():
+            model.flashar.branch_layers[0].mlp.down_proj.weight.data.mul_(-3.0)
+        ctx.runner.fuse_branch_layer = True
+        while not state.done:
+            fa.step(state)
+    assert calls == []  # the separate calls, with the weights as they are now
+    assert torch.equal(state.image(), model.generate(cond, cond_mask=mask, top_k=1))
+
+
+def test_transformers_fused_call_that_writes_no_keys_is_refused(monkeypatch, caplog):
+    """The check at the prefill runs the fused call on empty buffers: a call that attends
+    keys it did not write differs from the separate calls, and the pair is dropped."""
+    import logging
+
+    from flashar_adapt.integrations import hf_fused
+
+    model, cond, mask = tiny.patched_family("llama")
+    ctx = fa.context(model)
+    ctx.runner.fuse_branch_layer = True
+    monkeypatch.setattr(hf_fused._SlotCache, "update", lambda self, k, v, *a, **kw: (self.keys, self.values))
+    with caplog.at_level(logging.INFO, logger="flashar_adapt.compile"):
+        _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
+    assert any("differs from the two separate calls" in r.getMessage() for r in caplog.records)
+    assert ctx.runner.pair is None
