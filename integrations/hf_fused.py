@@ -95,7 +95,7 @@ def uninstall(layer: nn.Module) -> None:
         del layer.__dict__["forward"]
 
 
-class _SlotCache:
+class SlotCache:
     """Stands in for the decoder's cache inside the vmapped call: writes both layers' keys
     and values (one batched tensor each) at the step's entries and returns them whole, as a
     static ``FeedOrderCache`` layer does."""
@@ -175,7 +175,7 @@ class PairedLayer:
         self.load()
         self.keys = self.values = None  # [2, B, heads, entries, head_dim]: both slots, stacked
         self.views: tuple = ()  # the four slot tensors the caches hold: views of the stacked ones
-        self.slot_cache = _SlotCache()
+        self.slot_cache = SlotCache()
         self.tail: tuple | None = None  # the rest of a tuple the layer returns (all None)
 
     @staticmethod

@@ -513,7 +513,7 @@ def test_transformers_fused_call_that_writes_no_keys_is_refused(monkeypatch, cap
     model, cond, mask = tiny.patched_family("llama")
     ctx = fa.context(model)
     ctx.runner.fuse_branch_layer = True
-    monkeypatch.setattr(hf_fused._SlotCache, "update", lambda self, k, v, *a, **kw: (self.keys, self.values))
+    monkeypatch.setattr(hf_fused.SlotCache, "update", lambda self, k, v, *a, **kw: (self.keys, self.values))
     with caplog.at_level(logging.INFO, logger="flashar_adapt.compile"):
         _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
     assert any("differs from the two separate calls" in r.getMessage() for r in caplog.records)
