@@ -21,8 +21,9 @@ A pair is used only when the layers match (one branch layer of the same class, t
 parameters and buffers, eval mode, no hooks, the layer's forward not replaced by anyone
 else: checked at the start of every compiled run, when the weights are copied in) and, once
 per pair of caches, its first fused call reproduces the separate calls on the prefill's
-inputs (written into empty buffers); otherwise decoding runs
-the layers separately, and one line on the ``flashar_adapt.compile`` logger says why."""
+inputs (written into empty buffers); otherwise decoding runs the layers separately, and
+one line on the ``flashar_adapt.compile`` logger says why. A change made in the middle of a
+run (a hook added between steps of the step API) is seen by the next run's check."""
 
 from __future__ import annotations
 
