@@ -1,4 +1,6 @@
-"""The transformers runner and model format (Llama-style, Emu3, Janus, Chameleon, ...).
+"""The transformers runner (Llama-style, Emu3, Janus, Chameleon, ...); its model format is
+``hf_format``, how it reaches the layers ``hf_layers``, its caches ``hf_caches``, its fused
+branch layer ``hf_fused``.
 
 Runs the recipe's ``modules.decoder`` (the text model, e.g. ``model.text_model``) with
 ``inputs_embeds``, an additive 4D float mask (a bool 4D mask is silently wrong under eager
@@ -14,25 +16,18 @@ one preallocated row. transformers' own ``StaticCache`` would make every step at
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
-import json
 import logging
-from pathlib import Path
 
 import torch
 
 # transformers is an optional dependency of the core: without it this plugin's import fails
 # and the plugin registry hides the "transformers" runner and format, naming the package.
-import transformers
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from flashar_adapt.decoding import run_then_branch
 from flashar_adapt.errors import InputError
-from flashar_adapt.formats import FormatError, ModelFormat, dtype_name
-from flashar_adapt.patching import backbone_only
 from flashar_adapt.recipe import RecipeError
 from flashar_adapt.runners import Runner
 
@@ -40,100 +35,16 @@ from .hf_caches import FeedOrderCache, mask_row
 from .hf_fused import ACTIVE, PairedLayer, in_graph, why_not
 from .hf_fused import install as install_paired_forward
 from .hf_fused import uninstall as uninstall_paired_forward
+from .hf_layers import (
+    cache_kwarg,
+    causal_buffers,
+    causal_buffers_open,
+    is_cache,
+    replace_mask,
+    sliding_window,
+)
 
 log = logging.getLogger("flashar_adapt.compile")  # the lines compiled decoding writes (decoding.compiled)
-
-# The decoder's own forward names its cache argument (transformers 5.x renames past_key_values
-# -> cache); its layers may use any name (layer_past, cache, ...) or take it positionally, so
-# inside the stack caches are found by type (transformers ``Cache``), never by name.
-_DECODER_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
-
-
-def _cache_kwarg(fn) -> str:
-    params = inspect.signature(fn).parameters
-    for k in _DECODER_CACHE_KEYS:
-        if k in params:
-            return k
-    return "past_key_values"
-
-
-def _is_cache(x) -> bool:
-    return isinstance(x, Cache)
-
-
-@functools.cache
-def _param_names(cls) -> tuple[str, ...]:
-    """Names of ``cls.forward``'s parameters after ``self`` (the order positional args bind)."""
-    return tuple(inspect.signature(cls.forward).parameters)[1:]
-
-
-def _replace_mask(module, args: tuple, kwargs: dict, mask) -> tuple[tuple, dict]:
-    """Put ``mask`` where ``module.forward`` takes ``attention_mask`` (positionally or by name)."""
-    names = _param_names(type(module))
-    i = names.index("attention_mask")
-    if i < len(args):
-        return args[:i] + (mask,) + args[i + 1 :], kwargs
-    return args, {**kwargs, "attention_mask": mask}
-
-
-def causal_window(buf) -> int | None:
-    """The window of a built-in causal mask: a square bool buffer [..., n, n], the same in
-    every leading slice, whose row r is True exactly on columns (r - w, r]. Returns w (n for
-    a full lower triangle, less for a banded one: a local attention window, GPT-Neo's local
-    layers); None for any other buffer."""
-    if not torch.is_tensor(buf) or buf.dtype != torch.bool or buf.dim() < 2:
-        return None
-    n = buf.shape[-1]
-    if n < 2 or buf.shape[-2] != n:
-        return None
-    flat = buf.reshape(-1, n, n)
-    first = flat[0]
-    w = int(first[-1].sum())
-    if w < 1 or not bool((flat == first).all()):
-        return None
-    ones = torch.ones(n, n, dtype=torch.bool, device=buf.device)
-    return w if bool(first.eq(ones.tril() & ~ones.tril(-w)).all()) else None
-
-
-def causal_buffers(module) -> list[tuple]:
-    """(module, buffer name, window) of every built-in causal mask inside ``module``: masks
-    some attention implementations apply on top of the one they are given."""
-    out = []
-    for mod in module.modules():
-        for name, buf in mod.named_buffers(recurse=False):
-            w = causal_window(buf)
-            if w is not None:
-                out.append((mod, name, w))
-    return out
-
-
-@contextlib.contextmanager
-def _causal_buffers_open(found: list[tuple]):
-    """Temporarily let built-in causal masks allow everything: the additive mask FlashAR
-    passes then decides alone (the proximity mask lets a token see later raster slots)."""
-    saved = [(mod, name, mod._buffers[name]) for mod, name, _ in found]
-    for mod, name, buf in saved:
-        mod._buffers[name] = torch.ones_like(buf)
-    try:
-        yield
-    finally:
-        for mod, name, buf in saved:
-            mod._buffers[name] = buf
-
-
-def _sliding_window(config) -> int | None:
-    """The shortest attention window any layer uses, or None when every layer attends all keys."""
-    if config is None:
-        return None
-    try:
-        text = config.get_text_config(decoder=True)
-        types, _ = get_layer_types_and_kwargs(text)
-    except Exception:  # noqa: BLE001 - an unusual config: no window we can read
-        return None
-    window = getattr(text, "sliding_window", None)
-    if any("sliding" in t or "chunk" in t for t in types) and isinstance(window, int) and window > 0:
-        return window
-    return None
 
 
 def _tokens_fed(ctx) -> int:
@@ -208,7 +119,7 @@ class TransformersRunner(Runner):
                 "needs a decoder whose attention can be masked",
                 ctx.recipe.source,
             )
-        self.cache_key = _cache_kwarg(dec.forward)
+        self.cache_key = cache_kwarg(dec.forward)
         no_positions = RecipeError(
             "modules.decoder",
             f"{name}.forward takes no position_ids: its positions come from "
@@ -291,7 +202,7 @@ class TransformersRunner(Runner):
             dec.train(was_training)
 
     def _check_window(self, ctx) -> None:
-        window = _sliding_window(getattr(ctx.decoder, "config", None))
+        window = sliding_window(getattr(ctx.decoder, "config", None))
         need = _tokens_fed(ctx)
         if window is not None and need > window:
             raise RecipeError(
@@ -378,7 +289,7 @@ class TransformersRunner(Runner):
     def max_positions(self, ctx):
         cfg = getattr(ctx.decoder, "config", None)
         bands = [w for mod, name, w in self._builtin_causal(ctx.layers) if w < getattr(mod, name).shape[-1]]
-        limits = [getattr(cfg, "max_position_embeddings", None), _sliding_window(cfg), *bands]
+        limits = [getattr(cfg, "max_position_embeddings", None), sliding_window(cfg), *bands]
         limits = [x for x in limits if isinstance(x, int)]
         return min(limits) if limits else None
 
@@ -399,7 +310,7 @@ class TransformersRunner(Runner):
             self.layer_mask = mask  # branch_call gives the branch layers the same mask
             hooks = [
                 layer.register_forward_pre_hook(
-                    lambda m, a, k: _replace_mask(m, a, k, mask), with_kwargs=True, prepend=True
+                    lambda m, a, k: replace_mask(m, a, k, mask), with_kwargs=True, prepend=True
                 )
                 for layer in ctx.layers
             ]
@@ -416,7 +327,7 @@ class TransformersRunner(Runner):
                 "closed: disable gradient checkpointing for this model"
             )
         try:
-            with _causal_buffers_open(found):
+            with causal_buffers_open(found):
                 out = ctx.decoder(
                     inputs_embeds=embeds,
                     attention_mask=None if self.mask_at_layers else mask,
@@ -566,14 +477,14 @@ class TransformersRunner(Runner):
     def branch_call(self, layer, hidden, args, kwargs, cache):
         # The backbone's cache, wherever the decoder put it (any keyword, or positionally), is
         # swapped for the branch's own by type.
-        kw = {k: (cache if _is_cache(v) else v) for k, v in kwargs.items()}
-        rest = tuple(cache if _is_cache(a) else a for a in args[1:])
+        kw = {k: (cache if is_cache(v) else v) for k, v in kwargs.items()}
+        rest = tuple(cache if is_cache(a) else a for a in args[1:])
         if getattr(cache, "static", False):
             cache.entries = self.entries
         if self.mask_at_layers:
-            rest, kw = _replace_mask(layer, (hidden, *rest), kw, self.layer_mask)
+            rest, kw = replace_mask(layer, (hidden, *rest), kw, self.layer_mask)
             rest = rest[1:]
-        with _causal_buffers_open(self._builtin_causal(layer)):
+        with causal_buffers_open(self._builtin_causal(layer)):
             if args:
                 out = layer(hidden, *rest, **kw)
             else:
@@ -589,58 +500,3 @@ class TransformersRunner(Runner):
 
 
 # ---------------------------------------------------------------- files
-
-
-def _is_model_class(obj) -> bool:
-    return isinstance(obj, type) and issubclass(obj, transformers.PreTrainedModel)
-
-
-class TransformersFormat(ModelFormat):
-    """A ``save_pretrained`` folder: config.json + weights. Spec: ``{path: the folder,
-    class: a transformers class name (default: the config's ``architectures`` that
-    transformers has, then AutoModelForCausalLM, then AutoModel), dtype}``."""
-
-    name = "transformers"
-    runner = "transformers"
-    spec_keys = ("path", "class", "dtype")
-    priority = 10  # generic: family-specific formats get the first look
-
-    @classmethod
-    def owns(cls, model):
-        return isinstance(model, transformers.PreTrainedModel)
-
-    @classmethod
-    def sniff(cls, path):
-        path = Path(path)
-        if not (path.is_dir() and (path / "config.json").is_file()):
-            return None
-        return {"path": str(path.resolve())}
-
-    @classmethod
-    def load(cls, spec, root=None, overrides=None):
-        path = Path(root or ".") / spec.get("path", ".")
-        if spec.get("class"):
-            names = [spec["class"]]
-        else:
-            config = json.loads((path / "config.json").read_text())
-            if not isinstance(config, dict):
-                raise FormatError(f"{path / 'config.json'}: must hold a JSON object, got {type(config).__name__}")
-            archs = config.get("architectures") or []
-            # a model class transformers has (not a config or tokenizer class of the same module)
-            names = [a for a in archs if isinstance(a, str) and _is_model_class(getattr(transformers, a, None))]
-            names += ["AutoModelForCausalLM", "AutoModel"]
-        kw = {"dtype": getattr(torch, spec["dtype"])} if spec.get("dtype") else {}
-        kw.update(overrides or {})
-        err = None
-        for name in names:
-            try:
-                return getattr(transformers, name).from_pretrained(str(path), local_files_only=True, **kw).eval()
-            except (ValueError, KeyError, OSError) as e:  # this Auto class does not know the config
-                err = e
-        raise ValueError(f"{path}: transformers could not load this folder ({err})")
-
-    @classmethod
-    def save(cls, model, out_dir):
-        with backbone_only(model):  # the backbone alone, in save_pretrained layout
-            model.save_pretrained(str(out_dir), safe_serialization=True)
-        return {"path": ".", "class": type(model).__name__, "dtype": dtype_name(next(model.parameters()).dtype)}

@@ -39,6 +39,8 @@ from torch.func import functional_call, vmap
 
 from flashar_adapt.context import capture_hook
 
+from .hf_layers import is_cache
+
 log = logging.getLogger("flashar_adapt.compile")
 
 
@@ -213,7 +215,7 @@ class PairedLayer:
         """The backbone layer's output, from one call over both weight sets; the branch's
         output is left in ``ACTIVE.branch_out``. ``keys``/``values``: stacked buffers to
         write instead of the caches' (the adoption check)."""
-        cache = next(v for v in (*args[1:], *kwargs.values()) if _is_cache(v))
+        cache = next(v for v in (*args[1:], *kwargs.values()) if is_cache(v))
         sc = self.slot_cache
         sc.entries = cache.entries
         rest = tuple(sc if v is cache else v for v in args[1:])
@@ -240,9 +242,3 @@ class PairedLayer:
 
 def _stacked(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((2, *t.shape), dtype=t.dtype, device=t.device)
-
-
-def _is_cache(x) -> bool:
-    from transformers.cache_utils import Cache
-
-    return isinstance(x, Cache)

@@ -27,6 +27,12 @@ __all__ = [
 ]
 
 
+def layer_width(ctx) -> int:
+    """The widest sum one decoder layer makes (its largest Linear input): the ``width`` of a
+    patched model for the float32 reordering bound."""
+    return max([ctx.dim] + [m.in_features for m in ctx.layers.modules() if isinstance(m, torch.nn.Linear)])
+
+
 def assert_same_math(got: torch.Tensor, ref: torch.Tensor, layers: int, width: int) -> None:
     """``got`` equals ``ref`` up to float32 summation order (see the module docstring)."""
     assert got.shape == ref.shape, (got.shape, ref.shape)

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import flashar_adapt as fa
 from flashar_adapt import formats, plugins, runners
 from flashar_adapt.formats import ModelFormat, format_of, get_format, load_spec, open_path, save_model
 from flashar_adapt.runners import Runner, get_runner
 from tests import tiny
-from tests.numerics import assert_same_math
+from tests.numerics import assert_same_math, layer_width
 
 RUNNERS = fa.list_runners()  # read at collection: a runner registered by a test below is not one to cover
 FORMATS = fa.list_formats()
@@ -52,11 +51,6 @@ def _model_cases() -> dict:
 @functools.cache
 def _runner_of_case(case: str) -> type[Runner]:
     return get_runner(tiny.FAMILY_CASES[case]()[1].backend)
-
-
-def _width(ctx) -> int:
-    """The widest sum one layer makes (its largest Linear input), for the float32 reordering bound."""
-    return max([ctx.dim] + [m.in_features for m in ctx.layers.modules() if isinstance(m, nn.Linear)])
 
 
 # ---------------------------------------------------------------- runners
@@ -113,7 +107,7 @@ def test_runner_runs_with_and_without_caches_to_the_same_values(case):
             runner.run(ctx, embeds[:, a:b], pos[:, a:b], slots[a:b], slots[:b], causal[:, a:b, :b], cache)
             for a, b in _chunks(T)
         ]
-        assert_same_math(torch.cat(parts, 1), ref, layers=len(ctx.layers), width=_width(ctx))
+        assert_same_math(torch.cat(parts, 1), ref, layers=len(ctx.layers), width=layer_width(ctx))
         if runner.static_caches:
             n = T + 2  # two entries never written: masked, and zero
             cache = runner.new_cache(ctx, B, n, static=True)
@@ -123,7 +117,7 @@ def test_runner_runs_with_and_without_caches_to_the_same_values(case):
                 runner.run(ctx, embeds[:, a:b], pos[:, a:b], slots[a:b], None, full[:, a:b], cache, entries=slots[a:b])
                 for a, b in _chunks(T)
             ]
-            assert_same_math(torch.cat(parts, 1), ref, layers=len(ctx.layers), width=_width(ctx))
+            assert_same_math(torch.cat(parts, 1), ref, layers=len(ctx.layers), width=layer_width(ctx))
 
 
 @pytest.mark.numerics
@@ -150,7 +144,7 @@ def test_runner_abilities_match_what_it_does(case, monkeypatch):
         with torch.no_grad():
             ref = runner.reference_logits(ctx, cond, codes)
         raster = fa.logits(model, cond, codes, cond_mask=mask, mode="raster")
-        assert_same_math(raster, ref, layers=len(ctx.layers), width=_width(ctx))
+        assert_same_math(raster, ref, layers=len(ctx.layers), width=layer_width(ctx))
     if cls.reference_generation:  # the model's own greedy generation: the patched greedy raster codes
         grid = tuple(codes.shape[1:])
         with torch.no_grad():

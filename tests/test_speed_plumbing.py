@@ -10,7 +10,7 @@ import torch
 import flashar_adapt as fa
 from flashar_adapt import decoding
 from tests import tiny
-from tests.numerics import assert_same_math
+from tests.numerics import assert_same_math, layer_width
 
 
 def _llamagen():
@@ -21,6 +21,19 @@ def _llamagen():
 def _hf():
     model, cond, _ = tiny.patched_family("llama")
     return model, cond
+
+
+def _fused_recorder(model):
+    """(list, wrapper for ``model.flashar.fuse``): the wrapper appends every step's fused logits."""
+    steps = []
+    orig_fuse = model.flashar.fuse
+
+    def record(*a, **k):
+        out = orig_fuse(*a, **k)
+        steps.append(out.fused.clone())
+        return out
+
+    return steps, record
 
 
 class _Spy:
@@ -126,14 +139,7 @@ def test_llamagen_fused_branch_block_equals_generic_path(monkeypatch, n_kv_head,
     fa.patch(m, tiny.llamagen_recipe(grid=4))
     tiny.randomize(m.flashar, seed=5)
     cond = torch.arange(batch) % 10
-    steps = []
-    orig_fuse = m.flashar.fuse
-
-    def record(*a, **k):
-        out = orig_fuse(*a, **k)
-        steps.append(out.fused.clone())
-        return out
-
+    steps, record = _fused_recorder(m)
     monkeypatch.setattr(m.flashar, "fuse", record)
     calls = []  # the decoding steps that ran the fused backbone+branch block
     fused_call = llamagen.FusedBranchBlock.__call__
@@ -301,22 +307,11 @@ def test_transformers_mask_row_follows_a_changed_key_row():
 # ---------------------------------------------------------------- the transformers fused branch layer
 
 
-def _width(ctx) -> int:
-    return max([ctx.dim] + [m.in_features for m in ctx.layers.modules() if isinstance(m, torch.nn.Linear)])
-
-
 def _decode_static(model, cond, mask, cfg, seed, monkeypatch):
     """compile=True's static path run eagerly (no inductor): (codes, every step's fused logits)."""
     from tests.test_compile import static_path_uncompiled
 
-    steps = []
-    orig_fuse = model.flashar.fuse
-
-    def record(*a, **k):
-        out = orig_fuse(*a, **k)
-        steps.append(out.fused.clone())
-        return out
-
+    steps, record = _fused_recorder(model)
     with monkeypatch.context() as mp, static_path_uncompiled():
         mp.setattr(model.flashar, "fuse", record)
         # the steps run the pair as compiled steps do (eagerly here: the same vmapped call)
@@ -357,7 +352,7 @@ def test_transformers_fused_branch_layer_equals_the_separate_layers(family, cfg,
     assert torch.equal(fast, slow)  # draws flip only within ~1e-6 of a bin edge
     assert len(fast_steps) == len(slow_steps) == H + W - 1
     for a, b in zip(fast_steps, slow_steps, strict=True):
-        assert_same_math(a, b, layers=len(ctx.layers), width=_width(ctx))
+        assert_same_math(a, b, layers=len(ctx.layers), width=layer_width(ctx))
 
 
 def test_transformers_fused_branch_layer_is_kept_reloads_weights_and_leaves_with_unpatch(monkeypatch):
@@ -386,7 +381,7 @@ def test_transformers_fused_branch_layer_is_kept_reloads_weights_and_leaves_with
         ref, ref_steps = _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
     assert torch.equal(codes, ref)
     for a, b in zip(steps, ref_steps, strict=True):
-        assert_same_math(a, b, layers=len(ctx.layers), width=_width(ctx))
+        assert_same_math(a, b, layers=len(ctx.layers), width=layer_width(ctx))
     _decode_static(model, cond, mask, 1.0, 0, monkeypatch)
     import copy
 
